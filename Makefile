@@ -1,0 +1,36 @@
+# One entry point per job; every target sets up the virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU build of torch first (a local wheel on our machines); an unpinned torch pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup serve demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev,onnx]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup
+	$(PY) -m server --model tiny
+
+demo: setup
+	$(PY) -m engine.demo --out out/demo.mp4
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m engine.bench --json out/bench.json
+
+lint: setup
+	$(PY) -m ruff check engine server client tests
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,22 @@
+"""The interface every backend implements for the engine."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..prompt import Conditioning
+
+
+class NetworkRunner(Protocol):
+    """Runs the UNet and the VAE halves; the engine never calls the modules directly."""
+
+    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """ε prediction for `latents` at `timesteps`."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1]."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] of scaled latents."""

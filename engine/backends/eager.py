@@ -1,0 +1,38 @@
+"""Eager PyTorch backend: calls the diffusers modules directly."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderTiny
+
+from ..models import ModelBundle
+from ..prompt import Conditioning
+
+
+class EagerRunner:
+    """Runs the bundle's modules in PyTorch, without compilation."""
+
+    def __init__(self, models: ModelBundle):
+        self.models = models
+        self.scaling_factor = float(models.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        kwargs = {}
+        if conditioning.kv_cache is not None:
+            kwargs["cross_attention_kwargs"] = {"kv_cache": conditioning.kv_cache}
+        return self.models.unet(latents, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states,
+                                return_dict=False, **kwargs)[0]
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.models.vae
+        if isinstance(vae, AutoencoderTiny):
+            latents = vae.encode(images).latents
+        else:
+            latents = vae.encode(images).latent_dist.mean
+        return latents * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.models.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)

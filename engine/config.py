@@ -1,0 +1,109 @@
+"""Typed engine configuration: the one source of every engine default."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+CfgType = Literal["none", "self", "initialize", "full"]
+CFG_TYPES: tuple[str, ...] = ("none", "self", "initialize", "full")
+BACKENDS: tuple[str, ...] = ("eager", "onnxruntime", "tensorrt", "compile", "auto")
+
+# Parameters that can change between two frames without re-preparing the stream.
+HOT_PARAMS: frozenset[str] = frozenset(
+    {"prompt", "negative_prompt", "guidance_scale", "delta", "seed", "similarity_filter",
+     "similarity_threshold", "max_skip_frames"}
+)
+# Parameters whose change rebuilds schedule, noise and buffer (a clean re-prepare).
+REPREPARE_PARAMS: frozenset[str] = frozenset({"t_index_list", "width", "height"})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that defines one streaming engine.
+
+    Args:
+        model (`str`, defaults to `"tiny"`): model spec: `tiny`, `small`, a hub id, a local diffusers
+            folder or a single `.safetensors` file (see `engine.models.load_models`).
+        width (`int`, defaults to 256): output width in pixels, a multiple of 8.
+        height (`int`, defaults to 256): output height in pixels, a multiple of 8.
+        t_index_list (`tuple[int, ...]`, defaults to `(32, 45)`): ascending indices into the base
+            schedule; one stream-batch slot (one denoising step) each.
+        num_inference_steps (`int`, defaults to 50): length of the base LCM schedule.
+        cfg_type (`str`, defaults to `"self"`): guidance mode, one of `none|self|initialize|full`.
+        guidance_scale (`float`, defaults to 1.2): classifier-free guidance scale γ.
+        delta (`float`, defaults to 1.0): RCFG scale δ of the stock (virtual residual) noise.
+        frame_buffer_size (`int`, defaults to 1): frames consumed and produced per call.
+        stream_batch (`bool`, defaults to True): one UNet call advances every slot; `False` runs the
+            same steps one after another per frame (the baseline the stream batch must equal).
+        seed (`int`, defaults to 2): seed of the fixed per-slot noise.
+        dtype (`str`, defaults to `"auto"`): `float32`, `float16` or `auto` (fp16 on CUDA, else fp32).
+        device (`str`, defaults to `"auto"`): torch device, `auto` picks CUDA when present.
+        backend (`str`, defaults to `"eager"`): how the UNet and VAE run.
+        use_tiny_vae (`bool`, defaults to True): use `AutoencoderTiny` (TAESD) instead of the full VAE.
+        taesd (`str | None`, defaults to None): hub id or folder of a TAESD to use with a real model.
+        use_kv_cache (`bool`, defaults to True): serve cross-attention K/V precomputed per prompt.
+        similarity_filter (`bool`, defaults to True): stochastic similarity filter on input frames.
+        similarity_threshold (`float`, defaults to 0.98): η of the similarity filter.
+        max_skip_frames (`int`, defaults to 10): most consecutive frames the filter may skip.
+        prompt (`str`): the prompt the stream starts with.
+        negative_prompt (`str`): the negative prompt (used by `full` and `initialize`).
+    """
+
+    model: str = "tiny"
+    width: int = 256
+    height: int = 256
+    t_index_list: tuple[int, ...] = (32, 45)
+    num_inference_steps: int = 50
+    cfg_type: CfgType = "self"
+    guidance_scale: float = 1.2
+    delta: float = 1.0
+    frame_buffer_size: int = 1
+    stream_batch: bool = True
+    seed: int = 2
+    dtype: str = "auto"
+    device: str = "auto"
+    backend: str = "eager"
+    use_tiny_vae: bool = True
+    taesd: str | None = None
+    use_kv_cache: bool = True
+    similarity_filter: bool = True
+    similarity_threshold: float = 0.98
+    max_skip_frames: int = 10
+    prompt: str = "a watercolor painting, soft light"
+    negative_prompt: str = "low quality, blurry"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
+        if self.width <= 0 or self.width % 8 or self.height <= 0 or self.height % 8:
+            raise ValueError(f"`width` and `height` must be positive multiples of 8, got {self.width}x{self.height}")
+        if not self.t_index_list:
+            raise ValueError("`t_index_list` must name at least one step")
+        if list(self.t_index_list) != sorted(set(self.t_index_list)):
+            raise ValueError(f"`t_index_list` must be strictly ascending, got {list(self.t_index_list)}")
+        if self.t_index_list[0] < 0 or self.t_index_list[-1] >= self.num_inference_steps:
+            raise ValueError(
+                f"`t_index_list` entries must lie in [0, {self.num_inference_steps}), got {list(self.t_index_list)}"
+            )
+        if self.cfg_type not in CFG_TYPES:
+            raise ValueError(f"`cfg_type` must be one of {CFG_TYPES}, got {self.cfg_type!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
+        if self.frame_buffer_size < 1:
+            raise ValueError(f"`frame_buffer_size` must be >= 1, got {self.frame_buffer_size}")
+        if not 0.0 < self.similarity_threshold < 1.0:
+            raise ValueError(f"`similarity_threshold` must lie in (0, 1), got {self.similarity_threshold}")
+        if self.max_skip_frames < 0:
+            raise ValueError(f"`max_skip_frames` must be >= 0, got {self.max_skip_frames}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"`dtype` must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def denoising_steps(self) -> int:
+        """Number of stream-batch slots n."""
+        return len(self.t_index_list)
+
+    def replace(self, **changes) -> "EngineConfig":
+        """A copy with `changes` applied (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
