@@ -113,6 +113,8 @@ def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
 
 def install_kv_processors(unet: UNet2DConditionModel) -> None:
     """Give every attention layer of `unet` a `CachedKVAttnProcessor` (idempotent)."""
+    if all(isinstance(p, CachedKVAttnProcessor) for p in unet.attn_processors.values()):
+        return
     processors = {name: CachedKVAttnProcessor(name.removesuffix(".processor"))
                   for name in unet.attn_processors}
     unet.set_attn_processor(processors)

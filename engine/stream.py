@@ -185,14 +185,15 @@ class StreamEngine:
                              f"got {tuple(images.shape)}")
         with self._lock:
             state, config = self._state, self.config
-            batch = batch.to(device=self.device, dtype=self.dtype)
+            # Cosine similarity on [-1, 1] images: on [0, 1] every pair of frames looks alike.
+            batch = batch.to(device=self.device, dtype=self.dtype) * 2 - 1
             skipped = bool(config.similarity_filter and state.last_output is not None
                            and self._filter.should_skip(batch))
             if skipped:
                 self.frames_skipped += 1
                 output = state.last_output
             else:
-                latents = self.runner.encode(batch * 2 - 1)
+                latents = self.runner.encode(batch)
                 if config.stream_batch:
                     if state.buffer is None:
                         self._prime(state, latents)

@@ -1,0 +1,65 @@
+"""Synthetic moving test clips (no camera, no files): shared by the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CLIP_KINDS: tuple[str, ...] = ("static", "slow_pan", "fast_motion", "hard_cut")
+
+
+def _scene(width: int, height: int, variant: int) -> np.ndarray:
+    """A smooth, textured RGB scene twice the frame size, so a window can pan across it."""
+    rng = np.random.default_rng(variant)
+    ys, xs = np.mgrid[0:2 * height, 0:2 * width].astype(np.float32)
+    image = np.zeros((2 * height, 2 * width, 3), np.float32)
+    for channel in range(3):
+        for _ in range(4):
+            fx, fy = rng.uniform(0.5, 4.0, size=2) * 2 * math.pi / (2 * width)
+            phase = rng.uniform(0, 2 * math.pi)
+            image[..., channel] += np.sin(xs * fx + ys * fy + phase)
+    image = (image - image.min()) / (image.max() - image.min())
+    return (image * 255).astype(np.uint8)
+
+
+def _blob(frame: np.ndarray, cx: float, cy: float, radius: float, colour: tuple[int, int, int]) -> None:
+    height, width = frame.shape[:2]
+    ys, xs = np.ogrid[0:height, 0:width]
+    frame[(xs - cx) ** 2 + (ys - cy) ** 2 <= radius ** 2] = colour
+
+
+def synthetic_clip(kind: str, num_frames: int, width: int = 128, height: int = 128, seed: int = 0) -> list[np.ndarray]:
+    """RGB uint8 frames (H, W, 3) of one motion category.
+
+    `static`: identical frames. `slow_pan`: the camera drifts about a pixel per frame. `fast_motion`:
+    a fast pan with a moving object. `hard_cut`: a slow pan that cuts to another scene halfway.
+    """
+    if kind not in CLIP_KINDS:
+        raise ValueError(f"`kind` must be one of {CLIP_KINDS}, got {kind!r}")
+    scenes = [_scene(width, height, seed), _scene(width, height, seed + 1)]
+    speed = {"static": 0.0, "slow_pan": 1.0, "fast_motion": 6.0, "hard_cut": 1.0}[kind]
+    frames = []
+    for index in range(num_frames):
+        scene = scenes[1] if kind == "hard_cut" and index >= num_frames // 2 else scenes[0]
+        offset = speed * index
+        x = int(round(width / 2 + (width / 2 - 1) * math.sin(offset / width)))
+        y = int(round(height / 2 + (height / 2 - 1) * math.sin(offset / (2 * height))))
+        frame = scene[y:y + height, x:x + width].copy()
+        if kind == "fast_motion":
+            _blob(frame, (index * 9) % width, height / 2, height / 8, (255, 64, 32))
+        frames.append(frame)
+    return frames
+
+
+def moving_pattern(index: int, width: int = 128, height: int = 128) -> np.ndarray:
+    """Frame `index` of an endless slowly moving pattern (for live clients and load tests)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    t = index / 15.0
+    red = 0.5 + 0.5 * np.sin(xs / 11.0 + t)
+    green = 0.5 + 0.5 * np.sin(ys / 13.0 - 0.7 * t)
+    blue = 0.5 + 0.5 * np.sin((xs + ys) / 17.0 + 0.3 * t)
+    frame = (np.stack([red, green, blue], -1) * 255).astype(np.uint8)
+    _blob(frame, width / 2 + width / 3 * math.cos(t), height / 2 + height / 3 * math.sin(t), min(width, height) / 10,
+          (250, 250, 250))
+    return frame

@@ -1,0 +1,71 @@
+"""Image codecs at the engine's edge: encoded bytes → RGB tensor, tensor → JPEG."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class ImageDecodeError(ValueError):
+    """An input frame that cannot be used; `code` is a stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def decode_image(data: bytes, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a JPEG/PNG/WebP frame and centre-crop/resize it to `width`×`height` RGB uint8 (H, W, 3).
+
+    Raises:
+        ImageDecodeError: `empty_frame`, `unsupported_format`, `bad_image` or `image_too_large`.
+    """
+    if not data:
+        raise ImageDecodeError("empty_frame", "the frame is 0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ACCEPTED_FORMATS:
+                raise ImageDecodeError("unsupported_format",
+                                       f"frames must be JPEG, PNG or WebP, got {image.format or 'unknown'}")
+            if image.width * image.height > max_pixels:
+                raise ImageDecodeError(
+                    "image_too_large",
+                    f"{image.width}x{image.height} exceeds the limit of {max_pixels} pixels")
+            image.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError("image_too_large", str(error)) from error
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken data
+        raise ImageDecodeError("bad_image", f"not a decodable image: {error}") from error
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    if image.size != (width, height):
+        image = ImageOps.fit(image, (width, height), method=Image.Resampling.BILINEAR)
+    return np.array(image)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    """JPEG bytes of an RGB uint8 (H, W, 3) array."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 → (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255)
+
+
+def tensor_to_rgb(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] → (H, W, 3) uint8."""
+    return image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()

@@ -1,0 +1,303 @@
+"""Threaded runtime around the engine: decode → infer → encode, for many streams at once.
+
+One decode thread (bytes → tensor), one inference thread (the only one that runs the models,
+serving streams round-robin) and one encode thread (tensor → JPEG). Each stream holds at most
+`max_in_flight` accepted frames that it has not yet taken back; past that, a new frame replaces the
+oldest waiting one (latest wins) and the replaced frame is counted as dropped. Order is kept per
+stream, and every frame carries its arrival time so latency is measured end to end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends import NetworkRunner
+from .codec import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_jpeg, rgb_to_tensor, tensor_to_rgb
+from .config import EngineConfig
+from .flow import admit_frame, round_robin
+from .models import ModelBundle
+from .stream import StreamEngine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FrameResult:
+    """One answered frame: a JPEG, or an error for a frame that could not be used."""
+
+    seq: int
+    arrival: float
+    jpeg: bytes | None = None
+    error: ImageDecodeError | None = None
+    skipped: bool = False
+    inference_s: float = 0.0
+    done: float = 0.0
+
+
+@dataclass
+class _Job:
+    seq: int
+    data: bytes
+    arrival: float
+    image: torch.Tensor | None = None
+    error: ImageDecodeError | None = None
+
+    @property
+    def decoded(self) -> bool:
+        return self.image is not None or self.error is not None
+
+
+@dataclass
+class StreamStats:
+    """Counters of one stream."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    errors: int = 0
+
+
+class StreamHandle:
+    """A stream inside the runtime: its engine, its waiting frames and its finished outputs."""
+
+    def __init__(self, engine: StreamEngine, max_in_flight: int, notify: Callable[[], None] | None):
+        self.id = uuid.uuid4().hex[:12]
+        self.engine = engine
+        self.max_in_flight = max_in_flight
+        self.stats = StreamStats()
+        self.closed = False
+        self._notify = notify
+        self._waiting: deque[_Job] = deque()
+        self._outputs: deque[FrameResult] = deque()
+        self._unreleased = 0
+        self._ready = threading.Condition()
+
+    @property
+    def in_flight(self) -> int:
+        """Accepted frames not yet taken back with `get`."""
+        return self._unreleased
+
+    def get(self, timeout: float | None = None) -> FrameResult | None:
+        """The next output in order, waiting up to `timeout` seconds; `None` on time-out."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._outputs or self.closed, timeout):
+                return None
+            return self._take()
+
+    def get_nowait(self) -> FrameResult | None:
+        """The next output if one is ready."""
+        with self._ready:
+            return self._take()
+
+    def _take(self) -> FrameResult | None:
+        if not self._outputs:
+            return None
+        self._unreleased -= 1
+        return self._outputs.popleft()
+
+    def _deliver(self, result: FrameResult) -> None:
+        with self._ready:
+            if self.closed:
+                return
+            self._outputs.append(result)
+            self._ready.notify_all()
+        if self._notify is not None:
+            self._notify()
+
+
+@dataclass
+class RuntimeHealth:
+    """What the runtime knows about its own state."""
+
+    inference_errors: int = 0
+    last_error: str | None = None
+    frames_inferred: int = 0
+    inference_s: deque = field(default_factory=lambda: deque(maxlen=100))
+
+
+class StreamRuntime:
+    """Streams sharing one model set and one inference thread.
+
+    Args:
+        models (`ModelBundle`): shared models on the configured device.
+        config (`EngineConfig`): defaults for every stream; `open_stream` may override fields.
+        runner (`NetworkRunner`, *optional*): backend shared by all streams.
+        jpeg_quality (`int`): quality of output JPEGs.
+        max_pixels (`int`): largest accepted input image, in pixels.
+    """
+
+    def __init__(self, models: ModelBundle, config: EngineConfig, runner: NetworkRunner | None = None,
+                 jpeg_quality: int = 85, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.models = models
+        self.config = config
+        self.runner = runner
+        self.jpeg_quality = jpeg_quality
+        self.max_pixels = max_pixels
+        self.health = RuntimeHealth()
+        self._streams: list[StreamHandle] = []
+        self._lock = threading.Condition()
+        self._seq = itertools.count()
+        self._last_served = -1
+        self._last_decoded = -1
+        self._encode_queue: queue.Queue = queue.Queue()
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._decode_loop, name="stream-decode", daemon=True),
+            threading.Thread(target=self._inference_loop, name="stream-inference", daemon=True),
+            threading.Thread(target=self._encode_loop, name="stream-encode", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # ------------------------------------------------------------------ streams
+
+    @property
+    def streams(self) -> list[StreamHandle]:
+        with self._lock:
+            return list(self._streams)
+
+    def open_stream(self, max_in_flight: int = 2, notify: Callable[[], None] | None = None,
+                    **overrides) -> StreamHandle:
+        """A new stream with its own engine state (encodes its prompt: call off the event loop)."""
+        if max_in_flight < 1:
+            raise ValueError(f"`max_in_flight` must be >= 1, got {max_in_flight}")
+        engine = StreamEngine(self.models, self.config.replace(**overrides), runner=self.runner)
+        handle = StreamHandle(engine, max_in_flight, notify)
+        with self._lock:
+            self._streams.append(handle)
+        return handle
+
+    def close_stream(self, handle: StreamHandle) -> None:
+        """Remove a stream; its waiting frames are discarded and `get` stops waiting."""
+        with self._lock:
+            if handle in self._streams:
+                self._streams.remove(handle)
+            handle._waiting.clear()
+        with handle._ready:
+            handle.closed = True
+            handle._outputs.clear()
+            handle._ready.notify_all()
+
+    def submit(self, handle: StreamHandle, data: bytes, arrival: float | None = None) -> bool:
+        """Queue an encoded frame; `False` if it was dropped at once (nothing waiting to replace)."""
+        arrival = time.monotonic() if arrival is None else arrival
+        with self._lock:
+            if handle.closed:
+                return False
+            handle.stats.frames_in += 1
+            decision = admit_frame(handle.in_flight, len(handle._waiting), handle.max_in_flight)
+            if not decision.accept:
+                handle.stats.dropped += 1
+                return False
+            if decision.replace_index is not None:
+                del handle._waiting[decision.replace_index]
+                handle.stats.dropped += 1
+            else:
+                with handle._ready:
+                    handle._unreleased += 1
+            handle._waiting.append(_Job(next(self._seq), data, arrival))
+            self._lock.notify_all()
+        return True
+
+    # ------------------------------------------------------------------ threads
+
+    def _decode_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._stopping or self._next_undecoded() is not None)
+                if self._stopping:
+                    return
+                handle, job = self._next_undecoded()
+                self._last_decoded = self._streams.index(handle)
+                config = handle.engine.config
+            try:
+                job.image = rgb_to_tensor(decode_image(job.data, config.width, config.height, self.max_pixels))
+            except ImageDecodeError as error:
+                job.error = error
+            job.data = b""
+            with self._lock:
+                self._lock.notify_all()
+
+    def _next_undecoded(self) -> tuple[StreamHandle, _Job] | None:
+        index = round_robin(self._streams, self._last_decoded,
+                            lambda h: any(not job.decoded for job in h._waiting))
+        if index is None:
+            return None
+        handle = self._streams[index]
+        return handle, next(job for job in handle._waiting if not job.decoded)
+
+    def _inference_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._stopping or self._next_ready_index() is not None)
+                if self._stopping:
+                    return
+                index = self._next_ready_index()
+                self._last_served = index
+                handle = self._streams[index]
+                job = handle._waiting.popleft()
+            result = FrameResult(seq=job.seq, arrival=job.arrival, error=job.error)
+            if job.error is None:
+                started = time.perf_counter()
+                try:
+                    step = handle.engine.step(job.image)
+                except Exception as error:  # a failing frame must not kill the worker
+                    logger.exception("inference failed")
+                    self.health.inference_errors += 1
+                    self.health.last_error = f"{type(error).__name__}: {error}"
+                    result.error = ImageDecodeError("inference_failed", f"inference failed: {error}")
+                else:
+                    result.skipped = step.skipped
+                    result.inference_s = time.perf_counter() - started
+                    self.health.frames_inferred += 1
+                    self.health.inference_s.append(result.inference_s)
+                    self._encode_queue.put((handle, result, step.images))
+                    continue
+            self._encode_queue.put((handle, result, None))
+
+    def _next_ready_index(self) -> int | None:
+        return round_robin(self._streams, self._last_served,
+                           lambda h: bool(h._waiting) and h._waiting[0].decoded)
+
+    def _encode_loop(self) -> None:
+        while True:
+            item = self._encode_queue.get()
+            if item is None:
+                return
+            handle, result, image = item
+            if image is not None:
+                result.jpeg = encode_jpeg(tensor_to_rgb(image), self.jpeg_quality)
+                handle.stats.frames_out += 1
+                handle.stats.skipped += int(result.skipped)
+            else:
+                handle.stats.errors += 1
+            result.done = time.monotonic()
+            handle._deliver(result)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop every thread and wait for them (frames still waiting are discarded)."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        self._encode_queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        for handle in self.streams:
+            self.close_stream(handle)
+
+    def __enter__(self) -> "StreamRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
