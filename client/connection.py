@@ -1,0 +1,304 @@
+"""The one protocol-facing piece of both clients: a WebSocket session with the server.
+
+`StreamConnection.open` connects and reads `hello`; `send_frame` waits for a free in-flight slot (so at most
+`max_in_flight` frames are ever unanswered and latency cannot pile up) and records the send time;
+`next_output` returns each output with the send time of its frame (outputs come in order). `connect_with_backoff`
+retries while the server is down, restarting or full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from .protocol import (
+    CLOSE_SERVER_FULL,
+    ErrorEvent,
+    Hello,
+    ProtocolError,
+    Stats,
+    backoff_delays,
+    close_is_fatal,
+    params_message,
+    parse_event,
+    prompt_message,
+    with_token,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Error codes the server gives a frame it could not use; such a frame gets this event instead of an output.
+FRAME_ERROR_CODES = frozenset({"empty_frame", "unsupported_format", "bad_image", "image_too_large"})
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+class ConnectionFailed(RuntimeError):
+    """The session could not be opened or was lost. `retryable` says whether reconnecting may help."""
+
+    def __init__(self, message: str, retryable: bool, close_code: int | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.close_code = close_code
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output frame and the timing of the frame it answers."""
+
+    jpeg: bytes
+    sent_at: float
+    received_at: float
+
+    @property
+    def latency_s(self) -> float:
+        return self.received_at - self.sent_at
+
+
+def discard_dropped(pending: deque[float], count: int) -> int:
+    """Forget `count` frames the server dropped; returns how many were forgotten.
+
+    Latest wins on the server replaces the oldest *waiting* frame, and the oldest unanswered one is being
+    processed, so the dropped ones are taken from just after the head of `pending`.
+    """
+    forgotten = 0
+    while forgotten < count and pending:
+        del pending[1 if len(pending) > 1 else 0]
+        forgotten += 1
+    return forgotten
+
+
+def _closed_failure(error: ConnectionClosed) -> ConnectionFailed:
+    frame = error.rcvd or error.sent
+    code = frame.code if frame is not None else None
+    reason = frame.reason if frame is not None else ""
+    if code == CLOSE_SERVER_FULL:
+        message = f"server is full (close {code}: {reason or 'try again later'})"
+    else:
+        message = f"connection closed (code {code}{': ' + reason if reason else ''})"
+    return ConnectionFailed(message, retryable=not close_is_fatal(code), close_code=code)
+
+
+class StreamConnection:
+    """An open session. Create with `await StreamConnection.open(url)`; use as an async context manager.
+
+    Args:
+        websocket: the open WebSocket, after `hello` was read.
+        hello: the server's `hello`.
+        clock: the time source for send/receive stamps (seconds, monotonic).
+    """
+
+    def __init__(self, websocket: ClientConnection, hello: Hello, clock: Callable[[], float] = time.perf_counter):
+        self.websocket = websocket
+        self.hello = hello
+        self.clock = clock
+        self.dropped = 0
+        self.errors: list[ErrorEvent] = []
+        self.last_stats: Stats | None = None
+        self._pending: deque[float] = deque()
+        self._outputs: asyncio.Queue[Output | None] = asyncio.Queue()  # None marks the end
+        self._slot_freed = asyncio.Event()
+        self._failure: ConnectionFailed | None = None
+        self._reader = asyncio.create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, url: str, token: str | None = None, open_timeout: float = 10.0,
+                   max_message: int = DEFAULT_MAX_MESSAGE) -> StreamConnection:
+        """Connect to `url` and read the server's `hello`.
+
+        Raises:
+            ConnectionFailed: refused, rejected, full, or no valid `hello` within `open_timeout`.
+        """
+        try:
+            # proxy=None: talk to exactly the URL given, never through an environment proxy.
+            websocket = await connect(with_token(url, token), open_timeout=open_timeout, compression=None,
+                                      max_size=max_message, proxy=None)
+        except InvalidStatus as error:
+            status = error.response.status_code
+            raise ConnectionFailed(f"server rejected the connection with HTTP {status}",
+                                   retryable=status >= 500) from error
+        except InvalidURI as error:
+            raise ConnectionFailed(f"invalid URL {url!r}: {error}", retryable=False) from error
+        except (OSError, InvalidHandshake, TimeoutError) as error:
+            raise ConnectionFailed(f"cannot connect to {url}: {error or type(error).__name__}",
+                                   retryable=True) from error
+        try:
+            first = await asyncio.wait_for(websocket.recv(), open_timeout)
+            if isinstance(first, bytes):
+                raise ProtocolError("the server's first message must be a text hello, got binary")
+            hello = parse_event(first)
+            if not isinstance(hello, Hello):
+                raise ProtocolError(f"the server's first message must be hello, got {first[:200]!r}")
+        except ConnectionClosed as error:
+            raise _closed_failure(error) from error
+        except (ProtocolError, TimeoutError) as error:
+            await websocket.close()
+            raise ConnectionFailed(f"no valid hello from {url}: {error or 'timed out'}", retryable=True) from error
+        return cls(websocket, hello)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.hello.max_in_flight
+
+    @property
+    def in_flight(self) -> int:
+        """Frames sent and not yet answered."""
+        return len(self._pending)
+
+    @property
+    def failure(self) -> ConnectionFailed | None:
+        """Why the session ended, once it has."""
+        return self._failure
+
+    async def wait_slot(self, timeout: float | None = None) -> bool:
+        """Wait until a frame may be sent without exceeding `max_in_flight`; `False` on timeout.
+
+        Raises:
+            ConnectionFailed: the session ended.
+        """
+        async def slot_free() -> None:
+            while self.in_flight >= self.max_in_flight:
+                self._raise_if_failed()
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+
+        try:
+            await asyncio.wait_for(slot_free(), timeout)
+        except TimeoutError:
+            return False
+        self._raise_if_failed()
+        return True
+
+    async def send_frame(self, data: bytes, timeout: float | None = None) -> float | None:
+        """Send one encoded frame once a slot is free; returns its send time, or `None` if no slot came in time."""
+        if not await self.wait_slot(timeout):
+            return None
+        sent_at = self.clock()
+        self._pending.append(sent_at)
+        try:
+            await self.websocket.send(data)
+        except ConnectionClosed as error:
+            self._fail(_closed_failure(error))
+            self._raise_if_failed()
+        return sent_at
+
+    async def next_output(self, timeout: float | None = None) -> Output:
+        """The next output frame, in order.
+
+        Raises:
+            TimeoutError: none within `timeout`.
+            ConnectionFailed: the session ended and every output received before that was taken.
+        """
+        output = await asyncio.wait_for(self._outputs.get(), timeout)
+        if output is None:
+            self._outputs.put_nowait(None)  # keep the end marker for later callers
+            self._raise_if_failed()
+        return output
+
+    async def send_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
+        await self._send_text(prompt_message(prompt, negative_prompt))
+
+    async def send_params(self, **params: object) -> None:
+        await self._send_text(params_message(**params))
+
+    async def close(self) -> None:
+        """Close the session and stop reading."""
+        await self.websocket.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+    async def __aenter__(self) -> StreamConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _send_text(self, text: str) -> None:
+        self._raise_if_failed()
+        try:
+            await self.websocket.send(text)
+        except ConnectionClosed as error:
+            self._fail(_closed_failure(error))
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _fail(self, failure: ConnectionFailed) -> None:
+        if self._failure is None:
+            self._failure = failure
+            self._outputs.put_nowait(None)
+        self._slot_freed.set()
+
+    async def _read_loop(self) -> None:
+        try:
+            async for message in self.websocket:
+                if isinstance(message, bytes):
+                    self._on_output(message)
+                else:
+                    self._on_event(message)
+            self._fail(_closed_failure(ConnectionClosed(self.websocket.close_rcvd, self.websocket.close_sent)))
+        except ConnectionClosed as error:
+            self._fail(_closed_failure(error))
+        except ProtocolError as error:
+            self._fail(ConnectionFailed(str(error), retryable=True))
+            await self.websocket.close()
+        finally:
+            self._fail(ConnectionFailed("the session was closed by this client", retryable=False))
+
+    def _on_output(self, jpeg: bytes) -> None:
+        received_at = self.clock()
+        if not self._pending:
+            raise ProtocolError("the server sent an output frame with no frame in flight")
+        sent_at = self._pending.popleft()
+        self._outputs.put_nowait(Output(jpeg, sent_at, received_at))
+        self._slot_freed.set()
+
+    def _on_event(self, text: str) -> None:
+        event = parse_event(text)
+        if isinstance(event, Stats):
+            self.last_stats = event
+            if event.dropped > self.dropped:
+                # Those frames will never be answered: free their slots so sending does not stall.
+                discard_dropped(self._pending, event.dropped - self.dropped)
+                self.dropped = event.dropped
+                self._slot_freed.set()
+        elif isinstance(event, ErrorEvent):
+            self.errors.append(event)
+            logger.warning("server error %s: %s", event.code, event.message)
+            if event.code in FRAME_ERROR_CODES and self._pending:
+                self._pending.popleft()
+                self._slot_freed.set()
+        elif isinstance(event, Hello):
+            raise ProtocolError("the server sent a second hello")
+
+
+async def connect_with_backoff(url: str, token: str | None = None, delays: Iterator[float] | None = None,
+                               max_attempts: int = 10, open_timeout: float = 10.0,
+                               on_retry: Callable[[ConnectionFailed, float], None] | None = None) -> StreamConnection:
+    """Open a session, retrying retryable failures after each delay of `delays` (exponential by default).
+
+    Raises:
+        ConnectionFailed: a failure that retrying cannot fix, or the last one after `max_attempts` attempts.
+    """
+    delays = delays if delays is not None else backoff_delays()
+    for attempt in range(1, max_attempts + 1):
+        try:
+            return await StreamConnection.open(url, token, open_timeout=open_timeout)
+        except ConnectionFailed as failure:
+            if not failure.retryable or attempt == max_attempts:
+                raise
+            delay = next(delays)
+            if on_retry is not None:
+                on_retry(failure, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable: the loop returns or raises")
