@@ -104,6 +104,6 @@ class EngineConfig:
         """Number of stream-batch slots n."""
         return len(self.t_index_list)
 
-    def replace(self, **changes) -> "EngineConfig":
+    def replace(self, **changes) -> EngineConfig:
         """A copy with `changes` applied (validated like the constructor)."""
         return dataclasses.replace(self, **changes)

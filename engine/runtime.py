@@ -296,7 +296,7 @@ class StreamRuntime:
         for handle in self.streams:
             self.close_stream(handle)
 
-    def __enter__(self) -> "StreamRuntime":
+    def __enter__(self) -> StreamRuntime:
         return self
 
     def __exit__(self, *exc) -> None:

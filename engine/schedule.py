@@ -26,7 +26,7 @@ class SlotSchedule:
     def num_slots(self) -> int:
         return self.timesteps.shape[0] // self.frames_per_slot
 
-    def slots(self, start: int, stop: int | None = None) -> "SlotSchedule":
+    def slots(self, start: int, stop: int | None = None) -> SlotSchedule:
         """The constants of slots `start` to `stop` (exclusive; `None` = to the end)."""
         f = self.frames_per_slot
         rows = slice(start * f, None if stop is None else stop * f)

@@ -187,8 +187,8 @@ class StreamEngine:
             state, config = self._state, self.config
             # Cosine similarity on [-1, 1] images: on [0, 1] every pair of frames looks alike.
             batch = batch.to(device=self.device, dtype=self.dtype) * 2 - 1
-            skipped = bool(config.similarity_filter and state.last_output is not None
-                           and self._filter.should_skip(batch))
+            skipped = bool(config.similarity_filter and self._filter.should_skip(batch)
+                           and state.last_output is not None)
             if skipped:
                 self.frames_skipped += 1
                 output = state.last_output
