@@ -1,0 +1,1 @@
+"""FastAPI server: WebSocket streaming, REST control, metrics and the browser page (see docs/server.md)."""

@@ -1,0 +1,42 @@
+"""`python -m server` / `streamdiff-server`: start the real-time server."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from .app import create_app
+from .serve import configure_logging, uvicorn_config
+from .settings import parse_settings
+
+logger = logging.getLogger("server")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags and `STREAMDIFF_*` variables, load the model in the background and serve until stopped.
+
+    Returns 1 when the model cannot be loaded, else 0.
+    """
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
+        logger.warning("listening on %s without a token: anyone who can reach it can stream", settings.host)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    state = app.state.server
+
+    def stop(reason: str) -> None:
+        server.should_exit = True
+
+    state.on_load_failure = stop
+    logger.info("serving on http://%s:%d (model %r loads in the background)", settings.host, settings.port,
+                settings.engine.model)
+    server.run()
+    return 1 if state.load_error is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

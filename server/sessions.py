@@ -1,0 +1,212 @@
+"""Sessions: one WebSocket client's stream inside the shared `StreamRuntime`, and their registry.
+
+The registry lives on the event loop; everything slow it triggers (opening a stream encodes the
+prompt, parameter updates may re-encode it) runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.runtime import StreamHandle, StreamRuntime
+
+from .metrics import ServerMetrics
+
+
+class SessionLimitError(RuntimeError):
+    """Every session slot is taken."""
+
+
+@dataclass
+class OutputWindow:
+    """Recent outputs of one session: delivered FPS and mean latency over the last `size` frames."""
+
+    size: int = 30
+    sent_at: deque = field(default_factory=deque)
+    latencies: deque = field(default_factory=deque)
+    inference: deque = field(default_factory=deque)
+
+    def record(self, sent_at: float, latency_s: float, inference_s: float) -> None:
+        for values, value in ((self.sent_at, sent_at), (self.latencies, latency_s), (self.inference, inference_s)):
+            values.append(value)
+            if len(values) > self.size:
+                values.popleft()
+
+    @property
+    def fps(self) -> float:
+        """Outputs per second between the oldest and newest recorded output (0 with fewer than two)."""
+        if len(self.sent_at) < 2 or self.sent_at[-1] <= self.sent_at[0]:
+            return 0.0
+        return (len(self.sent_at) - 1) / (self.sent_at[-1] - self.sent_at[0])
+
+    @property
+    def latency_s(self) -> float | None:
+        return sum(self.latencies) / len(self.latencies) if self.latencies else None
+
+    @property
+    def inference_s(self) -> float | None:
+        return sum(self.inference) / len(self.inference) if self.inference else None
+
+
+class Session:
+    """One client's stream: its runtime handle, recent output statistics and the latest output frame.
+
+    The latest JPEG is kept (one frame, replaced on each output) for the MJPEG and viewer routes.
+    """
+
+    def __init__(self, handle: StreamHandle):
+        self.id = handle.id
+        self.handle = handle
+        self.created = time.time()
+        self.window = OutputWindow()
+        self.closed = False
+        self.latest_jpeg: bytes | None = None
+        self.frame_number = 0
+        self.waiting_since: float | None = None
+        self.reported_dropped = 0
+        self.pending_updates = 0
+        self.viewers = 0
+        self._new_frame = asyncio.Event()
+        self._update_lock = asyncio.Lock()
+
+    @property
+    def engine(self):
+        return self.handle.engine
+
+    async def update(self, params: dict[str, object]) -> None:
+        """Apply engine parameters off the event loop, one update at a time in arrival order.
+
+        Raises:
+            ValueError: from the engine, for an invalid value (the stream keeps its old parameters).
+        """
+        self.pending_updates += 1
+        try:
+            async with self._update_lock:
+                await asyncio.to_thread(self.handle.engine.update_params, **params)
+        finally:
+            self.pending_updates -= 1
+
+    def publish(self, jpeg: bytes) -> None:
+        """Make `jpeg` the latest output and wake the viewers."""
+        self.latest_jpeg = jpeg
+        self.frame_number += 1
+        self._wake_viewers()
+
+    def end(self) -> None:
+        """Mark the session closed and let every viewer finish."""
+        self.closed = True
+        self._wake_viewers()
+
+    def _wake_viewers(self) -> None:
+        event, self._new_frame = self._new_frame, asyncio.Event()
+        event.set()
+
+    async def next_frame(self, after: int, timeout: float) -> tuple[int, bytes] | None:
+        """The latest output once it is newer than frame number `after`; `None` on close or time-out."""
+        deadline = time.monotonic() + timeout
+        while not self.closed and (self.frame_number <= after or self.latest_jpeg is None):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._new_frame.wait(), remaining)
+            except TimeoutError:
+                return None
+        if self.closed:
+            return None
+        return self.frame_number, self.latest_jpeg
+
+    def behind_s(self, now: float) -> float:
+        """Seconds this session has had frames in flight without any answer (0 when idle)."""
+        if self.waiting_since is None or self.handle.in_flight == 0:
+            return 0.0
+        return now - self.waiting_since
+
+    def describe(self) -> dict[str, object]:
+        """The REST view of the session."""
+        config, stats = self.handle.engine.config, self.handle.stats
+        latency = self.window.latency_s
+        return {
+            "id": self.id,
+            "created": self.created,
+            "prompt": config.prompt,
+            "negative_prompt": config.negative_prompt,
+            "width": config.width,
+            "height": config.height,
+            "params": {
+                "guidance_scale": config.guidance_scale,
+                "delta": config.delta,
+                "seed": config.seed,
+                "similarity_filter": config.similarity_filter,
+                "similarity_threshold": config.similarity_threshold,
+                "max_skip_frames": config.max_skip_frames,
+                "t_index_list": list(config.t_index_list),
+            },
+            "frames_in": stats.frames_in,
+            "frames_out": stats.frames_out,
+            "dropped": stats.dropped,
+            "skipped": stats.skipped,
+            "errors": stats.errors,
+            "in_flight": self.handle.in_flight,
+            "fps": round(self.window.fps, 3),
+            "latency_ms": None if latency is None else round(latency * 1000, 3),
+        }
+
+
+def _close_opened(runtime: StreamRuntime, opening: asyncio.Future) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        runtime.close_stream(opening.result())
+
+
+class SessionRegistry:
+    """The open sessions, at most `max_sessions` (counting ones still being opened)."""
+
+    def __init__(self, max_sessions: int, metrics: ServerMetrics):
+        self.max_sessions = max_sessions
+        self.metrics = metrics
+        self._sessions: dict[str, Session] = {}
+        self._opening = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):
+        return iter(list(self._sessions.values()))
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    async def open(self, runtime: StreamRuntime, max_in_flight: int, notify: Callable[[], None]) -> Session:
+        """Open a stream in `runtime` for a new session.
+
+        Raises:
+            SessionLimitError: when `max_sessions` sessions are open or opening.
+        """
+        if len(self._sessions) + self._opening >= self.max_sessions:
+            raise SessionLimitError(f"server full: {self.max_sessions} of {self.max_sessions} sessions in use, "
+                                    "try again later")
+        self._opening += 1  # the slot is held while the prompt encodes in a worker thread
+        opening = asyncio.ensure_future(asyncio.to_thread(runtime.open_stream, max_in_flight, notify))
+        try:
+            handle = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The client left while its stream was being opened: close the stream once it exists.
+            opening.add_done_callback(lambda done: _close_opened(runtime, done))
+            raise
+        finally:
+            self._opening -= 1
+        session = Session(handle)
+        self._sessions[session.id] = session
+        self.metrics.sessions.set(len(self._sessions))
+        return session
+
+    def close(self, runtime: StreamRuntime, session: Session) -> None:
+        """Remove a session and its stream; its viewers see the end of the stream."""
+        runtime.close_stream(session.handle)
+        session.end()
+        self._sessions.pop(session.id, None)
+        self.metrics.sessions.set(len(self._sessions))

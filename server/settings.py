@@ -1,0 +1,201 @@
+"""Server settings: command-line flags over `STREAMDIFF_*` environment variables over defaults.
+
+Engine defaults live in `engine.EngineConfig` only; a flag or variable that is not given leaves the
+engine field at its `EngineConfig` default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from engine import EngineConfig
+from engine.codec import DEFAULT_MAX_PIXELS
+from engine.config import BACKENDS, CFG_TYPES
+
+ENV_PREFIX = "STREAMDIFF_"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything that configures one server process.
+
+    Args:
+        engine (`EngineConfig`): the engine configuration every session starts from.
+        host (`str`, defaults to `"127.0.0.1"`): interface to bind; loopback unless told otherwise.
+        port (`int`, defaults to 8000): TCP port (0 picks a free one).
+        max_sessions (`int`, defaults to 4): concurrent WebSocket sessions; more are closed with 1013.
+        max_in_flight (`int`, defaults to 2): frames a session may have accepted but not yet answered.
+        max_message_bytes (`int`, defaults to 8 MiB): largest WebSocket message; larger ones close with 1009.
+        max_prompt_chars (`int`, defaults to 1000): longest prompt or negative prompt, in characters.
+        max_pixels (`int`, defaults to `engine.codec.DEFAULT_MAX_PIXELS`): largest input image, in pixels.
+        token (`str | None`, defaults to None): when set, required on WebSocket and REST calls.
+        cors_origins (`tuple[str, ...]`, defaults to empty): origins allowed by CORS; empty turns CORS off.
+        jpeg_quality (`int`, defaults to 85): quality of output JPEGs.
+        stats_interval_s (`float`, defaults to 1.0): seconds between `stats` events of an active session.
+        degraded_latency_s (`float`, defaults to 10.0): end-to-end latency above which `/health` says degraded.
+        warmup (`bool`, defaults to True): run one frame through the model before reporting `ready`.
+        log_level (`str`, defaults to `"info"`): logging level name.
+    """
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_sessions: int = 4
+    max_in_flight: int = 2
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_prompt_chars: int = 1000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    token: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    jpeg_quality: int = 85
+    stats_interval_s: float = 1.0
+    degraded_latency_s: float = 10.0
+    warmup: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        object.__setattr__(self, "token", self.token or None)
+        for name in ("max_sessions", "max_in_flight", "max_message_bytes", "max_prompt_chars", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"`port` must lie in [0, 65535], got {self.port}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"`jpeg_quality` must lie in [1, 100], got {self.jpeg_quality}")
+        if self.stats_interval_s <= 0 or self.degraded_latency_s <= 0:
+            raise ValueError("`stats_interval_s` and `degraded_latency_s` must be positive")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"`log_level` must be one of {LOG_LEVELS}, got {self.log_level!r}")
+
+    def replace(self, **changes) -> ServerSettings:
+        """A copy with `changes` applied (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 32,45, got {text!r}") from error
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+@dataclass(frozen=True)
+class _Option:
+    flags: tuple[str, ...]
+    dest: str
+    type: Callable[[str], object]
+    help: str
+    engine: bool = False
+    choices: Sequence[str] | None = None
+    boolean: bool = False
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option(("--host",), "host", str, "interface to bind"),
+    _Option(("--port",), "port", int, "TCP port (0 = any free port)"),
+    _Option(("--model",), "model", str, "model spec: tiny, small, a hub id, a folder or a .safetensors file",
+            engine=True),
+    _Option(("--width",), "width", int, "frame width in pixels (multiple of 8)", engine=True),
+    _Option(("--height",), "height", int, "frame height in pixels (multiple of 8)", engine=True),
+    _Option(("--t-index-list",), "t_index_list", _int_list, "denoising steps as indices, e.g. 32,45", engine=True),
+    _Option(("--cfg-type", "--guidance"), "cfg_type", str, "guidance mode", engine=True, choices=CFG_TYPES),
+    _Option(("--guidance-scale",), "guidance_scale", float, "classifier-free guidance scale", engine=True),
+    _Option(("--backend",), "backend", str, "how the networks run", engine=True, choices=BACKENDS),
+    _Option(("--device",), "device", str, "torch device (auto picks CUDA when present)", engine=True),
+    _Option(("--dtype",), "dtype", str, "auto, float32, float16 or bfloat16", engine=True),
+    _Option(("--seed",), "seed", int, "seed of each session's fixed noise", engine=True),
+    _Option(("--prompt",), "prompt", str, "prompt every session starts with", engine=True),
+    _Option(("--negative-prompt",), "negative_prompt", str, "negative prompt every session starts with",
+            engine=True),
+    _Option(("--similarity-filter",), "similarity_filter", _bool, "skip near-identical input frames",
+            engine=True, boolean=True),
+    _Option(("--max-sessions",), "max_sessions", int, "concurrent WebSocket sessions"),
+    _Option(("--max-in-flight",), "max_in_flight", int, "frames in flight per session"),
+    _Option(("--max-message-size",), "max_message_bytes", int, "largest WebSocket message in bytes"),
+    _Option(("--max-prompt-length",), "max_prompt_chars", int, "longest prompt in characters"),
+    _Option(("--max-pixels",), "max_pixels", int, "largest input image in pixels"),
+    _Option(("--token",), "token", str, "bearer token required on WebSocket and REST (prefer the env variable)"),
+    _Option(("--cors-origin",), "cors_origins", _str_list, "comma-separated origins allowed by CORS (off if empty)"),
+    _Option(("--jpeg-quality",), "jpeg_quality", int, "quality of output JPEGs"),
+    _Option(("--stats-interval",), "stats_interval_s", float, "seconds between stats events"),
+    _Option(("--degraded-latency",), "degraded_latency_s", float, "latency in seconds that makes /health degraded"),
+    _Option(("--warmup",), "warmup", _bool, "run one frame through the model before reporting ready",
+            boolean=True),
+    _Option(("--log-level",), "log_level", str, "logging level", choices=LOG_LEVELS),
+)
+
+
+def env_name(dest: str) -> str:
+    """The environment variable of a setting, e.g. `max_sessions` → `STREAMDIFF_MAX_SESSIONS`."""
+    return ENV_PREFIX + dest.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m server` argument parser; every default shown comes from the dataclasses."""
+    engine_defaults, server_defaults = EngineConfig(), ServerSettings()
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Real-time streaming image-to-image diffusion server. Every flag also reads "
+                    f"{ENV_PREFIX}<NAME> from the environment (a flag wins over the variable).",
+    )
+    for option in _OPTIONS:
+        default = getattr(engine_defaults if option.engine else server_defaults, option.dest)
+        if isinstance(default, tuple):
+            default = ",".join(str(item) for item in default) or "none"
+        if option.dest == "token":
+            default = "none"
+        help_text = f"{option.help} (default: {default}; env {env_name(option.dest)})"
+        if option.boolean:
+            parser.add_argument(*option.flags, dest=option.dest, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(*option.flags, dest=option.dest, type=option.type, choices=option.choices,
+                                default=None, help=help_text)
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """Settings from `argv` (default `sys.argv[1:]`) and `environ` (default `os.environ`).
+
+    Invalid values exit through the parser with a message naming the flag or variable.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    environ = os.environ if environ is None else environ
+    engine_changes: dict[str, object] = {}
+    server_changes: dict[str, object] = {}
+    for option in _OPTIONS:
+        value = getattr(args, option.dest)
+        if value is None and env_name(option.dest) in environ:
+            raw = environ[env_name(option.dest)]
+            try:
+                value = option.type(raw)
+            except (argparse.ArgumentTypeError, ValueError) as error:
+                parser.error(f"{env_name(option.dest)}={raw!r}: {error}")
+            if option.choices is not None and value not in option.choices:
+                parser.error(f"{env_name(option.dest)} must be one of {', '.join(option.choices)}, got {raw!r}")
+        if value is not None:
+            (engine_changes if option.engine else server_changes)[option.dest] = value
+    try:
+        return ServerSettings(engine=EngineConfig(**engine_changes), **server_changes)
+    except ValueError as error:
+        parser.error(str(error))

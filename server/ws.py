@@ -1,0 +1,236 @@
+"""`WS /ws`: the streaming WebSocket. It only moves bytes and calls the runtime.
+
+Each connection runs a receive task (frames go to `StreamRuntime.submit`, control messages become
+parameter updates in worker threads) and a send task (answers, events and stats, in order). The
+runtime's worker threads wake the send task through `loop.call_soon_threadsafe`; inference never
+runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from fastapi import WebSocket
+from starlette.websockets import WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
+
+from engine.runtime import FrameResult
+
+from .auth import token_matches, websocket_credentials
+from .protocol import (
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
+    ErrorEvent,
+    HelloEvent,
+    ProtocolError,
+    StatsEvent,
+    parse_client_message,
+)
+from .sessions import Session, SessionLimitError
+from .state import ServerState
+
+logger = logging.getLogger(__name__)
+
+#: Events waiting for a client that does not read; older ones are dropped past this.
+MAX_PENDING_EVENTS = 32
+#: Parameter updates a session may have queued; more are refused with a `busy` error.
+MAX_PENDING_UPDATES = 4
+#: Seconds to wait for a close frame to go out.
+CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class CloseRequest:
+    """Why the receive task ended the connection."""
+
+    code: int
+    reason: str
+
+
+async def websocket_stream(websocket: WebSocket) -> None:
+    """Serve one streaming client from handshake to close."""
+    state: ServerState = websocket.app.state.server
+    settings = state.settings
+    token, subprotocol = websocket_credentials(websocket.query_params.get("token"),
+                                               websocket.scope.get("subprotocols", []))
+    # Accept before refusing: only a close frame can carry a code and reason the client can read.
+    await websocket.accept(subprotocol=subprotocol)
+    if not token_matches(settings.token, token):
+        state.metrics.rejected.labels("token").inc()
+        await websocket.close(CLOSE_POLICY_VIOLATION, "missing or invalid token")
+        return
+    runtime = state.runtime
+    if runtime is None:
+        state.metrics.rejected.labels("not_ready").inc()
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, state.not_ready_reason())
+        return
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+
+    def notify() -> None:  # called from the runtime's encode thread
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the session is gone
+            loop.call_soon_threadsafe(wake.set)
+
+    try:
+        session = await state.sessions.open(runtime, settings.max_in_flight, notify)
+    except SessionLimitError as error:
+        state.metrics.rejected.labels("full").inc()
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, str(error))
+        return
+    logger.info("session %s opened (%d open)", session.id, len(state.sessions))
+    close = None
+    try:
+        config = session.engine.config
+        await websocket.send_text(HelloEvent(session_id=session.id, width=config.width, height=config.height,
+                                             max_in_flight=settings.max_in_flight).model_dump_json())
+        close = await Connection(websocket, session, state, wake).run()
+    except (WebSocketDisconnect, ClientDisconnected):
+        pass
+    finally:
+        state.sessions.close(runtime, session)
+        logger.info("session %s closed (%d open)", session.id, len(state.sessions))
+    if close is not None:
+        # Bounded: a client that does not read may never let the close frame out.
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, ClientDisconnected, TimeoutError):
+            await asyncio.wait_for(websocket.close(close.code, close.reason), CLOSE_TIMEOUT_S)
+
+
+class Connection:
+    """The two tasks of one open session."""
+
+    def __init__(self, websocket: WebSocket, session: Session, state: ServerState, wake: asyncio.Event):
+        self.websocket = websocket
+        self.session = session
+        self.state = state
+        self.settings = state.settings
+        self.metrics = state.metrics
+        self.runtime = state.runtime
+        self.wake = wake
+        self.events: deque[str] = deque(maxlen=MAX_PENDING_EVENTS)
+        self.updates: set[asyncio.Task] = set()
+
+    async def run(self) -> CloseRequest | None:
+        """Receive and send until the client leaves or must be closed; returns the close to send, if any."""
+        receiving = asyncio.create_task(self.receive_loop(), name=f"ws-receive-{self.session.id}")
+        sending = asyncio.create_task(self.send_loop(), name=f"ws-send-{self.session.id}")
+        try:
+            done, _ = await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receiving, sending, *self.updates):
+                task.cancel()
+            await asyncio.gather(receiving, sending, *self.updates, return_exceptions=True)
+        for task in done:
+            error = task.exception()
+            if error is not None and not isinstance(error, (WebSocketDisconnect, ClientDisconnected)):
+                logger.error("session %s failed: %r", self.session.id, error, exc_info=error)
+        return receiving.result() if receiving in done and receiving.exception() is None else None
+
+    # ------------------------------------------------------------------ receiving
+
+    async def receive_loop(self) -> CloseRequest | None:
+        limit = self.settings.max_message_bytes
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            data, text = message.get("bytes"), message.get("text")
+            size = len(data) if data is not None else len((text or "").encode())
+            if size > limit:
+                return CloseRequest(CLOSE_TOO_BIG, f"message of {size} bytes exceeds the limit of {limit} bytes")
+            if data is not None:
+                self.on_frame(data)
+            elif text is not None:
+                self.on_text(text)
+
+    def on_frame(self, data: bytes) -> None:
+        handle = self.session.handle
+        if handle.in_flight == 0:
+            self.session.waiting_since = time.monotonic()
+        self.runtime.submit(handle, data)
+        self.metrics.frames_in.inc()
+        dropped = handle.stats.dropped
+        if dropped > self.session.reported_dropped:
+            self.metrics.dropped.inc(dropped - self.session.reported_dropped)
+            self.session.reported_dropped = dropped
+
+    def on_text(self, text: str) -> None:
+        try:
+            message = parse_client_message(text, self.settings.max_prompt_chars)
+        except ProtocolError as error:
+            self.send_error(error.code, error.message)
+            return
+        if self.session.pending_updates >= MAX_PENDING_UPDATES:
+            self.send_error("busy", f"{MAX_PENDING_UPDATES} updates are still being applied; send fewer")
+            return
+        task = asyncio.create_task(self.apply(message.engine_params()))
+        self.updates.add(task)
+        task.add_done_callback(self.updates.discard)
+
+    async def apply(self, params: dict[str, object]) -> None:
+        try:
+            await self.session.update(params)
+        except ValueError as error:
+            self.send_error("invalid_params", str(error))
+
+    def send_error(self, code: str, message: str) -> None:
+        self.metrics.message_errors.labels(code).inc()
+        self.events.append(ErrorEvent(code=code, message=message).model_dump_json())
+        self.wake.set()
+
+    # ------------------------------------------------------------------ sending
+
+    async def send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.stats_interval_s
+        next_stats = loop.time() + interval
+        last_frames_in = -1
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), max(0.0, next_stats - loop.time()))
+            self.wake.clear()  # before draining, so a wake-up during the drain is not lost
+            while self.events:
+                await self.websocket.send_text(self.events.popleft())
+            while (result := self.session.handle.get_nowait()) is not None:
+                await self.deliver(result)
+            if loop.time() >= next_stats:
+                next_stats = loop.time() + interval
+                frames_in = self.session.handle.stats.frames_in
+                if frames_in != last_frames_in:  # idle sessions get no stats
+                    last_frames_in = frames_in
+                    await self.websocket.send_text(self.stats_event().model_dump_json())
+
+    async def deliver(self, result: FrameResult) -> None:
+        """Send one frame's answer: its JPEG, or an error event for a frame that could not be used."""
+        session = self.session
+        session.waiting_since = time.monotonic() if session.handle.in_flight else None
+        if result.error is not None:
+            self.metrics.frame_errors.labels(result.error.code).inc()
+            await self.websocket.send_text(ErrorEvent(code=result.error.code,
+                                                      message=result.error.message).model_dump_json())
+            return
+        await self.websocket.send_bytes(result.jpeg)
+        sent = time.monotonic()
+        latency = sent - result.arrival
+        session.window.record(sent, latency, result.inference_s)
+        session.publish(result.jpeg)
+        self.metrics.frames_out.inc()
+        self.metrics.skipped.inc(int(result.skipped))
+        self.metrics.latency.observe(latency)
+        self.metrics.inference.observe(result.inference_s)
+
+    def stats_event(self) -> StatsEvent:
+        stats, window = self.session.handle.stats, self.session.window
+        latency, inference = window.latency_s, window.inference_s
+        return StatsEvent(
+            fps=round(window.fps, 3),
+            latency_ms=None if latency is None else round(latency * 1000, 3),
+            inference_ms=None if inference is None else round(inference * 1000, 3),
+            frames_in=stats.frames_in, frames_out=stats.frames_out, dropped=stats.dropped,
+            skipped=stats.skipped, errors=stats.errors, in_flight=self.session.handle.in_flight,
+        )
