@@ -1,25 +1,39 @@
 """Model loading: one `ModelBundle` from a hub id, a local diffusers folder, a single file, or a
-built-in seeded random model of the real architecture (`tiny`, `small`)."""
+built-in seeded random model of the real architecture (`tiny`, `small`).
+
+Every failure is a `ModelLoadError` whose message says what was tried and what to do instead.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .builtin_models import BUILTIN_MODELS, build_byte_level_tokenizer, build_modules
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS: tuple[str, ...] = ("tiny", "small")
+__all__ = [
+    "BUILTIN_MODELS", "DEFAULT_HUB_MODEL", "DEFAULT_TAESD", "TINY_VAE_SUBFOLDER", "ModelBundle", "ModelLoadError",
+    "build_builtin", "build_byte_level_tokenizer", "load_models",
+]
+
 DEFAULT_HUB_MODEL = "stabilityai/sd-turbo"
 DEFAULT_TAESD = "madebyollin/taesd"
 # Our convention for a TAESD shipped inside a saved model folder (real hub models keep it apart).
 TINY_VAE_SUBFOLDER = "vae_tiny"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WHAT_TO_PASS = "Pass a local diffusers folder, a `.safetensors` file (with `--model-config FOLDER`), or `tiny`."
 
 
 class ModelLoadError(RuntimeError):
@@ -28,7 +42,17 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class ModelBundle:
-    """The shared, read-only model set that every stream of one engine configuration uses."""
+    """The shared, read-only model set that every stream of one engine configuration uses.
+
+    Args:
+        name (`str`): the spec the bundle was loaded from.
+        tokenizer (`CLIPTokenizer`): the prompt tokenizer.
+        text_encoder (`CLIPTextModel`): the prompt encoder.
+        unet (`UNet2DConditionModel`): the denoiser (ε-prediction).
+        vae (`AutoencoderTiny | AutoencoderKL`): the VAE the engine runs (TAESD by default).
+        scheduler (`LCMScheduler`): the noise schedule and LCM boundary scalings.
+        full_vae (`AutoencoderKL | None`, defaults to None): the model's own VAE, when it has one.
+    """
 
     name: str
     tokenizer: CLIPTokenizer
@@ -43,14 +67,18 @@ class ModelBundle:
         """Pixels per latent cell along one side."""
         return 8
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "ModelBundle":
+    def to(self, device: torch.device, dtype: torch.dtype) -> ModelBundle:
         """Move every module to `device`/`dtype` in place and put it in eval mode."""
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return self
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Save as a diffusers folder (with the tiny VAE in `vae_tiny/`) loadable by `load_models`."""
+        """Save as a diffusers folder (with the tiny VAE in `vae_tiny/`) loadable by `load_models`.
+
+        The folder is also a valid `StableDiffusionPipeline` folder for diffusers itself; diffusers
+        ignores `vae_tiny/`, which is not listed in `model_index.json`.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder / "tokenizer")
@@ -58,150 +86,158 @@ class ModelBundle:
         self.unet.save_pretrained(folder / "unet")
         self.scheduler.save_pretrained(folder / "scheduler")
         full_vae = self.full_vae if self.full_vae is not None else self.vae
-        if isinstance(full_vae, AutoencoderKL):
+        has_full_vae = isinstance(full_vae, AutoencoderKL)
+        if has_full_vae:
             full_vae.save_pretrained(folder / "vae")
         if isinstance(self.vae, AutoencoderTiny):
             self.vae.save_pretrained(folder / TINY_VAE_SUBFOLDER)
         index = {
             "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": "0.30.0",
+            "_diffusers_version": diffusers.__version__,
             "feature_extractor": [None, None],
             "image_encoder": [None, None],
             "requires_safety_checker": False,
             "safety_checker": [None, None],
-            "scheduler": ["diffusers", "LCMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "text_encoder": ["transformers", type(self.text_encoder).__name__],
+            "tokenizer": ["transformers", type(self.tokenizer).__name__],
+            "unet": ["diffusers", type(self.unet).__name__],
+            "vae": ["diffusers", "AutoencoderKL"] if has_full_vae else [None, None],
         }
         (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-# --------------------------------------------------------------------------- built-in models
-
-
-@dataclass(frozen=True)
-class _Preset:
-    text_hidden: int
-    text_layers: int
-    unet_channels: tuple[int, ...]
-    unet_down: tuple[str, ...]
-    unet_up: tuple[str, ...]
-    attention_head_dim: int
-    taesd_channels: int
-    taesd_blocks: tuple[int, ...]
-
-
-_PRESETS: dict[str, _Preset] = {
-    # About a million UNet parameters: fast tests and the offline default.
-    "tiny": _Preset(32, 2, (32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"),
-                    ("CrossAttnUpBlock2D", "UpBlock2D"), 8, 16, (1, 1, 1, 1)),
-    # Tens of millions of UNet parameters: compute-bound benchmarks.
-    "small": _Preset(128, 4, (128, 256, 256), ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                     ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), 32, 32, (1, 2, 2, 2)),
-}
-
-
-def build_byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
-    """A CLIP tokenizer over the 256 byte symbols (no merges), built in memory with no files."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    symbols = sorted(ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for suffix in ("", "</w>"):
-        for symbol in symbols:
-            vocab[symbol + suffix] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-
-
 def build_builtin(name: str, seed: int = 0) -> ModelBundle:
     """Build the seeded, randomly initialised `tiny` or `small` model of the real classes."""
-    if name not in _PRESETS:
-        raise ModelLoadError(f"unknown built-in model {name!r}; built-ins are {BUILTIN_MODELS}")
-    preset = _PRESETS[name]
-    tokenizer = build_byte_level_tokenizer()
-    vocab_size = len(tokenizer.get_vocab())
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    # A fixed seed and a fixed construction order make the weights identical on every machine.
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=preset.text_hidden, intermediate_size=preset.text_hidden * 4,
-            num_hidden_layers=preset.text_layers, num_attention_heads=4, max_position_embeddings=77,
-            projection_dim=preset.text_hidden, bos_token_id=vocab_size - 2, eos_token_id=eos, pad_token_id=eos,
-        ))
-        unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=preset.unet_channels, down_block_types=preset.unet_down,
-            up_block_types=preset.unet_up, cross_attention_dim=preset.text_hidden,
-            attention_head_dim=preset.attention_head_dim, norm_num_groups=32,
-        )
-        channels = (preset.taesd_channels,) * 4
-        vae = AutoencoderTiny(
-            encoder_block_out_channels=channels, decoder_block_out_channels=channels,
-            num_encoder_blocks=preset.taesd_blocks, num_decoder_blocks=preset.taesd_blocks,
-        )
-        full_vae = AutoencoderKL(
-            block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-        )
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return ModelBundle(name=name, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
-                       scheduler=LCMScheduler(), full_vae=full_vae)
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"unknown built-in model {name!r}; built-ins are {', '.join(BUILTIN_MODELS)}")
+    modules = build_modules(name, seed=seed)
+    return ModelBundle(name=name, tokenizer=modules.tokenizer, text_encoder=modules.text_encoder,
+                       unet=modules.unet, vae=modules.tiny_vae, scheduler=modules.scheduler,
+                       full_vae=modules.full_vae)
 
 
-# --------------------------------------------------------------------------- loaders
+# --------------------------------------------------------------------------- helpers
 
 
-def _is_single_file(spec: str) -> bool:
-    return spec.endswith((".safetensors", ".ckpt"))
+def _looks_like_path(spec: str) -> bool:
+    windows_drive = re.match(r"^[A-Za-z]:", spec) is not None
+    return spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1 or windows_drive
 
 
-def _load_tiny_vae(source: str, local_only: bool) -> AutoencoderTiny:
-    try:
-        return AutoencoderTiny.from_pretrained(source, local_files_only=local_only)
-    except Exception as error:  # diffusers raises OSError, ValueError or hub errors here
+def _is_hub_id(spec: str) -> bool:
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "~"))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_hint() -> str:
+    return "offline mode is on (HF_HUB_OFFLINE=1)" if _hub_offline() else "the hub may be unreachable"
+
+
+def _to_lcm(scheduler_config: dict, source: str) -> LCMScheduler:
+    """The LCM scheduler of the model's noise schedule (same betas/alphas, whatever class it was saved as)."""
+    scheduler = LCMScheduler.from_config(scheduler_config)
+    saved_as = scheduler_config.get("_class_name", "an unnamed scheduler")
+    if saved_as != "LCMScheduler":
+        logger.info("using the noise schedule of %s's %s as an LCMScheduler", source, saved_as)
+    if scheduler.config.prediction_type != "epsilon":
         raise ModelLoadError(
-            f"could not load the tiny VAE (TAESD) from {source!r}: {error}. "
-            "Pass `--taesd PATH` to a local AutoencoderTiny folder, or use the model's full VAE (`--vae full`)."
+            f"{source!r} predicts {scheduler.config.prediction_type!r}; the engine's LCM step needs an "
+            "ε-prediction model (SD 1.x/2.x base, sd-turbo). Pick an epsilon-prediction model."
+        )
+    return scheduler
+
+
+def _require_diffusers_folder(folder: Path, role: str) -> None:
+    missing = [part for part in ("model_index.json", "unet", "scheduler") if not (folder / part).exists()]
+    if missing:
+        raise ModelLoadError(
+            f"{role} {str(folder)!r} is not a diffusers folder (missing {', '.join(missing)}). "
+            "Pass a folder saved with `save_pretrained` (model_index.json, unet/, scheduler/, ...), "
+            "a hub id, a `.safetensors` file, or `tiny`."
+        )
+
+
+def _check_weights_loaded(source: str, modules: dict[str, torch.nn.Module]) -> None:
+    """Weights a checkpoint lacked stay on the meta device under diffusers' low-memory loading."""
+    for name, module in modules.items():
+        missing = [param for param, value in module.named_parameters() if value.is_meta]
+        if missing:
+            raise ModelLoadError(
+                f"{source!r} lacks {len(missing)} weights of the {name} (e.g. {missing[0]!r}): the checkpoint and "
+                "its config are not the same architecture. Pass `--model-config` a folder of this model's architecture."
+            )
+
+
+# --------------------------------------------------------------------------- VAE choice
+
+
+def _load_tiny_vae(source: str, why: str) -> AutoencoderTiny:
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"TAESD folder {source!r} has no config.json: pass `--taesd` a folder saved with "
+                "`AutoencoderTiny.save_pretrained`, or use the model's full VAE (`--vae full`)."
+            )
+        local_only = True
+    elif _is_hub_id(source):
+        local_only = False
+    else:
+        raise ModelLoadError(
+            f"TAESD folder {source!r} does not exist: pass `--taesd` an existing AutoencoderTiny folder or a hub id "
+            f"(default {DEFAULT_TAESD}), or use the model's full VAE (`--vae full`)."
+        )
+    try:
+        return AutoencoderTiny.from_pretrained(str(path) if local_only else source, local_files_only=local_only)
+    except Exception as error:  # diffusers raises OSError, ValueError or hub errors here
+        hint = f" ({_hub_hint()})" if not local_only else ""
+        raise ModelLoadError(
+            f"could not load the tiny VAE (TAESD) from {source!r}{why}{hint}: {error}. "
+            "Pass `--taesd FOLDER` with a local AutoencoderTiny folder, or use the model's full VAE (`--vae full`)."
         ) from error
 
 
+def _choose_vae(
+    name: str, full_vae: AutoencoderKL | None, use_tiny_vae: bool, taesd: str | None, folder: Path | None
+) -> AutoencoderTiny | AutoencoderKL:
+    if not use_tiny_vae:
+        if full_vae is None:
+            raise ModelLoadError(f"model {name!r} has no full VAE (no vae/ folder): use the tiny VAE instead")
+        return full_vae
+    if taesd is not None:
+        return _load_tiny_vae(taesd, why="")
+    if folder is not None and (folder / TINY_VAE_SUBFOLDER).is_dir():
+        return _load_tiny_vae(str(folder / TINY_VAE_SUBFOLDER), why="")
+    logger.info("model %s has no %s/; loading the tiny VAE from %s", name, TINY_VAE_SUBFOLDER, DEFAULT_TAESD)
+    return _load_tiny_vae(DEFAULT_TAESD, why=f" because {name!r} has no {TINY_VAE_SUBFOLDER}/ folder")
+
+
+# --------------------------------------------------------------------------- sources
+
+
 def _load_folder(folder: Path, use_tiny_vae: bool, taesd: str | None, name: str) -> ModelBundle:
-    if not (folder / "model_index.json").is_file() or not (folder / "unet").is_dir():
-        raise ModelLoadError(
-            f"{str(folder)!r} is not a diffusers folder (no model_index.json or unet/). "
-            "Pass a folder saved with `save_pretrained`, a hub id, a `.safetensors` file, or `tiny`."
-        )
+    _require_diffusers_folder(folder, "model")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-        scheduler = LCMScheduler.from_config(LCMScheduler.load_config(folder / "scheduler"))
-        full_vae = AutoencoderKL.from_pretrained(folder / "vae") if (folder / "vae").is_dir() else None
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"could not load the diffusers folder {str(folder)!r}: {error}") from error
-    return _assemble(name, tokenizer, text_encoder, unet, scheduler, full_vae, use_tiny_vae, taesd, folder)
-
-
-def _assemble(name, tokenizer, text_encoder, unet, scheduler, full_vae, use_tiny_vae, taesd, folder=None):
-    if use_tiny_vae:
-        if taesd is not None:
-            vae = _load_tiny_vae(taesd, local_only=Path(taesd).exists())
-        elif folder is not None and (folder / TINY_VAE_SUBFOLDER).is_dir():
-            vae = _load_tiny_vae(str(folder / TINY_VAE_SUBFOLDER), local_only=True)
-        else:
-            logger.info("loading the tiny VAE from %s", DEFAULT_TAESD)
-            vae = _load_tiny_vae(DEFAULT_TAESD, local_only=False)
-    elif full_vae is None:
-        raise ModelLoadError(f"model {name!r} has no full VAE (no vae/ folder); use the tiny VAE instead")
-    else:
-        vae = full_vae
+        scheduler_config = LCMScheduler.load_config(folder / "scheduler")
+        # Only read the full VAE when it runs: a real one is hundreds of MB.
+        want_full_vae = not use_tiny_vae and (folder / "vae").is_dir()
+        full_vae = AutoencoderKL.from_pretrained(folder / "vae") if want_full_vae else None
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelLoadError(
+            f"could not load the diffusers folder {str(folder)!r}: {error}. It needs tokenizer/, text_encoder/, "
+            "unet/ and scheduler/ (and vae/ for `--vae full`) as written by `save_pretrained`."
+        ) from error
+    scheduler = _to_lcm(scheduler_config, name)
+    vae = _choose_vae(name, full_vae, use_tiny_vae, taesd, folder)
     return ModelBundle(name=name, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
                        scheduler=scheduler, full_vae=full_vae)
 
@@ -210,37 +246,93 @@ def _load_hub(repo_id: str, use_tiny_vae: bool, taesd: str | None) -> ModelBundl
     from huggingface_hub import snapshot_download
 
     logger.info("fetching %s from the model hub (or its local cache)", repo_id)
+    parts = ["model_index.json", "tokenizer/*", "text_encoder/*", "unet/*", "scheduler/*"]
     try:
         folder = snapshot_download(
             repo_id,
-            allow_patterns=["model_index.json", "tokenizer/*", "text_encoder/*", "unet/*", "vae/*", "scheduler/*"],
+            allow_patterns=parts if use_tiny_vae else [*parts, "vae/*"],
             ignore_patterns=["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*fp16*", "*.non_ema.*"],
         )
-    except Exception as error:  # offline, unknown repo, gated repo, ...
+    except Exception as error:  # offline, unknown repo, gated repo, no network, ...
+        also = f" There is no local path {repo_id!r} either." if not Path(repo_id).exists() else ""
         raise ModelLoadError(
-            f"could not fetch {repo_id!r} from the model hub: {error}. "
-            "The hub may be unreachable: pass a local diffusers folder, a `.safetensors` file, or `tiny`."
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({_hub_hint()}): "
+            f"{type(error).__name__}: {error}.{also} {_WHAT_TO_PASS}"
         ) from error
     return _load_folder(Path(folder), use_tiny_vae, taesd, name=repo_id)
+
+
+def _inferred_config_name(path: Path) -> str:
+    """The hub repo diffusers would fetch a config from for this checkpoint (for error messages)."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+
+    try:
+        return fetch_diffusers_config(load_single_file_checkpoint(str(path)))["pretrained_model_name_or_path"]
+    except Exception:  # the message falls back to a generic wording
+        return "a hub config"
+
+
+def _check_checkpoint_layout(path: Path) -> None:
+    """Read a `.safetensors` header (not its tensors) to reject what is not an SD checkpoint early."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+    except Exception as error:  # safetensors raises SafetensorError, OSError, ...
+        raise ModelLoadError(
+            f"{str(path)!r} is not a readable safetensors checkpoint ({error}). {_WHAT_TO_PASS}"
+        ) from error
+    if not any(key.startswith("model.diffusion_model.") for key in keys):
+        raise ModelLoadError(
+            f"{str(path)!r} is not a Stable Diffusion checkpoint in the original single-file layout (no "
+            f"`model.diffusion_model.*` weights among its {len(keys)} tensors). For a diffusers-layout model pass "
+            f"its folder instead. {_WHAT_TO_PASS}"
+        )
 
 
 def _load_single_file(path: Path, use_tiny_vae: bool, taesd: str | None, config: str | None) -> ModelBundle:
     from diffusers import StableDiffusionPipeline
 
+    if path.suffix == ".safetensors":
+        _check_checkpoint_layout(path)
+    config_folder = Path(config).expanduser() if config is not None and Path(config).expanduser().exists() else None
+    if config_folder is not None:
+        _require_diffusers_folder(config_folder, "model config")
+    elif config is not None and not _is_hub_id(config):
+        raise ModelLoadError(
+            f"model config {config!r} is neither an existing diffusers folder nor a hub id: pass "
+            "`--model-config` a local diffusers folder of the checkpoint's architecture."
+        )
     try:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=config, local_files_only=config is not None and Path(config).exists(),
-            safety_checker=None, requires_safety_checker=False,
+            str(path), config=str(config_folder) if config_folder is not None else config,
+            local_files_only=config_folder is not None, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
         )
-    except Exception as error:
+    except Exception as error:  # diffusers raises many types here: bad file, hub errors, key errors
+        if config is None:
+            tried = (f"diffusers inferred the architecture config {_inferred_config_name(path)!r} from the "
+                     f"checkpoint and could not fetch it ({_hub_hint()})")
+            todo = "Pass `--model-config FOLDER` (`config=`): a local diffusers folder of the same architecture."
+        else:
+            tried = f"with the config {config!r}"
+            todo = ("Check that the file is a Stable Diffusion checkpoint (LDM layout) of the config's "
+                    "architecture, or pass `--model-config` a local diffusers folder that matches it.")
+            if "meta tensor" in str(error):  # diffusers leaves weights the file lacks unloaded, then fails
+                tried += " (the checkpoint lacks weights that the config's architecture has)"
         raise ModelLoadError(
-            f"could not load the single-file checkpoint {str(path)!r}: {error}. "
-            "Single files need their architecture's config: pass `config=` a local diffusers folder "
-            "of the same architecture (or a reachable hub id)."
+            f"could not load the single-file checkpoint {str(path)!r} {tried}: {type(error).__name__}: {error}. "
+            f"{todo}"
         ) from error
-    scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    return _assemble(path.name, pipe.tokenizer, pipe.text_encoder, pipe.unet, scheduler, pipe.vae,
-                     use_tiny_vae, taesd)
+    _check_weights_loaded(str(path), {"unet": pipe.unet, "text encoder": pipe.text_encoder, "VAE": pipe.vae})
+    # The pipeline rewrites outdated scheduler configs in place; read the config's own file when we have it.
+    scheduler_config = (LCMScheduler.load_config(config_folder / "scheduler") if config_folder is not None
+                        else dict(pipe.scheduler.config))
+    scheduler = _to_lcm(scheduler_config, str(path))
+    vae = _choose_vae(path.name, pipe.vae, use_tiny_vae, taesd, config_folder)
+    return ModelBundle(name=str(path), tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet,
+                       vae=vae, scheduler=scheduler, full_vae=pipe.vae)
 
 
 def load_models(
@@ -254,35 +346,46 @@ def load_models(
     """Load a model set from `spec`.
 
     Args:
-        spec (`str`): `tiny` or `small` (built-in seeded random models), a local diffusers folder, a
-            single `.safetensors`/`.ckpt` checkpoint, or a hub id such as `stabilityai/sd-turbo`.
-        use_tiny_vae (`bool`): use `AutoencoderTiny` (TAESD); else the model's own `AutoencoderKL`.
-        taesd (`str | None`): hub id or folder of a TAESD; by default a folder's `vae_tiny/`, else
-            `madebyollin/taesd`.
-        config (`str | None`): for single files, a diffusers folder or hub id of the same architecture.
-        seed (`int`): seed of the built-in models' weights.
+        spec (`str`, defaults to `"tiny"`): `tiny` or `small` (built-in seeded random models), a local
+            diffusers folder, a single `.safetensors`/`.ckpt` checkpoint in the original SD layout, or a
+            hub id such as `stabilityai/sd-turbo`.
+        use_tiny_vae (`bool`, defaults to True): use `AutoencoderTiny` (TAESD); else the model's `AutoencoderKL`.
+        taesd (`str | None`, defaults to None): hub id or folder of a TAESD; by default the model folder's
+            (or, for a single file, the config folder's) `vae_tiny/`, else `madebyollin/taesd`.
+        config (`str | None`, defaults to None): for single files, a local diffusers folder (or hub id) of the
+            same architecture; without it diffusers infers a hub config, which needs the hub.
+        seed (`int`, defaults to 0): seed of the built-in models' weights.
 
     Raises:
         ModelLoadError: naming what was tried and what to do instead.
     """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(f"empty model spec {spec!r}: pass `tiny`, a local path, or a hub id such as "
+                             f"{DEFAULT_HUB_MODEL}")
     logger.info("loading model %r", spec)
     if spec in BUILTIN_MODELS:
         bundle = build_builtin(spec, seed=seed)
         if not use_tiny_vae:
             bundle.vae = bundle.full_vae
+        elif taesd is not None:
+            bundle.vae = _load_tiny_vae(taesd, why="")
         return bundle
     path = Path(spec).expanduser()
-    if _is_single_file(spec):
+    if spec.endswith(SINGLE_FILE_SUFFIXES):
         if not path.is_file():
-            raise ModelLoadError(f"checkpoint file {spec!r} does not exist")
+            raise ModelLoadError(f"checkpoint file {spec!r} does not exist. {_WHAT_TO_PASS}")
         return _load_single_file(path, use_tiny_vae, taesd, config)
+    if path.is_dir():
+        return _load_folder(path, use_tiny_vae, taesd, name=spec)
     if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{spec!r} is a file but not a `.safetensors`/`.ckpt` checkpoint")
-        return _load_folder(path, use_tiny_vae, taesd, name=str(path))
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelLoadError(
-            f"model {spec!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), an existing path, "
-            "nor a hub id of the form owner/name"
+            f"{spec!r} is a file but not a checkpoint (expected {' or '.join(SINGLE_FILE_SUFFIXES)}). {_WHAT_TO_PASS}"
         )
-    return _load_hub(spec, use_tiny_vae, taesd)
+    if _is_hub_id(spec):
+        return _load_hub(spec, use_tiny_vae, taesd)
+    if _looks_like_path(spec):
+        raise ModelLoadError(f"model path {spec!r} does not exist. {_WHAT_TO_PASS}")
+    raise ModelLoadError(
+        f"model spec {spec!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), an existing path, nor a hub "
+        f"id of the form owner/name (e.g. {DEFAULT_HUB_MODEL}). {_WHAT_TO_PASS}"
+    )

@@ -1,0 +1,102 @@
+"""The built-in models: seeded, randomly initialised sets of the real classes, built offline.
+
+`tiny` (about a million UNet parameters) builds in well under a second and is what tests and the
+offline demo run; `small` (tens of millions of UNet parameters) is compute-bound for benchmarks.
+Both are identical on every call and machine for a given seed: a fixed seed and a fixed
+construction order, and a tokenizer built from an in-memory byte vocabulary (no files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BUILTIN_MODELS: tuple[str, ...] = ("tiny", "small")
+
+
+@dataclass(frozen=True)
+class _Preset:
+    text_hidden: int
+    text_layers: int
+    unet_channels: tuple[int, ...]
+    unet_down: tuple[str, ...]
+    unet_up: tuple[str, ...]
+    attention_head_dim: int
+    taesd_channels: int
+    taesd_blocks: tuple[int, ...]
+
+
+_PRESETS: dict[str, _Preset] = {
+    # About a million UNet parameters: fast tests and the offline default.
+    "tiny": _Preset(32, 2, (32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"),
+                    ("CrossAttnUpBlock2D", "UpBlock2D"), 8, 16, (1, 1, 1, 1)),
+    # Tens of millions of UNet parameters: compute-bound benchmarks.
+    "small": _Preset(128, 4, (128, 256, 256), ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                     ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), 32, 32, (1, 2, 2, 2)),
+}
+
+
+@dataclass
+class BuiltinModules:
+    """The modules of one built-in model, before they are wrapped in a `ModelBundle`."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    tiny_vae: AutoencoderTiny
+    full_vae: AutoencoderKL
+    scheduler: LCMScheduler
+
+
+def build_byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer over the 256 byte symbols (no merges), built in memory with no files."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for symbol in symbols:
+            vocab[symbol + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def build_modules(name: str, seed: int = 0) -> BuiltinModules:
+    """Build the seeded modules of built-in model `name` (a key of `BUILTIN_MODELS`)."""
+    preset = _PRESETS[name]
+    tokenizer = build_byte_level_tokenizer()
+    vocab_size = len(tokenizer.get_vocab())
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    # A fixed seed and a fixed construction order make the weights identical on every machine; the
+    # caller's global RNG state is restored so building a model never perturbs anyone's randomness.
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=preset.text_hidden, intermediate_size=preset.text_hidden * 4,
+            num_hidden_layers=preset.text_layers, num_attention_heads=4, max_position_embeddings=77,
+            projection_dim=preset.text_hidden, bos_token_id=vocab_size - 2, eos_token_id=eos, pad_token_id=eos,
+        ))
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=preset.unet_channels, down_block_types=preset.unet_down,
+            up_block_types=preset.unet_up, cross_attention_dim=preset.text_hidden,
+            attention_head_dim=preset.attention_head_dim, norm_num_groups=32,
+        )
+        channels = (preset.taesd_channels,) * 4
+        tiny_vae = AutoencoderTiny(
+            encoder_block_out_channels=channels, decoder_block_out_channels=channels,
+            num_encoder_blocks=preset.taesd_blocks, num_decoder_blocks=preset.taesd_blocks,
+        )
+        full_vae = AutoencoderKL(
+            block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return BuiltinModules(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, tiny_vae=tiny_vae,
+                          full_vae=full_vae, scheduler=LCMScheduler())
