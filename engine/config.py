@@ -43,6 +43,8 @@ class EngineConfig:
         backend (`str`, defaults to `"eager"`): how the UNet and VAE run.
         use_tiny_vae (`bool`, defaults to True): use `AutoencoderTiny` (TAESD) instead of the full VAE.
         taesd (`str | None`, defaults to None): hub id or folder of a TAESD to use with a real model.
+        model_config (`str | None`, defaults to None): for a single-file `model`, a local diffusers folder
+            of the same architecture (`engine.models.load_models(config=...)`).
         use_kv_cache (`bool`, defaults to True): serve cross-attention K/V precomputed per prompt.
         similarity_filter (`bool`, defaults to True): stochastic similarity filter on input frames.
         similarity_threshold (`float`, defaults to 0.98): η of the similarity filter.
@@ -67,6 +69,7 @@ class EngineConfig:
     backend: str = "eager"
     use_tiny_vae: bool = True
     taesd: str | None = None
+    model_config: str | None = None
     use_kv_cache: bool = True
     similarity_filter: bool = True
     similarity_threshold: float = 0.98
