@@ -9,7 +9,6 @@ retries while the server is down, restarting or full.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -36,7 +35,8 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 #: Error codes the server gives a frame it could not use; such a frame gets this event instead of an output.
-FRAME_ERROR_CODES = frozenset({"empty_frame", "unsupported_format", "bad_image", "image_too_large"})
+FRAME_ERROR_CODES = frozenset({"empty_frame", "unsupported_format", "bad_image", "image_too_large",
+                               "inference_failed"})
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 
@@ -75,15 +75,18 @@ def discard_dropped(pending: deque[float], count: int) -> int:
     return forgotten
 
 
-def _closed_failure(error: ConnectionClosed) -> ConnectionFailed:
-    frame = error.rcvd or error.sent
-    code = frame.code if frame is not None else None
-    reason = frame.reason if frame is not None else ""
+def closed_failure(code: int | None, reason: str = "") -> ConnectionFailed:
+    """The failure for a session the server (or the network) closed with `code`."""
     if code == CLOSE_SERVER_FULL:
-        message = f"server is full (close {code}: {reason or 'try again later'})"
+        message = f"server is busy (close {code}: {reason or 'try again later'})"
     else:
         message = f"connection closed (code {code}{': ' + reason if reason else ''})"
     return ConnectionFailed(message, retryable=not close_is_fatal(code), close_code=code)
+
+
+def _from_closed(error: ConnectionClosed) -> ConnectionFailed:
+    frame = error.rcvd or error.sent
+    return closed_failure(frame.code if frame else None, frame.reason if frame else "")
 
 
 class StreamConnection:
@@ -137,7 +140,7 @@ class StreamConnection:
             if not isinstance(hello, Hello):
                 raise ProtocolError(f"the server's first message must be hello, got {first[:200]!r}")
         except ConnectionClosed as error:
-            raise _closed_failure(error) from error
+            raise _from_closed(error) from error
         except (ProtocolError, TimeoutError) as error:
             await websocket.close()
             raise ConnectionFailed(f"no valid hello from {url}: {error or 'timed out'}", retryable=True) from error
@@ -185,7 +188,7 @@ class StreamConnection:
         try:
             await self.websocket.send(data)
         except ConnectionClosed as error:
-            self._fail(_closed_failure(error))
+            self._fail(_from_closed(error))
             self._raise_if_failed()
         return sent_at
 
@@ -212,8 +215,7 @@ class StreamConnection:
         """Close the session and stop reading."""
         await self.websocket.close()
         self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await asyncio.gather(self._reader, return_exceptions=True)
 
     async def __aenter__(self) -> StreamConnection:
         return self
@@ -226,7 +228,7 @@ class StreamConnection:
         try:
             await self.websocket.send(text)
         except ConnectionClosed as error:
-            self._fail(_closed_failure(error))
+            self._fail(_from_closed(error))
             self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
@@ -246,9 +248,9 @@ class StreamConnection:
                     self._on_output(message)
                 else:
                     self._on_event(message)
-            self._fail(_closed_failure(ConnectionClosed(self.websocket.close_rcvd, self.websocket.close_sent)))
+            self._fail(closed_failure(self.websocket.close_code, self.websocket.close_reason or ""))
         except ConnectionClosed as error:
-            self._fail(_closed_failure(error))
+            self._fail(_from_closed(error))
         except ProtocolError as error:
             self._fail(ConnectionFailed(str(error), retryable=True))
             await self.websocket.close()
