@@ -136,7 +136,11 @@ def _hub_offline() -> bool:
 
 
 def _hub_hint() -> str:
-    return "offline mode is on (HF_HUB_OFFLINE=1)" if _hub_offline() else "the hub may be unreachable"
+    return "offline mode is on: HF_HUB_OFFLINE=1" if _hub_offline() else "the hub may be unreachable"
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().rstrip('.')}"
 
 
 def _to_lcm(scheduler_config: dict, source: str) -> LCMScheduler:
@@ -198,7 +202,7 @@ def _load_tiny_vae(source: str, why: str) -> AutoencoderTiny:
     except Exception as error:  # diffusers raises OSError, ValueError or hub errors here
         hint = f" ({_hub_hint()})" if not local_only else ""
         raise ModelLoadError(
-            f"could not load the tiny VAE (TAESD) from {source!r}{why}{hint}: {error}. "
+            f"could not load the tiny VAE (TAESD) from {source!r}{why}{hint}: {_reason(error)}. "
             "Pass `--taesd FOLDER` with a local AutoencoderTiny folder, or use the model's full VAE (`--vae full`)."
         ) from error
 
@@ -233,8 +237,8 @@ def _load_folder(folder: Path, use_tiny_vae: bool, taesd: str | None, name: str)
         full_vae = AutoencoderKL.from_pretrained(folder / "vae") if want_full_vae else None
     except (OSError, ValueError, TypeError) as error:
         raise ModelLoadError(
-            f"could not load the diffusers folder {str(folder)!r}: {error}. It needs tokenizer/, text_encoder/, "
-            "unet/ and scheduler/ (and vae/ for `--vae full`) as written by `save_pretrained`."
+            f"could not load the diffusers folder {str(folder)!r}: {_reason(error)}. It needs tokenizer/, "
+            "text_encoder/, unet/ and scheduler/ (and vae/ for `--vae full`) as written by `save_pretrained`."
         ) from error
     scheduler = _to_lcm(scheduler_config, name)
     vae = _choose_vae(name, full_vae, use_tiny_vae, taesd, folder)
@@ -257,7 +261,7 @@ def _load_hub(repo_id: str, use_tiny_vae: bool, taesd: str | None) -> ModelBundl
         also = f" There is no local path {repo_id!r} either." if not Path(repo_id).exists() else ""
         raise ModelLoadError(
             f"could not fetch {repo_id!r} from the Hugging Face Hub ({_hub_hint()}): "
-            f"{type(error).__name__}: {error}.{also} {_WHAT_TO_PASS}"
+            f"{_reason(error)}.{also} {_WHAT_TO_PASS}"
         ) from error
     return _load_folder(Path(folder), use_tiny_vae, taesd, name=repo_id)
 
@@ -281,7 +285,7 @@ def _check_checkpoint_layout(path: Path) -> None:
             keys = list(checkpoint.keys())
     except Exception as error:  # safetensors raises SafetensorError, OSError, ...
         raise ModelLoadError(
-            f"{str(path)!r} is not a readable safetensors checkpoint ({error}). {_WHAT_TO_PASS}"
+            f"{str(path)!r} is not a readable safetensors checkpoint ({_reason(error)}). {_WHAT_TO_PASS}"
         ) from error
     if not any(key.startswith("model.diffusion_model.") for key in keys):
         raise ModelLoadError(
@@ -312,8 +316,8 @@ def _load_single_file(path: Path, use_tiny_vae: bool, taesd: str | None, config:
         )
     except Exception as error:  # diffusers raises many types here: bad file, hub errors, key errors
         if config is None:
-            tried = (f"diffusers inferred the architecture config {_inferred_config_name(path)!r} from the "
-                     f"checkpoint and could not fetch it ({_hub_hint()})")
+            tried = (f"without a config: diffusers inferred the architecture config "
+                     f"{_inferred_config_name(path)!r} from its weights and could not fetch it ({_hub_hint()})")
             todo = "Pass `--model-config FOLDER` (`config=`): a local diffusers folder of the same architecture."
         else:
             tried = f"with the config {config!r}"
@@ -322,7 +326,7 @@ def _load_single_file(path: Path, use_tiny_vae: bool, taesd: str | None, config:
             if "meta tensor" in str(error):  # diffusers leaves weights the file lacks unloaded, then fails
                 tried += " (the checkpoint lacks weights that the config's architecture has)"
         raise ModelLoadError(
-            f"could not load the single-file checkpoint {str(path)!r} {tried}: {type(error).__name__}: {error}. "
+            f"could not load the single-file checkpoint {str(path)!r} {tried}: {_reason(error)}. "
             f"{todo}"
         ) from error
     _check_weights_loaded(str(path), {"unet": pipe.unet, "text encoder": pipe.text_encoder, "VAE": pipe.vae})

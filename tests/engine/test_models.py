@@ -337,6 +337,17 @@ def test_safetensors_that_is_not_a_stable_diffusion_checkpoint(tmp_path):
         load_models(str(path))
 
 
+def test_folder_missing_a_component(saved_folder, tmp_path):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(saved_folder, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(ModelLoadError, match=r"could not load the diffusers folder .*It needs tokenizer/"):
+        load_models(str(no_tokenizer))
+    no_vae = tmp_path / "no-vae"
+    shutil.copytree(saved_folder, no_vae, ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(ModelLoadError, match=r"has no full VAE \(no vae/ folder\)"):
+        load_models(str(no_vae), use_tiny_vae=False)
+
+
 def test_single_file_config_must_exist(single_file, tmp_path):
     with pytest.raises(ModelLoadError, match="neither an existing diffusers folder nor a hub id"):
         load_models(str(single_file), config=str(tmp_path / "nowhere" / "x"))
@@ -350,7 +361,7 @@ def test_hub_id_offline_suggests_a_local_path_or_tiny(repo_id):
     with pytest.raises(ModelLoadError) as error:
         load_models(repo_id)
     message = str(error.value)
-    assert repr(repo_id) in message and "offline mode is on" in message
+    assert repr(repo_id) in message and "offline mode is on: HF_HUB_OFFLINE=1" in message
     assert "local diffusers folder" in message and "`tiny`" in message
 
 
