@@ -1,0 +1,167 @@
+"""`python -m engine.bench`: frames per second of the engine against its baselines.
+
+Every row runs in this one process on the same model, size and seed; each figure is the median over
+`--frames` frames after a warm-up. fps = output frames per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import guidance
+from .clips import synthetic_clip
+from .codec import rgb_to_tensor
+from .config import EngineConfig
+from .models import ModelBundle, load_models
+from .stream import StreamEngine
+
+logger = logging.getLogger(__name__)
+
+BENCH_T_INDEX_LIST = (0, 16, 32, 45)
+
+
+def bench_config(model: str, size: int) -> EngineConfig:
+    """The benchmark's default: 4 stream-batch steps, RCFG `self` at guidance 1.2, tiny VAE, no filter."""
+    return EngineConfig(model=model, width=size, height=size, t_index_list=BENCH_T_INDEX_LIST, cfg_type="self",
+                        guidance_scale=1.2, similarity_filter=False)
+
+
+def median_seconds(call: Callable[[int], object], frames: int, warmup: int) -> float:
+    """Median wall time of `call(i)` over `frames` calls after `warmup` unmeasured ones."""
+    for index in range(warmup):
+        call(index)
+    times = []
+    for index in range(frames):
+        started = time.perf_counter()
+        call(warmup + index)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def engine_fps(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], frames: int, warmup: int) -> float:
+    """Output fps of a `StreamEngine` on a moving clip."""
+    engine = StreamEngine(models, config)
+    return 1.0 / median_seconds(lambda i: engine(clip[i % len(clip)]), frames, warmup)
+
+
+@torch.no_grad()
+def compute_limit_fps(models: ModelBundle, config: EngineConfig, frames: int, warmup: int) -> float:
+    """1 / the summed time of the bare forward passes one frame needs: one batched UNet call, VAE encode
+    and VAE decode, each timed alone."""
+    engine = StreamEngine(models, config)
+    runner, n = engine.runner, config.denoising_steps
+    conditioning = next(iter(engine._prompt.layouts.values()))
+    rows = guidance.unet_batch_size(config.cfg_type, n, config.frame_buffer_size)
+    latents = torch.randn(rows, *engine.latent_shape(config))
+    timesteps = torch.full((rows,), 500, dtype=torch.long)
+    image = torch.rand(1, 3, config.height, config.width) * 2 - 1
+    unet = median_seconds(lambda i: runner.unet(latents, timesteps, conditioning), frames, warmup)
+    encode = median_seconds(lambda i: runner.encode(image), frames, warmup)
+    decode = median_seconds(lambda i: runner.decode(latents[:1]), frames, warmup)
+    return 1.0 / (unet + encode + decode)
+
+
+def diffusers_fps(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], frames: int,
+                  warmup: int) -> float:
+    """diffusers `AutoPipelineForImage2Image` on the same model folder: 4 steps, its CFG at 1.2."""
+    from diffusers import AutoPipelineForImage2Image
+
+    with tempfile.TemporaryDirectory() as folder:
+        models.save_pretrained(folder)
+        pipe = AutoPipelineForImage2Image.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    # The same tiny VAE as the engine, so the rows compare the denoising loops.
+    pipe.vae = models.vae
+    pipe.set_progress_bar_config(disable=True)
+    steps = config.denoising_steps
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def run(index: int) -> None:
+        pipe(prompt=config.prompt, negative_prompt=config.negative_prompt, image=clip[index % len(clip)][None],
+             num_inference_steps=2 * steps, strength=0.5, guidance_scale=config.guidance_scale,
+             generator=generator, output_type="pt")
+
+    return 1.0 / median_seconds(run, frames, warmup)
+
+
+def skip_rate(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], count: int = 100) -> float:
+    """Fraction of `count` identical frames the similarity filter skips."""
+    engine = StreamEngine(models, config.replace(similarity_filter=True))
+    for _ in range(count):
+        engine(clip[0])
+    return engine.frames_skipped / count
+
+
+def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5) -> dict:
+    """Every benchmark row; returns the JSON-ready dict."""
+    torch.manual_seed(0)
+    models = load_models(model)
+    config = bench_config(model, size)
+    models.to(torch.device("cpu"), torch.float32)
+    clip = [rgb_to_tensor(frame) for frame in synthetic_clip("slow_pan", 60, size, size)]
+    results: dict = {
+        "model": model, "size": size, "frames": frames, "t_index_list": list(config.t_index_list),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+    }
+    rows: list[tuple[str, Callable[[], float]]] = [
+        ("engine_fps", lambda: engine_fps(models, config, clip, frames, warmup)),
+        ("compute_limit_fps", lambda: compute_limit_fps(models, config, frames, warmup)),
+        ("sequential_fps", lambda: engine_fps(models, config.replace(stream_batch=False), clip, frames, warmup)),
+        ("full_cfg_fps", lambda: engine_fps(models, config.replace(cfg_type="full"), clip, frames, warmup)),
+        ("diffusers_fps", lambda: diffusers_fps(models, config, clip, frames, warmup)),
+        ("ssf_static_skip_rate", lambda: skip_rate(models, config, clip)),
+    ]
+    for key, measure in rows:
+        logger.info("measuring %s", key)
+        results[key] = round(measure(), 4)
+    engine = results["engine_fps"]
+    results["ratios"] = {
+        "engine_vs_compute_limit": round(engine / results["compute_limit_fps"], 3),
+        "engine_vs_diffusers": round(engine / results["diffusers_fps"], 3),
+        "engine_vs_sequential": round(engine / results["sequential_fps"], 3),
+        "engine_vs_full_cfg": round(engine / results["full_cfg_fps"], 3),
+    }
+    return results
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of the figures and ratios."""
+    lines = [f"model={results['model']} size={results['size']}x{results['size']} "
+             f"steps={len(results['t_index_list'])} frames={results['frames']} "
+             f"threads={results['machine']['threads']}"]
+    for key, value in results.items():
+        if key.endswith(("_fps", "_rate")):
+            lines.append(f"  {key:<24} {value:>10.3f}")
+    for key, value in results["ratios"].items():
+        lines.append(f"  {key:<24} {value:>10.3f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__)
+    parser.add_argument("--model", default="tiny", help="tiny (default) or small (compute-bound)")
+    parser.add_argument("--size", type=int, default=128, help="square frame size in pixels")
+    parser.add_argument("--frames", type=int, default=30, help="measured frames per row (median)")
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured frames per row")
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = run(args.model, args.size, args.frames, args.warmup)
+    print(format_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
