@@ -39,6 +39,9 @@ class FrameSource:
         """The next frame, or `None` when the source has ended."""
         raise NotImplementedError
 
+    def prefer_size(self, width: int, height: int) -> None:
+        """The size frames will be sent at; sources that draw their frames can draw them at that size."""
+
     def close(self) -> None:
         """Release the device or file."""
 
@@ -49,6 +52,9 @@ class SyntheticSource(FrameSource):
     def __init__(self, width: int, height: int):
         self.width, self.height = width, height
         self.index = 0
+
+    def prefer_size(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
 
     def read(self) -> np.ndarray:
         frame = cv2.cvtColor(moving_pattern(self.index, self.width, self.height), cv2.COLOR_RGB2BGR)

@@ -22,7 +22,7 @@ from .connection import ConnectionFailed, StreamConnection, connect_with_backoff
 from .frames import decode_jpeg, encode_jpeg, fit_frame
 from .pacing import next_due
 from .prompt_input import follow_lines
-from .protocol import parse_size
+from .protocol import http_base, parse_size
 from .sinks import VCAM_INSTALL_HINT, FrameSink, SinkUnavailable, VideoFileSink, VirtualCameraSink, WindowSink
 from .sources import SYNTHETIC, FrameSource, SourceUnavailable, open_source
 
@@ -115,6 +115,8 @@ class WebcamClient:
         hello = connection.hello
         logger.info("session %s: %dx%d, up to %d frames in flight", hello.session_id, hello.width, hello.height,
                     hello.max_in_flight)
+        logger.info("watch it in a browser or an OBS Browser Source: %s/view/%s%s", http_base(self.options.url),
+                    hello.session_id, "?token=<token>" if self.options.token else "")
         self._open_sinks(hello.width, hello.height)
         if self.prompt:
             await connection.send_prompt(self.prompt, self.options.negative_prompt)
@@ -144,6 +146,7 @@ class WebcamClient:
 
     async def _send(self, connection: StreamConnection) -> None:
         width, height = self.options.size or (connection.hello.width, connection.hello.height)
+        self.source.prefer_size(width, height)
         period = 1.0 / self.options.fps if self.options.fps else 0.0
         due = time.monotonic()
         while not self._sending_done(connection):

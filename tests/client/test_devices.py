@@ -81,3 +81,9 @@ def test_window_without_gui_explains_the_fix():
         pytest.skip("this OpenCV build has a GUI")
     with pytest.raises(SinkUnavailable, match="pip install opencv-python"):
         WindowSink("test-window")
+
+
+def test_synthetic_source_draws_at_the_preferred_size():
+    source = open_source("synthetic", 512, 512)
+    source.prefer_size(40, 24)
+    assert source.read().shape == (24, 40, 3)

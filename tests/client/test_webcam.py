@@ -5,6 +5,7 @@ import sys
 import time
 
 import cv2
+import httpx
 
 from client.sinks import SinkUnavailable, VirtualCameraSink
 
@@ -77,6 +78,27 @@ def test_reconnects_when_the_server_restarts(server, repo, tmp_path):
     assert process.returncode == 0, stderr
     assert "reconnecting" in stderr
     assert len(count_frames(out)) == 30
+
+
+def test_printed_view_url_shows_the_session_for_obs(server, repo, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client.webcam", "--url", server.ws_url, "--source", "synthetic", "--out",
+         str(tmp_path / "o.mp4"), "--duration", "6", "--fps", "10", "--no-stdin"], cwd=repo, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        lines = [process.stderr.readline() for _ in range(2)]
+        view_url = lines[1].rsplit(" ", 1)[-1].strip()
+        assert view_url.startswith(f"{server.http_url}/view/"), lines
+        assert httpx.get(view_url, timeout=5).status_code == 200
+        session_id = view_url.rsplit("/", 1)[-1]
+        with httpx.stream("GET", f"{server.http_url}/api/sessions/{session_id}/mjpeg", timeout=10) as response:
+            assert response.headers["content-type"].startswith("multipart/x-mixed-replace")
+            first = next(response.iter_bytes())
+        assert b"Content-Type: image/jpeg" in first
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0
 
 
 def test_missing_camera_is_a_clear_error(repo, unused_port):
