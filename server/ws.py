@@ -189,7 +189,7 @@ class Connection:
         loop = asyncio.get_running_loop()
         interval = self.settings.stats_interval_s
         next_stats = loop.time() + interval
-        last_frames_in = -1
+        last_counts = None
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.0, next_stats - loop.time()))
@@ -200,9 +200,10 @@ class Connection:
                 await self.deliver(result)
             if loop.time() >= next_stats:
                 next_stats = loop.time() + interval
-                frames_in = self.session.handle.stats.frames_in
-                if frames_in != last_frames_in:  # idle sessions get no stats
-                    last_frames_in = frames_in
+                stats = self.session.handle.stats
+                counts = (stats.frames_in, stats.frames_out, stats.errors, stats.dropped)
+                if counts != last_counts:  # idle sessions get no stats
+                    last_counts = counts
                     await self.websocket.send_text(self.stats_event().model_dump_json())
 
     async def deliver(self, result: FrameResult) -> None:

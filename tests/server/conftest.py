@@ -1,0 +1,80 @@
+"""A real uvicorn server on an ephemeral loopback port, in a background thread, for the server tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from engine import EngineConfig, load_models
+from server.app import create_app
+from server.serve import background_server
+from server.settings import ServerSettings
+from server.state import ServerState
+
+# 64x64, similarity filter off: every accepted frame is computed, so counts and outputs are deterministic.
+# The full (random) AutoencoderKL instead of the random TAESD: with TAESD the tiny model's output barely
+# depends on the input or prompt, so order, isolation and prompt changes would be invisible.
+TEST_ENGINE = EngineConfig(width=64, height=64, similarity_filter=False, use_tiny_vae=False)
+TEST_SETTINGS = ServerSettings(
+    engine=TEST_ENGINE, port=0, max_sessions=3, max_in_flight=2, max_message_bytes=256 * 1024,
+    max_prompt_chars=200, max_pixels=256 * 256, stats_interval_s=0.2, log_level="warning",
+)
+
+
+@dataclass
+class LiveServer:
+    """A running server: its URLs and its in-process state (for leak checks)."""
+
+    base_url: str
+    settings: ServerSettings
+    state: ServerState
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://") + "/ws"
+
+
+@pytest.fixture(scope="session")
+def server_models():
+    """The tiny model with its full VAE (see `TEST_ENGINE`)."""
+    return load_models("tiny", use_tiny_vae=False)
+
+
+@pytest.fixture(scope="session")
+def start_server(server_models):
+    """A context manager factory: `with start_server(**setting_changes) as live: ...`."""
+
+    @contextmanager
+    def start(**changes) -> Iterator[LiveServer]:
+        settings = TEST_SETTINGS.replace(**changes)
+        app = create_app(settings, models=server_models)
+        with background_server(app, settings) as base_url:
+            yield LiveServer(base_url, settings, app.state.server)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def live_server(start_server) -> Iterator[LiveServer]:
+    """The shared test server (tiny model, 64x64, no token)."""
+    with start_server() as live:
+        yield live
+
+
+@pytest.fixture
+def server(live_server) -> Iterator[LiveServer]:
+    """The shared server; after the test every session must be gone and no thread left behind."""
+    threads_before = {thread.name for thread in threading.enumerate()}
+    yield live_server
+    state = live_server.state
+    deadline_checks = 600
+    while len(state.sessions) and deadline_checks:
+        threading.Event().wait(0.05)
+        deadline_checks -= 1
+    assert len(state.sessions) == 0, "a session leaked"
+    leaked = {thread.name for thread in threading.enumerate()} - threads_before
+    assert not {name for name in leaked if name.startswith(("stream-", "model-loader"))}, leaked

@@ -1,0 +1,121 @@
+"""Helpers for the server tests: frames, a reference engine, and a bounded WebSocket stream driver."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import websockets
+from PIL import Image
+
+from engine import EngineConfig, ModelBundle, StreamEngine
+from engine.clips import moving_pattern
+from engine.codec import decode_image, encode_jpeg, rgb_to_tensor, tensor_to_rgb
+
+RECV_TIMEOUT_S = 60.0
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def frame(index: int, size: int = 64, fmt: str = "JPEG") -> bytes:
+    """Frame `index` of a moving pattern, encoded."""
+    return encode(moving_pattern(index, size, size), fmt)
+
+
+def random_frame(seed: int, size: int = 64) -> bytes:
+    """A frame unlike any other seed's, so a swapped output cannot pass for the right one."""
+    return encode(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8), "PNG")
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    assert jpeg[:2] == b"\xff\xd8", "not a JPEG"
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.int16)
+
+
+def reference_outputs(models: ModelBundle, config: EngineConfig, frames: list[bytes]) -> list[np.ndarray]:
+    """What the server must answer for `frames` on a fresh stream: the engine run in-process, same codecs."""
+    engine = StreamEngine(models, config)
+    outputs = []
+    for data in frames:
+        rgb = decode_image(data, config.width, config.height)
+        outputs.append(decode(encode_jpeg(tensor_to_rgb(engine.step(rgb_to_tensor(rgb)).images))))
+    return outputs
+
+
+def max_difference(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@dataclass
+class StreamLog:
+    """What a client received: output JPEGs in order and text events."""
+
+    outputs: list[bytes] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [event for event in self.events if event["type"] == kind]
+
+
+async def hello(ws) -> dict:
+    message = json.loads(await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S))
+    assert message["type"] == "hello", message
+    return message
+
+
+async def stream(ws, frames: list[bytes], max_in_flight: int, log: StreamLog | None = None) -> StreamLog:
+    """Send `frames` keeping at most `max_in_flight` unanswered; wait for one answer (JPEG or frame error) each."""
+    log = log if log is not None else StreamLog()
+    answered, sent = 0, 0
+    deadline = time.monotonic() + RECV_TIMEOUT_S * max(1, len(frames) // 4)
+    while answered < len(frames):
+        while sent < len(frames) and sent - answered < max_in_flight:
+            await ws.send(frames[sent])
+            sent += 1
+        message = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
+        if isinstance(message, bytes):
+            log.outputs.append(message)
+            answered += 1
+        else:
+            event = json.loads(message)
+            log.events.append(event)
+            if event["type"] == "error":
+                answered += 1
+    return log
+
+
+async def next_event(ws, kind: str, log: StreamLog | None = None) -> dict:
+    """The next text event of type `kind` (frames and other events in between are kept in `log`)."""
+    deadline = time.monotonic() + RECV_TIMEOUT_S
+    while True:
+        message = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
+        if isinstance(message, bytes):
+            if log is not None:
+                log.outputs.append(message)
+            continue
+        event = json.loads(message)
+        if event["type"] == kind:
+            return event
+        if log is not None:
+            log.events.append(event)
+
+
+def connect(ws_url: str, **options):
+    return websockets.connect(ws_url, open_timeout=30, close_timeout=5, **options)
+
+
+async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:
+    """Poll `predicate` until true (bounded); fail the test on time-out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(interval)
