@@ -22,6 +22,18 @@ FRAME_ERROR_CODES = frozenset({"empty_frame", "unsupported_format", "bad_image",
                                "inference_failed"})
 
 
+#: A close frame's reason may hold at most 123 bytes of UTF-8 (RFC 6455 §5.5).
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to fit a close frame, without splitting a UTF-8 character."""
+    data = text.encode()
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return text
+    return data[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
 class ProtocolError(ValueError):
     """A client message the server cannot use; `code` is stable and machine-readable."""
 

@@ -30,6 +30,7 @@ from .protocol import (
     HelloEvent,
     ProtocolError,
     StatsEvent,
+    close_reason,
     parse_client_message,
 )
 from .sessions import Session, SessionLimitError
@@ -68,7 +69,7 @@ async def websocket_stream(websocket: WebSocket) -> None:
     runtime = state.runtime
     if runtime is None:
         state.metrics.rejected.labels("not_ready").inc()
-        await websocket.close(CLOSE_TRY_AGAIN_LATER, state.not_ready_reason())
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, close_reason(state.not_ready_reason()))
         return
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
@@ -81,7 +82,7 @@ async def websocket_stream(websocket: WebSocket) -> None:
         session = await state.sessions.open(runtime, settings.max_in_flight, notify)
     except SessionLimitError as error:
         state.metrics.rejected.labels("full").inc()
-        await websocket.close(CLOSE_TRY_AGAIN_LATER, str(error))
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, close_reason(str(error)))
         return
     logger.info("session %s opened (%d open)", session.id, len(state.sessions))
     close = None
@@ -98,7 +99,7 @@ async def websocket_stream(websocket: WebSocket) -> None:
     if close is not None:
         # Bounded: a client that does not read may never let the close frame out.
         with contextlib.suppress(RuntimeError, WebSocketDisconnect, ClientDisconnected, TimeoutError):
-            await asyncio.wait_for(websocket.close(close.code, close.reason), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(websocket.close(close.code, close_reason(close.reason)), CLOSE_TIMEOUT_S)
 
 
 class Connection:
