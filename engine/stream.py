@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from . import guidance
-from .backends import EagerRunner, NetworkRunner
+from .backends import NetworkRunner, make_runner
 from .config import HOT_PARAMS, REPREPARE_PARAMS, EngineConfig
 from .models import ModelBundle
 from .prompt import Conditioning, PromptState, encode_prompt, install_kv_processors, precompute_kv
@@ -63,12 +63,13 @@ class StreamEngine:
     Args:
         models (`ModelBundle`): the shared models, already on the config's device and dtype.
         config (`EngineConfig`): the stream's configuration; its prompt is prepared at once.
-        runner (`NetworkRunner`, *optional*): how to run the networks; eager PyTorch by default.
+        runner (`NetworkRunner`, *optional*): how to run the networks; by default the shared runner of
+            `config.backend` (`engine.backends.make_runner`).
     """
 
     def __init__(self, models: ModelBundle, config: EngineConfig, runner: NetworkRunner | None = None):
         self.models = models
-        self.runner = runner if runner is not None else EagerRunner(models)
+        self.runner = runner if runner is not None else make_runner(models, config)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.use_kv_cache:

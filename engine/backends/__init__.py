@@ -2,5 +2,7 @@
 
 from .base import NetworkRunner
 from .eager import EagerRunner
+from .errors import BackendUnavailableError
+from .factory import make_runner, resolve_backend
 
-__all__ = ["NetworkRunner", "EagerRunner"]
+__all__ = ["BackendUnavailableError", "EagerRunner", "NetworkRunner", "make_runner", "resolve_backend"]

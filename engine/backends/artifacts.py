@@ -1,0 +1,148 @@
+"""Which static-shape graphs an engine configuration needs, and their ONNX files in the cache."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from .. import guidance
+from ..config import EngineConfig
+from ..models import ModelBundle
+from .cache import CacheKeyParts, cached_artifact, default_cache_dir, engine_cache_key, module_fingerprint
+from .onnx_export import (
+    DEFAULT_EXPORTER,
+    DEFAULT_OPSETS,
+    GraphSpec,
+    export_onnx,
+    unet_graph,
+    vae_decoder_graph,
+    vae_encoder_graph,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The VAE graphs do not depend on the guidance mode; one file serves every mode.
+ANY_GUIDANCE = "any"
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    """One static-shape graph: the network, its batch and the image size in pixels."""
+
+    network: str
+    batch: int
+    height: int
+    width: int
+    kv_cache: bool = False
+    sequence_length: int = 0
+
+
+def config_shapes(models: ModelBundle, config: EngineConfig) -> list[GraphShape]:
+    """Every graph `StreamEngine` calls under `config`: the UNet batch(es), the VAE encoder and decoder."""
+    f, n = config.frame_buffer_size, config.denoising_steps
+    if config.stream_batch:
+        unet_batches = [guidance.unet_batch_size(config.cfg_type, n, f)]
+    else:
+        # Sequential runs call one slot at a time; `initialize` uses its extra slot on the first step only.
+        unet_batches = [guidance.unet_batch_size(config.cfg_type, 1, f)]
+        if config.cfg_type == "initialize":
+            unet_batches.append(guidance.unet_batch_size("self", 1, f))
+    sequence_length = models.tokenizer.model_max_length
+    shapes = [GraphShape("unet", batch, config.height, config.width, config.use_kv_cache, sequence_length)
+              for batch in unet_batches]
+    shapes.append(GraphShape("vae_encoder", f, config.height, config.width))
+    shapes.append(GraphShape("vae_decoder", f, config.height, config.width))
+    return shapes
+
+
+def _dtype_name(module: torch.nn.Module) -> str:
+    return str(next(module.parameters()).dtype).removeprefix("torch.")
+
+
+def _check_onnx(path: Path) -> Path:
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)), full_check=False)
+    return path
+
+
+class OnnxCache:
+    """The ONNX graphs of one model set and guidance mode, exported on first use and kept on disk.
+
+    Args:
+        models (`ModelBundle`): the models to export (on the device and dtype they will run in).
+        cfg_type (`str`): the guidance mode of the UNet graphs (part of their key).
+        cache_dir (`Path`, *optional*): where files go; `trt_cache/` (or `$STREAMDIFF_TRT_CACHE`) by default.
+        exporter (`str`): `dynamo` or `torchscript` (see `onnx_export`).
+        opset (`int`, *optional*): ONNX opset; the exporter's default when omitted.
+    """
+
+    def __init__(self, models: ModelBundle, cfg_type: str, cache_dir: Path | None = None,
+                 exporter: str = DEFAULT_EXPORTER, opset: int | None = None):
+        self.models = models
+        self.cfg_type = cfg_type
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.exporter = exporter
+        self.opset = opset or DEFAULT_OPSETS[exporter]
+        self._fingerprints: dict[str, str] = {}
+
+    def _fingerprint(self, network: str) -> str:
+        # Hashing the weights is the slow part of a key (seconds for a full-size UNet): once per network.
+        module = self.models.unet if network == "unet" else self.models.vae
+        if network not in self._fingerprints:
+            self._fingerprints[network] = module_fingerprint(module)
+        return self._fingerprints[network]
+
+    def key_parts(self, shape: GraphShape, tensorrt_version: str = "none", gpu_name: str = "any",
+                  dtype: str | None = None) -> CacheKeyParts:
+        """The cache key fields of `shape`; an ONNX graph is the same for every GPU and TensorRT version.
+
+        `dtype` overrides the modules' dtype (a TensorRT engine's precision need not be its graph's).
+        """
+        module = self.models.unet if shape.network == "unet" else self.models.vae
+        return CacheKeyParts(
+            network=shape.network,
+            model_hash=self._fingerprint(shape.network),
+            width=shape.width,
+            height=shape.height,
+            batch=shape.batch,
+            cfg_type=self.cfg_type if shape.network == "unet" else ANY_GUIDANCE,
+            dtype=dtype or _dtype_name(module),
+            kv_cache=shape.kv_cache,
+            exporter=self.exporter,
+            opset=self.opset,
+            tensorrt_version=tensorrt_version,
+            gpu_name=gpu_name,
+        )
+
+    def onnx_path(self, shape: GraphShape) -> Path:
+        """Where the graph of `shape` lives in the cache."""
+        return self.cache_dir / f"{engine_cache_key(self.key_parts(shape))}.onnx"
+
+    def graph_spec(self, shape: GraphShape) -> GraphSpec:
+        """The module and sample inputs that export `shape`."""
+        factor = self.models.vae_scale_factor
+        latent_height, latent_width = shape.height // factor, shape.width // factor
+        if shape.network == "unet":
+            return unet_graph(self.models, shape.batch, latent_height, latent_width, shape.kv_cache,
+                              shape.sequence_length or None)
+        if shape.network == "vae_encoder":
+            return vae_encoder_graph(self.models, shape.batch, shape.height, shape.width)
+        if shape.network == "vae_decoder":
+            return vae_decoder_graph(self.models, shape.batch, latent_height, latent_width)
+        raise ValueError(f"unknown network {shape.network!r}")
+
+    def load(self, shape: GraphShape, load: Callable[[Path], T] = _check_onnx) -> T:
+        """`load(path)` of the graph's ONNX file, exporting it first when missing or unreadable."""
+        return cached_artifact(
+            self.onnx_path(shape),
+            build=lambda temporary: export_onnx(self.graph_spec(shape), temporary, self.exporter, self.opset),
+            load=load,
+        )

@@ -1,0 +1,91 @@
+"""`make_runner`: the `NetworkRunner` of a `--backend` choice, built once and shared by streams."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+
+from ..config import BACKENDS, EngineConfig
+from ..models import ModelBundle
+from .base import NetworkRunner
+from .eager import EagerRunner
+from .errors import BackendUnavailableError
+from .onnx_export import DEFAULT_EXPORTER
+
+logger = logging.getLogger(__name__)
+
+_runners: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_runners_lock = threading.Lock()
+
+
+def _models_device(models: ModelBundle) -> torch.device:
+    return next(models.unet.parameters()).device
+
+
+def resolve_backend(name: str, models: ModelBundle) -> str:
+    """The concrete backend of `name`; `auto` is TensorRT with CUDA and tensorrt, else ONNX Runtime, else eager."""
+    if name not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}")
+    if name != "auto":
+        return name
+    from .onnxruntime import onnxruntime_available
+    from .tensorrt import tensorrt_unavailable_reason
+
+    trt_reason = tensorrt_unavailable_reason()
+    if trt_reason is None and _models_device(models).type == "cuda":
+        chosen, why = "tensorrt", "CUDA and TensorRT are present"
+    elif onnxruntime_available():
+        chosen, why = "onnxruntime", f"no TensorRT ({trt_reason or 'the models are not on CUDA'})"
+    else:
+        chosen, why = "eager", "neither TensorRT nor onnxruntime can run here"
+    logger.info("--backend auto chose %s: %s", chosen, why)
+    return chosen
+
+
+def _new_runner(backend: str, models: ModelBundle, cfg_type: str, cache_dir: Path | None,
+                exporter: str) -> NetworkRunner:
+    if backend == "eager":
+        return EagerRunner(models)
+    if backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(models, cfg_type, cache_dir, exporter)
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTRunner
+
+        return TensorRTRunner(models, cfg_type, cache_dir, exporter)
+    if backend == "compile":
+        from .compiled import TorchCompileRunner
+
+        return TorchCompileRunner(models)
+    raise BackendUnavailableError(f"no runner for backend {backend!r}")
+
+
+def make_runner(models: ModelBundle, config: EngineConfig, cache_dir: Path | None = None,
+                exporter: str = DEFAULT_EXPORTER) -> NetworkRunner:
+    """The runner of `config.backend` for `models`, shared while any engine holds it.
+
+    Runners are kept per (models, backend, guidance mode, cache folder, exporter): streams of one
+    model set share one runner and its compiled graphs, whatever their size. The graphs `config`
+    needs are opened (exported or built when not cached) before this returns.
+
+    Raises:
+        BackendUnavailableError: the backend cannot run here (e.g. `tensorrt` without CUDA).
+    """
+    backend = resolve_backend(config.backend, models)
+    static = backend in ("onnxruntime", "tensorrt")
+    key = (id(models), backend, config.cfg_type if static else None,
+           str(cache_dir) if cache_dir is not None else None, exporter if static else None)
+    with _runners_lock:
+        runner = _runners.get(key)
+        if runner is None or runner.models is not models:
+            runner = _new_runner(backend, models, config.cfg_type, cache_dir, exporter)
+            _runners[key] = runner
+    prepare = getattr(runner, "prepare", None)
+    if prepare is not None:
+        prepare(config)
+    return runner

@@ -1,0 +1,198 @@
+"""Export the UNet, the VAE encoder and the VAE decoder to ONNX graphs with static shapes.
+
+The UNet graph takes the prompt's cached cross-attention K/V as inputs (one key and one value per
+cross-attention layer), so a compiled UNet never re-projects the text and stays exactly equal to
+the eager UNet served by `CachedKVAttnProcessor`. Without the K/V cache the graph takes the text
+embeddings instead.
+
+Exporter: `torch.onnx.export(..., dynamo=True)` (the `torch.export`-based exporter, opset 18) is the
+default. With torch 2.13 both it and the legacy TorchScript exporter (`dynamo=False`) export these
+graphs and match eager within 2e-6 here; the dynamo one is torch's supported path (the TorchScript one
+is deprecated since torch 2.9 and warns on every diffusers shape assert), while the TorchScript one
+exports about five times faster. Both are selectable; the exporter and opset are part of the cache key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderTiny, UNet2DConditionModel
+
+from ..models import ModelBundle
+from ..prompt import KVCache, cross_attention_layers, install_kv_processors, precompute_kv
+
+logger = logging.getLogger(__name__)
+
+EXPORTERS: tuple[str, ...] = ("dynamo", "torchscript")
+DEFAULT_EXPORTER = "dynamo"
+DEFAULT_OPSETS: dict[str, int] = {"dynamo": 18, "torchscript": 17}
+
+
+class UNetWithCachedKV(torch.nn.Module):
+    """The UNet as a function of (latents, timesteps, K₀, V₀, K₁, V₁, …) in `layer_names` order.
+
+    The K/V tensors become the graph's inputs: the attention processors read them from
+    `cross_attention_kwargs["kv_cache"]`, so the text projections are not in the graph at all.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        install_kv_processors(unet)
+        self.unet = unet
+        self.layer_names = list(cross_attention_layers(unet))
+        self.cross_attention_dim = int(unet.config.cross_attention_dim)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *key_values: torch.Tensor) -> torch.Tensor:
+        if len(key_values) != 2 * len(self.layer_names):
+            raise ValueError(f"expected {2 * len(self.layer_names)} K/V tensors, got {len(key_values)}")
+        kv_cache = {name: (key_values[2 * i], key_values[2 * i + 1]) for i, name in enumerate(self.layer_names)}
+        # Every cross-attention layer takes its K/V from the cache, so the text embeddings are never
+        # read: a one-token placeholder satisfies the UNet's signature.
+        placeholder = latents.new_zeros(latents.shape[0], 1, self.cross_attention_dim)
+        return self.unet(latents, timesteps, encoder_hidden_states=placeholder,
+                         cross_attention_kwargs={"kv_cache": kv_cache}, return_dict=False)[0]
+
+
+class UNetWithText(torch.nn.Module):
+    """The UNet as a function of (latents, timesteps, encoder_hidden_states), for runs without K/V cache."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeEncoder(torch.nn.Module):
+    """Images in [-1, 1] to scaled latents, as `EagerRunner.encode`."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.vae, AutoencoderTiny):
+            latents = self.vae.encode(images).latents
+        else:
+            latents = self.vae.encode(images).latent_dist.mean
+        return latents * self.scaling_factor
+
+
+class VaeDecoder(torch.nn.Module):
+    """Scaled latents to images in [-1, 1], as `EagerRunner.decode`."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+
+
+# The dynamo exporter's graph optimizer logs every rewrite at info level.
+_CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(max(each.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels, strict=True):
+            each.setLevel(level)
+
+
+@dataclass
+class GraphSpec:
+    """One network to export: the module, its named sample inputs (which fix the static shapes) and output."""
+
+    network: str
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    output_name: str
+
+    @property
+    def batch(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+
+def flat_key_values(unet: UNet2DConditionModel, kv_cache: KVCache) -> list[torch.Tensor]:
+    """The cache's tensors in the graph's input order (K then V of each layer, in module order)."""
+    return [tensor for name in cross_attention_layers(unet) for tensor in kv_cache[name]]
+
+
+def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int,
+               use_kv_cache: bool, sequence_length: int | None = None) -> GraphSpec:
+    """The UNet at a static batch and latent size; K/V inputs shaped as `precompute_kv` makes them."""
+    unet = models.unet
+    parameter = next(unet.parameters())
+    sequence_length = sequence_length or models.tokenizer.model_max_length
+    latents = torch.randn(batch, unet.config.in_channels, latent_height, latent_width,
+                          device=parameter.device, dtype=parameter.dtype)
+    timesteps = torch.arange(batch, device=parameter.device, dtype=torch.long) * 100 + 99
+    text = torch.randn(batch, sequence_length, unet.config.cross_attention_dim,
+                       device=parameter.device, dtype=parameter.dtype)
+    inputs = {"latents": latents, "timesteps": timesteps}
+    if use_kv_cache:
+        module = UNetWithCachedKV(unet)
+        kv_cache = precompute_kv(unet, text)
+        for name in module.layer_names:
+            inputs[f"{name}.key"], inputs[f"{name}.value"] = kv_cache[name]
+    else:
+        module = UNetWithText(unet)
+        inputs["encoder_hidden_states"] = text
+    return GraphSpec("unet", module.eval(), inputs, "eps")
+
+
+def vae_encoder_graph(models: ModelBundle, batch: int, height: int, width: int) -> GraphSpec:
+    """The VAE encoder at a static batch and image size."""
+    parameter = next(models.vae.parameters())
+    images = torch.rand(batch, 3, height, width, device=parameter.device, dtype=parameter.dtype) * 2 - 1
+    return GraphSpec("vae_encoder", VaeEncoder(models.vae).eval(), {"images": images}, "latents")
+
+
+def vae_decoder_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int) -> GraphSpec:
+    """The VAE decoder at a static batch and latent size."""
+    parameter = next(models.vae.parameters())
+    channels = int(models.unet.config.out_channels)
+    latents = torch.randn(batch, channels, latent_height, latent_width, device=parameter.device, dtype=parameter.dtype)
+    return GraphSpec("vae_decoder", VaeDecoder(models.vae).eval(), {"latents": latents}, "images")
+
+
+def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, opset: int | None = None) -> Path:
+    """Write `spec` to `path` as ONNX with static shapes (weights may go to `<path>.data` beside it)."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"`exporter` must be one of {EXPORTERS}, got {exporter!r}")
+    opset = opset or DEFAULT_OPSETS[exporter]
+    shapes = ", ".join(f"{name}{list(tensor.shape)}" for name, tensor in list(spec.inputs.items())[:2])
+    logger.info("exporting %s to ONNX (%s exporter, opset %d; %s%s)", spec.network, exporter, opset, shapes,
+                f", +{len(spec.inputs) - 2} K/V inputs" if len(spec.inputs) > 3 else "")
+    started = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers(*_CHATTY_LOGGERS):
+        # Both exporters warn about every shape assert they freeze; static shapes are the point here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            spec.module,
+            tuple(spec.inputs.values()),
+            str(path),
+            input_names=list(spec.inputs),
+            output_names=[spec.output_name],
+            opset_version=opset,
+            dynamo=exporter == "dynamo",
+            verbose=False,
+        )
+    logger.info("exported %s in %.1f s", spec.network, time.perf_counter() - started)
+    return path
