@@ -106,6 +106,7 @@ class StreamConnection:
         self.errors: list[ErrorEvent] = []
         self.last_stats: Stats | None = None
         self._pending: deque[float] = deque()
+        self._received_untaken = 0
         self._outputs: asyncio.Queue[Output | None] = asyncio.Queue()  # None marks the end
         self._slot_freed = asyncio.Event()
         self._failure: ConnectionFailed | None = None
@@ -156,6 +157,11 @@ class StreamConnection:
         return len(self._pending)
 
     @property
+    def outstanding(self) -> int:
+        """Frames sent whose outputs have not been taken with `next_output` yet (in flight or received)."""
+        return len(self._pending) + self._received_untaken
+
+    @property
     def failure(self) -> ConnectionFailed | None:
         """Why the session ended, once it has."""
         return self._failure
@@ -203,6 +209,7 @@ class StreamConnection:
         if output is None:
             self._outputs.put_nowait(None)  # keep the end marker for later callers
             self._raise_if_failed()
+        self._received_untaken -= 1
         return output
 
     async def send_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
@@ -263,6 +270,7 @@ class StreamConnection:
             raise ProtocolError("the server sent an output frame with no frame in flight")
         sent_at = self._pending.popleft()
         self._outputs.put_nowait(Output(jpeg, sent_at, received_at))
+        self._received_untaken += 1
         self._slot_freed.set()
 
     def _on_event(self, text: str) -> None:

@@ -93,7 +93,7 @@ async def _send_frames(connection: StreamConnection, frames: list[bytes], offset
 async def _receive_outputs(connection: StreamConnection, report: StreamReport, end: float,
                            sending: asyncio.Task, drain_deadline: float) -> None:
     while (now := time.perf_counter()) < drain_deadline:
-        if sending.done() and connection.in_flight == 0:
+        if sending.done() and connection.outstanding == 0:
             return
         try:
             output = await connection.next_output(timeout=min(0.25, drain_deadline - now))

@@ -142,7 +142,7 @@ class WebcamClient:
     def _sending_done(self, connection: StreamConnection) -> bool:
         bound = self.options.frames
         return self.finished or self.source_ended or (
-            bound is not None and self.written + connection.in_flight >= bound)
+            bound is not None and self.written + connection.outstanding >= bound)
 
     async def _send(self, connection: StreamConnection) -> None:
         width, height = self.options.size or (connection.hello.width, connection.hello.height)
@@ -176,11 +176,11 @@ class WebcamClient:
             if self.window_quit:
                 return
             if sending.done():
-                if connection.in_flight == 0:
+                if connection.outstanding == 0:
                     return
                 drain_deadline = min(drain_deadline, time.monotonic() + self.options.drain_timeout)
             if time.monotonic() >= drain_deadline:
-                logger.warning("gave up waiting for %d output frame(s)", connection.in_flight)
+                logger.warning("gave up waiting for %d output frame(s)", connection.outstanding)
                 return
             try:
                 output = await connection.next_output(timeout=POLL_S)

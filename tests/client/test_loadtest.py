@@ -17,10 +17,10 @@ async def test_load_test_counts_agree_with_the_server(server):
     assert summary.errors == 0 and summary.dropped == 0
     assert summary.received > 0
     for report in reports:
-        assert 0 < report.received <= report.sent
+        assert report.received > 0
         assert report.in_window <= report.received
         assert len(report.latencies_s) == report.received and min(report.latencies_s) > 0
-        assert report.sent - report.received <= 2  # the in-flight limit, and the drain answers the rest
+        assert report.received == report.sent  # every frame is answered: nothing dropped, the drain took the rest
     assert summary.total_fps == pytest.approx(sum(summary.per_stream_fps))
     assert all(fps > 0 for fps in summary.per_stream_fps)
     assert 0 < summary.latency_ms["p50"] <= summary.latency_ms["p95"] <= summary.latency_ms["p99"]
