@@ -1,0 +1,147 @@
+"""Pure pieces of the server: settings, message parsing, health decisions, output statistics, auth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from engine import EngineConfig
+from engine.config import HOT_PARAMS
+from server.auth import token_matches, websocket_credentials
+from server.health import DEGRADED, ERROR, LOADING, READY, ErrorClock, assess_health
+from server.protocol import (
+    UPDATABLE_PARAMS,
+    ParamsMessage,
+    PromptMessage,
+    ProtocolError,
+    close_reason,
+    parse_client_message,
+)
+from server.sessions import OutputWindow
+from server.settings import env_name, parse_settings
+
+# ---------------------------------------------------------------- settings
+
+
+def test_defaults_come_from_engine_config():
+    settings = parse_settings([], environ={})
+    assert settings.engine == EngineConfig()
+    assert (settings.host, settings.port, settings.engine.model) == ("127.0.0.1", 8000, "tiny")
+    assert settings.token is None and settings.cors_origins == ()
+
+
+def test_flags_win_over_environment():
+    environ = {"STREAMDIFF_PORT": "9001", "STREAMDIFF_MODEL": "small", "STREAMDIFF_TOKEN": "from-env",
+               "STREAMDIFF_SIMILARITY_FILTER": "false", "STREAMDIFF_T_INDEX_LIST": "10,20,30"}
+    settings = parse_settings(["--port", "9002", "--cfg-type", "full", "--width", "128", "--max-sessions", "7"],
+                              environ=environ)
+    assert settings.port == 9002 and settings.max_sessions == 7 and settings.token == "from-env"
+    assert settings.engine.model == "small" and settings.engine.cfg_type == "full"
+    assert settings.engine.width == 128 and settings.engine.height == EngineConfig().height
+    assert settings.engine.t_index_list == (10, 20, 30) and settings.engine.similarity_filter is False
+
+
+@pytest.mark.parametrize(("argv", "environ"), [
+    (["--width", "65"], {}),
+    (["--cfg-type", "sometimes"], {}),
+    ([], {"STREAMDIFF_PORT": "eighty"}),
+    ([], {"STREAMDIFF_BACKEND": "quantum"}),
+    ([], {"STREAMDIFF_MAX_SESSIONS": "0"}),
+    (["--t-index-list", "45,10"], {}),
+])
+def test_invalid_settings_exit_with_a_message(argv, environ, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(argv, environ=environ)
+    assert exited.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_every_flag_has_an_environment_variable():
+    help_text = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True,
+                               timeout=120, check=True).stdout
+    for name in ("host", "port", "model", "width", "height", "t_index_list", "cfg_type", "backend",
+                 "max_sessions", "token", "max_message_bytes", "max_in_flight", "log_level"):
+        assert env_name(name) in help_text
+
+
+# ---------------------------------------------------------------- protocol
+
+
+def test_updatable_params_are_the_engine_hot_set_plus_schedule():
+    assert UPDATABLE_PARAMS == HOT_PARAMS | {"t_index_list"}
+
+
+def test_parse_prompt_and_params_messages():
+    prompt = parse_client_message('{"type": "prompt", "prompt": "a fox", "negative_prompt": "blur"}', 100)
+    assert isinstance(prompt, PromptMessage)
+    assert prompt.engine_params() == {"prompt": "a fox", "negative_prompt": "blur"}
+    params = parse_client_message('{"type": "params", "guidance_scale": 2, "t_index_list": [20, 40]}', 100)
+    assert isinstance(params, ParamsMessage)
+    assert params.engine_params() == {"guidance_scale": 2.0, "t_index_list": (20, 40)}
+
+
+@pytest.mark.parametrize(("text", "code"), [
+    ("", "invalid_json"),
+    ("null", "invalid_message"),
+    ('{"type": 3}', "unknown_message_type"),
+    ('{"type": "params", "delta": true}', "invalid_message"),
+    ('{"type": "prompt", "prompt": "abcdef"}', "prompt_too_long"),
+])
+def test_parse_errors_have_stable_codes(text, code):
+    with pytest.raises(ProtocolError) as raised:
+        parse_client_message(text, max_prompt_chars=5)
+    assert raised.value.code == code and raised.value.message
+
+
+def test_close_reason_fits_a_control_frame():
+    assert close_reason("short") == "short"
+    cut = close_reason("é" * 200)
+    assert len(cut.encode()) <= 123 and cut.endswith("...")
+
+
+# ---------------------------------------------------------------- health and statistics
+
+
+@pytest.mark.parametrize(("loaded", "load_error", "since_error", "latency", "expected"), [
+    (False, None, None, None, LOADING),
+    (False, "boom", None, None, ERROR),
+    (True, None, None, None, READY),
+    (True, None, 5.0, 0.1, DEGRADED),
+    (True, None, 60.0, 0.1, READY),
+    (True, None, None, 12.0, DEGRADED),
+    (True, None, None, 9.0, READY),
+])
+def test_assess_health(loaded, load_error, since_error, latency, expected):
+    assert assess_health(loaded, load_error, since_error, latency, error_window_s=30.0, max_latency_s=10.0) == expected
+
+
+def test_error_clock_measures_time_since_the_count_grew():
+    clock = ErrorClock()
+    assert clock.observe(0, now=10.0) is None
+    assert clock.observe(2, now=11.0) == 0.0
+    assert clock.observe(2, now=15.0) == 4.0
+    assert clock.observe(3, now=16.0) == 0.0
+
+
+def test_output_window_fps_and_latency_over_recent_frames():
+    window = OutputWindow(size=3)
+    assert window.fps == 0.0 and window.latency_s is None
+    for index in range(5):
+        window.record(sent_at=index * 0.5, latency_s=0.1 * (index + 1), inference_s=0.05)
+    assert window.fps == pytest.approx(2.0)
+    assert window.latency_s == pytest.approx(0.4)
+    assert len(window.sent_at) == 3
+
+
+# ---------------------------------------------------------------- auth
+
+
+def test_websocket_credentials_from_query_or_subprotocol():
+    assert websocket_credentials("abc", []) == ("abc", None)
+    assert websocket_credentials(None, ["bearer.xyz"]) == ("xyz", "bearer.xyz")
+    assert websocket_credentials(None, ["streamdiff", "bearer.xyz"]) == ("xyz", "streamdiff")
+    assert websocket_credentials(None, ["other"]) == (None, None)
+    assert token_matches(None, None) and token_matches("t", "t")
+    assert not token_matches("t", None) and not token_matches("t", "u")
