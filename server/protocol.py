@@ -8,9 +8,23 @@ Incoming models forbid unknown fields and are strict about types, so `"1.5"` is 
 from __future__ import annotations
 
 import json
-from typing import Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+
+from engine import EngineConfig
+from engine.config import HOT_PARAMS
 
 #: Close codes (RFC 6455) the server uses.
 CLOSE_POLICY_VIOLATION = 1008  # missing or wrong token
@@ -44,14 +58,14 @@ class ProtocolError(ValueError):
 
 
 class _Incoming(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class PromptUpdate(_Incoming):
     """New prompt for a live session (REST body of `POST /api/sessions/{id}/prompt`)."""
 
-    prompt: str
-    negative_prompt: str | None = None
+    prompt: StrictStr
+    negative_prompt: StrictStr | None = None
 
     def engine_params(self) -> dict[str, object]:
         """Keyword arguments for `StreamEngine.update_params`."""
@@ -61,40 +75,45 @@ class PromptUpdate(_Incoming):
         return params
 
 
-class ParamsUpdate(_Incoming):
-    """Hot parameters of a live session (REST body of `PATCH /api/sessions/{id}/params`).
+_STRICT = {str: StrictStr, int: StrictInt, float: StrictFloat, bool: StrictBool}
 
-    Every field is optional, but at least one must be given. `t_index_list` re-prepares the stream
-    (new schedule and buffer) between two frames; the rest change nothing but themselves.
-    """
 
-    prompt: str | None = None
-    negative_prompt: str | None = None
-    guidance_scale: float | None = None
-    delta: float | None = None
-    seed: int | None = None
-    similarity_filter: bool | None = None
-    similarity_threshold: float | None = None
-    max_skip_frames: int | None = None
-    t_index_list: list[int] | None = None
+def _strict(hint: Any) -> Any:
+    """`hint` with strict scalars, so `"1.5"` is no float and `1` no bool; JSON arrays still fill tuples."""
+    if hint in _STRICT:
+        return _STRICT[hint]
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        return Union[tuple(_strict(arg) for arg in args)]  # noqa: UP007 (built from a tuple)
+    if origin is tuple:
+        return tuple[tuple(arg if arg is Ellipsis else _strict(arg) for arg in args)]
+    return hint
 
+
+class _ParamsBase(_Incoming):
     @model_validator(mode="after")
-    def _names_a_parameter(self) -> ParamsUpdate:
+    def _names_a_parameter(self) -> _ParamsBase:
         if not self.engine_params():
             raise ValueError("name at least one parameter")
         return self
 
     def engine_params(self) -> dict[str, object]:
         """Keyword arguments for `StreamEngine.update_params` (only the fields given)."""
-        params = self.model_dump(exclude_none=True, exclude={"type"})
-        if "t_index_list" in params:
-            params["t_index_list"] = tuple(params["t_index_list"])
-        return params
+        return self.model_dump(exclude_none=True, exclude={"type"})
 
 
 #: The parameters a session may change while streaming: the engine's hot set plus a clean re-prepare
 #: of the schedule (width/height stay fixed for a session because `hello` announced them).
-UPDATABLE_PARAMS = frozenset(ParamsUpdate.model_fields)
+UPDATABLE_PARAMS: frozenset[str] = HOT_PARAMS | {"t_index_list"}
+_ENGINE_TYPES = get_type_hints(EngineConfig)
+
+#: Hot parameters of a live session (REST body of `PATCH /api/sessions/{id}/params`): every field of
+#: `UPDATABLE_PARAMS`, typed as in `EngineConfig`, optional, at least one given. Built from the engine's
+#: own lists so a new hot parameter is updatable without touching the server.
+ParamsUpdate = create_model(
+    "ParamsUpdate", __base__=_ParamsBase, __doc__=_ParamsBase.__doc__,
+    **{name: (_strict(_ENGINE_TYPES[name]) | None, None) for name in sorted(UPDATABLE_PARAMS)},
+)
 
 
 class PromptMessage(PromptUpdate):
@@ -151,7 +170,7 @@ class ErrorEvent(BaseModel):
     message: str
 
 
-def check_prompt_length(update: PromptUpdate | ParamsUpdate, max_chars: int) -> None:
+def check_prompt_length(update: PromptUpdate | _ParamsBase, max_chars: int) -> None:
     """Raise `ProtocolError("prompt_too_long")` if a prompt or negative prompt exceeds `max_chars`."""
     for name in ("prompt", "negative_prompt"):
         text = getattr(update, name)

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from engine.runtime import StreamHandle, StreamRuntime
 
 from .metrics import ServerMetrics
+from .protocol import UPDATABLE_PARAMS
+
+#: Parameters `describe` lists under `params` (the prompts have their own keys).
+_LISTED_PARAMS = sorted(UPDATABLE_PARAMS - {"prompt", "negative_prompt"})
 
 
 class SessionLimitError(RuntimeError):
@@ -137,15 +141,7 @@ class Session:
             "negative_prompt": config.negative_prompt,
             "width": config.width,
             "height": config.height,
-            "params": {
-                "guidance_scale": config.guidance_scale,
-                "delta": config.delta,
-                "seed": config.seed,
-                "similarity_filter": config.similarity_filter,
-                "similarity_threshold": config.similarity_threshold,
-                "max_skip_frames": config.max_skip_frames,
-                "t_index_list": list(config.t_index_list),
-            },
+            "params": {name: getattr(config, name) for name in _LISTED_PARAMS},
             "frames_in": stats.frames_in,
             "frames_out": stats.frames_out,
             "dropped": stats.dropped,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from engine import EngineConfig, ModelBundle, load_models
+from engine.backends import NetworkRunner, make_runner
 from engine.codec import encode_jpeg
 from engine.runtime import StreamRuntime
 from engine.stream import resolve_device, resolve_dtype
@@ -23,18 +24,13 @@ logger = logging.getLogger(__name__)
 
 #: Seconds after an inference error during which `/health` stays `degraded`.
 ERROR_WINDOW_S = 30.0
-#: Backends this server can run without an engine-side runner factory.
-EAGER_BACKENDS = ("eager", "auto")
-
-
 class ModelLoadFailed(RuntimeError):
     """The configured model or backend could not be made ready."""
 
 
-def prepare_models(config: EngineConfig) -> ModelBundle:
-    """Load `config.model` and move it to the configured device and dtype, logging each stage."""
-    if config.backend not in EAGER_BACKENDS:
-        raise ModelLoadFailed(f"backend {config.backend!r} is not available in the server yet; use eager")
+def prepare_models(config: EngineConfig) -> tuple[ModelBundle, NetworkRunner]:
+    """Load `config.model`, move it to the configured device and dtype and build the backend's runner
+    (exporting/compiling graphs when the backend needs them), logging each stage."""
     started = time.perf_counter()
     logger.info("loading model %r (tiny VAE: %s)", config.model, config.use_tiny_vae)
     models = load_models(config.model, use_tiny_vae=config.use_tiny_vae, taesd=config.taesd)
@@ -42,7 +38,12 @@ def prepare_models(config: EngineConfig) -> ModelBundle:
     dtype = resolve_dtype(config.dtype, device)
     logger.info("model %r loaded in %.1f s; moving to %s (%s)", models.name, time.perf_counter() - started,
                 device, str(dtype).removeprefix("torch."))
-    return models.to(device, dtype)
+    models.to(device, dtype)
+    started = time.perf_counter()
+    logger.info("preparing backend %r", config.backend)
+    runner = make_runner(models, config)
+    logger.info("backend %s ready in %.1f s", type(runner).__name__, time.perf_counter() - started)
+    return models, runner
 
 
 def warm_up(runtime: StreamRuntime, timeout: float = 300.0) -> float:
@@ -89,8 +90,8 @@ class ServerState:
         self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
         self._loader.start()
 
-    def _build_runtime(self, models: ModelBundle) -> StreamRuntime:
-        runtime = StreamRuntime(models, self.settings.engine, jpeg_quality=self.settings.jpeg_quality,
+    def _build_runtime(self, models: ModelBundle, runner: NetworkRunner | None = None) -> StreamRuntime:
+        runtime = StreamRuntime(models, self.settings.engine, runner=runner, jpeg_quality=self.settings.jpeg_quality,
                                 max_pixels=self.settings.max_pixels)
         self.model_name = models.name
         return runtime
@@ -98,7 +99,7 @@ class ServerState:
     def _load(self) -> None:
         runtime = None
         try:
-            runtime = self._build_runtime(prepare_models(self.settings.engine))
+            runtime = self._build_runtime(*prepare_models(self.settings.engine))
             if self.settings.warmup:
                 logger.info("warming up at %dx%d", self.settings.engine.width, self.settings.engine.height)
                 logger.info("warm-up frame took %.1f s", warm_up(runtime))

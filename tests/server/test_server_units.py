@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -69,8 +70,12 @@ def test_every_flag_has_an_environment_variable():
 # ---------------------------------------------------------------- protocol
 
 
-def test_updatable_params_are_the_engine_hot_set_plus_schedule():
+def test_every_updatable_param_round_trips_its_engine_default_through_json():
     assert UPDATABLE_PARAMS == HOT_PARAMS | {"t_index_list"}
+    defaults = EngineConfig()
+    for name in UPDATABLE_PARAMS:
+        text = json.dumps({"type": "params", name: getattr(defaults, name)})
+        assert parse_client_message(text, 10_000).engine_params() == {name: getattr(defaults, name)}, name
 
 
 def test_parse_prompt_and_params_messages():
