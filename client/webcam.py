@@ -241,8 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_options(argv: list[str] | None = None) -> WebcamOptions:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.window or args.vcam or args.out):
-        parser.error("choose at least one output: --window, --vcam or --out FILE")
     for name in ("frames", "duration", "fps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -261,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             logger.error("--vcam needs pyvirtualcam: %s", VCAM_INSTALL_HINT)
             return EXIT_DEVICE
+    if not (options.window or options.vcam or options.out):
+        logger.info("no local output (--window, --vcam, --out): watch the stream at the printed /view URL")
     width, height = options.size or (512, 512)
     try:
         window = WindowSink() if options.window else None

@@ -45,6 +45,7 @@ def test_prompt_lines_from_stdin_reach_the_server(server, repo, tmp_path):
                            "--duration", "4", "--fps", "8", stdin="a red cat\n\nan oil painting\n")
     assert completed.returncode == 0, completed.stderr
     assert "prompt: a red cat" in completed.stderr and "prompt: an oil painting" in completed.stderr
+    assert "server error" not in completed.stderr  # the server took both prompt messages
     assert len(count_frames(tmp_path / "o.avi")) > 0
 
 
@@ -82,12 +83,12 @@ def test_reconnects_when_the_server_restarts(server, repo, tmp_path):
 
 def test_printed_view_url_shows_the_session_for_obs(server, repo, tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "client.webcam", "--url", server.ws_url, "--source", "synthetic", "--out",
-         str(tmp_path / "o.mp4"), "--duration", "6", "--fps", "10", "--no-stdin"], cwd=repo, stderr=subprocess.PIPE,
-        text=True)
+        [sys.executable, "-m", "client.webcam", "--url", server.ws_url, "--source", "synthetic", "--duration", "6",
+         "--fps", "10", "--no-stdin"], cwd=repo, stderr=subprocess.PIPE, text=True)
     try:
-        lines = [process.stderr.readline() for _ in range(2)]
-        view_url = lines[1].rsplit(" ", 1)[-1].strip()
+        lines = [process.stderr.readline() for _ in range(3)]
+        assert "no local output" in lines[0]
+        view_url = lines[2].rsplit(" ", 1)[-1].strip()
         assert view_url.startswith(f"{server.http_url}/view/"), lines
         assert httpx.get(view_url, timeout=5).status_code == 200
         session_id = view_url.rsplit("/", 1)[-1]
@@ -114,9 +115,9 @@ def test_server_down_gives_up_after_the_attempts(repo, unused_port, tmp_path):
     assert "retrying in" in completed.stderr and "cannot stream" in completed.stderr
 
 
-def test_an_output_is_required(repo):
-    completed = run_webcam(repo, "--source", "synthetic")
-    assert completed.returncode == 2 and "choose at least one output" in completed.stderr
+def test_bad_arguments_are_refused(repo):
+    completed = run_webcam(repo, "--source", "synthetic", "--out", "x.mp4", "--frames", "0")
+    assert completed.returncode == 2 and "--frames must be positive" in completed.stderr
 
 
 def test_virtual_camera_output(server, repo, tmp_path):
