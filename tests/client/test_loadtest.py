@@ -1,9 +1,11 @@
 """The load tester against a real server on loopback."""
 
+import asyncio
 import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from client.loadtest import LoadTestConfig, run_load_test, run_ramp
@@ -64,3 +66,17 @@ def test_cli_reports_a_server_that_is_not_there(tmp_path, repo, unused_port):
     assert completed.returncode == 1
     assert "could not connect" in completed.stderr
     assert json.loads((tmp_path / "r.json").read_text())["errors"] == 1
+
+
+async def test_streams_over_the_server_limit_count_as_errors(server, caplog):
+    for _ in range(40):  # earlier tests' sessions may still be closing on the server
+        health = httpx.get(f"{server.http_url}/health", timeout=5).json()
+        if health["sessions"] == 0:
+            break
+        await asyncio.sleep(0.25)
+    limit = health["max_sessions"]
+    summary, reports = await run_load_test(LoadTestConfig(url=server.ws_url, streams=limit + 1, duration_s=1.0))
+    refused = [report for report in reports if not report.session_ids]
+    assert len(refused) == 1 and refused[0].errors == 1 and refused[0].sent == 0
+    assert summary.errors == 1 and summary.per_stream_fps.count(0.0) >= 1
+    assert "server is busy (close 1013" in caplog.text
