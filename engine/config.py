@@ -9,11 +9,13 @@ from typing import Literal
 CfgType = Literal["none", "self", "initialize", "full"]
 CFG_TYPES: tuple[str, ...] = ("none", "self", "initialize", "full")
 BACKENDS: tuple[str, ...] = ("eager", "onnxruntime", "tensorrt", "compile", "auto")
+SKIP_POLICIES: tuple[str, ...] = ("off", "rehash", "adacache")
 
 # Parameters that can change between two frames without re-preparing the stream.
 HOT_PARAMS: frozenset[str] = frozenset(
     {"prompt", "negative_prompt", "guidance_scale", "delta", "seed", "similarity_filter",
-     "similarity_threshold", "max_skip_frames"}
+     "similarity_threshold", "max_skip_frames", "skip_policy", "skip_cut_threshold", "skip_accumulated_threshold",
+     "skip_max_age", "rehash_interval", "adacache_codebook", "adacache_motion_scale", "adacache_cross_attention_factor"}
 )
 # Parameters whose change rebuilds schedule, noise and buffer (a clean re-prepare).
 REPREPARE_PARAMS: frozenset[str] = frozenset({"t_index_list", "width", "height"})
@@ -51,6 +53,22 @@ class EngineConfig:
         max_skip_frames (`int`, defaults to 10): most consecutive frames the filter may skip.
         prompt (`str`): the prompt the stream starts with.
         negative_prompt (`str`): the negative prompt (used by `full` and `initialize`).
+        skip_policy (`str`, defaults to `"off"`): per-frame skip policy of the stream batch (`engine.skip`),
+            one of `off|rehash|adacache`; needs the eager backend and `stream_batch`.
+        skip_cut_threshold (`float`, defaults to 0.10): τ_cut: a slot whose noise-free latent changed by more
+            than this relative L1 since its last full compute is computed in full (catches cuts).
+        skip_accumulated_threshold (`float`, defaults to 0.15): a slot whose frame-to-frame changes since its
+            last full compute add up to more than this is computed in full (catches drift).
+        skip_max_age (`int`, defaults to 8): a slot is computed in full at the latest every this many frames.
+        rehash_interval (`int`, defaults to 3): `rehash` runs each slot's deep UNet part every this many
+            frames, slot phases staggered.
+        adacache_codebook (`tuple[tuple[float, int], ...]`, defaults to `((0.02, 4), (0.04, 3), (0.08, 2),
+            (1.0, 1))`): `adacache` maps the motion-regularised mid-block residual change per frame to frames
+            until the next full compute: the first entry whose bound is >= the change; 1 beyond the last.
+        adacache_motion_scale (`float`, defaults to 0.05): MoReg: the change is multiplied by
+            1 + motion / this, motion being the relative L1 change of the slot's input latent.
+        adacache_cross_attention_factor (`int`, defaults to 2): cross-attention residuals live this many times
+            longer than the other blocks' (PAB).
     """
 
     model: str = "tiny"
@@ -76,6 +94,14 @@ class EngineConfig:
     max_skip_frames: int = 10
     prompt: str = "a watercolor painting, soft light"
     negative_prompt: str = "low quality, blurry"
+    skip_policy: str = "off"
+    skip_cut_threshold: float = 0.10
+    skip_accumulated_threshold: float = 0.15
+    skip_max_age: int = 8
+    rehash_interval: int = 3
+    adacache_codebook: tuple[tuple[float, int], ...] = ((0.02, 4), (0.04, 3), (0.08, 2), (1.0, 1))
+    adacache_motion_scale: float = 0.05
+    adacache_cross_attention_factor: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
@@ -101,6 +127,25 @@ class EngineConfig:
             raise ValueError(f"`max_skip_frames` must be >= 0, got {self.max_skip_frames}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"`dtype` must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        self._validate_skip_policy()
+
+    def _validate_skip_policy(self) -> None:
+        codebook = tuple((float(bound), int(frames)) for bound, frames in self.adacache_codebook)
+        object.__setattr__(self, "adacache_codebook", codebook)
+        if self.skip_policy not in SKIP_POLICIES:
+            raise ValueError(f"`skip_policy` must be one of {SKIP_POLICIES}, got {self.skip_policy!r}")
+        if self.skip_policy != "off" and not self.stream_batch:
+            raise ValueError("`skip_policy` works on the stream batch: it needs `stream_batch=True`")
+        if self.skip_cut_threshold <= 0 or self.skip_accumulated_threshold <= 0:
+            raise ValueError("`skip_cut_threshold` and `skip_accumulated_threshold` must be > 0")
+        if self.skip_max_age < 1 or self.rehash_interval < 1 or self.adacache_cross_attention_factor < 1:
+            raise ValueError("`skip_max_age`, `rehash_interval` and `adacache_cross_attention_factor` must be >= 1")
+        if self.adacache_motion_scale <= 0:
+            raise ValueError(f"`adacache_motion_scale` must be > 0, got {self.adacache_motion_scale}")
+        bounds = [bound for bound, _ in codebook]
+        if not codebook or bounds != sorted(bounds) or any(frames < 1 for _, frames in codebook):
+            raise ValueError(f"`adacache_codebook` must be (bound, frames >= 1) pairs with ascending bounds, "
+                             f"got {self.adacache_codebook}")
 
     @property
     def denoising_steps(self) -> int:

@@ -15,6 +15,7 @@ from .models import ModelBundle
 from .prompt import Conditioning, PromptState, encode_prompt, install_kv_processors, precompute_kv
 from .schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
 from .similarity import SimilarityFilter
+from .skip import SkipPolicy, SlotFrame, make_skip_policy, update_skip_policy
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class StreamEngine:
         self._filter = SimilarityFilter(config.similarity_threshold, config.max_skip_frames, seed=config.seed)
         self._prompt = self._encode_prompt(config, config.prompt, config.negative_prompt)
         self._state = self._new_state(config)
+        # Per-stream feature caches of the optional skip policy (None when `skip_policy="off"`).
+        self.skip_policy: SkipPolicy | None = make_skip_policy(models, config, self.runner)
 
     # ------------------------------------------------------------------ preparation
 
@@ -150,7 +153,10 @@ class StreamEngine:
             if prompt_changed or reprepare else self._prompt
         state = self._new_state(config) if reprepare else None
         noise = self._new_noise(config) if config.seed != self.config.seed and not reprepare else None
+        clear_skip_caches = prompt_changed or reprepare or config.seed != self.config.seed
         with self._lock:
+            self.skip_policy = update_skip_policy(self.skip_policy, self.models, self.config, config, self.runner,
+                                                  clear_skip_caches)
             self.config = config
             self._prompt = prompt
             self._filter.threshold = config.similarity_threshold
@@ -168,6 +174,8 @@ class StreamEngine:
         with self._lock:
             self._state = self._new_state(self.config)
             self._filter.reset()
+            if self.skip_policy is not None:
+                self.skip_policy.reset()
 
     # ------------------------------------------------------------------ per frame
 
@@ -213,12 +221,15 @@ class StreamEngine:
         for _ in range(n - 1):
             self._stream_call(state, latents)
 
-    def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule,
-                  stock: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule, stock: torch.Tensor | None,
+                  frame: SlotFrame | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         f = self.config.frame_buffer_size
         unet_latents, unet_timesteps = guidance.expand_unet_inputs(cfg_type, x_t, schedule.timesteps, f)
         conditioning = self._prompt.layouts[(cfg_type, x_t.shape[0])]
-        model_output = self.runner.unet(unet_latents, unet_timesteps, conditioning)
+        if frame is not None and self.skip_policy is not None:
+            model_output = self.skip_policy.unet(unet_latents, unet_timesteps, conditioning, frame)
+        else:
+            model_output = self.runner.unet(unet_latents, unet_timesteps, conditioning)
         return guidance.guide(cfg_type, model_output, stock, self.config.guidance_scale, self.config.delta, f)
 
     def _stream_call(self, state: _StreamState, latents: torch.Tensor) -> torch.Tensor:
@@ -226,7 +237,8 @@ class StreamEngine:
         schedule, noise, f = state.schedule, state.fixed_noise, self.config.frame_buffer_size
         newest = add_noise(latents, noise[:f], schedule.alpha[:f], schedule.beta[:f])
         x_t = torch.cat([newest, state.buffer])
-        eps, stock = self._unet_eps(self.config.cfg_type, x_t, schedule, state.stock_noise)
+        eps, stock = self._unet_eps(self.config.cfg_type, x_t, schedule, state.stock_noise,
+                                    SlotFrame(x_t, schedule, noise))
         x0 = predict_x0(x_t, eps, schedule)
         if stock is not None:
             state.stock_noise = guidance.next_stock_noise(eps, stock, noise, schedule)
