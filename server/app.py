@@ -55,7 +55,7 @@ def create_app(settings: ServerSettings, models: ModelBundle | None = None) -> F
         return FileResponse(STATIC_DIR / "index.html")
 
     @app.get("/view/{session_id}", include_in_schema=False, dependencies=[Depends(require_token_or_query)])
-    def viewer(session_id: str, request: Request) -> FileResponse:
+    async def viewer(session_id: str, request: Request) -> FileResponse:
         """A page showing one session's output full-window (an OBS Browser Source)."""
         find_session(session_id, request.app.state.server)
         return FileResponse(STATIC_DIR / "view.html")

@@ -21,6 +21,8 @@ MAX_VIEWERS_PER_SESSION = 8
 MJPEG_POLL_S = 5.0
 MJPEG_BOUNDARY = "frame"
 
+# Routes are `async def` on purpose: they only read loop-owned state (sessions, events) and must not
+# run in FastAPI's thread pool; anything slow (prompt encoding) goes to a worker thread explicitly.
 router = APIRouter()
 
 
@@ -36,7 +38,7 @@ def find_session(session_id: str, state: ServerState) -> Session:
 
 
 @router.get("/health")
-def health(request: Request) -> JSONResponse:
+async def health(request: Request) -> JSONResponse:
     """`status` is loading, ready, degraded or error; HTTP 503 unless a new session would be accepted."""
     state = server_state(request)
     status = state.status()
@@ -55,7 +57,7 @@ def health(request: Request) -> JSONResponse:
 
 
 @router.get("/api/sessions", dependencies=[Depends(require_token)])
-def list_sessions(request: Request) -> dict:
+async def list_sessions(request: Request) -> dict:
     return {"sessions": [session.describe() for session in server_state(request).sessions]}
 
 
@@ -86,7 +88,7 @@ async def _apply(session: Session, update: PromptUpdate | ParamsUpdate, state: S
 
 
 @router.get("/api/sessions/{session_id}/mjpeg", dependencies=[Depends(require_token_or_query)])
-def mjpeg(session_id: str, request: Request) -> StreamingResponse:
+async def mjpeg(session_id: str, request: Request) -> StreamingResponse:
     """The session's output as `multipart/x-mixed-replace` JPEGs (an OBS media or browser source)."""
     session = find_session(session_id, server_state(request))
     if session.viewers >= MAX_VIEWERS_PER_SESSION:
@@ -112,6 +114,6 @@ async def _mjpeg_parts(session: Session):
 
 
 @router.get("/metrics", dependencies=[Depends(require_token)])
-def metrics(request: Request) -> Response:
+async def metrics(request: Request) -> Response:
     state = server_state(request)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

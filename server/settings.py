@@ -134,7 +134,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--max-prompt-length",), "max_prompt_chars", int, "longest prompt in characters"),
     _Option(("--max-pixels",), "max_pixels", int, "largest input image in pixels"),
     _Option(("--token",), "token", str, "bearer token required on WebSocket and REST (prefer the env variable)"),
-    _Option(("--cors-origin",), "cors_origins", _str_list, "comma-separated origins allowed by CORS (off if empty)"),
+    _Option(("--cors-origins",), "cors_origins", _str_list, "comma-separated origins allowed by CORS (off if empty)"),
     _Option(("--jpeg-quality",), "jpeg_quality", int, "quality of output JPEGs"),
     _Option(("--stats-interval",), "stats_interval_s", float, "seconds between stats events"),
     _Option(("--degraded-latency",), "degraded_latency_s", float, "latency in seconds that makes /health degraded"),
@@ -144,9 +144,9 @@ _OPTIONS: tuple[_Option, ...] = (
 )
 
 
-def env_name(dest: str) -> str:
-    """The environment variable of a setting, e.g. `max_sessions` → `STREAMDIFF_MAX_SESSIONS`."""
-    return ENV_PREFIX + dest.upper()
+def env_name(flag: str) -> str:
+    """The environment variable of a flag, e.g. `--max-sessions` → `STREAMDIFF_MAX_SESSIONS`."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,13 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
             default = ",".join(str(item) for item in default) or "none"
         if option.dest == "token":
             default = "none"
-        help_text = f"{option.help} (default: {default}; env {env_name(option.dest)})"
+        variable = env_name(option.flags[0])
+        choices = f", one of {'|'.join(option.choices)}" if option.choices else ""
+        help_text = f"{option.help}{choices} (default: {default}; env {variable})"
         if option.boolean:
             parser.add_argument(*option.flags, dest=option.dest, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
         else:
             parser.add_argument(*option.flags, dest=option.dest, type=option.type, choices=option.choices,
-                                default=None, help=help_text)
+                                default=None, metavar=variable.removeprefix(ENV_PREFIX), help=help_text)
     return parser
 
 
@@ -185,14 +187,15 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     server_changes: dict[str, object] = {}
     for option in _OPTIONS:
         value = getattr(args, option.dest)
-        if value is None and env_name(option.dest) in environ:
-            raw = environ[env_name(option.dest)]
+        variable = env_name(option.flags[0])
+        if value is None and variable in environ:
+            raw = environ[variable]
             try:
                 value = option.type(raw)
             except (argparse.ArgumentTypeError, ValueError) as error:
-                parser.error(f"{env_name(option.dest)}={raw!r}: {error}")
+                parser.error(f"{variable}={raw!r}: {error}")
             if option.choices is not None and value not in option.choices:
-                parser.error(f"{env_name(option.dest)} must be one of {', '.join(option.choices)}, got {raw!r}")
+                parser.error(f"{variable} must be one of {', '.join(option.choices)}, got {raw!r}")
         if value is not None:
             (engine_changes if option.engine else server_changes)[option.dest] = value
     try:

@@ -34,11 +34,13 @@ def test_defaults_come_from_engine_config():
 
 
 def test_flags_win_over_environment():
-    environ = {"STREAMDIFF_PORT": "9001", "STREAMDIFF_MODEL": "small", "STREAMDIFF_TOKEN": "from-env",
+    environ = {"STREAMDIFF_PORT": "9001", "STREAMDIFF_MAX_MESSAGE_SIZE": "1000", "STREAMDIFF_MODEL": "small",
+               "STREAMDIFF_TOKEN": "from-env",
                "STREAMDIFF_SIMILARITY_FILTER": "false", "STREAMDIFF_T_INDEX_LIST": "10,20,30"}
     settings = parse_settings(["--port", "9002", "--cfg-type", "full", "--width", "128", "--max-sessions", "7"],
                               environ=environ)
     assert settings.port == 9002 and settings.max_sessions == 7 and settings.token == "from-env"
+    assert settings.max_message_bytes == 1000
     assert settings.engine.model == "small" and settings.engine.cfg_type == "full"
     assert settings.engine.width == 128 and settings.engine.height == EngineConfig().height
     assert settings.engine.t_index_list == (10, 20, 30) and settings.engine.similarity_filter is False
@@ -62,9 +64,9 @@ def test_invalid_settings_exit_with_a_message(argv, environ, capsys):
 def test_every_flag_has_an_environment_variable():
     help_text = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True,
                                timeout=120, check=True).stdout
-    for name in ("host", "port", "model", "width", "height", "t_index_list", "cfg_type", "backend",
-                 "max_sessions", "token", "max_message_bytes", "max_in_flight", "log_level"):
-        assert env_name(name) in help_text
+    for flag in ("--host", "--port", "--model", "--width", "--height", "--t-index-list", "--cfg-type", "--backend",
+                 "--max-sessions", "--token", "--max-message-size", "--max-in-flight", "--log-level"):
+        assert flag in help_text and env_name(flag) in help_text
 
 
 # ---------------------------------------------------------------- protocol
