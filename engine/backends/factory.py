@@ -46,8 +46,9 @@ def resolve_backend(name: str, models: ModelBundle) -> str:
     return chosen
 
 
-def _new_runner(backend: str, models: ModelBundle, cfg_type: str, cache_dir: Path | None,
-                exporter: str) -> NetworkRunner:
+def new_runner(backend: str, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
+               exporter: str = DEFAULT_EXPORTER) -> NetworkRunner:
+    """A new, unshared runner of a concrete backend (`make_runner` is what engines use)."""
     if backend == "eager":
         return EagerRunner(models)
     if backend == "onnxruntime":
@@ -83,7 +84,7 @@ def make_runner(models: ModelBundle, config: EngineConfig, cache_dir: Path | Non
     with _runners_lock:
         runner = _runners.get(key)
         if runner is None or runner.models is not models:
-            runner = _new_runner(backend, models, config.cfg_type, cache_dir, exporter)
+            runner = new_runner(backend, models, config.cfg_type, cache_dir, exporter)
             _runners[key] = runner
     prepare = getattr(runner, "prepare", None)
     if prepare is not None:

@@ -1,0 +1,22 @@
+"""Backend test fixtures: one ONNX cache folder per test session, so each graph is exported once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from engine.backends.cache import CACHE_DIR_ENV
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache_dir(tmp_path_factory):
+    """The session's cache folder; engines built with the default cache folder use it too."""
+    folder = tmp_path_factory.mktemp("trt_cache")
+    previous = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = previous

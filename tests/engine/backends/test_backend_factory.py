@@ -1,0 +1,59 @@
+"""`make_runner` and `--backend`: auto selection, sharing, torch.compile, and `python -m engine.build`."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine import EngineConfig, StreamEngine
+from engine.backends import EagerRunner, make_runner, resolve_backend
+from engine.backends.compiled import TorchCompileRunner
+from engine.backends.onnxruntime import onnxruntime_available
+from engine.backends.tensorrt import tensorrt_unavailable_reason
+from engine.build import main as build_main
+
+
+def test_auto_picks_the_best_backend_that_runs_here_and_logs_it(tiny_models, caplog):
+    with caplog.at_level(logging.INFO, logger="engine.backends.factory"):
+        chosen = resolve_backend("auto", tiny_models)
+    if tensorrt_unavailable_reason() is None and next(tiny_models.unet.parameters()).is_cuda:
+        assert chosen == "tensorrt"
+    else:
+        assert chosen == ("onnxruntime" if onnxruntime_available() else "eager")
+    assert f"--backend auto chose {chosen}" in caplog.text
+
+
+def test_eager_is_the_default_and_shared(tiny_models):
+    config = EngineConfig(width=64, height=64)
+    engine = StreamEngine(tiny_models, config)
+    assert isinstance(engine.runner, EagerRunner)
+    assert make_runner(tiny_models, config) is engine.runner
+
+
+def test_torch_compile_runner_matches_eager(tiny_models):
+    # The Inductor backend compiles for minutes on two CPU cores; TorchDynamo's `eager` backend
+    # exercises the same capture of the UNet, its K/V cache kwargs and the VAE wrappers.
+    engine = StreamEngine(tiny_models, EngineConfig(width=64, height=64, cfg_type="none"))
+    conditioning = engine._prompt.layouts[("none", 2)]
+    runner, eager = TorchCompileRunner(tiny_models, compile_backend="eager"), EagerRunner(tiny_models)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([699, 299])
+    assert torch.allclose(runner.unet(latents, timesteps, conditioning),
+                          eager.unet(latents, timesteps, conditioning), atol=1e-5)
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert torch.allclose(runner.encode(images), eager.encode(images), atol=1e-5)
+    assert torch.allclose(runner.decode(latents[:1]), eager.decode(latents[:1]), atol=1e-5)
+
+
+def test_build_cli_prebuilds_then_reuses_the_cache(tmp_path, capsys):
+    argv = ["--width", "64", "--height", "64", "--cfg-type", "none", "--backend", "onnxruntime",
+            "--exporter", "torchscript", "--cache-dir", str(tmp_path)]
+    assert build_main(argv) == 0
+    first = capsys.readouterr().out
+    files = sorted(tmp_path.glob("*.onnx"))
+    assert [path.name.split("-")[0] for path in files] == ["unet", "vae_decoder", "vae_encoder"]
+    assert "onnxruntime: 3 graphs ready" in first
+    mtimes = {path: path.stat().st_mtime_ns for path in files}
+    assert build_main(argv) == 0
+    assert {path: path.stat().st_mtime_ns for path in files} == mtimes
