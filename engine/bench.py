@@ -21,7 +21,7 @@ import torch
 from . import guidance
 from .clips import synthetic_clip
 from .codec import rgb_to_tensor
-from .config import EngineConfig
+from .config import BACKENDS, EngineConfig
 from .models import ModelBundle, load_models
 from .stream import StreamEngine
 
@@ -101,8 +101,10 @@ def skip_rate(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor
     return engine.frames_skipped / count
 
 
-def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5) -> dict:
-    """Every benchmark row; returns the JSON-ready dict."""
+def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
+        backends: tuple[str, ...] = ()) -> dict:
+    """Every benchmark row; returns the JSON-ready dict. Each of `backends` (other than eager) adds
+    `<backend>_fps`: the same engine row with its networks on that backend."""
     torch.manual_seed(0)
     models = load_models(model)
     config = bench_config(model, size)
@@ -121,6 +123,10 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5)
         ("diffusers_fps", lambda: diffusers_fps(models, config, clip, frames, warmup)),
         ("ssf_static_skip_rate", lambda: skip_rate(models, config, clip)),
     ]
+    # Compiling (ONNX export, engine build) happens when the engine is made, before the warm-up.
+    rows += [(f"{backend}_fps", lambda backend=backend: engine_fps(models, config.replace(backend=backend), clip,
+                                                                    frames, warmup))
+             for backend in backends if backend != "eager"]
     for key, measure in rows:
         logger.info("measuring %s", key)
         results[key] = round(measure(), 4)
@@ -131,6 +137,9 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5)
         "engine_vs_sequential": round(engine / results["sequential_fps"], 3),
         "engine_vs_full_cfg": round(engine / results["full_cfg_fps"], 3),
     }
+    for backend in backends:
+        if backend != "eager":
+            results["ratios"][f"{backend}_vs_engine"] = round(results[f"{backend}_fps"] / engine, 3)
     return results
 
 
@@ -154,9 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=30, help="measured frames per row (median)")
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured frames per row")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument("--backend", nargs="+", default=[], choices=BACKENDS,
+                        help="also measure the engine on these backends (e.g. onnxruntime): adds <backend>_fps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = run(args.model, args.size, args.frames, args.warmup)
+    results = run(args.model, args.size, args.frames, args.warmup, tuple(args.backend))
     print(format_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

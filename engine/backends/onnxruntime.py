@@ -86,7 +86,12 @@ class OnnxRuntimeRunner(StaticShapeRunner):
                  exporter: str = DEFAULT_EXPORTER, intra_op_threads: int | None = None):
         self._ort = _import_onnxruntime()
         super().__init__(models, cfg_type, cache_dir, exporter)
-        self.device = next(models.unet.parameters()).device
+        parameter = next(models.unet.parameters())
+        if parameter.dtype not in (torch.float32, torch.float16):
+            raise BackendUnavailableError(
+                f"the onnxruntime backend runs float32 or float16 models, these are {parameter.dtype}"
+            )
+        self.device = parameter.device
         self.intra_op_threads = intra_op_threads or int(os.environ.get("ORT_INTRA_OP_THREADS", 0)) \
             or torch.get_num_threads()
         self.providers = self._providers()
