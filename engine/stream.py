@@ -220,6 +220,9 @@ class StreamEngine:
         state.buffer = torch.zeros(((n - 1) * f, *latents.shape[1:]), device=self.device, dtype=self.dtype)
         for _ in range(n - 1):
             self._stream_call(state, latents)
+        if self.skip_policy is not None:
+            # Priming rows hold the empty buffer's garbage: no real frame may reuse features of them.
+            self.skip_policy.reset()
 
     def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule, stock: torch.Tensor | None,
                   frame: SlotFrame | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -45,6 +45,7 @@ class AdaCachePolicy(SkipPolicy):
 
     def _clear_caches(self) -> None:
         self.caches: dict[str, torch.Tensor] = {}
+        self.last_cross: torch.Tensor | None = None
         self.cache_key: tuple[int, ...] | None = None
         self.next_compute: torch.Tensor | None = None
         self.cross_age: torch.Tensor | None = None
@@ -93,6 +94,7 @@ class AdaCachePolicy(SkipPolicy):
                                       return_dict=False, **kwargs)[0]
         self._schedule_next(context.mid_residual, main, slot_of_row, motion)
         self.guard.computed(main)
+        self.last_full, self.last_cross = main, cross
         self.cross_age = torch.where(cross, torch.zeros_like(self.cross_age), self.cross_age)
         self.stats.slot_rows += slot_rows
         self.stats.full_slot_rows += int(main.sum())

@@ -165,6 +165,8 @@ class SkipPolicy(ABC):
         self.settings = settings
         self.stats = SkipStats()
         self.guard = ChangeGuard(settings)
+        # Slot rows computed in full by the last call (bool mask), for tests and diagnostics.
+        self.last_full: torch.Tensor | None = None
 
     def update_settings(self, settings: SkipSettings) -> None:
         """New thresholds take effect from the next frame; caches stay valid."""
@@ -174,6 +176,7 @@ class SkipPolicy(ABC):
     def reset(self) -> None:
         """Forget every cached feature and reference (the next frame is computed in full)."""
         self.guard.reset()
+        self.last_full = None
         self._clear_caches()
 
     @abstractmethod

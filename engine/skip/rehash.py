@@ -64,6 +64,7 @@ class RehashPolicy(SkipPolicy):
                 deep = deep.index_copy(0, index, fresh)
         self.deep_cache = deep
         self.guard.computed(fresh_slot_rows)
+        self.last_full = fresh_slot_rows
         self.stats.count(latents.shape[0], computed)
         self.stats.slot_rows += int(fresh_slot_rows.numel())
         self.stats.full_slot_rows += int(fresh_slot_rows.sum())

@@ -1,0 +1,43 @@
+"""PSNR and SSIM on cases with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.skip.quality import psnr, ssim
+
+
+def test_psnr_of_a_uniform_offset_is_exact():
+    image = torch.full((3, 16, 16), 0.5)
+    assert psnr(image, image) == math.inf
+    assert psnr(image + 0.1, image) == pytest.approx(20.0)
+    assert psnr(image + 0.01, image) == pytest.approx(40.0)
+
+
+def test_ssim_of_constant_images_has_the_closed_form():
+    # No variance anywhere: SSIM reduces to the luminance term (2ab + C1)/(a² + b² + C1).
+    a, b, c1 = 0.3, 0.6, 0.01 ** 2
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)
+    assert ssim(torch.full((3, 24, 24), a), torch.full((3, 24, 24), b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ssim_is_one_for_equal_images_and_falls_with_noise():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 32, 32, generator=generator)
+    noise = torch.randn(3, 32, 32, generator=generator)
+    scores = [ssim((image + level * noise).clamp(0, 1), image) for level in (0.0, 0.02, 0.1, 0.3)]
+    assert scores[0] == pytest.approx(1.0)
+    assert scores == sorted(scores, reverse=True) and scores[-1] < 0.8
+
+
+def test_ssim_matches_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 40, 40, generator=generator)
+    other = (image + 0.1 * torch.randn(3, 40, 40, generator=generator)).clamp(0, 1)
+    expected = metrics.structural_similarity(image.numpy(), other.numpy(), gaussian_weights=True, sigma=1.5,
+                                             use_sample_covariance=False, data_range=1.0, channel_axis=0)
+    assert ssim(other, image) == pytest.approx(float(expected), abs=1e-6)
