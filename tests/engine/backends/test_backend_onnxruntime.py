@@ -9,6 +9,8 @@ from engine import EngineConfig, StreamEngine
 from engine.backends import make_runner
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.clips import synthetic_clip
+from engine.codec import decode_image, encode_jpeg
+from engine.runtime import StreamRuntime
 
 TOLERANCE = 1e-4
 
@@ -55,3 +57,20 @@ def test_streams_share_one_runner_per_models_and_mode(tiny_models, config):
     first, second = StreamEngine(tiny_models, onnx_config), StreamEngine(tiny_models, onnx_config)
     assert first.runner is second.runner
     assert make_runner(tiny_models, onnx_config) is first.runner
+
+
+def test_runtime_streams_run_on_one_shared_onnxruntime_runner(tiny_models, config):
+    runtime = StreamRuntime(tiny_models, config.replace(backend="onnxruntime"))
+    try:
+        first, second = runtime.open_stream(), runtime.open_stream()
+        assert isinstance(first.engine.runner, OnnxRuntimeRunner)
+        assert first.engine.runner is second.engine.runner
+        for frame in synthetic_clip("fast_motion", 3, 64, 64, seed=1):
+            for handle in (first, second):
+                assert runtime.submit(handle, encode_jpeg(frame))
+                result = handle.get(timeout=60)
+                assert result is not None and result.error is None
+                assert decode_image(result.jpeg, 64, 64).shape == (64, 64, 3)
+        assert runtime.health.inference_errors == 0
+    finally:
+        runtime.close()
