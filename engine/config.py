@@ -10,6 +10,7 @@ CfgType = Literal["none", "self", "initialize", "full"]
 CFG_TYPES: tuple[str, ...] = ("none", "self", "initialize", "full")
 BACKENDS: tuple[str, ...] = ("eager", "onnxruntime", "tensorrt", "compile", "auto")
 SKIP_POLICIES: tuple[str, ...] = ("off", "rehash", "adacache")
+MEMORY_MODES: tuple[str, ...] = ("off", "slice", "group")
 
 # Parameters that can change between two frames without re-preparing the stream.
 HOT_PARAMS: frozenset[str] = frozenset(
@@ -69,6 +70,8 @@ class EngineConfig:
             1 + motion / this, motion being the relative L1 change of the slot's input latent.
         adacache_cross_attention_factor (`int`, defaults to 2): cross-attention residuals live this many times
             longer than the other blocks' (PAB).
+        memory (`str`, defaults to `"off"`): peak-memory mode of the shared models (`engine.memory`), one of
+            `off|slice|group`: feature slicer or operator grouping over the batch and, at large sizes, space.
     """
 
     model: str = "tiny"
@@ -102,6 +105,7 @@ class EngineConfig:
     adacache_codebook: tuple[tuple[float, int], ...] = ((0.02, 4), (0.04, 3), (0.08, 2), (1.0, 1))
     adacache_motion_scale: float = 0.05
     adacache_cross_attention_factor: int = 2
+    memory: str = "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
@@ -128,6 +132,13 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"`dtype` must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         self._validate_skip_policy()
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"`memory` must be one of {MEMORY_MODES}, got {self.memory!r}")
+        if self.memory != "off" and self.backend != "eager":
+            raise ValueError("`memory` slices the eager modules: it needs `backend='eager'`")
+        if self.memory == "group" and self.skip_policy != "off":
+            raise ValueError("`memory='group'` runs whole blocks per row, which the skip policies' per-row "
+                             "caches do not follow: use `memory='slice'` or `skip_policy='off'`")
 
     def _validate_skip_policy(self) -> None:
         codebook = tuple((float(bound), int(frames)) for bound, frames in self.adacache_codebook)

@@ -11,6 +11,7 @@ import torch
 from . import guidance
 from .backends import NetworkRunner, make_runner
 from .config import HOT_PARAMS, REPREPARE_PARAMS, EngineConfig
+from .memory import apply_memory_mode
 from .models import ModelBundle
 from .prompt import Conditioning, PromptState, encode_prompt, install_kv_processors, precompute_kv
 from .schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
@@ -75,6 +76,7 @@ class StreamEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.use_kv_cache:
             install_kv_processors(models.unet)
+        apply_memory_mode(models, config.memory)
         self._lock = threading.Lock()
         self.config = config
         self.frames_processed = 0
