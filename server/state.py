@@ -33,7 +33,8 @@ def prepare_models(config: EngineConfig) -> tuple[ModelBundle, NetworkRunner]:
     (exporting/compiling graphs when the backend needs them), logging each stage."""
     started = time.perf_counter()
     logger.info("loading model %r (tiny VAE: %s)", config.model, config.use_tiny_vae)
-    models = load_models(config.model, use_tiny_vae=config.use_tiny_vae, taesd=config.taesd)
+    models = load_models(config.model, use_tiny_vae=config.use_tiny_vae, taesd=config.taesd,
+                         config=config.model_config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     logger.info("model %r loaded in %.1f s; moving to %s (%s)", models.name, time.perf_counter() - started,

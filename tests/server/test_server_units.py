@@ -37,8 +37,9 @@ def test_flags_win_over_environment():
     environ = {"STREAMDIFF_PORT": "9001", "STREAMDIFF_MAX_MESSAGE_SIZE": "1000", "STREAMDIFF_MODEL": "small",
                "STREAMDIFF_TOKEN": "from-env",
                "STREAMDIFF_SIMILARITY_FILTER": "false", "STREAMDIFF_T_INDEX_LIST": "10,20,30"}
-    settings = parse_settings(["--port", "9002", "--cfg-type", "full", "--width", "128", "--max-sessions", "7"],
-                              environ=environ)
+    settings = parse_settings(["--port", "9002", "--cfg-type", "full", "--width", "128", "--max-sessions", "7",
+                               "--no-tiny-vae", "--model-config", "/models/sd15"], environ=environ)
+    assert settings.engine.use_tiny_vae is False and settings.engine.model_config == "/models/sd15"
     assert settings.port == 9002 and settings.max_sessions == 7 and settings.token == "from-env"
     assert settings.max_message_bytes == 1000
     assert settings.engine.model == "small" and settings.engine.cfg_type == "full"
