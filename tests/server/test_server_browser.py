@@ -59,9 +59,9 @@ class Page:
 
 
 @asynccontextmanager
-async def open_page(url: str, profile: Path) -> AsyncIterator[Page]:
+async def open_page(url: str, profile: Path, flags: list[str] = CHROMIUM_FLAGS) -> AsyncIterator[Page]:
     """Start chromium on `url` with a fresh profile; the page's DevTools connection."""
-    process = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url],
+    process = subprocess.Popen([CHROMIUM, *flags, f"--user-data-dir={profile}", url],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = profile / "DevToolsActivePort"
@@ -112,3 +112,13 @@ async def test_page_says_when_the_server_is_full(start_server, tmp_path):
                 message = await page.wait_for("!document.getElementById('message').hidden && "
                                               "document.getElementById('message').textContent")
         assert "full" in message
+
+
+async def test_page_says_when_the_camera_is_blocked(server, tmp_path):
+    flags = [flag for flag in CHROMIUM_FLAGS if flag != "--use-fake-ui-for-media-stream"]
+    async with open_page(server.base_url + "/", tmp_path / "profile", [*flags, "--deny-permission-prompts"]) as page:
+        message = await page.wait_for("!document.getElementById('message').hidden && "
+                                      "document.getElementById('message').textContent")
+        assert "blocked" in message
+        assert await page.evaluate("window.streamdiff.framesReceived") == 0
+    await wait_until(lambda: len(server.state.sessions) == 0)
