@@ -23,6 +23,7 @@ from .clips import synthetic_clip
 from .codec import rgb_to_tensor
 from .config import BACKENDS, EngineConfig
 from .models import ModelBundle, load_models
+from .skip import bench as skip_bench
 from .stream import StreamEngine
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,17 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
     return results
 
 
+def run_skip_policies(model: str, size: int, frames: int, policies: list[str], params: list[str]) -> dict:
+    """The skip-policy rows (engine/skip/bench.py) on the benchmark's config; returns the JSON-ready dict."""
+    models = load_models(model)
+    models.to(torch.device("cpu"), torch.float32)
+    config = bench_config(model, size)
+    overrides = skip_bench.parse_overrides(params)
+    return {"model": model, "size": size, "frames": frames, "t_index_list": list(config.t_index_list),
+            "threads": torch.get_num_threads(), "skip_params": overrides,
+            "skip_policies": skip_bench.run(models, config, policies, frames, overrides)}
+
+
 def format_table(results: dict) -> str:
     """A plain-text table of the figures and ratios."""
     lines = [f"model={results['model']} size={results['size']}x{results['size']} "
@@ -165,10 +177,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument("--backend", nargs="+", default=[], choices=BACKENDS,
                         help="also measure the engine on these backends (e.g. onnxruntime): adds <backend>_fps")
+    parser.add_argument("--skip", help="instead of the fps rows: skip policies to measure, e.g. rehash,adacache "
+                                       "(engine/skip/bench.py; --frames frames per clip category)")
+    parser.add_argument("--skip-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a skip-policy EngineConfig field for --skip, e.g. skip_cut_threshold=0.05")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = run(args.model, args.size, args.frames, args.warmup, tuple(args.backend))
-    print(format_table(results))
+    if args.skip:
+        results = run_skip_policies(args.model, args.size, args.frames, args.skip.split(","), args.skip_param)
+        print(skip_bench.format_table(results["skip_policies"]))
+    else:
+        results = run(args.model, args.size, args.frames, args.warmup, tuple(args.backend))
+        print(format_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
