@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine import StreamEngine
 from engine.runtime import StreamHandle, StreamRuntime
 
 from .metrics import ServerMetrics
@@ -78,7 +79,7 @@ class Session:
         self._update_lock = asyncio.Lock()
 
     @property
-    def engine(self):
+    def engine(self) -> StreamEngine:
         return self.handle.engine
 
     async def update(self, params: dict[str, object]) -> None:
