@@ -1,0 +1,28 @@
+"""The skip-policy benchmark rows: their JSON shape and argument parsing (tiny model, few frames)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.skip import bench
+
+
+def test_rows_cover_every_policy_and_motion_category(tiny_models):
+    config = EngineConfig(width=32, height=32, similarity_filter=False, t_index_list=(16, 32, 45))
+    results = bench.run(tiny_models, config, ["rehash", "adacache"], frames=4)
+    assert set(results) == {"rehash", "adacache"}
+    for categories in results.values():
+        assert all(any(word in name for name in categories) for word in ("static", "slow", "fast", "cut"))
+        for row in categories.values():
+            assert set(row) == {"speedup", "psnr", "ssim", "skip_rate"}
+            assert row["speedup"] > 0 and 0 < row["skip_rate"] < 1
+            assert 20 < row["psnr"] <= bench.PSNR_CAP and 0.9 < row["ssim"] <= 1.0
+
+
+def test_overrides_parse_to_the_field_types():
+    overrides = bench.parse_overrides(["skip_cut_threshold=0.05", "rehash_interval=4",
+                                       "adacache_codebook=((0.1, 3), (1.0, 1))"])
+    assert overrides == {"skip_cut_threshold": 0.05, "rehash_interval": 4, "adacache_codebook": ((0.1, 3), (1.0, 1))}
+    with pytest.raises(ValueError, match="not a skip-policy field"):
+        bench.parse_overrides(["width=64"])
