@@ -22,6 +22,7 @@ from . import guidance
 from .clips import synthetic_clip
 from .codec import rgb_to_tensor
 from .config import BACKENDS, EngineConfig
+from .memory import bench as memory_bench
 from .models import ModelBundle, load_models
 from .skip import bench as skip_bench
 from .stream import StreamEngine
@@ -181,9 +182,17 @@ def main(argv: list[str] | None = None) -> None:
                                        "(engine/skip/bench.py; --frames frames per clip category)")
     parser.add_argument("--skip-param", action="append", default=[], metavar="KEY=VALUE",
                         help="a skip-policy EngineConfig field for --skip, e.g. skip_cut_threshold=0.05")
+    parser.add_argument("--memory", help="instead of the fps rows: peak memory and fps of these memory modes and "
+                                         "off, e.g. slice,group, a fresh process each (engine/memory/bench.py)")
+    parser.add_argument("--memory-model", default="small", help="model of --memory (default small)")
+    parser.add_argument("--memory-sizes", default="512,1024", help="comma-separated square sizes of --memory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.skip:
+    if args.memory:
+        sizes = tuple(int(size) for size in args.memory_sizes.split(","))
+        results = {"memory": memory_bench.run(args.memory.split(","), args.memory_model, sizes)}
+        print(memory_bench.format_table(results["memory"]))
+    elif args.skip:
         results = run_skip_policies(args.model, args.size, args.frames, args.skip.split(","), args.skip_param)
         print(skip_bench.format_table(results["skip_policies"]))
     else:

@@ -1,0 +1,150 @@
+"""Peak memory and FPS of each memory mode, one fresh subprocess per (size, mode).
+
+A fresh process per configuration so one mode's freed-but-mapped memory never counts against the next.
+The child loads the model, builds the engine, records its resident memory (`baseline_mb`: weights,
+Python and torch), resets the kernel's high-water mark, runs `warmup` + `frames` frames and reports
+the high-water mark (`peak_mb`), the part above the baseline (`activation_mb`), the CUDA allocator's
+peak where CUDA runs, and fps (1 / the median measured frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZES = (512, 1024)
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> bool:
+    """Reset the process's resident high-water mark (Linux clear_refs 5); False when not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure(model: str, size: int, mode: str, frames: int, warmup: int) -> dict:
+    """Peak memory and fps of one configuration, in this process (call it in a fresh one)."""
+    from ..bench import bench_config, median_seconds
+    from ..clips import synthetic_clip
+    from ..codec import rgb_to_tensor
+    from ..models import load_models
+    from ..stream import StreamEngine
+
+    torch.manual_seed(0)
+    models = load_models(model)
+    models.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
+    config = bench_config(model, size).replace(memory=mode)
+    engine = StreamEngine(models, config)
+    clip = [rgb_to_tensor(frame) for frame in synthetic_clip("slow_pan", max(2, warmup + frames), size, size)]
+    baseline = _status_mb("VmRSS")
+    peak_reset = _reset_peak()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    seconds = median_seconds(lambda i: engine(clip[i % len(clip)]), frames, warmup)
+    peak = _status_mb("VmHWM")
+    result = {"peak_mb": round(peak, 1), "fps": round(1.0 / seconds, 5), "baseline_mb": round(baseline, 1),
+              "activation_mb": round(peak - baseline, 1), "frame_s": round(seconds, 3),
+              "peak_reset": peak_reset}
+    if torch.cuda.is_available():
+        result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
+
+
+def measure_in_subprocess(model: str, size: int, mode: str, frames: int, warmup: int, threads: int = 0) -> dict:
+    """`measure` in a fresh Python process; its JSON is the last line the child prints."""
+    command = [sys.executable, "-m", "engine.memory.bench", "--child", "--model", model, "--sizes", str(size),
+               "--modes", mode, "--frames", str(frames), "--warmup", str(warmup), "--threads", str(threads)]
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory benchmark child {mode}@{size} failed: {completed.stderr[-2000:]}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    logger.info("memory %s at %d: %s (%.0f s)", mode, size, result, time.perf_counter() - started)
+    return result
+
+
+def run(modes: list[str], model: str = "small", sizes: tuple[int, ...] = DEFAULT_SIZES, frames: int = 2,
+        warmup: int = 1, jobs: int = 1, threads: int = 0) -> dict:
+    """`{size: {mode: {"peak_mb", "fps", ...}}}` for `off` and every mode of `modes`, each in its own process.
+
+    `jobs` > 1 runs that many children at once: peak memory is per process and unaffected; fps is then
+    measured under the same contention for every mode of a size.
+    """
+    modes = ["off", *(mode for mode in modes if mode != "off")]
+    tasks = [(size, mode) for size in sizes for mode in modes]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {task: pool.submit(measure_in_subprocess, model, task[0], task[1], frames, warmup, threads)
+                   for task in tasks}
+    results: dict = {}
+    for (size, mode), future in futures.items():
+        results.setdefault(str(size), {})[mode] = future.result()
+    for row in results.values():
+        off = row["off"]
+        for mode in modes[1:]:
+            row[mode]["peak_vs_off"] = round(row[mode]["peak_mb"] / off["peak_mb"], 3)
+            if off["activation_mb"] > 0:
+                row[mode]["activation_vs_off"] = round(row[mode]["activation_mb"] / off["activation_mb"], 3)
+            row[mode]["fps_vs_off"] = round(row[mode]["fps"] / off["fps"], 3)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """One line per size and mode."""
+    lines = [f"{'size':>6} {'mode':<6} {'peak_mb':>9} {'activation_mb':>14} {'fps':>10} {'peak/off':>9} {'fps/off':>8}"]
+    for size, row in results.items():
+        for mode, figures in row.items():
+            lines.append(f"{size:>6} {mode:<6} {figures['peak_mb']:>9.1f} {figures['activation_mb']:>14.1f} "
+                         f"{figures['fps']:>10.5f} {figures.get('peak_vs_off', 1.0):>9.3f} "
+                         f"{figures.get('fps_vs_off', 1.0):>8.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.memory.bench", description=__doc__)
+    parser.add_argument("--modes", default="slice,group", help="comma-separated memory modes (off is always run)")
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated square sizes")
+    parser.add_argument("--frames", type=int, default=2, help="measured frames per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured frames (the first one primes the stream)")
+    parser.add_argument("--jobs", type=int, default=1, help="configurations measured at once (fresh processes)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
+    parser.add_argument("--json", type=Path, help="write {'memory': ...} to this JSON file")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = tuple(int(size) for size in args.sizes.split(","))
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if args.child:
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(measure(args.model, sizes[0], modes[0], args.frames, args.warmup)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = {"memory": run(modes, args.model, sizes, args.frames, args.warmup, args.jobs, args.threads)}
+    print(format_table(results["memory"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
