@@ -42,8 +42,11 @@ def _reset_peak() -> bool:
     return True
 
 
-def measure(model: str, size: int, mode: str, frames: int, warmup: int) -> dict:
-    """Peak memory and fps of one configuration, in this process (call it in a fresh one)."""
+def measure(model: str, size: int, mode: str, frames: int, warmup: int,
+            t_index_list: tuple[int, ...] | None = None) -> dict:
+    """Peak memory and fps of one configuration, in this process (call it in a fresh one).
+
+    With `warmup=0` the measured first frame includes priming the stream (n - 1 extra UNet calls)."""
     from ..bench import bench_config, median_seconds
     from ..clips import synthetic_clip
     from ..codec import rgb_to_tensor
@@ -54,6 +57,8 @@ def measure(model: str, size: int, mode: str, frames: int, warmup: int) -> dict:
     models = load_models(model)
     models.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
     config = bench_config(model, size).replace(memory=mode)
+    if t_index_list:
+        config = config.replace(t_index_list=t_index_list)
     engine = StreamEngine(models, config)
     clip = [rgb_to_tensor(frame) for frame in synthetic_clip("slow_pan", max(2, warmup + frames), size, size)]
     baseline = _status_mb("VmRSS")
@@ -70,10 +75,13 @@ def measure(model: str, size: int, mode: str, frames: int, warmup: int) -> dict:
     return result
 
 
-def measure_in_subprocess(model: str, size: int, mode: str, frames: int, warmup: int, threads: int = 0) -> dict:
+def measure_in_subprocess(model: str, size: int, mode: str, frames: int, warmup: int, threads: int = 0,
+                          t_index_list: tuple[int, ...] | None = None) -> dict:
     """`measure` in a fresh Python process; its JSON is the last line the child prints."""
     command = [sys.executable, "-m", "engine.memory.bench", "--child", "--model", model, "--sizes", str(size),
                "--modes", mode, "--frames", str(frames), "--warmup", str(warmup), "--threads", str(threads)]
+    if t_index_list:
+        command += ["--t-index-list", ",".join(map(str, t_index_list))]
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
@@ -84,7 +92,7 @@ def measure_in_subprocess(model: str, size: int, mode: str, frames: int, warmup:
 
 
 def run(modes: list[str], model: str = "small", sizes: tuple[int, ...] = DEFAULT_SIZES, frames: int = 2,
-        warmup: int = 1, jobs: int = 1, threads: int = 0) -> dict:
+        warmup: int = 1, jobs: int = 1, threads: int = 0, t_index_list: tuple[int, ...] | None = None) -> dict:
     """`{size: {mode: {"peak_mb", "fps", ...}}}` for `off` and every mode of `modes`, each in its own process.
 
     `jobs` > 1 runs that many children at once: peak memory is per process and unaffected; fps is then
@@ -93,7 +101,8 @@ def run(modes: list[str], model: str = "small", sizes: tuple[int, ...] = DEFAULT
     modes = ["off", *(mode for mode in modes if mode != "off")]
     tasks = [(size, mode) for size in sizes for mode in modes]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {task: pool.submit(measure_in_subprocess, model, task[0], task[1], frames, warmup, threads)
+        futures = {task: pool.submit(measure_in_subprocess, model, task[0], task[1], frames, warmup,
+                                           threads, t_index_list)
                    for task in tasks}
     results: dict = {}
     for (size, mode), future in futures.items():
@@ -128,18 +137,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured frames (the first one primes the stream)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations measured at once (fresh processes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
+    parser.add_argument("--t-index-list", help="comma-separated stream-batch steps (default: engine.bench's 4)")
     parser.add_argument("--json", type=Path, help="write {'memory': ...} to this JSON file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = tuple(int(size) for size in args.sizes.split(","))
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    steps = tuple(int(step) for step in args.t_index_list.split(",")) if args.t_index_list else None
     if args.child:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        print(json.dumps(measure(args.model, sizes[0], modes[0], args.frames, args.warmup)))
+        print(json.dumps(measure(args.model, sizes[0], modes[0], args.frames, args.warmup, steps)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = {"memory": run(modes, args.model, sizes, args.frames, args.warmup, args.jobs, args.threads)}
+    results = {"memory": run(modes, args.model, sizes, args.frames, args.warmup, args.jobs, args.threads,
+                                 steps)}
     print(format_table(results["memory"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
