@@ -8,6 +8,7 @@ construction order, and a tokenizer built from an in-memory byte vocabulary (no 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,25 @@ def build_byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+def _signal_preserving_init(vae: AutoencoderTiny) -> None:
+    """Re-draw the tiny VAE's conv weights (He init) so a random VAE still carries the picture.
+
+    PyTorch's default conv init shrinks the signal at every layer: through TAESD's deep, norm-free
+    stacks the random decoder's output is a near-black constant whatever the input (±0.1/255), which
+    makes every output comparison meaningless. He init keeps the variance; the two output convs are
+    scaled so latents have about unit spread and decoded images sit around mid-grey.
+    """
+    convs = [module for module in vae.modules() if isinstance(module, torch.nn.Conv2d)]
+    encoder_out, decoder_out = vae.encoder.layers[-1], vae.decoder.layers[-1]
+    for conv in convs:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] // conv.groups
+        gain = {id(encoder_out): 0.1, id(decoder_out): 0.0005}.get(id(conv), 2.0)
+        with torch.no_grad():
+            conv.weight.normal_(0.0, math.sqrt(gain / fan_in))
+            if conv.bias is not None:
+                conv.bias.fill_(0.5 if conv is decoder_out else 0.0)
+
+
 def build_modules(name: str, seed: int = 0) -> BuiltinModules:
     """Build the seeded modules of built-in model `name` (a key of `BUILTIN_MODELS`)."""
     preset = _PRESETS[name]
@@ -92,6 +112,7 @@ def build_modules(name: str, seed: int = 0) -> BuiltinModules:
             encoder_block_out_channels=channels, decoder_block_out_channels=channels,
             num_encoder_blocks=preset.taesd_blocks, num_decoder_blocks=preset.taesd_blocks,
         )
+        _signal_preserving_init(tiny_vae)
         full_vae = AutoencoderKL(
             block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, StreamEngine
+from engine.backends import EagerRunner
 from engine.config import CFG_TYPES
 
 SIZE = 32
@@ -15,6 +16,18 @@ def make_config(**changes) -> EngineConfig:
     base = dict(width=SIZE, height=SIZE, similarity_filter=False, guidance_scale=1.5, delta=0.8)
     base.update(changes)
     return EngineConfig(**base)
+
+
+class RecordingRunner(EagerRunner):
+    """Eager runner that keeps every latent it decodes, so tests compare the denoised latents too."""
+
+    def __init__(self, models):
+        super().__init__(models)
+        self.decoded: list[torch.Tensor] = []
+
+    def decode(self, latents):
+        self.decoded.append(latents.clone())
+        return super().decode(latents)
 
 
 def random_frames(count: int, frames_per_call: int, seed: int = 0) -> list[torch.Tensor]:
@@ -27,15 +40,20 @@ def random_frames(count: int, frames_per_call: int, seed: int = 0) -> list[torch
 @pytest.mark.parametrize("cfg_type", CFG_TYPES)
 def test_stream_batch_equals_sequential_denoising(tiny_models, cfg_type, t_index_list, frame_buffer_size):
     config = make_config(cfg_type=cfg_type, t_index_list=t_index_list, frame_buffer_size=frame_buffer_size)
-    stream = StreamEngine(tiny_models, config)
-    sequential = StreamEngine(tiny_models, config.replace(stream_batch=False))
+    stream = StreamEngine(tiny_models, config, runner=RecordingRunner(tiny_models))
+    sequential = StreamEngine(tiny_models, config.replace(stream_batch=False), runner=RecordingRunner(tiny_models))
     frames = random_frames(5, frame_buffer_size)
     lag = len(t_index_list) - 1
     expected = [sequential(frame) for frame in frames]
     for index, frame in enumerate(frames):
         # After priming with the first frame, output i is frame i − (n − 1) fully denoised.
-        reference = expected[max(0, index - lag)]
-        torch.testing.assert_close(stream(frame), reference, rtol=0, atol=2e-6)
+        reference = max(0, index - lag)
+        torch.testing.assert_close(stream(frame), expected[reference], rtol=0, atol=1e-5)
+        # Batched and single-slot UNet calls round differently; RCFG divides by β, which amplifies it.
+        torch.testing.assert_close(stream.runner.decoded[index], sequential.runner.decoded[reference],
+                                   rtol=1e-4, atol=1e-4)
+    # The frames differ, so matching the right one is a real check.
+    assert (sequential.runner.decoded[0] - sequential.runner.decoded[-1]).abs().max() > 1e-2
 
 
 def test_priming_never_returns_the_empty_buffer(tiny_models):
@@ -43,7 +61,7 @@ def test_priming_never_returns_the_empty_buffer(tiny_models):
     stream = StreamEngine(tiny_models, config)
     sequential = StreamEngine(tiny_models, config.replace(stream_batch=False))
     first = random_frames(1, 1)[0]
-    torch.testing.assert_close(stream(first), sequential(first), rtol=0, atol=2e-6)
+    torch.testing.assert_close(stream(first), sequential(first), rtol=0, atol=1e-5)
 
 
 def test_output_shape_and_range(tiny_models):
