@@ -101,9 +101,8 @@ def run(modes: list[str], model: str = "small", sizes: tuple[int, ...] = DEFAULT
     modes = ["off", *(mode for mode in modes if mode != "off")]
     tasks = [(size, mode) for size in sizes for mode in modes]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {task: pool.submit(measure_in_subprocess, model, task[0], task[1], frames, warmup,
-                                           threads, t_index_list)
-                   for task in tasks}
+        futures = {task: pool.submit(measure_in_subprocess, model, task[0], task[1], frames, warmup, threads,
+                                     t_index_list) for task in tasks}
     results: dict = {}
     for (size, mode), future in futures.items():
         results.setdefault(str(size), {})[mode] = future.result()

@@ -131,9 +131,9 @@ def banded(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, geomet
     for start, stop in row_slices(height, step):
         lo, hi = max(0, start - geometry.halo), min(height, stop + geometry.halo)
         piece = call(x[..., lo:hi, :])
-        keep_from, keep_to = round((start - lo) * geometry.scale), round((stop - lo) * geometry.scale)
+        # Band edges are aligned, so they map to whole output rows; a strided chain's last row rounds up.
+        keep_from, keep_to = round((start - lo) * geometry.scale), math.ceil((stop - lo) * geometry.scale)
         if out is None:
-            out_rows = round(height * geometry.scale)
-            out = piece.new_empty((*piece.shape[:-2], out_rows, piece.shape[-1]))
-        out[..., round(start * geometry.scale):round(stop * geometry.scale), :] = piece[..., keep_from:keep_to, :]
+            out = piece.new_empty((*piece.shape[:-2], math.ceil(height * geometry.scale), piece.shape[-1]))
+        out[..., round(start * geometry.scale):math.ceil(stop * geometry.scale), :] = piece[..., keep_from:keep_to, :]
     return out
