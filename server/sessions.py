@@ -63,8 +63,8 @@ class Session:
     The latest JPEG is kept (one frame, replaced on each output) for the MJPEG and viewer routes.
     """
 
-    def __init__(self, handle: StreamHandle):
-        self.id = handle.id
+    def __init__(self, handle: StreamHandle, session_id: str | None = None):
+        self.id = handle.id if session_id is None else session_id
         self.handle = handle
         self.created = time.time()
         self.window = OutputWindow()
@@ -160,11 +160,15 @@ def _close_opened(runtime: StreamRuntime, opening: asyncio.Future) -> None:
 
 
 class SessionRegistry:
-    """The open sessions, at most `max_sessions` (counting ones still being opened)."""
+    """The open sessions, at most `max_sessions` (counting ones still being opened).
 
-    def __init__(self, max_sessions: int, metrics: ServerMetrics):
+    With a `replica_id`, session ids are `<replica_id>-<stream id>` so a proxy can route on them.
+    """
+
+    def __init__(self, max_sessions: int, metrics: ServerMetrics, replica_id: str = ""):
         self.max_sessions = max_sessions
         self.metrics = metrics
+        self.replica_id = replica_id
         self._sessions: dict[str, Session] = {}
         self._opening = 0
 
@@ -196,7 +200,7 @@ class SessionRegistry:
             raise
         finally:
             self._opening -= 1
-        session = Session(handle)
+        session = Session(handle, f"{self.replica_id}-{handle.id}" if self.replica_id else handle.id)
         self._sessions[session.id] = session
         self.metrics.sessions.set(len(self._sessions))
         return session

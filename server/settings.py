@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,9 @@ from engine.config import BACKENDS, CFG_TYPES
 
 ENV_PREFIX = "STREAMDIFF_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+#: A replica id is the session-id prefix a proxy routes on (`deploy/nginx.conf`), so it stays URL- and
+#: nginx-name-safe.
+REPLICA_ID_PATTERN = re.compile(r"[a-z0-9]{1,16}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class ServerSettings:
         degraded_latency_s (`float`, defaults to 10.0): end-to-end latency above which `/health` says degraded.
         warmup (`bool`, defaults to True): run one frame through the model before reporting `ready`.
         log_level (`str`, defaults to `"info"`): logging level name.
+        replica_id (`str`, defaults to `""`): when set, every session id starts with `<replica_id>-`, so a
+            proxy in front of several replicas can send a session's REST calls to the replica that owns it.
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -57,6 +63,7 @@ class ServerSettings:
     degraded_latency_s: float = 10.0
     warmup: bool = True
     log_level: str = "info"
+    replica_id: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
@@ -72,6 +79,8 @@ class ServerSettings:
             raise ValueError("`stats_interval_s` and `degraded_latency_s` must be positive")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"`log_level` must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.replica_id and REPLICA_ID_PATTERN.fullmatch(self.replica_id) is None:
+            raise ValueError(f"`replica_id` must be 1-16 lowercase letters or digits, got {self.replica_id!r}")
 
     def replace(self, **changes) -> ServerSettings:
         """A copy with `changes` applied (validated like the constructor)."""
@@ -146,6 +155,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--warmup",), "warmup", _bool, "run one frame through the model before reporting ready",
             boolean=True),
     _Option(("--log-level",), "log_level", str, "logging level", choices=LOG_LEVELS),
+    _Option(("--replica-id",), "replica_id", str,
+            "prefix of this replica's session ids (`<id>-...`), for routing behind a proxy; empty for none"),
 )
 
 

@@ -72,7 +72,7 @@ class ServerState:
     def __init__(self, settings: ServerSettings, models: ModelBundle | None = None):
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.sessions = SessionRegistry(settings.max_sessions, self.metrics)
+        self.sessions = SessionRegistry(settings.max_sessions, self.metrics, settings.replica_id)
         self.runtime: StreamRuntime | None = None
         self.model_name = settings.engine.model
         self.load_error: str | None = None
