@@ -46,6 +46,16 @@ class StepResult:
 
 
 @dataclass
+class UnetCall:
+    """One stream-batch UNet call: the slots' noisy latents and the UNet's inputs built from them."""
+
+    x_t: torch.Tensor
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    conditioning: Conditioning
+
+
+@dataclass
 class _StreamState:
     """Mutable per-stream tensors; replaced as a whole on re-prepare."""
 
@@ -54,6 +64,22 @@ class _StreamState:
     stock_noise: torch.Tensor | None
     buffer: torch.Tensor | None = None
     last_output: torch.Tensor | None = None
+
+
+@dataclass
+class FrameWork:
+    """A frame between `StreamEngine.begin_frame` and `finish_frame`: the input in [-1, 1], the state and
+    config it advances (fixed when it began), and its output once known."""
+
+    images: torch.Tensor
+    state: _StreamState
+    config: EngineConfig
+    skipped: bool
+    output: torch.Tensor | None = None
+
+    def result(self, single: bool) -> StepResult:
+        """The frame's `StepResult`, one image for a single-image input."""
+        return StepResult(images=self.output[0] if single else self.output, skipped=self.skipped)
 
 
 class StreamEngine:
@@ -188,33 +214,68 @@ class StreamEngine:
     @torch.no_grad()
     def step(self, images: torch.Tensor) -> StepResult:
         """Advance the stream by one input (`frame_buffer_size` frames) and return one output."""
-        single = images.dim() == 3
-        batch = images.unsqueeze(0) if single else images
+        batch = self.check_input(images)
+        with self._lock:
+            frame = self.begin_frame(batch)
+            if not frame.skipped:
+                latents = self.runner.encode(frame.images)
+                if frame.config.stream_batch:
+                    self.prime_if_empty(frame, latents)
+                    denoised = self._stream_call(frame.state, latents)
+                else:
+                    denoised = self._sequential_call(frame.state, latents)
+                self.finish_frame(frame, self.runner.decode(denoised))
+        return frame.result(single=images.dim() == 3)
+
+    # ------------------------------------------------------------------ step phases
+    # `step` is these phases in order; `engine.batching` runs them for many engines with one network
+    # call per phase. Callers hold `lock` from `begin_frame` to `finish_frame`.
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while a frame advances the stream; parameter updates wait for it."""
+        return self._lock
+
+    def check_input(self, images: torch.Tensor) -> torch.Tensor:
+        """`images` as `[frame_buffer_size, 3, H, W]`; `ValueError` when the shape does not fit the config."""
+        batch = images.unsqueeze(0) if images.dim() == 3 else images
         f = self.config.frame_buffer_size
         if batch.shape[0] != f or tuple(batch.shape[-2:]) != (self.config.height, self.config.width):
             raise ValueError(f"expected {f} frame(s) of 3x{self.config.height}x{self.config.width}, "
                              f"got {tuple(images.shape)}")
-        with self._lock:
-            state, config = self._state, self.config
-            # Cosine similarity on [-1, 1] images: on [0, 1] every pair of frames looks alike.
-            batch = batch.to(device=self.device, dtype=self.dtype) * 2 - 1
-            skipped = bool(config.similarity_filter and self._filter.should_skip(batch)
-                           and state.last_output is not None)
-            if skipped:
-                self.frames_skipped += 1
-                output = state.last_output
-            else:
-                latents = self.runner.encode(batch)
-                if config.stream_batch:
-                    if state.buffer is None:
-                        self._prime(state, latents)
-                    denoised = self._stream_call(state, latents)
-                else:
-                    denoised = self._sequential_call(state, latents)
-                output = (self.runner.decode(denoised) / 2 + 0.5).clamp(0, 1)
-                state.last_output = output
-                self.frames_processed += 1
-        return StepResult(images=output[0] if single else output, skipped=skipped)
+        return batch
+
+    def begin_frame(self, batch: torch.Tensor) -> FrameWork:
+        """Scale the input to [-1, 1] and ask the similarity filter; a skipped frame is already finished."""
+        state, config = self._state, self.config
+        # Cosine similarity on [-1, 1] images: on [0, 1] every pair of frames looks alike.
+        batch = batch.to(device=self.device, dtype=self.dtype) * 2 - 1
+        skipped = bool(config.similarity_filter and self._filter.should_skip(batch)
+                       and state.last_output is not None)
+        frame = FrameWork(images=batch, state=state, config=config, skipped=skipped)
+        if skipped:
+            self.frames_skipped += 1
+            frame.output = state.last_output
+        return frame
+
+    def prime_if_empty(self, frame: FrameWork, latents: torch.Tensor) -> None:
+        """Fill an empty buffer from the frame's latents (the stream's first frame)."""
+        if frame.state.buffer is None:
+            self._prime(frame.state, latents)
+
+    def stream_unet_call(self, frame: FrameWork, latents: torch.Tensor) -> UnetCall:
+        """The UNet inputs of one stream-batch call for the frame's encoded latents."""
+        return self._stream_inputs(frame.state, frame.config, latents)
+
+    def finish_stream_call(self, frame: FrameWork, call: UnetCall, model_output: torch.Tensor) -> torch.Tensor:
+        """Guide, predict x̂0, carry stock noise and shift the buffer; returns the oldest slot's x̂0."""
+        return self._stream_finish(frame.state, frame.config, call, model_output)
+
+    def finish_frame(self, frame: FrameWork, decoded: torch.Tensor) -> None:
+        """Record the decoded images (in [-1, 1]) as the frame's output and the stream's last output."""
+        frame.output = (decoded / 2 + 0.5).clamp(0, 1)
+        frame.state.last_output = frame.output
+        self.frames_processed += 1
 
     def _prime(self, state: _StreamState, latents: torch.Tensor) -> None:
         """Fill the buffer from the first frame so no output ever comes from the empty buffer."""
@@ -226,29 +287,41 @@ class StreamEngine:
             # Priming rows hold the empty buffer's garbage: no real frame may reuse features of them.
             self.skip_policy.reset()
 
-    def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule, stock: torch.Tensor | None,
-                  frame: SlotFrame | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule,
+                  stock: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         f = self.config.frame_buffer_size
         unet_latents, unet_timesteps = guidance.expand_unet_inputs(cfg_type, x_t, schedule.timesteps, f)
         conditioning = self._prompt.layouts[(cfg_type, x_t.shape[0])]
-        if frame is not None and self.skip_policy is not None:
-            model_output = self.skip_policy.unet(unet_latents, unet_timesteps, conditioning, frame)
-        else:
-            model_output = self.runner.unet(unet_latents, unet_timesteps, conditioning)
+        model_output = self.runner.unet(unet_latents, unet_timesteps, conditioning)
         return guidance.guide(cfg_type, model_output, stock, self.config.guidance_scale, self.config.delta, f)
 
-    def _stream_call(self, state: _StreamState, latents: torch.Tensor) -> torch.Tensor:
-        """One UNet call over every slot; returns the oldest slot's x̂0 (`frame_buffer_size` rows)."""
-        schedule, noise, f = state.schedule, state.fixed_noise, self.config.frame_buffer_size
+    def _stream_inputs(self, state: _StreamState, config: EngineConfig, latents: torch.Tensor) -> UnetCall:
+        schedule, noise, f = state.schedule, state.fixed_noise, config.frame_buffer_size
         newest = add_noise(latents, noise[:f], schedule.alpha[:f], schedule.beta[:f])
         x_t = torch.cat([newest, state.buffer])
-        eps, stock = self._unet_eps(self.config.cfg_type, x_t, schedule, state.stock_noise,
-                                    SlotFrame(x_t, schedule, noise))
-        x0 = predict_x0(x_t, eps, schedule)
+        unet_latents, unet_timesteps = guidance.expand_unet_inputs(config.cfg_type, x_t, schedule.timesteps, f)
+        return UnetCall(x_t, unet_latents, unet_timesteps, self._prompt.layouts[(config.cfg_type, x_t.shape[0])])
+
+    def _stream_finish(self, state: _StreamState, config: EngineConfig, call: UnetCall,
+                       model_output: torch.Tensor) -> torch.Tensor:
+        schedule, noise, f = state.schedule, state.fixed_noise, config.frame_buffer_size
+        eps, stock = guidance.guide(config.cfg_type, model_output, state.stock_noise, config.guidance_scale,
+                                    config.delta, f)
+        x0 = predict_x0(call.x_t, eps, schedule)
         if stock is not None:
             state.stock_noise = guidance.next_stock_noise(eps, stock, noise, schedule)
         state.buffer = add_noise(x0[:-f], noise[f:], schedule.alpha[f:], schedule.beta[f:])
         return x0[-f:]
+
+    def _stream_call(self, state: _StreamState, latents: torch.Tensor) -> torch.Tensor:
+        """One UNet call over every slot; returns the oldest slot's x̂0 (`frame_buffer_size` rows)."""
+        call = self._stream_inputs(state, self.config, latents)
+        if self.skip_policy is not None:
+            model_output = self.skip_policy.unet(call.latents, call.timesteps, call.conditioning,
+                                                 SlotFrame(call.x_t, state.schedule, state.fixed_noise))
+        else:
+            model_output = self.runner.unet(call.latents, call.timesteps, call.conditioning)
+        return self._stream_finish(state, self.config, call, model_output)
 
     def _sequential_call(self, state: _StreamState, latents: torch.Tensor) -> torch.Tensor:
         """The same steps one UNet call at a time, for one input (the stream batch's reference)."""

@@ -12,6 +12,9 @@ from ..prompt import Conditioning
 class EagerRunner:
     """Runs the bundle's modules in PyTorch, without compilation."""
 
+    #: Any batch size runs as is, so streams may share calls (`engine.batching`).
+    dynamic_batch = True
+
     def __init__(self, models: ModelBundle):
         self.models = models
         self.scaling_factor = float(models.vae.config.scaling_factor)
