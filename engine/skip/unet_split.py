@@ -75,32 +75,44 @@ def _up_block(unet: UNet2DConditionModel, block: torch.nn.Module, sample: torch.
                  **_block_kwargs(block, conditioning))
 
 
+def run_down(unet: UNet2DConditionModel, head: HeadOutput, conditioning: Conditioning) -> HeadOutput:
+    """Down blocks 1…: `head` with `hidden` the deepest down output and every down block's skips added."""
+    sample, skips = head.hidden, head.skips
+    for block in unet.down_blocks[1:]:
+        sample, res_samples = block(hidden_states=sample, temb=head.emb, **_block_kwargs(block, conditioning))
+        skips += res_samples
+    return HeadOutput(head.emb, sample, skips, head.forward_upsample_size)
+
+
+def run_mid_up(unet: UNet2DConditionModel, down: HeadOutput, conditioning: Conditioning) -> torch.Tensor:
+    """The mid block and up blocks …−2 on `run_down`'s output: the input of the last up block."""
+    sample, skips = down.hidden, down.skips
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            kwargs = _block_kwargs(unet.mid_block, conditioning)
+            sample = unet.mid_block(sample, down.emb, **kwargs)
+        else:
+            sample = unet.mid_block(sample, down.emb)
+    for block in unet.up_blocks[:-1]:
+        count = len(block.resnets)
+        res_samples, skips = skips[-count:], skips[:-count]
+        upsample_size = skips[-1].shape[2:] if down.forward_upsample_size else None
+        sample = _up_block(unet, block, sample, down.emb, res_samples, upsample_size, conditioning)
+    return sample
+
+
 def run_deep(unet: UNet2DConditionModel, head: HeadOutput, conditioning: Conditioning) -> torch.Tensor:
     """Down blocks 1…, the mid block and up blocks …−2: the input of the last up block.
 
     `head` and `conditioning` may hold any subset of the batch's rows, as long as they hold the same.
     """
-    sample, skips = head.hidden, head.skips
-    for block in unet.down_blocks[1:]:
-        sample, res_samples = block(hidden_states=sample, temb=head.emb, **_block_kwargs(block, conditioning))
-        skips += res_samples
-    if unet.mid_block is not None:
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            kwargs = _block_kwargs(unet.mid_block, conditioning)
-            sample = unet.mid_block(sample, head.emb, **kwargs)
-        else:
-            sample = unet.mid_block(sample, head.emb)
-    for block in unet.up_blocks[:-1]:
-        count = len(block.resnets)
-        res_samples, skips = skips[-count:], skips[:-count]
-        upsample_size = skips[-1].shape[2:] if head.forward_upsample_size else None
-        sample = _up_block(unet, block, sample, head.emb, res_samples, upsample_size, conditioning)
-    return sample
+    return run_mid_up(unet, run_down(unet, head, conditioning), conditioning)
 
 
 def run_tail(unet: UNet2DConditionModel, head: HeadOutput, deep: torch.Tensor,
              conditioning: Conditioning) -> torch.Tensor:
-    """The last up block (fed by the head's skip connections) and the output convolution."""
+    """The last up block (fed by the head's skip connections, the first ones of `head.skips`) and the output
+    convolution; `head` may also be `run_down`'s output, whose skips start with the head's."""
     skips = head.skips[:_tail_skip_count(unet)]
     sample = _up_block(unet, unet.up_blocks[-1], deep, head.emb, skips, None, conditioning)
     if unet.conv_norm_out is not None:
