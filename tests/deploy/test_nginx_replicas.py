@@ -190,6 +190,8 @@ async def test_session_rest_calls_through_nginx_reach_the_owning_replica(cluster
             for replica in REPLICA_IDS:  # a well-formed id its replica does not know: that replica's 404
                 response = await proxy.post(f"/api/sessions/{replica}-000000000000/prompt", json={"prompt": "x"})
                 assert response.status_code == 404 and "no session" in response.json()["detail"]
+            response = await proxy.post("/api/sessions/zz-000000000000/prompt", json={"prompt": "x"})
+            assert response.status_code == 502  # no replica has that id: nginx has no upstream for it
         for ws, _ in opened:  # the sessions still stream after the REST calls
             assert (await _one_output(ws, frame))[:2] == b"\xff\xd8"
     finally:
