@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -35,3 +35,42 @@ def round_robin(items: Sequence[T], after: int, is_ready: Callable[[T], bool]) -
         if is_ready(items[index]):
             return index
     return None
+
+
+@dataclass(frozen=True)
+class BatchPick:
+    """Items chosen for one batch, and the position the next pick starts after."""
+
+    indices: list[int]
+    after: int
+
+
+def round_robin_batch(items: Sequence[T], after: int, is_ready: Callable[[T], bool],
+                      key: Callable[[T], Hashable | None], max_batch: int) -> BatchPick | None:
+    """Up to `max_batch` ready items in round-robin order after `after`, all sharing the first one's key.
+
+    An item whose key is `None` is never batched with another. The next pick starts after the last item
+    taken, or just before the first ready item passed over for a different key, so that one leads the
+    next batch and no item starves. `None` if nothing is ready.
+    """
+    count = len(items)
+    indices: list[int] = []
+    passed_over: int | None = None
+    leader_key: Hashable | None = None
+    for offset in range(1, count + 1):
+        index = (after + offset) % count
+        if not is_ready(items[index]):
+            continue
+        if not indices:
+            indices.append(index)
+            leader_key = key(items[index])
+        elif leader_key is not None and key(items[index]) == leader_key:
+            indices.append(index)
+        elif passed_over is None:
+            passed_over = index
+        if len(indices) == max_batch or leader_key is None:
+            break
+    if not indices:
+        return None
+    next_after = indices[-1] if passed_over is None else (passed_over - 1) % count
+    return BatchPick(indices, next_after)

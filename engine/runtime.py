@@ -1,7 +1,8 @@
 """Threaded runtime around the engine: decode → infer → encode, for many streams at once.
 
 One decode thread (bytes → tensor), one inference thread (the only one that runs the models,
-serving streams round-robin) and one encode thread (tensor → JPEG). Each stream holds at most
+serving streams round-robin, up to `max_batch` streams' frames per batched call, see `engine.batching`)
+and one encode thread (tensor → JPEG). Each stream holds at most
 `max_in_flight` accepted frames that it has not yet taken back; past that, a new frame replaces the
 oldest waiting one (latest wins) and the replaced frame is counted as dropped. Order is kept per
 stream, and every frame carries its arrival time so latency is measured end to end.
@@ -22,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import NetworkRunner
+from .batching import batch_key, step_batch
 from .codec import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_jpeg, rgb_to_tensor, tensor_to_rgb
 from .config import EngineConfig
-from .flow import admit_frame, round_robin
+from .flow import BatchPick, admit_frame, round_robin, round_robin_batch
 from .models import ModelBundle
 from .stream import StreamEngine
 
@@ -135,10 +137,15 @@ class StreamRuntime:
         runner (`NetworkRunner`, *optional*): backend shared by all streams.
         jpeg_quality (`int`): quality of output JPEGs.
         max_pixels (`int`): largest accepted input image, in pixels.
+        max_batch (`int`, defaults to 1): most frames, each from a different stream, advanced by one
+            batched network call; 1 serves one frame at a time.
     """
 
     def __init__(self, models: ModelBundle, config: EngineConfig, runner: NetworkRunner | None = None,
-                 jpeg_quality: int = 85, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 jpeg_quality: int = 85, max_pixels: int = DEFAULT_MAX_PIXELS, max_batch: int = 1):
+        if max_batch < 1:
+            raise ValueError(f"`max_batch` must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
         self.models = models
         self.config = config
         self.runner = runner
@@ -240,35 +247,47 @@ class StreamRuntime:
     def _inference_loop(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._stopping or self._next_ready_index() is not None)
+                self._lock.wait_for(lambda: self._stopping or self._next_batch() is not None)
                 if self._stopping:
                     return
-                index = self._next_ready_index()
-                self._last_served = index
-                handle = self._streams[index]
-                job = handle._waiting.popleft()
-            result = FrameResult(seq=job.seq, arrival=job.arrival, error=job.error)
-            if job.error is None:
-                started = time.perf_counter()
-                try:
-                    step = handle.engine.step(job.image)
-                except Exception as error:  # a failing frame must not kill the worker
-                    logger.exception("inference failed")
-                    self.health.inference_errors += 1
-                    self.health.last_error = f"{type(error).__name__}: {error}"
-                    result.error = ImageDecodeError("inference_failed", f"inference failed: {error}")
-                else:
-                    result.skipped = step.skipped
-                    result.inference_s = time.perf_counter() - started
-                    self.health.frames_inferred += 1
-                    self.health.inference_s.append(result.inference_s)
-                    self._encode_queue.put((handle, result, step.images))
-                    continue
-            self._encode_queue.put((handle, result, None))
+                pick = self._next_batch()
+                self._last_served = pick.after
+                batch = [(self._streams[index], self._streams[index]._waiting.popleft()) for index in pick.indices]
+            self._infer(batch)
 
-    def _next_ready_index(self) -> int | None:
-        return round_robin(self._streams, self._last_served,
-                           lambda h: bool(h._waiting) and h._waiting[0].decoded)
+    def _next_batch(self) -> BatchPick | None:
+        return round_robin_batch(self._streams, self._last_served,
+                                 lambda h: bool(h._waiting) and h._waiting[0].decoded,
+                                 lambda h: batch_key(h.engine), self.max_batch)
+
+    def _infer(self, batch: list[tuple[StreamHandle, _Job]]) -> None:
+        """Run one frame per stream, in one batched call when there are several; results go to encode."""
+        ready = [(handle, job) for handle, job in batch if job.error is None]
+        results = {id(job): FrameResult(seq=job.seq, arrival=job.arrival, error=job.error) for _, job in batch}
+        steps = None
+        if ready:
+            started = time.perf_counter()
+            try:
+                if len(ready) == 1:
+                    steps = [ready[0][0].engine.step(ready[0][1].image)]
+                else:
+                    steps = step_batch([handle.engine for handle, _ in ready], [job.image for _, job in ready])
+            except Exception as error:  # a failing frame must not kill the worker
+                logger.exception("inference failed")
+                self.health.inference_errors += 1
+                self.health.last_error = f"{type(error).__name__}: {error}"
+                for _, job in ready:
+                    results[id(job)].error = ImageDecodeError("inference_failed", f"inference failed: {error}")
+            else:
+                elapsed = time.perf_counter() - started
+                for (_, job), step in zip(ready, steps, strict=True):
+                    results[id(job)].skipped = step.skipped
+                    results[id(job)].inference_s = elapsed
+                    self.health.frames_inferred += 1
+                    self.health.inference_s.append(elapsed)
+        images = {} if steps is None else {id(job): step.images for (_, job), step in zip(ready, steps, strict=True)}
+        for handle, job in batch:
+            self._encode_queue.put((handle, results[id(job)], images.get(id(job))))
 
     def _encode_loop(self) -> None:
         while True:

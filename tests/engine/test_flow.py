@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from engine.flow import Admission, admit_frame, round_robin
+import pytest
+
+from engine.flow import Admission, BatchPick, admit_frame, round_robin, round_robin_batch
 
 
 def test_admit_below_the_limit():
@@ -33,3 +35,46 @@ def test_round_robin_is_fair_when_all_are_ready():
         last = round_robin(items, after=last, is_ready=lambda item: True)
         served.append(last)
     assert served == [0, 1, 2, 0, 1, 2]
+
+
+def test_round_robin_batch_takes_one_item_each_of_the_leaders_key():
+    keys = ["a", "b", "a", "a"]
+    pick = round_robin_batch(keys, -1, lambda k: True, lambda k: k, max_batch=4)
+    # "b" was passed over, so the next pick starts at it.
+    assert pick == BatchPick([0, 2, 3], after=0)
+    assert round_robin_batch(keys, pick.after, lambda k: True, lambda k: k, max_batch=4) == BatchPick([1], after=1)
+
+
+def test_round_robin_batch_never_batches_an_item_without_key():
+    assert round_robin_batch([None, "a"], -1, lambda k: True, lambda k: k, max_batch=2).indices == [0]
+    assert round_robin_batch(["a", None, "a"], -1, lambda k: True, lambda k: k, max_batch=3).indices == [0, 2]
+    assert round_robin_batch(["a", "a"], -1, lambda k: False, lambda k: k, max_batch=2) is None
+
+
+@pytest.mark.parametrize("count", [1, 3, 5])
+@pytest.mark.parametrize("max_batch", [1, 2, 3])
+def test_round_robin_batch_keeps_flooding_items_within_one_frame(count, max_batch):
+    served = [0] * count
+    after = -1
+    for _ in range(30):
+        pick = round_robin_batch(["a"] * count, after, lambda k: True, lambda k: k, max_batch)
+        assert len(set(pick.indices)) == len(pick.indices) == min(max_batch, count)
+        for index in pick.indices:
+            served[index] += 1
+        after = pick.after
+        assert max(served) - min(served) <= 1, served
+
+
+@pytest.mark.parametrize("keys", [["a", "b", "a"], ["a", None, "a", "b"], ["b", "a", "a", "a", "c"]])
+@pytest.mark.parametrize("max_batch", [2, 3])
+def test_round_robin_batch_with_mixed_keys_serves_everyone_every_round(keys, max_batch):
+    picks = []
+    after = -1
+    for _ in range(30):
+        pick = round_robin_batch(keys, after, lambda k: True, lambda k: k, max_batch)
+        assert len({keys[index] for index in pick.indices}) == 1
+        picks.append(pick.indices)
+        after = pick.after
+    for start in range(len(picks) - len(keys) + 1):
+        window = {index for indices in picks[start:start + len(keys)] for index in indices}
+        assert window == set(range(len(keys))), (start, picks)
