@@ -23,7 +23,8 @@ from .builtin_models import BUILTIN_MODELS, build_byte_level_tokenizer, build_mo
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BUILTIN_MODELS", "DEFAULT_HUB_MODEL", "DEFAULT_TAESD", "TINY_VAE_SUBFOLDER", "ModelBundle", "ModelLoadError",
+    "BUILTIN_MODELS", "DEFAULT_HUB_MODEL", "DEFAULT_TAESD", "DEMO_MODEL_DIR", "TINY_VAE_SUBFOLDER", "ModelBundle",
+    "ModelLoadError",
     "build_builtin", "build_byte_level_tokenizer", "load_models",
 ]
 
@@ -32,6 +33,8 @@ DEFAULT_TAESD = "madebyollin/taesd"
 # Our convention for a TAESD shipped inside a saved model folder (real hub models keep it apart).
 TINY_VAE_SUBFOLDER = "vae_tiny"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# The trained offline stylizer (`python -m engine.train_demo`), committed with the code: spec `demo`.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WHAT_TO_PASS = "Pass a local diffusers folder, a `.safetensors` file (with `--model-config FOLDER`), or `tiny`."
 
@@ -350,7 +353,8 @@ def load_models(
     """Load a model set from `spec`.
 
     Args:
-        spec (`str`, defaults to `"tiny"`): `tiny` or `small` (built-in seeded random models), a local
+        spec (`str`, defaults to `"tiny"`): `tiny` or `small` (built-in seeded random models), `demo` (the
+            trained offline stylizer in `engine/demo_model/`), a local
             diffusers folder, a single `.safetensors`/`.ckpt` checkpoint in the original SD layout, or a
             hub id such as `stabilityai/sd-turbo`.
         use_tiny_vae (`bool`, defaults to True): use `AutoencoderTiny` (TAESD); else the model's `AutoencoderKL`.
@@ -374,6 +378,11 @@ def load_models(
         elif taesd is not None:
             bundle.vae = _load_tiny_vae(taesd, why="")
         return bundle
+    if spec == "demo":
+        if not (DEMO_MODEL_DIR / "model_index.json").is_file():
+            raise ModelLoadError(f"the demo model is missing from {str(DEMO_MODEL_DIR)!r}: "
+                                 "rebuild it with `python -m engine.train_demo`")
+        return _load_folder(DEMO_MODEL_DIR, use_tiny_vae, taesd, name="demo")
     path = Path(spec).expanduser()
     if spec.endswith(SINGLE_FILE_SUFFIXES):
         if not path.is_file():

@@ -1,0 +1,132 @@
+"""Evaluate the `demo` model through the engine (`python -m engine.train_demo --eval`).
+
+For each held-out image and style, a slow pan over the image streams through `StreamEngine` at the
+engine's defaults, and each output is compared (PSNR, SSIM) with the classical filter of the frame it
+came from. Also: how far apart the outputs of different prompts are for the same frame, and a
+before/after grid image.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from .codec import rgb_to_tensor, tensor_to_rgb
+from .config import EngineConfig
+from .demo_data import HELD_OUT_IMAGES, load_images, moving_crops
+from .demo_styles import STYLES, stylize
+from .models import ModelBundle, load_models
+from .stream import StreamEngine
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StyleScore", "prompt_separation", "score_styles", "stream_outputs", "write_grid"]
+
+
+@dataclass(frozen=True)
+class StyleScore:
+    """Mean PSNR (dB) and SSIM of the engine's output against the filter, and of the unchanged input."""
+
+    style: str
+    size: int
+    psnr: float
+    ssim: float
+    input_psnr: float
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(cv2.PSNR(a, b))
+
+
+def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, channel_axis=2, data_range=255))
+
+
+def stream_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str) -> list[np.ndarray]:
+    """The engine's outputs for `frames` (RGB uint8) under `prompt`, aligned with the frame each came from.
+
+    The stream batch delays its output by `denoising_steps - 1` frames after the first; the outputs are
+    shifted back so `result[i]` is the output of `frames[i]`. The similarity filter is off, so every frame runs.
+    """
+    size = frames[0].shape[0]
+    config = EngineConfig(model=models.name, width=size, height=size, prompt=prompt, similarity_filter=False,
+                          device="cpu")
+    engine = StreamEngine(models, config)
+    lag = config.denoising_steps - 1
+    outputs = [tensor_to_rgb(engine(rgb_to_tensor(frame))) for frame in [*frames, *[frames[-1]] * lag]]
+    return [outputs[0], *outputs[1 + lag:]][: len(frames)] if lag else outputs
+
+
+def score_styles(models: ModelBundle, images: dict[str, np.ndarray], size: int, frames: int = 4) -> list[StyleScore]:
+    """Per style, mean PSNR/SSIM over the pans of every image in `images` at `size`² pixels."""
+    scores = []
+    pans = {name: moving_crops(image, frames, size) for name, image in images.items()}
+    for style in STYLES:
+        psnrs, ssims, input_psnrs = [], [], []
+        for pan in pans.values():
+            for frame, output in zip(pan, stream_outputs(models, pan, style), strict=True):
+                target = stylize(frame, style)
+                psnrs.append(_psnr(output, target))
+                ssims.append(_ssim(output, target))
+                input_psnrs.append(_psnr(frame, target))
+        scores.append(StyleScore(style, size, float(np.mean(psnrs)), float(np.mean(ssims)),
+                                 float(np.mean(input_psnrs))))
+    return scores
+
+
+def prompt_separation(models: ModelBundle, frame: np.ndarray, prompts: list[str]) -> dict[tuple[str, str], float]:
+    """Mean absolute difference (0–255 scale) between the outputs of every pair of prompts for one frame."""
+    outputs = {prompt: stream_outputs(models, [frame], prompt)[0].astype(np.float32) for prompt in prompts}
+    return {(a, b): float(np.abs(outputs[a] - outputs[b]).mean()) for a, b in itertools.combinations(prompts, 2)}
+
+
+def _label(tile: np.ndarray, text: str) -> np.ndarray:
+    strip = np.full((18, tile.shape[1], 3), 255, dtype=np.uint8)
+    cv2.putText(strip, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, tile])
+
+
+def write_grid(models: ModelBundle, images: dict[str, np.ndarray], path: Path, size: int = 128) -> None:
+    """Per held-out image two rows: the classical filters, and the `demo` model's streamed outputs."""
+    rows = []
+    for name, image in images.items():
+        frame = moving_crops(image, 1, size)[0]
+        filters = [_label(frame, f"{name} input")]
+        model = [_label(frame, "engine input")]
+        for style in STYLES:
+            filters.append(_label(stylize(frame, style), f"filter: {style}"[:26]))
+            model.append(_label(stream_outputs(models, [frame], style)[0], f"demo: {style}"[:26]))
+        rows += [np.concatenate(filters, axis=1), np.concatenate(model, axis=1)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR))
+
+
+def main(folder: Path, grid: Path, sizes: tuple[int, ...] = (128, 256)) -> None:
+    """Print the evaluation of the model folder `folder` and write the grid image to `grid`."""
+    models = load_models(str(folder))
+    models.name = "demo"
+    models.to(torch.device("cpu"), torch.float32)
+    images = load_images(HELD_OUT_IMAGES)
+    print(f"held-out images: {', '.join(images)}; engine defaults (t_index_list {EngineConfig().t_index_list}, "
+          f"cfg {EngineConfig().cfg_type} {EngineConfig().guidance_scale}), 4-frame pans")
+    for size in sizes:
+        print(f"\n{size}x{size}: {'style':<22} {'PSNR dB':>8} {'SSIM':>6} {'input PSNR':>11}")
+        for score in score_styles(models, images, size):
+            print(f"{'':9}{score.style:<22} {score.psnr:8.2f} {score.ssim:6.3f} {score.input_psnr:11.2f}")
+    frame = moving_crops(images[HELD_OUT_IMAGES[0]], 1, 128)[0]
+    separation = prompt_separation(models, frame, list(STYLES))
+    worst = min(separation, key=separation.get)
+    print(f"\nprompt separation on one 128x128 frame (mean |difference|, 0-255): min {separation[worst]:.1f} "
+          f"({worst[0]!r} vs {worst[1]!r}), median {np.median(list(separation.values())):.1f}")
+    unknown = prompt_separation(models, frame, ["photo", "xyzzy qwerty"])[("photo", "xyzzy qwerty")]
+    print(f"unknown prompt 'xyzzy qwerty' vs 'photo' (the fallback; small is right): {unknown:.1f}")
+    write_grid(models, images, grid)
+    print(f"\ngrid written to {grid}")
