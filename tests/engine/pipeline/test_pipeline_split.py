@@ -31,7 +31,7 @@ def _single_device(unet, call: UNetCall) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("use_kv_cache", [False, True])
-@pytest.mark.parametrize("latent_size", [(8, 8), (6, 10)])
+@pytest.mark.parametrize("latent_size", [(8, 8), (6, 10), (5, 7)])
 def test_two_stages_equal_the_unet(tiny_models, use_kv_cache, latent_size):
     unet = tiny_models.unet
     install_kv_processors(unet)
