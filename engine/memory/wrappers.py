@@ -68,10 +68,6 @@ def unwrap(module: nn.Module) -> None:
         module.__class__ = original
 
 
-def is_wrapped(module: nn.Module) -> bool:
-    return _ORIGINAL_CLASS in module.__dict__
-
-
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     for value in (*args, kwargs.get("hidden_states"), kwargs.get("input_tensor"), kwargs.get("sample")):
         if isinstance(value, torch.Tensor):
