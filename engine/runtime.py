@@ -125,6 +125,8 @@ class RuntimeHealth:
     inference_errors: int = 0
     last_error: str | None = None
     frames_inferred: int = 0
+    #: Network passes run (each advances one frame, or up to `max_batch` frames with batching).
+    batches: int = 0
     inference_s: deque = field(default_factory=lambda: deque(maxlen=100))
 
 
@@ -280,6 +282,7 @@ class StreamRuntime:
                     results[id(job)].error = ImageDecodeError("inference_failed", f"inference failed: {error}")
             else:
                 elapsed = time.perf_counter() - started
+                self.health.batches += 1
                 for (_, job), step in zip(ready, steps, strict=True):
                     results[id(job)].skipped = step.skipped
                     results[id(job)].inference_s = elapsed

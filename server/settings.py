@@ -34,6 +34,8 @@ class ServerSettings:
         port (`int`, defaults to 8000): TCP port (0 picks a free one).
         max_sessions (`int`, defaults to 4): concurrent WebSocket sessions; more are closed with 1013.
         max_in_flight (`int`, defaults to 2): frames a session may have accepted but not yet answered.
+        max_batch (`int`, defaults to 4): most sessions' frames advanced by one batched network call
+            (`engine.batching`); 1 serves one frame at a time.
         max_message_bytes (`int`, defaults to 8 MiB): largest WebSocket message; larger ones close with 1009.
         max_prompt_chars (`int`, defaults to 1000): longest prompt or negative prompt, in characters.
         max_pixels (`int`, defaults to `engine.codec.DEFAULT_MAX_PIXELS`): largest input image, in pixels.
@@ -53,6 +55,7 @@ class ServerSettings:
     port: int = 8000
     max_sessions: int = 4
     max_in_flight: int = 2
+    max_batch: int = 4
     max_message_bytes: int = 8 * 1024 * 1024
     max_prompt_chars: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -68,7 +71,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         object.__setattr__(self, "token", self.token or None)
-        for name in ("max_sessions", "max_in_flight", "max_message_bytes", "max_prompt_chars", "max_pixels"):
+        for name in ("max_sessions", "max_in_flight", "max_batch", "max_message_bytes", "max_prompt_chars",
+                     "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
@@ -144,6 +148,7 @@ _OPTIONS: tuple[_Option, ...] = (
             engine=True, boolean=True),
     _Option(("--max-sessions",), "max_sessions", int, "concurrent WebSocket sessions"),
     _Option(("--max-in-flight",), "max_in_flight", int, "frames in flight per session"),
+    _Option(("--max-batch",), "max_batch", int, "most sessions' frames per batched network call (1 = one at a time)"),
     _Option(("--max-message-size",), "max_message_bytes", int, "largest WebSocket message in bytes"),
     _Option(("--max-prompt-length",), "max_prompt_chars", int, "longest prompt in characters"),
     _Option(("--max-pixels",), "max_pixels", int, "largest input image in pixels"),

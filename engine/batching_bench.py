@@ -1,0 +1,62 @@
+"""`python -m engine.batching_bench`: aggregate FPS of N flooding streams in one `StreamRuntime`,
+alternating `max_batch=1` and `max_batch=N` so a noisy machine affects both alike (no network, no client)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .clips import synthetic_clip
+from .codec import encode_jpeg
+from .config import EngineConfig
+from .models import load_models
+from .runtime import StreamRuntime
+
+
+def measure(models, config: EngineConfig, streams: int, max_batch: int, duration: float) -> tuple[float, float]:
+    """(aggregate output FPS, mean frames per network pass) of `streams` streams kept full for `duration` s."""
+    frames = [encode_jpeg(frame) for frame in synthetic_clip("fast_motion", 16, config.width, config.height)]
+    with StreamRuntime(models, config, max_batch=max_batch) as runtime:
+        handles = [runtime.open_stream(max_in_flight=2, prompt=f"stream {index}") for index in range(streams)]
+        for handle in handles:  # prime every buffer before the window opens
+            runtime.submit(handle, frames[0])
+            handle.get(timeout=120)
+        passes, inferred = runtime.health.batches, runtime.health.frames_inferred
+        outputs, sent, deadline = 0, 0, time.monotonic() + duration
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            for handle in handles:
+                while handle.get_nowait() is not None:
+                    outputs += 1
+                if handle.in_flight < handle.max_in_flight:
+                    runtime.submit(handle, frames[sent % len(frames)])
+                    sent += 1
+            time.sleep(0.001)
+        elapsed = time.monotonic() - started
+        batch = (runtime.health.frames_inferred - inferred) / max(1, runtime.health.batches - passes)
+    return outputs / elapsed, batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.batching_bench", description=__doc__)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    models = load_models(args.model)
+    config = EngineConfig(model=args.model, width=args.size, height=args.size, similarity_filter=False)
+    for round_index in range(args.rounds):
+        alone, _ = measure(models, config, args.streams, 1, args.duration)
+        batched, batch = measure(models, config, args.streams, args.streams, args.duration)
+        print(f"round {round_index + 1}: max_batch=1 {alone:.2f} fps, max_batch={args.streams} {batched:.2f} fps "
+              f"(mean batch {batch:.2f}), speed-up {batched / alone:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
