@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from engine import EngineConfig
 from engine.codec import DEFAULT_MAX_PIXELS
-from engine.config import BACKENDS, CFG_TYPES
+from engine.config import BACKENDS, CFG_TYPES, MEMORY_MODES, SKIP_POLICIES
 
 ENV_PREFIX = "STREAMDIFF_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -145,6 +145,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--prompt",), "prompt", str, "prompt every session starts with", engine=True),
     _Option(("--negative-prompt",), "negative_prompt", str, "negative prompt every session starts with",
             engine=True),
+    _Option(("--skip-policy",), "skip_policy", str, "per-frame skip policy (docs/skip_policies.md)", engine=True,
+            choices=SKIP_POLICIES),
+    _Option(("--memory",), "memory", str, "peak-memory mode for large frames (docs/memory.md)", engine=True,
+            choices=MEMORY_MODES),
     _Option(("--similarity-filter",), "similarity_filter", _bool, "skip near-identical input frames",
             engine=True, boolean=True),
     _Option(("--max-sessions",), "max_sessions", int, "concurrent WebSocket sessions"),

@@ -47,8 +47,17 @@ def test_flags_win_over_environment():
     assert settings.engine.t_index_list == (10, 20, 30) and settings.engine.similarity_filter is False
 
 
+def test_skip_policy_and_memory_mode_flags():
+    settings = parse_settings(["--skip-policy", "rehash", "--memory", "slice"], environ={})
+    assert (settings.engine.skip_policy, settings.engine.memory) == ("rehash", "slice")
+    settings = parse_settings([], environ={"STREAMDIFF_SKIP_POLICY": "adacache"})
+    assert settings.engine.skip_policy == "adacache" and settings.engine.memory == "off"
+
+
 @pytest.mark.parametrize(("argv", "environ"), [
     (["--width", "65"], {}),
+    (["--skip-policy", "sometimes"], {}),
+    ([], {"STREAMDIFF_MEMORY": "tiles"}),
     (["--cfg-type", "sometimes"], {}),
     ([], {"STREAMDIFF_PORT": "eighty"}),
     ([], {"STREAMDIFF_BACKEND": "quantum"}),
