@@ -35,7 +35,7 @@ from .builtin_models import build_byte_level_tokenizer
 from .config import EngineConfig
 from .demo_data import TRAIN_IMAGES, CropSampler, load_images
 from .demo_styles import STYLES, sample_prompt, stylize
-from .models import DEMO_MODEL_DIR, ModelBundle
+from .models import DEMO_MODEL_DIR, ModelBundle, load_models
 from .schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
 
 logger = logging.getLogger(__name__)
@@ -239,23 +239,27 @@ def train_stylizer(bundle: ModelBundle, sampler: CropSampler, settings: TrainSet
 # --------------------------------------------------------------------------- entry points
 
 
-def train(settings: TrainSettings, out: Path) -> dict:
-    """Train both stages and save the `demo` diffusers folder to `out`; returns the training record."""
+def train(settings: TrainSettings, out: Path, resume: Path | None = None) -> dict:
+    """Train both stages and save the `demo` diffusers folder to `out`; returns the training record.
+
+    With `resume`, both stages continue from that saved folder's weights instead of a fresh build.
+    """
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    bundle = build_demo_bundle(settings.seed)
+    bundle = load_models(str(resume)) if resume is not None else build_demo_bundle(settings.seed)
+    history = json.loads((resume / "training.json").read_text())["runs"] if resume is not None else []
     images = load_images(TRAIN_IMAGES)
     vae_l1 = train_vae(bundle.vae, CropSampler(images, settings.vae_crop, seed=settings.seed), settings, rng)
     logger.info("vae stage done: L1 %.4f after %.0f s", vae_l1, time.perf_counter() - started)
     stylizer_mse = train_stylizer(bundle, CropSampler(images, settings.unet_crop, seed=settings.seed + 1),
                                   settings, rng)
-    record = {"settings": asdict(settings), "vae_l1": round(vae_l1, 5),
+    record = {"settings": asdict(settings), "resumed": resume is not None, "vae_l1": round(vae_l1, 5),
               "stylizer_latent_mse": round(stylizer_mse, 5), "train_images": list(TRAIN_IMAGES),
               "styles": list(STYLES), "seconds": round(time.perf_counter() - started),
               "torch_threads": torch.get_num_threads()}
     bundle.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps({"runs": [*history, record]}, indent=2) + "\n")
     logger.info("saved the demo model to %s after %d s", out, record["seconds"])
     return record
 
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="checkpoint folder (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=defaults.unet_steps, help="stylizer steps (VAE steps scale "
                         f"with it: {defaults.vae_steps} for the default {defaults.unet_steps})")
+    parser.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: scaled with --steps)")
+    parser.add_argument("--resume", type=Path, default=None, help="continue training from this saved folder")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--crop", type=int, default=defaults.unet_crop, help="stylizer crop side in pixels")
     parser.add_argument("--batch", type=int, default=defaults.unet_batch, help="stylizer crops per step")
@@ -282,10 +288,11 @@ def main(argv: list[str] | None = None) -> None:
 
         evaluate(args.out, args.grid)
         return
-    vae_steps = max(1, round(defaults.vae_steps * args.steps / defaults.unet_steps))
+    vae_steps = args.vae_steps if args.vae_steps is not None else \
+        max(1, round(defaults.vae_steps * args.steps / defaults.unet_steps))
     settings = TrainSettings(vae_steps=vae_steps, unet_steps=args.steps, unet_crop=args.crop,
                              unet_batch=args.batch, vae_crop=min(defaults.vae_crop, args.crop), seed=args.seed)
-    train(settings, args.out)
+    train(settings, args.out, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def test_tiny_training_run_saves_a_model_the_engine_streams(tmp_path):
     settings = TrainSettings(vae_steps=2, unet_steps=2, vae_batch=2, vae_crop=32, unet_batch=2, unet_crop=32, seed=5)
     record = train(settings, tmp_path / "demo")
     assert np.isfinite(record["vae_l1"]) and np.isfinite(record["stylizer_latent_mse"])
-    assert json.loads((tmp_path / "demo" / "training.json").read_text())["settings"]["unet_steps"] == 2
+    assert json.loads((tmp_path / "demo" / "training.json").read_text())["runs"][-1]["settings"]["unet_steps"] == 2
 
     trained = load_models(str(tmp_path / "demo"))
     untrained = build_demo_bundle(seed=5)

@@ -1,0 +1,78 @@
+"""The committed `demo` model: it loads by name, streams through the engine and follows its prompt."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import EngineConfig, StreamEngine, load_models
+from engine.clips import synthetic_clip
+from engine.codec import rgb_to_tensor, tensor_to_rgb
+from engine.demo_styles import FALLBACK_STYLE, STYLES, sample_prompt, style_of_prompt, stylize
+from engine.models import DEMO_MODEL_DIR, ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def demo_models():
+    return load_models("demo")
+
+
+def _stream(models, frame: np.ndarray, prompt: str, frames: int = 2) -> np.ndarray:
+    size = frame.shape[0]
+    config = EngineConfig(model="demo", width=size, height=size, prompt=prompt, similarity_filter=False)
+    engine = StreamEngine(models, config)
+    output = None
+    for _ in range(frames):
+        output = tensor_to_rgb(engine(rgb_to_tensor(frame)))
+    return output
+
+
+def _frame(size: int = 128) -> np.ndarray:
+    return synthetic_clip("static", 1, size, size, seed=3)[0]
+
+
+def test_demo_loads_from_the_committed_folder(demo_models):
+    assert (DEMO_MODEL_DIR / "vae_tiny" / "config.json").is_file()
+    assert demo_models.name == "demo"
+    assert type(demo_models.vae).__name__ == "AutoencoderTiny"
+    assert sum(p.numel() for p in demo_models.unet.parameters()) < 5_000_000
+
+
+def test_demo_outputs_follow_the_prompt(demo_models):
+    frame = _frame()
+    sketch = _stream(demo_models, frame, "pencil sketch").astype(np.float32)
+    thermal = _stream(demo_models, frame, "thermal camera").astype(np.float32)
+    assert sketch.shape == thermal.shape == frame.shape
+    assert np.abs(sketch - thermal).mean() > 20  # of 255
+
+
+def test_demo_output_is_closer_to_the_filter_than_the_input_is(demo_models):
+    frame = _frame()
+    target = stylize(frame, "thermal camera").astype(np.float32)
+    output = _stream(demo_models, frame, "thermal camera").astype(np.float32)
+    assert np.abs(output - target).mean() < np.abs(frame.astype(np.float32) - target).mean()
+
+
+def test_missing_demo_folder_is_a_model_load_error(monkeypatch, tmp_path):
+    monkeypatch.setattr("engine.models.DEMO_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match="train_demo"):
+        load_models("demo")
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_every_style_keeps_shape_and_type(style):
+    frame = _frame(64)
+    out = stylize(frame, style)
+    assert out.shape == frame.shape and out.dtype == np.uint8
+    assert (np.array_equal(out, frame)) == (style == FALLBACK_STYLE)
+
+
+def test_prompts_name_their_style_and_unknown_prompts_fall_back():
+    import random
+
+    rng = random.Random(0)
+    for style in STYLES:
+        for _ in range(20):
+            assert style_of_prompt(sample_prompt(style, rng)) == style
+    assert style_of_prompt("Pencil Sketch of a cat") == "pencil sketch"
+    assert style_of_prompt("xyzzy") == FALLBACK_STYLE
