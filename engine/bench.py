@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=30, help="measured frames per row (median)")
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured frames per row")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
+                        "machine OpenMP threads that wait for a descheduled peer make 2 threads far slower than 1")
     parser.add_argument("--backend", nargs="+", default=[], choices=BACKENDS,
                         help="also measure the engine on these backends (e.g. onnxruntime): adds <backend>_fps")
     parser.add_argument("--skip", help="instead of the fps rows: skip policies to measure, e.g. rehash,adacache "
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-model", default="small", help="model of --memory (default small)")
     parser.add_argument("--memory-sizes", default="512,1024", help="comma-separated square sizes of --memory")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.memory:
         sizes = tuple(int(size) for size in args.memory_sizes.split(","))
