@@ -1,4 +1,4 @@
-"""Cross-session batching: advance several `StreamEngine`s with one UNet call and one VAE call each way.
+"""Cross-session batching: advance several `StreamEngine`s with one UNet call.
 
 Every engine keeps its own state (prompt K/V, fixed and stock noise, latent buffer, similarity filter);
 only the network calls are shared. The engines' UNet rows are concatenated along the batch, with a
@@ -18,7 +18,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from .prompt import Conditioning
-from .stream import FrameWork, StepResult, StreamEngine, UnetCall
+from .stream import FrameWork, StepResult, StreamEngine
 
 
 def batch_key(engine: StreamEngine) -> Hashable | None:
@@ -45,35 +45,59 @@ def concat_conditioning(conditionings: Sequence[Conditioning]) -> Conditioning:
 
 @torch.no_grad()
 def step_batch(engines: Sequence[StreamEngine], images: Sequence[torch.Tensor]) -> list[StepResult]:
-    """`engines[i].step(images[i])` for every i, sharing the network calls of batch-compatible engines.
+    """`engines[i].step(images[i])` for every i, sharing the UNet calls of batch-compatible engines.
 
-    Engines are grouped by `batch_key`; a group of one, or an engine without a key, runs its own `step`.
     Every input is checked before any stream advances, so a bad input raises `ValueError` and changes
-    nothing.
+    nothing. The VAE runs per frame, as in `engine.runtime`, where it overlaps the batched UNet call.
     """
     if len(engines) != len(images):
         raise ValueError(f"got {len(engines)} engines but {len(images)} inputs")
-    if len({id(engine) for engine in engines}) != len(engines):
-        raise ValueError("an engine may appear only once in a batch")
-    results: list[StepResult | None] = [None] * len(engines)
+    _check_distinct(engines)
+    for engine, image in zip(engines, images, strict=True):
+        engine.check_input(image)
+    frames = [engine.begin(image) for engine, image in zip(engines, images, strict=True)]
+    error = next((error for error in advance_batch(engines, frames) if error is not None), None)
+    if error is not None:
+        raise error
+    return [engine.finish(frame) for engine, frame in zip(engines, frames, strict=True)]
+
+
+@torch.no_grad()
+def advance_batch(engines: Sequence[StreamEngine], frames: Sequence[FrameWork]) -> list[Exception | None]:
+    """`engines[i].advance(frames[i])` for every i, with one UNet call per group of batch-compatible engines.
+
+    Engines are grouped by `batch_key`; a group of one, an engine without a key, a skipped frame or a frame
+    encoded before its stream changed size runs its own `advance`. Returns each frame's error (`None` when it
+    advanced): a failing group fails only its own frames.
+    """
+    if len(engines) != len(frames):
+        raise ValueError(f"got {len(engines)} engines but {len(frames)} frames")
+    _check_distinct(engines)
     groups: dict[Hashable, list[int]] = {}
-    for index, engine in enumerate(engines):
+    for index, (engine, frame) in enumerate(zip(engines, frames, strict=True)):
         key = batch_key(engine)
-        if key is None:
+        if key is None or frame.skipped or frame.latents.shape[1:] != engine.latent_shape(engine.config):
             key = ("alone", index)
         groups.setdefault(key, []).append(index)
+    errors: list[Exception | None] = [None] * len(engines)
     for indices in groups.values():
-        if len(indices) == 1:
-            results[indices[0]] = engines[indices[0]].step(images[indices[0]])
-        else:
-            group_results = _step_group([engines[i] for i in indices], [images[i] for i in indices])
-            for index, result in zip(indices, group_results, strict=True):
-                results[index] = result
-    return results
+        try:
+            if len(indices) == 1:
+                engines[indices[0]].advance(frames[indices[0]])
+            else:
+                _advance_group([engines[i] for i in indices], [frames[i] for i in indices])
+        except Exception as error:  # reported per frame by the caller
+            for index in indices:
+                errors[index] = error
+    return errors
 
 
-def _step_group(engines: list[StreamEngine], images: list[torch.Tensor]) -> list[StepResult]:
-    batches = [engine.check_input(image) for engine, image in zip(engines, images, strict=True)]
+def _check_distinct(engines: Sequence[StreamEngine]) -> None:
+    if len({id(engine) for engine in engines}) != len(engines):
+        raise ValueError("an engine may appear only once in a batch")
+
+
+def _advance_group(engines: list[StreamEngine], frames: list[FrameWork]) -> None:
     # Only this call takes several engine locks, always in the same (id) order, so none can deadlock.
     locks = sorted((engine.lock for engine in engines), key=id)
     for lock in locks:
@@ -82,32 +106,13 @@ def _step_group(engines: list[StreamEngine], images: list[torch.Tensor]) -> list
         if any(batch_key(engine) != batch_key(engines[0]) for engine in engines):
             # A parameter update between grouping and locking made them incompatible.
             raise ValueError("engines stopped being batch-compatible")
-        frames = [engine.begin_frame(batch) for engine, batch in zip(engines, batches, strict=True)]
-        _advance([(engine, frame) for engine, frame in zip(engines, frames, strict=True) if not frame.skipped])
+        calls = [engine.prepare_denoise(frame) for engine, frame in zip(engines, frames, strict=True)]
+        model_output = engines[0].runner.unet(torch.cat([call.latents for call in calls]),
+                                              torch.cat([call.timesteps for call in calls]),
+                                              concat_conditioning([call.conditioning for call in calls]))
+        outputs = torch.split(model_output, [call.latents.shape[0] for call in calls])
+        for engine, frame, call, output in zip(engines, frames, calls, outputs, strict=True):
+            engine.complete_denoise(frame, call, output)
     finally:
         for lock in reversed(locks):
             lock.release()
-    return [frame.result(single=image.dim() == 3) for frame, image in zip(frames, images, strict=True)]
-
-
-def _advance(work: list[tuple[StreamEngine, FrameWork]]) -> None:
-    """Encode, denoise and decode the frames that the similarity filter let through, in shared calls."""
-    if not work:
-        return
-    runner = work[0][0].runner
-    encoded = runner.encode(torch.cat([frame.images for _, frame in work]))
-    latents = torch.split(encoded, [frame.images.shape[0] for _, frame in work])
-    calls: list[UnetCall] = []
-    for (engine, frame), frame_latents in zip(work, latents, strict=True):
-        engine.prime_if_empty(frame, frame_latents)
-        calls.append(engine.stream_unet_call(frame, frame_latents))
-    model_output = runner.unet(torch.cat([call.latents for call in calls]),
-                               torch.cat([call.timesteps for call in calls]),
-                               concat_conditioning([call.conditioning for call in calls]))
-    outputs = torch.split(model_output, [call.latents.shape[0] for call in calls])
-    denoised = [engine.finish_stream_call(frame, call, output)
-                for (engine, frame), call, output in zip(work, calls, outputs, strict=True)]
-    decoded = runner.decode(torch.cat(denoised))
-    for (engine, frame), images in zip(work, torch.split(decoded, [d.shape[0] for d in denoised]), strict=True):
-        engine.finish_frame(frame, images)
-

@@ -1,8 +1,10 @@
 """Threaded runtime around the engine: decode → infer → encode, for many streams at once.
 
-One decode thread (bytes → tensor), one inference thread (the only one that runs the models,
-serving streams round-robin, up to `max_batch` streams' frames per batched call, see `engine.batching`)
-and one encode thread (tensor → JPEG). Each stream holds at most
+Three threads run the engine's three stages as a pipeline, so the VAE calls of one frame overlap the
+UNet call of another: the input thread (bytes → tensor → `StreamEngine.begin`: similarity filter, VAE
+encode), the inference thread (`advance`: the stream-batch UNet call, serving streams round-robin, up to
+`max_batch` streams' frames per batched call, see `engine.batching`) and the output thread (`finish`:
+VAE decode, then tensor → JPEG). Each stream holds at most
 `max_in_flight` accepted frames that it has not yet taken back; past that, a new frame replaces the
 oldest waiting one (latest wins) and the replaced frame is counted as dropped. Order is kept per
 stream, and every frame carries its arrival time so latency is measured end to end.
@@ -20,15 +22,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from .backends import NetworkRunner
-from .batching import batch_key, step_batch
+from .batching import advance_batch, batch_key
 from .codec import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_jpeg, rgb_to_tensor, tensor_to_rgb
 from .config import EngineConfig
 from .flow import BatchPick, admit_frame, round_robin, round_robin_batch
 from .models import ModelBundle
-from .stream import StreamEngine
+from .stream import FrameWork, StreamEngine
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,14 @@ class _Job:
     seq: int
     data: bytes
     arrival: float
-    image: torch.Tensor | None = None
+    frame: FrameWork | None = None
     error: ImageDecodeError | None = None
+    #: Model time spent on the frame so far (VAE encode, UNet, VAE decode), in seconds.
+    model_s: float = 0.0
 
     @property
     def decoded(self) -> bool:
-        return self.image is not None or self.error is not None
+        return self.frame is not None or self.error is not None
 
 
 @dataclass
@@ -231,12 +233,26 @@ class StreamRuntime:
                 self._last_decoded = self._streams.index(handle)
                 config = handle.engine.config
             try:
-                job.image = rgb_to_tensor(decode_image(job.data, config.width, config.height, self.max_pixels))
+                image = rgb_to_tensor(decode_image(job.data, config.width, config.height, self.max_pixels))
             except ImageDecodeError as error:
                 job.error = error
+            else:
+                started = time.perf_counter()
+                try:
+                    job.frame = handle.engine.begin(image)
+                except Exception as error:  # e.g. the stream changed size after the image was decoded
+                    job.error = self._model_error("VAE encode", error)
+                job.model_s = time.perf_counter() - started
             job.data = b""
             with self._lock:
                 self._lock.notify_all()
+
+    def _model_error(self, stage: str, error: Exception) -> ImageDecodeError:
+        """Log and count a failing model stage; the frame is answered with an `inference_failed` error."""
+        logger.error("%s failed", stage, exc_info=error)
+        self.health.inference_errors += 1
+        self.health.last_error = f"{type(error).__name__}: {error}"
+        return ImageDecodeError("inference_failed", f"inference failed: {error}")
 
     def _next_undecoded(self) -> tuple[StreamHandle, _Job] | None:
         index = round_robin(self._streams, self._last_decoded,
@@ -263,43 +279,42 @@ class StreamRuntime:
                                  lambda h: batch_key(h.engine), self.max_batch)
 
     def _infer(self, batch: list[tuple[StreamHandle, _Job]]) -> None:
-        """Run one frame per stream, in one batched call when there are several; results go to encode."""
+        """Advance one frame per stream, in one batched UNet call when there are several."""
         ready = [(handle, job) for handle, job in batch if job.error is None]
-        results = {id(job): FrameResult(seq=job.seq, arrival=job.arrival, error=job.error) for _, job in batch}
-        steps = None
         if ready:
             started = time.perf_counter()
-            try:
-                if len(ready) == 1:
-                    steps = [ready[0][0].engine.step(ready[0][1].image)]
-                else:
-                    steps = step_batch([handle.engine for handle, _ in ready], [job.image for _, job in ready])
-            except Exception as error:  # a failing frame must not kill the worker
-                logger.exception("inference failed")
-                self.health.inference_errors += 1
-                self.health.last_error = f"{type(error).__name__}: {error}"
-                for _, job in ready:
-                    results[id(job)].error = ImageDecodeError("inference_failed", f"inference failed: {error}")
-            else:
-                elapsed = time.perf_counter() - started
-                self.health.batches += 1
-                for (_, job), step in zip(ready, steps, strict=True):
-                    results[id(job)].skipped = step.skipped
-                    results[id(job)].inference_s = elapsed
+            errors = advance_batch([handle.engine for handle, _ in ready], [job.frame for _, job in ready])
+            elapsed = time.perf_counter() - started
+            self.health.batches += 1
+            for (_, job), error in zip(ready, errors, strict=True):
+                job.model_s += elapsed
+                if error is None:
                     self.health.frames_inferred += 1
-                    self.health.inference_s.append(elapsed)
-        images = {} if steps is None else {id(job): step.images for (_, job), step in zip(ready, steps, strict=True)}
+                else:
+                    job.error = self._model_error("inference", error)
         for handle, job in batch:
-            self._encode_queue.put((handle, results[id(job)], images.get(id(job))))
+            self._encode_queue.put((handle, job))
 
     def _encode_loop(self) -> None:
         while True:
             item = self._encode_queue.get()
             if item is None:
                 return
-            handle, result, image = item
-            if image is not None:
-                result.jpeg = encode_jpeg(tensor_to_rgb(image), self.jpeg_quality)
+            handle, job = item
+            result = FrameResult(seq=job.seq, arrival=job.arrival, error=job.error)
+            if job.error is None:
+                started = time.perf_counter()
+                try:
+                    step = handle.engine.finish(job.frame)
+                except Exception as error:  # a failing frame must not kill the worker
+                    result.error = self._model_error("VAE decode", error)
+                else:
+                    job.model_s += time.perf_counter() - started
+                    result.jpeg = encode_jpeg(tensor_to_rgb(step.images), self.jpeg_quality)
+                    result.skipped = step.skipped
+                    result.inference_s = job.model_s
+                    self.health.inference_s.append(job.model_s)
+            if result.error is None:
                 handle.stats.frames_out += 1
                 handle.stats.skipped += int(result.skipped)
             else:

@@ -63,23 +63,30 @@ class _StreamState:
     fixed_noise: torch.Tensor
     stock_noise: torch.Tensor | None
     buffer: torch.Tensor | None = None
+    #: A frame was let through on this state, so a later skipped frame has an output to repeat.
+    has_frames: bool = False
     last_output: torch.Tensor | None = None
 
 
 @dataclass
 class FrameWork:
-    """A frame between `StreamEngine.begin_frame` and `finish_frame`: the input in [-1, 1], the state and
-    config it advances (fixed when it began), and its output once known."""
+    """A frame on its way through `StreamEngine.begin` → `advance` → `finish`, which may run on three threads.
+
+    `state` is the stream state the frame advanced (set by `advance`; for a skipped frame, by `begin`: the
+    state whose last output it repeats). `latents` are the VAE latents, `denoised` the x̂0 latents to decode.
+    """
 
     images: torch.Tensor
-    state: _StreamState
-    config: EngineConfig
     skipped: bool
+    single: bool
+    state: _StreamState | None = None
+    latents: torch.Tensor | None = None
+    denoised: torch.Tensor | None = None
     output: torch.Tensor | None = None
 
-    def result(self, single: bool) -> StepResult:
+    def result(self) -> StepResult:
         """The frame's `StepResult`, one image for a single-image input."""
-        return StepResult(images=self.output[0] if single else self.output, skipped=self.skipped)
+        return StepResult(images=self.output[0] if self.single else self.output, skipped=self.skipped)
 
 
 class StreamEngine:
@@ -211,29 +218,18 @@ class StreamEngine:
         """Images in [0, 1], `[3, H, W]` or `[frame_buffer_size, 3, H, W]`, to the stream's output."""
         return self.step(images).images
 
-    @torch.no_grad()
     def step(self, images: torch.Tensor) -> StepResult:
         """Advance the stream by one input (`frame_buffer_size` frames) and return one output."""
-        batch = self.check_input(images)
-        with self._lock:
-            frame = self.begin_frame(batch)
-            if not frame.skipped:
-                latents = self.runner.encode(frame.images)
-                if frame.config.stream_batch:
-                    self.prime_if_empty(frame, latents)
-                    denoised = self._stream_call(frame.state, latents)
-                else:
-                    denoised = self._sequential_call(frame.state, latents)
-                self.finish_frame(frame, self.runner.decode(denoised))
-        return frame.result(single=images.dim() == 3)
+        return self.finish(self.advance(self.begin(images)))
 
-    # ------------------------------------------------------------------ step phases
-    # `step` is these phases in order; `engine.batching` runs them for many engines with one network
-    # call per phase. Callers hold `lock` from `begin_frame` to `finish_frame`.
+    # ------------------------------------------------------------------ stages
+    # `step` is three stages. `engine.runtime` runs them on three threads (input, inference, output) so
+    # that the VAE calls of one frame overlap the UNet call of another; each stage takes the frames of a
+    # stream in order. `engine.batching` runs `advance` for many engines with one UNet call.
 
     @property
     def lock(self) -> threading.Lock:
-        """Held while a frame advances the stream; parameter updates wait for it."""
+        """Held while a frame changes the stream state; parameter updates wait for it."""
         return self._lock
 
     def check_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -245,37 +241,72 @@ class StreamEngine:
                              f"got {tuple(images.shape)}")
         return batch
 
-    def begin_frame(self, batch: torch.Tensor) -> FrameWork:
-        """Scale the input to [-1, 1] and ask the similarity filter; a skipped frame is already finished."""
-        state, config = self._state, self.config
+    @torch.no_grad()
+    def begin(self, images: torch.Tensor) -> FrameWork:
+        """Stage 1: check the input, ask the similarity filter, VAE-encode a frame it lets through."""
+        batch = self.check_input(images)
         # Cosine similarity on [-1, 1] images: on [0, 1] every pair of frames looks alike.
         batch = batch.to(device=self.device, dtype=self.dtype) * 2 - 1
-        skipped = bool(config.similarity_filter and self._filter.should_skip(batch)
-                       and state.last_output is not None)
-        frame = FrameWork(images=batch, state=state, config=config, skipped=skipped)
-        if skipped:
-            self.frames_skipped += 1
-            frame.output = state.last_output
+        with self._lock:
+            state, config = self._state, self.config
+            skipped = bool(config.similarity_filter and self._filter.should_skip(batch) and state.has_frames)
+            state.has_frames = state.has_frames or not skipped
+        frame = FrameWork(images=batch, skipped=skipped, single=images.dim() == 3, state=state if skipped else None)
+        if not skipped:
+            frame.latents = self.runner.encode(batch)
         return frame
 
-    def prime_if_empty(self, frame: FrameWork, latents: torch.Tensor) -> None:
-        """Fill an empty buffer from the frame's latents (the stream's first frame)."""
+    @torch.no_grad()
+    def advance(self, frame: FrameWork) -> FrameWork:
+        """Stage 2: denoise the frame's latents through the stream batch; a skipped frame passes unchanged."""
+        if frame.skipped:
+            return frame
+        with self._lock:
+            if self.config.stream_batch:
+                call = self.prepare_denoise(frame)
+                self.complete_denoise(frame, call, self._run_unet(frame.state, call))
+            else:
+                self._bind(frame)
+                frame.denoised = self._sequential_call(frame.state, frame.latents)
+        return frame
+
+    @torch.no_grad()
+    def finish(self, frame: FrameWork) -> StepResult:
+        """Stage 3: VAE-decode the frame's x̂0 latents; a skipped frame repeats the stream's last output.
+
+        Raises `ValueError` for a skipped frame whose stream has no output to repeat (the frame it would
+        repeat failed, or the stream was reset in between).
+        """
+        if frame.skipped:
+            if frame.state.last_output is None:
+                raise ValueError("the similarity filter skipped a frame, but there is no earlier output to repeat")
+            frame.output = frame.state.last_output
+            self.frames_skipped += 1
+        else:
+            frame.output = (self.runner.decode(frame.denoised) / 2 + 0.5).clamp(0, 1)
+            frame.state.last_output = frame.output
+            self.frames_processed += 1
+        return frame.result()
+
+    def prepare_denoise(self, frame: FrameWork) -> UnetCall:
+        """Bind the frame to the current state, prime an empty buffer, and build the UNet inputs of its
+        stream-batch call. Callers hold `lock` until `complete_denoise`."""
+        self._bind(frame)
         if frame.state.buffer is None:
-            self._prime(frame.state, latents)
+            self._prime(frame.state, frame.latents)
+        return self._stream_inputs(frame.state, self.config, frame.latents)
 
-    def stream_unet_call(self, frame: FrameWork, latents: torch.Tensor) -> UnetCall:
-        """The UNet inputs of one stream-batch call for the frame's encoded latents."""
-        return self._stream_inputs(frame.state, frame.config, latents)
+    def complete_denoise(self, frame: FrameWork, call: UnetCall, model_output: torch.Tensor) -> None:
+        """Guide, predict x̂0, carry stock noise and shift the buffer; the oldest slot's x̂0 is the frame's."""
+        frame.denoised = self._stream_finish(frame.state, self.config, call, model_output)
 
-    def finish_stream_call(self, frame: FrameWork, call: UnetCall, model_output: torch.Tensor) -> torch.Tensor:
-        """Guide, predict x̂0, carry stock noise and shift the buffer; returns the oldest slot's x̂0."""
-        return self._stream_finish(frame.state, frame.config, call, model_output)
-
-    def finish_frame(self, frame: FrameWork, decoded: torch.Tensor) -> None:
-        """Record the decoded images (in [-1, 1]) as the frame's output and the stream's last output."""
-        frame.output = (decoded / 2 + 0.5).clamp(0, 1)
-        frame.state.last_output = frame.output
-        self.frames_processed += 1
+    def _bind(self, frame: FrameWork) -> None:
+        """Advance the current state; a frame encoded before a size change cannot."""
+        expected = (self.config.frame_buffer_size, *self.latent_shape(self.config))
+        if tuple(frame.latents.shape) != expected:
+            raise ValueError(f"the frame was encoded as latents {tuple(frame.latents.shape)}, but the stream now "
+                             f"expects {expected} (its size changed in between)")
+        frame.state = self._state
 
     def _prime(self, state: _StreamState, latents: torch.Tensor) -> None:
         """Fill the buffer from the first frame so no output ever comes from the empty buffer."""
@@ -316,12 +347,13 @@ class StreamEngine:
     def _stream_call(self, state: _StreamState, latents: torch.Tensor) -> torch.Tensor:
         """One UNet call over every slot; returns the oldest slot's x̂0 (`frame_buffer_size` rows)."""
         call = self._stream_inputs(state, self.config, latents)
+        return self._stream_finish(state, self.config, call, self._run_unet(state, call))
+
+    def _run_unet(self, state: _StreamState, call: UnetCall) -> torch.Tensor:
         if self.skip_policy is not None:
-            model_output = self.skip_policy.unet(call.latents, call.timesteps, call.conditioning,
-                                                 SlotFrame(call.x_t, state.schedule, state.fixed_noise))
-        else:
-            model_output = self.runner.unet(call.latents, call.timesteps, call.conditioning)
-        return self._stream_finish(state, self.config, call, model_output)
+            return self.skip_policy.unet(call.latents, call.timesteps, call.conditioning,
+                                         SlotFrame(call.x_t, state.schedule, state.fixed_noise))
+        return self.runner.unet(call.latents, call.timesteps, call.conditioning)
 
     def _sequential_call(self, state: _StreamState, latents: torch.Tensor) -> torch.Tensor:
         """The same steps one UNet call at a time, for one input (the stream batch's reference)."""

@@ -48,8 +48,9 @@ def module_fingerprint(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        # A byte view works for every dtype (numpy has no bfloat16).
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        # A byte view works for every dtype (numpy has no bfloat16); flattening a contiguous copy hashes the
+        # values in logical order, so a channels_last module hashes like its row-major twin.
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -55,9 +55,18 @@ def test_fingerprint_follows_weights_and_config(tiny_models):
     assert module_fingerprint(vae) == module_fingerprint(vae)
     changed = copy.deepcopy(vae)
     with torch.no_grad():
-        next(changed.parameters()).view(-1)[0] += 1e-3
+        parameter = next(changed.parameters())
+        parameter[(0,) * parameter.dim()] += 1e-3
     assert module_fingerprint(changed) != module_fingerprint(vae)
     assert module_fingerprint(tiny_models.unet) != module_fingerprint(vae)
+
+
+def test_fingerprint_ignores_the_memory_format(tiny_models):
+    # The eager runner stores TAESD channels_last; an exported graph of the same weights is the same graph.
+    row_major = copy.deepcopy(tiny_models.vae).to(memory_format=torch.contiguous_format)
+    channels_last = copy.deepcopy(row_major).to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in channels_last.parameters() if p.dim() == 4)
+    assert module_fingerprint(channels_last) == module_fingerprint(row_major)
 
 
 def test_fingerprint_is_the_same_in_another_process(tiny_models):
