@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 
@@ -54,3 +55,10 @@ def background_server(app: FastAPI, settings: ServerSettings, startup_timeout: f
 def configure_logging(level: str) -> None:
     """Timestamped logs for the server and engine at `level`."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def configure_threads(threads: int) -> int:
+    """Set torch's intra-op threads (process-wide; 0 keeps torch's default) and return the count in use."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

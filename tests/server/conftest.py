@@ -8,21 +8,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
+from server_testkit import TEST_SETTINGS
 
-from engine import EngineConfig, load_models
+from engine import load_models
 from server.app import create_app
 from server.serve import background_server
 from server.settings import ServerSettings
 from server.state import ServerState
-
-# 64x64, similarity filter off: every accepted frame is computed, so counts and outputs are deterministic.
-# The full (random) AutoencoderKL instead of the random TAESD: with TAESD the tiny model's output barely
-# depends on the input or prompt, so order, isolation and prompt changes would be invisible.
-TEST_ENGINE = EngineConfig(width=64, height=64, similarity_filter=False, use_tiny_vae=False)
-TEST_SETTINGS = ServerSettings(
-    engine=TEST_ENGINE, port=0, max_sessions=3, max_in_flight=2, max_message_bytes=256 * 1024,
-    max_prompt_chars=200, max_pixels=256 * 256, stats_interval_s=0.2, log_level="warning",
-)
 
 
 @dataclass

@@ -15,8 +15,18 @@ from PIL import Image
 from engine import EngineConfig, ModelBundle, StreamEngine
 from engine.clips import moving_pattern
 from engine.codec import decode_image, encode_jpeg, rgb_to_tensor, tensor_to_rgb
+from server.settings import ServerSettings
 
 RECV_TIMEOUT_S = 60.0
+
+# 64x64, similarity filter off: every accepted frame is computed, so counts and outputs are deterministic.
+# The full (random) AutoencoderKL instead of the random TAESD: with TAESD the tiny model's output barely
+# depends on the input or prompt, so order, isolation and prompt changes would be invisible.
+TEST_ENGINE = EngineConfig(width=64, height=64, similarity_filter=False, use_tiny_vae=False)
+TEST_SETTINGS = ServerSettings(
+    engine=TEST_ENGINE, port=0, max_sessions=3, max_in_flight=2, max_message_bytes=256 * 1024,
+    max_prompt_chars=200, max_pixels=256 * 256, stats_interval_s=0.2, log_level="warning",
+)
 
 
 def encode(rgb: np.ndarray, fmt: str = "JPEG") -> bytes:

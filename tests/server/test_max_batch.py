@@ -1,10 +1,12 @@
-"""`--max-batch` reaches the runtime."""
+"""`--max-batch` reaches the runtime; `--threads` sets torch's threads."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import EngineConfig
+from server.serve import configure_threads
 from server.settings import ServerSettings, parse_settings
 from server.state import ServerState
 
@@ -25,3 +27,17 @@ def test_the_runtime_batches_as_configured(tiny_models):
         assert state.runtime.max_batch == 3
     finally:
         state.close()
+
+
+def test_threads_flag_environment_and_effect():
+    assert parse_settings([], environ={}).threads == ServerSettings().threads == 0
+    assert parse_settings(["--threads", "1"], environ={}).threads == 1
+    assert parse_settings([], environ={"STREAMDIFF_THREADS": "2"}).threads == 2
+    with pytest.raises(SystemExit):
+        parse_settings(["--threads", "-1"], environ={})
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 == torch.get_num_threads()
+        assert configure_threads(0) == 1  # 0 leaves the count alone
+    finally:
+        torch.set_num_threads(before)

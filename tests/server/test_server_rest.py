@@ -8,7 +8,7 @@ import httpx
 import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
-from server_testkit import connect, hello, next_event, random_frame, stream, wait_until
+from server_testkit import TEST_SETTINGS, connect, hello, next_event, random_frame, stream, wait_until
 
 from server.app import create_app
 from server.serve import background_server
@@ -138,7 +138,6 @@ async def test_cors_is_off_unless_configured(server, start_server):
 
 
 async def test_failed_model_load_reports_error_and_refuses_streams():
-    from conftest import TEST_SETTINGS
 
     settings = TEST_SETTINGS.replace(engine=TEST_SETTINGS.engine.replace(model="/nonexistent/model/folder"))
     app = create_app(settings)
@@ -155,7 +154,6 @@ async def test_failed_model_load_reports_error_and_refuses_streams():
 
 
 async def test_background_loading_goes_from_loading_to_ready():
-    from conftest import TEST_SETTINGS
 
     settings = TEST_SETTINGS.replace(engine=TEST_SETTINGS.engine.replace(use_tiny_vae=True))
     app = create_app(settings)
