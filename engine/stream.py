@@ -111,6 +111,9 @@ class StreamEngine:
             install_kv_processors(models.unet)
         apply_memory_mode(models, config.memory)
         self._lock = threading.Lock()
+        # `begin` takes only this one, so a stream's next frame can pass the filter while `advance` holds
+        # `_lock` for the UNet call; updates take `_lock`, then this.
+        self._input_lock = threading.Lock()
         self.config = config
         self.frames_processed = 0
         self.frames_skipped = 0
@@ -189,7 +192,7 @@ class StreamEngine:
         state = self._new_state(config) if reprepare else None
         noise = self._new_noise(config) if config.seed != self.config.seed and not reprepare else None
         clear_skip_caches = prompt_changed or reprepare or config.seed != self.config.seed
-        with self._lock:
+        with self._lock, self._input_lock:
             self.skip_policy = update_skip_policy(self.skip_policy, self.models, self.config, config, self.runner,
                                                   clear_skip_caches)
             self.config = config
@@ -206,7 +209,7 @@ class StreamEngine:
 
     def reset(self) -> None:
         """Forget every frame seen: the next call primes the buffer again."""
-        with self._lock:
+        with self._lock, self._input_lock:
             self._state = self._new_state(self.config)
             self._filter.reset()
             if self.skip_policy is not None:
@@ -247,7 +250,7 @@ class StreamEngine:
         batch = self.check_input(images)
         # Cosine similarity on [-1, 1] images: on [0, 1] every pair of frames looks alike.
         batch = batch.to(device=self.device, dtype=self.dtype) * 2 - 1
-        with self._lock:
+        with self._input_lock:
             state, config = self._state, self.config
             skipped = bool(config.similarity_filter and self._filter.should_skip(batch) and state.has_frames)
             state.has_frames = state.has_frames or not skipped
