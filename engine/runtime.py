@@ -226,10 +226,11 @@ class StreamRuntime:
     def _decode_loop(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._stopping or self._next_undecoded() is not None)
+                while not self._stopping and (work := self._next_undecoded()) is None:
+                    self._lock.wait()
                 if self._stopping:
                     return
-                handle, job = self._next_undecoded()
+                handle, job = work
                 self._last_decoded = self._streams.index(handle)
                 config = handle.engine.config
             try:
@@ -265,10 +266,10 @@ class StreamRuntime:
     def _inference_loop(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._stopping or self._next_batch() is not None)
+                while not self._stopping and (pick := self._next_batch()) is None:
+                    self._lock.wait()
                 if self._stopping:
                     return
-                pick = self._next_batch()
                 self._last_served = pick.after
                 batch = [(self._streams[index], self._streams[index]._waiting.popleft()) for index in pick.indices]
             self._infer(batch)
