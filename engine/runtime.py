@@ -32,6 +32,9 @@ from .stream import FrameWork, StreamEngine
 
 logger = logging.getLogger(__name__)
 
+#: Threads that run models at the same time: VAE encode, UNet, VAE decode.
+MODEL_THREADS = 3
+
 
 @dataclass
 class FrameResult:

@@ -12,6 +12,8 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from engine.runtime import MODEL_THREADS
+
 from .settings import ServerSettings
 
 #: Protocol-level WebSocket limit above `max_message_bytes`: messages slightly over the limit reach the
@@ -58,7 +60,11 @@ def configure_logging(level: str) -> None:
 
 
 def configure_threads(threads: int) -> int:
-    """Set torch's intra-op threads (process-wide; 0 keeps torch's default) and return the count in use."""
-    if threads:
-        torch.set_num_threads(threads)
+    """Set torch's intra-op threads (process-wide) and return the count in use.
+
+    0 shares torch's default (one per core) among the runtime's model threads, at least one each: with
+    more OpenMP threads than cores, threads that wait for a descheduled peer spin and slow every stage.
+    Call it once, at start-up, before torch's count has been changed.
+    """
+    torch.set_num_threads(threads or max(1, torch.get_num_threads() // MODEL_THREADS))
     return torch.get_num_threads()

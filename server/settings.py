@@ -49,9 +49,8 @@ class ServerSettings:
         log_level (`str`, defaults to `"info"`): logging level name.
         replica_id (`str`, defaults to `""`): when set, every session id starts with `<replica_id>-`, so a
             proxy in front of several replicas can send a session's REST calls to the replica that owns it.
-        threads (`int`, defaults to 0): torch intra-op threads of each model thread (the runtime runs three:
-            VAE encode, UNet, VAE decode); 0 keeps torch's default (one per core). On a CPU shared with other
-            processes, 1 avoids OpenMP threads spinning against each other.
+        threads (`int`, defaults to 0): torch intra-op threads of each model thread (the runtime runs three
+            at once: VAE encode, UNet, VAE decode); 0 shares the cores among them (cores // 3, at least 1).
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -81,7 +80,7 @@ class ServerSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
-            raise ValueError(f"`threads` must be >= 0 (0 = torch's default), got {self.threads}")
+            raise ValueError(f"`threads` must be >= 0 (0 = share the cores), got {self.threads}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"`port` must lie in [0, 65535], got {self.port}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -173,7 +172,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--log-level",), "log_level", str, "logging level", choices=LOG_LEVELS),
     _Option(("--replica-id",), "replica_id", str,
             "prefix of this replica's session ids (`<id>-...`), for routing behind a proxy; empty for none"),
-    _Option(("--threads",), "threads", int, "torch threads per model thread (0 = torch's default, one per core)"),
+    _Option(("--threads",), "threads", int, "torch threads per model thread (0 = cores // 3, at least 1)"),
 )
 
 

@@ -38,6 +38,9 @@ def test_threads_flag_environment_and_effect():
     before = torch.get_num_threads()
     try:
         assert configure_threads(1) == 1 == torch.get_num_threads()
-        assert configure_threads(0) == 1  # 0 leaves the count alone
+        torch.set_num_threads(7)
+        assert configure_threads(0) == 2  # 7 cores shared by the 3 model threads
+        torch.set_num_threads(2)
+        assert configure_threads(0) == 1
     finally:
         torch.set_num_threads(before)
