@@ -17,10 +17,12 @@ every wrapper and restores the original attention processors and VAE slicing fla
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from dataclasses import dataclass
 
+import torch
 from diffusers import AutoencoderTiny
 from diffusers.models.attention import FeedForward
 from diffusers.models.resnet import ResnetBlock2D
@@ -30,8 +32,20 @@ from torch import nn
 from ..config import MEMORY_MODES
 from ..models import ModelBundle
 from .attention import SlicedKVAttnProcessor
+from .resnet import supports_bands
 from .slicing import chain_geometry
-from .wrappers import BatchSliced, RowBanded, SliceSettings, StagesBanded, TokenChunked, resolution_stages, unwrap, wrap
+from .streaming import check_streamable
+from .wrappers import (
+    BatchSliced,
+    ResnetBanded,
+    RowBanded,
+    SliceSettings,
+    TinyStreamed,
+    TokenChunked,
+    UNetRows,
+    unwrap,
+    wrap,
+)
 
 __all__ = ["MEMORY_MODES", "SliceSettings", "SlicedKVAttnProcessor", "apply_memory_mode", "memory_mode"]
 
@@ -87,9 +101,11 @@ def apply_memory_mode(models: ModelBundle, mode: str, settings: SliceSettings | 
                 if isinstance(module, ResnetBlock2D):
                     wrap(module, BatchSliced, batch_rows=settings.batch_rows)
         else:
-            for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
-                if block is not None:
-                    wrap(block, BatchSliced, batch_rows=settings.batch_rows)
+            wrap(unet, UNetRows, batch_rows=settings.batch_rows)
+            for module in unet.modules():
+                if isinstance(module, ResnetBlock2D) and supports_bands(module):
+                    wrap(module, ResnetBanded, band_rows=settings.resnet_band_rows,
+                         min_pixels=settings.resnet_min_pixels)
         _apply_to_vae(vae, mode, settings)
 
 
@@ -107,9 +123,30 @@ def _apply_to_vae(vae: nn.Module, mode: str, settings: SliceSettings) -> None:
                 wrap(module, RowBanded, geometry=chain_geometry(module), band_rows=settings.band_rows,
                      min_pixels=settings.spatial_min_pixels)
     else:
-        for layers in (vae.encoder.layers, vae.decoder.layers):
-            wrap(layers, StagesBanded, stages=resolution_stages(layers), band_rows=settings.band_rows,
+        # The same rescalings as diffusers' `EncoderTiny.forward` / `DecoderTiny.forward`, applied per band
+        # (the tests compare against diffusers' own forward, so a change there shows up as a failure).
+        for coder, before, after in ((vae.encoder, _taesd_encoder_input, _identity),
+                                     (vae.decoder, _taesd_decoder_input, _taesd_decoder_output)):
+            check_streamable(coder.layers)
+            upsampling = math.prod(int(layer.scale_factor) for layer in coder.layers if isinstance(layer, nn.Upsample))
+            wrap(coder, TinyStreamed, before=before, after=after, scale=upsampling, band_rows=settings.band_rows,
                  min_pixels=settings.spatial_min_pixels)
+
+
+def _taesd_encoder_input(x: torch.Tensor) -> torch.Tensor:
+    return x.add(1).div(2)  # [-1, 1] to TAESD's [0, 1]
+
+
+def _taesd_decoder_input(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x / 3) * 3  # TAESD's latent clamp
+
+
+def _taesd_decoder_output(x: torch.Tensor) -> torch.Tensor:
+    return x.mul(2).sub(1)  # TAESD's [0, 1] to [-1, 1]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _remove(models: ModelBundle) -> None:

@@ -9,13 +9,14 @@ module's instance `forward` (the skip policies) composes with it. Removal restor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from itertools import groupby
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from .slicing import ChainGeometry, banded, batch_sliced, chain_geometry, row_slices
+from .resnet import forward_in_bands
+from .slicing import ChainGeometry, banded, batch_sliced, row_slices
+from .streaming import streamed
 
 _ORIGINAL_CLASS = "_memory_original_class"
 _subclasses: dict[tuple[type, type], type] = {}
@@ -29,20 +30,25 @@ class SliceSettings:
         batch_rows (`int`, defaults to 1): stream-batch rows per slice of a ResNet, attention or whole block.
         query_rows (`int`, defaults to 1024): attention query tokens per chunk.
         feed_forward_tokens (`int`, defaults to 1024): tokens per chunk of a transformer feed-forward.
-        band_rows (`int`, defaults to 256): image rows per band of a VAE chain, counted at the chain's
-            finest resolution.
+        band_rows (`int`, defaults to 32): image rows per band of a VAE layer (`slice`) or of the streamed
+            TAESD (`group`), counted at the finest resolution.
         spatial_min_pixels (`int`, defaults to 262144): VAE layers run in bands only when their finest
             resolution has at least this many pixels (512x512): below it the halo costs more than it saves.
+        resnet_band_rows (`int`, defaults to 16): rows per band of a UNet ResNet block (`group`).
+        resnet_min_pixels (`int`, defaults to 4096): UNet ResNet blocks run in bands only from this many
+            pixels per channel (64x64 latents, 512x512 images).
     """
 
     batch_rows: int = 1
     query_rows: int = 1024
     feed_forward_tokens: int = 1024
-    band_rows: int = 256
+    band_rows: int = 32
     spatial_min_pixels: int = 512 * 512
+    resnet_band_rows: int = 16
+    resnet_min_pixels: int = 64 * 64
 
     def __post_init__(self) -> None:
-        for name in ("batch_rows", "query_rows", "feed_forward_tokens", "band_rows"):
+        for name in ("batch_rows", "query_rows", "feed_forward_tokens", "band_rows", "resnet_band_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
 
@@ -88,6 +94,28 @@ class BatchSliced:
         return batch_sliced(original, first.shape[0], step, args, kwargs)
 
 
+class UNetRows(BatchSliced):
+    """Runs a whole `UNet2DConditionModel` one stream-batch slice at a time (operator grouping at the top
+    level): a slice's skip connections and every block's output exist for that slice only."""
+
+    def forward(self, *args, return_dict: bool = True, **kwargs):
+        (sample,) = super().forward(*args, return_dict=False, **kwargs)
+        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+
+
+class ResnetBanded:
+    """Runs a UNet ResNet block in row bands with two-pass GroupNorm (`resnet.forward_in_bands`) when its
+    input has at least `min_pixels` pixels per channel."""
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+        settings = self._memory_settings
+        dropout = self.training and self.dropout.p > 0  # bands skip the dropout: only exact without it
+        small = input_tensor.shape[-2] * input_tensor.shape[-1] < settings["min_pixels"]
+        if dropout or small or args or kwargs:
+            return super().forward(input_tensor, temb, *args, **kwargs)  # type: ignore[misc]
+        return forward_in_bands(self, input_tensor, temb, settings["band_rows"])
+
+
 class TokenChunked:
     """Runs a per-token module (a feed-forward) on chunks of `tokens` tokens of a `[batch, tokens, dim]` input."""
 
@@ -119,43 +147,16 @@ class RowBanded:
         return banded(original, x, geometry, band)
 
 
-class StagesBanded:
-    """Runs an `nn.Sequential` of resolution stages; each run of consecutive stages whose finest resolution
-    has at least `min_pixels` pixels runs as ONE banded chain, so only one band's intermediates of the
-    whole run ever exist (operator grouping); smaller stages run whole."""
+class TinyStreamed:
+    """Runs a whole TAESD encoder or decoder (`EncoderTiny`/`DecoderTiny`, including its input and output
+    rescaling) streamed by rows (`streaming.streamed`) when its finest resolution has at least
+    `min_pixels` pixels: every layer holds about one band of its own resolution, nothing is recomputed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         settings = self._memory_settings
-        stages: list[list[nn.Module]] = settings["stages"]
-        scale, large = 1.0, []
-        for stage in stages:
-            stage_scale = chain_geometry(stage).scale
-            finest = x.shape[-2] * x.shape[-1] * (scale * max(1.0, stage_scale)) ** 2
-            large.append(finest >= settings["min_pixels"])
-            scale *= stage_scale
-        for is_large, run in groupby(zip(stages, large, strict=True), key=lambda item: item[1]):
-            layers = [layer for stage, _ in run for layer in stage]
-            if is_large:
-                geometry = chain_geometry(layers)
-                band = max(1, round(settings["band_rows"] / max(1.0, geometry.scale)))
-                x = banded(partial(_run_layers, layers), x, geometry, band)
-            else:
-                x = _run_layers(layers, x)
-        return x
-
-
-def _run_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-def resolution_stages(sequential: nn.Sequential) -> list[list[nn.Module]]:
-    """`sequential`'s layers cut before every layer that changes the resolution (upsampling, strided conv)."""
-    stages: list[list[nn.Module]] = [[]]
-    for layer in sequential:
-        resamples = isinstance(layer, nn.Upsample) or (isinstance(layer, nn.Conv2d) and layer.stride[0] > 1)
-        if resamples and stages[-1]:
-            stages.append([])
-        stages[-1].append(layer)
-    return stages
+        original = super().forward  # type: ignore[misc]
+        scale: int = settings["scale"]
+        if x.shape[-2] * x.shape[-1] * max(1, scale) ** 2 < settings["min_pixels"]:
+            return original(x)
+        band = max(1, settings["band_rows"] // max(1, scale))
+        return streamed([settings["before"], *self.layers, settings["after"]], x, band, settings["band_rows"])

@@ -14,9 +14,9 @@ from engine.memory.slicing import banded, batch_sliced, chain_geometry
 from engine.prompt import CachedKVAttnProcessor
 
 # Small slices so that 64-128 px frames are cut everywhere: batch rows, query and feed-forward tokens,
-# and VAE bands from 64x64 up.
+# VAE bands from 64x64 up and UNet ResNet bands from 8x8 latents up.
 SMALL_SLICES = SliceSettings(batch_rows=1, query_rows=48, feed_forward_tokens=40, band_rows=24,
-                             spatial_min_pixels=64 * 64)
+                             spatial_min_pixels=64 * 64, resnet_band_rows=3, resnet_min_pixels=8 * 8)
 ATOL = 1e-5
 
 
@@ -58,13 +58,14 @@ def _record_shapes(module: nn.Module, shapes: list) -> torch.utils.hooks.Removab
 @pytest.mark.parametrize("mode", ["slice", "group"])
 def test_mode_equals_off_and_slices(models, references, size, mode):
     """Equal outputs, while inner operators see one batch row, at most `query_rows` queries and
-    `feed_forward_tokens` tokens, and (in `group`) the VAE's outer convolutions see bands, not images."""
+    `feed_forward_tokens` tokens, and (in `group`) the VAE's full-resolution blocks and the UNet's
+    ResNets see bands, not images."""
     unet, vae = models.unet, models.vae
     resnet = next(module for module in unet.modules() if isinstance(module, ResnetBlock2D))
     block = unet.down_blocks[1].attentions[0].transformer_blocks[0]
     seen: dict[str, list] = {"resnet": [], "query": [], "ff": [], "decoder": [], "encoder": []}
-    observed = {"resnet": resnet.conv1, "query": block.attn1.to_q, "ff": block.ff.net[0],
-                "decoder": vae.decoder.layers[-1], "encoder": vae.encoder.layers[0]}
+    observed = {"resnet": resnet.nonlinearity, "query": block.attn1.to_q, "ff": block.ff.net[0],
+                "decoder": vae.decoder.layers[-2].fuse, "encoder": vae.encoder.layers[1].fuse}
     handles = [_record_shapes(module, seen[key]) for key, module in observed.items()]
     try:
         output = _run(models, _config(size, memory=mode), SMALL_SLICES)
@@ -77,8 +78,9 @@ def test_mode_equals_off_and_slices(models, references, size, mode):
     assert max(shape[1] for shape in seen["query"]) <= SMALL_SLICES.query_rows
     assert max(shape[1] for shape in seen["ff"]) <= SMALL_SLICES.feed_forward_tokens
     if mode == "group":
-        assert max(shape[-2] for shape in seen["decoder"]) < size
-        assert max(shape[-2] for shape in seen["encoder"]) < size
+        assert max(shape[-2] for shape in seen["resnet"]) <= SMALL_SLICES.resnet_band_rows + 2  # one halo row each side
+        assert seen["decoder"] and max(shape[-2] for shape in seen["decoder"]) <= SMALL_SLICES.band_rows
+        assert seen["encoder"] and max(shape[-2] for shape in seen["encoder"]) <= SMALL_SLICES.band_rows
 
 
 def test_full_vae_batch_slicing_equals_off():
@@ -91,6 +93,23 @@ def test_full_vae_batch_slicing_equals_off():
     torch.testing.assert_close(output, reference, rtol=0, atol=ATOL)
     StreamEngine(bundle, config)
     assert not bundle.vae.use_slicing
+
+
+def test_group_keeps_the_unet_output_type(models):
+    """The whole UNet runs one row at a time in `group`; called with `return_dict=True` it still returns
+    diffusers' output object, equal to `off`."""
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 12, 12, generator=generator)
+    text = torch.randn(2, 77, models.unet.config.cross_attention_dim, generator=generator)
+    timesteps = torch.tensor([700, 300])
+    apply_memory_mode(models, "off")
+    with torch.no_grad():
+        reference = models.unet(latents, timesteps, encoder_hidden_states=text).sample
+        apply_memory_mode(models, "group", SMALL_SLICES)
+        output = models.unet(latents, timesteps, encoder_hidden_states=text)
+    apply_memory_mode(models, "off")
+    assert type(output).__name__ == "UNet2DConditionOutput"
+    torch.testing.assert_close(output.sample, reference, rtol=0, atol=ATOL)
 
 
 def test_off_is_untouched(models):
