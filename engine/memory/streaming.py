@@ -60,6 +60,12 @@ class _Stage(_Receiver):
         raise NotImplementedError
 
 
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """`channels_last` for an NHWC tensor (what convolutions with `channels_last` weights return)."""
+    nhwc = tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 class _Pointwise(_Stage):
     """A layer whose output rows depend on the same input rows only (activations, 1x1 convolutions,
     nearest upsampling by an integer factor, which maps each input row to `factor` output rows)."""
@@ -100,7 +106,9 @@ class _Conv(_Stage):
         self.next_out = 0
 
     def _zeros(self, like: torch.Tensor) -> torch.Tensor:
-        return like.new_zeros((*like.shape[:-2], self.pad, like.shape[-1]))
+        # In `like`'s memory format: a concatenation of mixed formats would convert the whole buffer.
+        zeros = like.new_zeros((*like.shape[:-2], self.pad, like.shape[-1]))
+        return zeros.contiguous(memory_format=_memory_format(like))
 
     def push(self, box: Box) -> None:
         rows = box.pop()
