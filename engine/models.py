@@ -338,8 +338,9 @@ def _load_single_file(path: Path, use_tiny_vae: bool, taesd: str | None, config:
                         else dict(pipe.scheduler.config))
     scheduler = _to_lcm(scheduler_config, str(path))
     vae = _choose_vae(path.name, pipe.vae, use_tiny_vae, taesd, config_folder)
+    # Like a folder load, keep the full VAE only when it runs (SD 1.x's is ~320 MB in fp32).
     return ModelBundle(name=str(path), tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet,
-                       vae=vae, scheduler=scheduler, full_vae=pipe.vae)
+                       vae=vae, scheduler=scheduler, full_vae=None if use_tiny_vae else pipe.vae)
 
 
 def load_models(

@@ -72,11 +72,11 @@ class _StreamState:
 class FrameWork:
     """A frame on its way through `StreamEngine.begin` → `advance` → `finish`, which may run on three threads.
 
+    The input image is not kept: at large sizes it would hold memory for the frame's whole way.
     `state` is the stream state the frame advanced (set by `advance`; for a skipped frame, by `begin`: the
     state whose last output it repeats). `latents` are the VAE latents, `denoised` the x̂0 latents to decode.
     """
 
-    images: torch.Tensor
     skipped: bool
     single: bool
     state: _StreamState | None = None
@@ -254,7 +254,7 @@ class StreamEngine:
             state, config = self._state, self.config
             skipped = bool(config.similarity_filter and self._filter.should_skip(batch) and state.has_frames)
             state.has_frames = state.has_frames or not skipped
-        frame = FrameWork(images=batch, skipped=skipped, single=images.dim() == 3, state=state if skipped else None)
+        frame = FrameWork(skipped=skipped, single=images.dim() == 3, state=state if skipped else None)
         if not skipped:
             frame.latents = self.runner.encode(batch)
         return frame

@@ -262,7 +262,7 @@ def test_single_file_loads_like_the_folder(source, single_file, saved_folder):
     loaded = load_models(str(single_file), config=str(saved_folder))
     for name in NETWORKS:  # the tiny VAE comes from the config folder's vae_tiny/
         assert_same_weights(getattr(loaded, name), getattr(source, name))
-    assert_same_weights(loaded.full_vae, source.full_vae)
+    assert loaded.full_vae is None  # read from the file, but not kept while the tiny VAE runs
     assert schedule_settings(loaded) == schedule_settings(source)
     assert_same_outputs(loaded, build_builtin("tiny"))
 
