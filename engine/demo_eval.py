@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import torch
 
+from .backends import EagerRunner
 from .codec import rgb_to_tensor, tensor_to_rgb
 from .config import EngineConfig
 from .demo_data import HELD_OUT_IMAGES, load_images, moving_crops
@@ -26,18 +27,23 @@ from .stream import StreamEngine
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StyleScore", "prompt_separation", "score_styles", "stream_outputs", "write_grid"]
+__all__ = ["StyleScore", "prompt_separation", "score_styles", "stream_outputs", "vae_roundtrip", "write_grid"]
 
 
 @dataclass(frozen=True)
 class StyleScore:
-    """Mean PSNR (dB) and SSIM of the engine's output against the filter, and of the unchanged input."""
+    """Mean PSNR (dB) and SSIM of the engine's output against the filter; PSNR of two references.
+
+    `input_psnr` is the unchanged frame against the filter (the do-nothing baseline); `vae_psnr` is the
+    filter's output passed through the VAE alone (encode, decode), the ceiling any UNet can reach.
+    """
 
     style: str
     size: int
     psnr: float
     ssim: float
     input_psnr: float
+    vae_psnr: float
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -48,6 +54,14 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
     return float(structural_similarity(a, b, channel_axis=2, data_range=255))
+
+
+def vae_roundtrip(models: ModelBundle, rgb: np.ndarray) -> np.ndarray:
+    """`rgb` (uint8) encoded and decoded by the model's VAE through the engine's runner, nothing else."""
+    runner = EagerRunner(models)
+    with torch.inference_mode():
+        latents = runner.encode(rgb_to_tensor(rgb)[None].to(models.unet.dtype) * 2 - 1)
+        return tensor_to_rgb((runner.decode(latents)[0] + 1) / 2)
 
 
 def stream_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str) -> list[np.ndarray]:
@@ -70,15 +84,16 @@ def score_styles(models: ModelBundle, images: dict[str, np.ndarray], size: int, 
     scores = []
     pans = {name: moving_crops(image, frames, size) for name, image in images.items()}
     for style in STYLES:
-        psnrs, ssims, input_psnrs = [], [], []
+        psnrs, ssims, input_psnrs, vae_psnrs = [], [], [], []
         for pan in pans.values():
             for frame, output in zip(pan, stream_outputs(models, pan, style), strict=True):
                 target = stylize(frame, style)
                 psnrs.append(_psnr(output, target))
                 ssims.append(_ssim(output, target))
                 input_psnrs.append(_psnr(frame, target))
+                vae_psnrs.append(_psnr(vae_roundtrip(models, target), target))
         scores.append(StyleScore(style, size, float(np.mean(psnrs)), float(np.mean(ssims)),
-                                 float(np.mean(input_psnrs))))
+                                 float(np.mean(input_psnrs)), float(np.mean(vae_psnrs))))
     return scores
 
 
@@ -118,9 +133,12 @@ def main(folder: Path, grid: Path, sizes: tuple[int, ...] = (128, 256)) -> None:
     print(f"held-out images: {', '.join(images)}; engine defaults (t_index_list {EngineConfig().t_index_list}, "
           f"cfg {EngineConfig().cfg_type} {EngineConfig().guidance_scale}), 4-frame pans")
     for size in sizes:
-        print(f"\n{size}x{size}: {'style':<22} {'PSNR dB':>8} {'SSIM':>6} {'input PSNR':>11}")
-        for score in score_styles(models, images, size):
-            print(f"{'':9}{score.style:<22} {score.psnr:8.2f} {score.ssim:6.3f} {score.input_psnr:11.2f}")
+        print(f"\n{size}x{size}: {'style':<22} {'PSNR dB':>8} {'SSIM':>6} {'input PSNR':>11} {'VAE PSNR':>9}")
+        scores = score_styles(models, images, size)
+        for score in scores:
+            print(f"{'':9}{score.style:<22} {score.psnr:8.2f} {score.ssim:6.3f} {score.input_psnr:11.2f} "
+                  f"{score.vae_psnr:9.2f}")
+        print(f"{'':9}{'mean':<22} {np.mean([s.psnr for s in scores]):8.2f} {np.mean([s.ssim for s in scores]):6.3f}")
     frame = moving_crops(images[HELD_OUT_IMAGES[0]], 1, 128)[0]
     separation = prompt_separation(models, frame, list(STYLES))
     worst = min(separation, key=separation.get)

@@ -43,14 +43,25 @@ def test_demo_outputs_follow_the_prompt(demo_models):
     sketch = _stream(demo_models, frame, "pencil sketch").astype(np.float32)
     thermal = _stream(demo_models, frame, "thermal camera").astype(np.float32)
     assert sketch.shape == thermal.shape == frame.shape
-    assert np.abs(sketch - thermal).mean() > 20  # of 255
+    assert np.abs(sketch - thermal).mean() > 60  # of 255
 
 
-def test_demo_output_is_closer_to_the_filter_than_the_input_is(demo_models):
+@pytest.mark.parametrize("style", ["pencil sketch", "neon edges", "sepia photo", "thermal camera"])
+def test_demo_output_is_closer_to_the_filter_than_the_input_is(demo_models, style):
     frame = _frame()
-    target = stylize(frame, "thermal camera").astype(np.float32)
-    output = _stream(demo_models, frame, "thermal camera").astype(np.float32)
-    assert np.abs(output - target).mean() < np.abs(frame.astype(np.float32) - target).mean()
+    target = stylize(frame, style).astype(np.float32)
+    output = _stream(demo_models, frame, style).astype(np.float32)
+    assert np.abs(output - target).mean() < 0.85 * np.abs(frame.astype(np.float32) - target).mean()
+
+
+@pytest.mark.parametrize("prompt", ["a cat, 4k", ""])
+def test_prompts_naming_no_style_fall_back_to_photo(demo_models, prompt):
+    frame = _frame()
+    photo = _stream(demo_models, frame, "photo").astype(np.float32)
+    other = _stream(demo_models, frame, prompt).astype(np.float32)
+    thermal = _stream(demo_models, frame, "thermal camera").astype(np.float32)
+    assert np.abs(other - photo).mean() < 8
+    assert np.abs(other - thermal).mean() > 30
 
 
 def test_missing_demo_folder_is_a_model_load_error(monkeypatch, tmp_path):
