@@ -76,7 +76,7 @@ def advance_batch(engines: Sequence[StreamEngine], frames: Sequence[FrameWork]) 
     groups: dict[Hashable, list[int]] = {}
     for index, (engine, frame) in enumerate(zip(engines, frames, strict=True)):
         key = batch_key(engine)
-        if key is None or frame.skipped or frame.latents.shape[1:] != engine.latent_shape(engine.config):
+        if key is None or frame.skipped or not engine.fits(frame):
             key = ("alone", index)
         groups.setdefault(key, []).append(index)
     errors: list[Exception | None] = [None] * len(engines)

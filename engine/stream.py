@@ -303,12 +303,15 @@ class StreamEngine:
         """Guide, predict x̂0, carry stock noise and shift the buffer; the oldest slot's x̂0 is the frame's."""
         frame.denoised = self._stream_finish(frame.state, self.config, call, model_output)
 
+    def fits(self, frame: FrameWork) -> bool:
+        """Whether the frame's latents fit the stream's current size (not if it changed since `begin`)."""
+        return tuple(frame.latents.shape) == (self.config.frame_buffer_size, *self.latent_shape(self.config))
+
     def _bind(self, frame: FrameWork) -> None:
         """Advance the current state; a frame encoded before a size change cannot."""
-        expected = (self.config.frame_buffer_size, *self.latent_shape(self.config))
-        if tuple(frame.latents.shape) != expected:
-            raise ValueError(f"the frame was encoded as latents {tuple(frame.latents.shape)}, but the stream now "
-                             f"expects {expected} (its size changed in between)")
+        if not self.fits(frame):
+            raise ValueError(f"the frame was encoded as latents {tuple(frame.latents.shape)}, but the stream is now "
+                             f"{self.config.width}x{self.config.height} (its size changed in between)")
         frame.state = self._state
 
     def _prime(self, state: _StreamState, latents: torch.Tensor) -> None:
