@@ -1,6 +1,6 @@
-# CPU image: serves the tiny built-in model (or any model the CPU can run) with `python -m server`.
+# CPU image: serves the trained demo model (or tiny, or any model the CPU can run) with `python -m server`.
 #   docker build -t streamdiff:cpu .
-#   docker run -p 8000:8000 streamdiff:cpu --model tiny --width 256 --height 256
+#   docker run -p 8000:8000 streamdiff:cpu --model demo --width 256 --height 256
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

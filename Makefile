@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU build of torch first (a local wheel on our machines); an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The model `make serve` serves: the trained demo stylizer (engine/demo_model); `tiny` is the random-init test model.
+MODEL ?= demo
 
 .PHONY: setup serve demo test bench lint clean
 
@@ -18,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 serve: setup
-	$(PY) -m server --model tiny
+	$(PY) -m server --model $(MODEL)
 
 demo: setup
-	$(PY) -m engine.demo --out out/demo.mp4
+	$(PY) -m engine.demo --model $(MODEL) --out out/demo.mp4
 
 test: setup
 	$(PY) -m pytest -q
