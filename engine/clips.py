@@ -32,19 +32,22 @@ def _blob(frame: np.ndarray, cx: float, cy: float, radius: float, colour: tuple[
 def synthetic_clip(kind: str, num_frames: int, width: int = 128, height: int = 128, seed: int = 0) -> list[np.ndarray]:
     """RGB uint8 frames (H, W, 3) of one motion category.
 
-    `static`: identical frames. `slow_pan`: the camera drifts about a pixel per frame. `fast_motion`:
+    `static`: identical frames. `slow_pan`: the camera drifts a pixel per frame (no two frames alike). `fast_motion`:
     a fast pan with a moving object. `hard_cut`: a slow pan that cuts to another scene halfway.
     """
     if kind not in CLIP_KINDS:
         raise ValueError(f"`kind` must be one of {CLIP_KINDS}, got {kind!r}")
     scenes = [_scene(width, height, seed), _scene(width, height, seed + 1)]
     speed = {"static": 0.0, "slow_pan": 1.0, "fast_motion": 6.0, "hard_cut": 1.0}[kind]
+    # The window swings across the scene; dividing by the swing's amplitude makes `speed` its pixels per
+    # frame horizontally (half that vertically) near the centre.
+    reach_x, reach_y = max(1.0, width / 2 - 1), max(1.0, height / 2 - 1)
     frames = []
     for index in range(num_frames):
         scene = scenes[1] if kind == "hard_cut" and index >= num_frames // 2 else scenes[0]
         offset = speed * index
-        x = int(round(width / 2 + (width / 2 - 1) * math.sin(offset / width)))
-        y = int(round(height / 2 + (height / 2 - 1) * math.sin(offset / (2 * height))))
+        x = int(round(width / 2 + reach_x * math.sin(offset / reach_x)))
+        y = int(round(height / 2 + reach_y * math.sin(offset / (2 * reach_y))))
         frame = scene[y:y + height, x:x + width].copy()
         if kind == "fast_motion":
             _blob(frame, (index * 9) % width, height / 2, height / 8, (255, 64, 32))
