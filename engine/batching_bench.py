@@ -15,10 +15,11 @@ from .models import load_models
 from .runtime import StreamRuntime
 
 
-def measure(models, config: EngineConfig, streams: int, max_batch: int, duration: float) -> tuple[float, float]:
+def measure(models, config: EngineConfig, streams: int, max_batch: int, duration: float,
+            batch_wait_s: float = 0.0) -> tuple[float, float]:
     """(aggregate output FPS, mean frames per network pass) of `streams` streams kept full for `duration` s."""
     frames = [encode_jpeg(frame) for frame in synthetic_clip("fast_motion", 16, config.width, config.height)]
-    with StreamRuntime(models, config, max_batch=max_batch) as runtime:
+    with StreamRuntime(models, config, max_batch=max_batch, batch_wait_s=batch_wait_s) as runtime:
         handles = [runtime.open_stream(max_in_flight=2, prompt=f"stream {index}") for index in range(streams)]
         for handle in handles:  # prime every buffer before the window opens
             runtime.submit(handle, frames[0])
@@ -47,13 +48,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0,
+                        help="the batched runtime's gather window (StreamRuntime batch_wait_s, in ms)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = load_models(args.model)
     config = EngineConfig(model=args.model, width=args.size, height=args.size, similarity_filter=False)
     for round_index in range(args.rounds):
         alone, _ = measure(models, config, args.streams, 1, args.duration)
-        batched, batch = measure(models, config, args.streams, args.streams, args.duration)
+        batched, batch = measure(models, config, args.streams, args.streams, args.duration,
+                                 args.batch_wait_ms / 1000)
         print(f"round {round_index + 1}: max_batch=1 {alone:.2f} fps, max_batch={args.streams} {batched:.2f} fps "
               f"(mean batch {batch:.2f}), speed-up {batched / alone:.2f}x", flush=True)
 

@@ -37,6 +37,8 @@ class ServerSettings:
         max_batch (`int`, defaults to 4): most sessions' frames advanced by one batched UNet call
             (`engine.batching`); 1 serves one frame at a time. 4 gave 1.26-1.33x the aggregate FPS of 1 at
             4 streams on the tiny model here (docs/batching.md) and costs nothing with one session.
+        batch_wait_ms (`float`, defaults to 0): how long a partial batch may wait for other sessions' frames
+            still in the input stage (`StreamRuntime`'s `batch_wait_s`); 0 takes whatever is ready.
         max_message_bytes (`int`, defaults to 8 MiB): largest WebSocket message; larger ones close with 1009.
         max_prompt_chars (`int`, defaults to 1000): longest prompt or negative prompt, in characters.
         max_pixels (`int`, defaults to `engine.codec.DEFAULT_MAX_PIXELS`): largest input image, in pixels.
@@ -59,6 +61,7 @@ class ServerSettings:
     max_sessions: int = 4
     max_in_flight: int = 2
     max_batch: int = 4
+    batch_wait_ms: float = 0.0
     max_message_bytes: int = 8 * 1024 * 1024
     max_prompt_chars: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -79,6 +82,8 @@ class ServerSettings:
                      "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"`batch_wait_ms` must be >= 0, got {self.batch_wait_ms}")
         if self.threads < 0:
             raise ValueError(f"`threads` must be >= 0 (0 = share the cores), got {self.threads}")
         if not 0 <= self.port <= 65535:
@@ -159,6 +164,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--max-sessions",), "max_sessions", int, "concurrent WebSocket sessions"),
     _Option(("--max-in-flight",), "max_in_flight", int, "frames in flight per session"),
     _Option(("--max-batch",), "max_batch", int, "most sessions' frames per batched network call (1 = one at a time)"),
+    _Option(("--batch-wait-ms",), "batch_wait_ms", float,
+            "how long a partial batch may wait for other sessions' frames still being decoded (0 = never)"),
     _Option(("--max-message-size",), "max_message_bytes", int, "largest WebSocket message in bytes"),
     _Option(("--max-prompt-length",), "max_prompt_chars", int, "longest prompt in characters"),
     _Option(("--max-pixels",), "max_pixels", int, "largest input image in pixels"),

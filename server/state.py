@@ -93,7 +93,8 @@ class ServerState:
 
     def _build_runtime(self, models: ModelBundle, runner: NetworkRunner | None = None) -> StreamRuntime:
         runtime = StreamRuntime(models, self.settings.engine, runner=runner, jpeg_quality=self.settings.jpeg_quality,
-                                max_pixels=self.settings.max_pixels, max_batch=self.settings.max_batch)
+                                max_pixels=self.settings.max_pixels, max_batch=self.settings.max_batch,
+                                batch_wait_s=self.settings.batch_wait_ms / 1000)
         self.model_name = models.name
         return runtime
 

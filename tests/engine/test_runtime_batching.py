@@ -65,3 +65,42 @@ def test_flooding_streams_are_served_fairly_in_shared_calls(tiny_models, frames)
         assert max(counts) - min(counts) <= 1, order
     # Two streams' rows per UNet call after priming: the frames really shared calls.
     assert runner.unet_rows.count(2 * 2) >= FRAMES_PER_STREAM
+
+
+def test_batch_wait_must_not_be_negative(tiny_models):
+    with pytest.raises(ValueError, match="batch_wait_s"):
+        StreamRuntime(tiny_models, EngineConfig(width=SIZE, height=SIZE), batch_wait_s=-1)
+
+
+def _slow_begin(engine, seconds: float) -> None:
+    """Keep `engine`'s frames in the input stage for `seconds` longer than they need."""
+    begin = engine.begin
+
+    def slow(image):
+        threading.Event().wait(seconds)
+        return begin(image)
+
+    engine.begin = slow
+
+
+@pytest.mark.parametrize(("batch_wait_s", "passes"), [(0.0, 2), (30.0, 1)])
+def test_a_partial_batch_waits_for_frames_still_in_the_input_stage(tiny_models, frames, batch_wait_s, passes):
+    config = EngineConfig(width=SIZE, height=SIZE, similarity_filter=False)
+    with StreamRuntime(tiny_models, config, max_batch=2, batch_wait_s=batch_wait_s) as runtime:
+        fast, slow = runtime.open_stream(), runtime.open_stream()
+        _slow_begin(slow.engine, 0.5)
+        assert runtime.submit(fast, frames[0]) and runtime.submit(slow, frames[0])
+        results = [fast.get(timeout=60), slow.get(timeout=60)]
+        assert all(result is not None and result.error is None for result in results)
+        # Without a window the fast stream's frame goes alone; with one, both share a pass.
+        assert (runtime.health.batches, runtime.health.frames_inferred) == (passes, 2)
+
+
+def test_the_window_does_not_hold_a_frame_when_nothing_else_is_coming(tiny_models, frames):
+    config = EngineConfig(width=SIZE, height=SIZE, similarity_filter=False)
+    with StreamRuntime(tiny_models, config, max_batch=4, batch_wait_s=600.0) as runtime:
+        active, _idle = runtime.open_stream(), runtime.open_stream()
+        for frame in frames[:3]:
+            assert runtime.submit(active, frame)
+            result = active.get(timeout=60)  # would wait the whole 600 s window if it held the frame
+            assert result is not None and result.error is None

@@ -1,4 +1,4 @@
-"""`--max-batch` reaches the runtime; `--threads` sets torch's threads."""
+"""`--max-batch` and `--batch-wait-ms` reach the runtime; `--threads` sets torch's threads."""
 
 from __future__ import annotations
 
@@ -19,12 +19,21 @@ def test_max_batch_flag_and_environment():
         parse_settings(["--max-batch", "0"], environ={})
 
 
+def test_batch_wait_flag_and_environment():
+    assert parse_settings([], environ={}).batch_wait_ms == ServerSettings().batch_wait_ms
+    assert parse_settings(["--batch-wait-ms", "7.5"], environ={}).batch_wait_ms == 7.5
+    assert parse_settings([], environ={"STREAMDIFF_BATCH_WAIT_MS": "3"}).batch_wait_ms == 3
+    with pytest.raises(SystemExit):
+        parse_settings(["--batch-wait-ms", "-1"], environ={})
+
+
 def test_the_runtime_batches_as_configured(tiny_models):
-    settings = ServerSettings(engine=EngineConfig(width=32, height=32), max_batch=3, warmup=False)
+    settings = ServerSettings(engine=EngineConfig(width=32, height=32), max_batch=3, batch_wait_ms=20,
+                              warmup=False)
     state = ServerState(settings, models=tiny_models)
     state.start()
     try:
-        assert state.runtime.max_batch == 3
+        assert (state.runtime.max_batch, state.runtime.batch_wait_s) == (3, 0.02)
     finally:
         state.close()
 
