@@ -56,14 +56,16 @@ class EngineConfig:
         negative_prompt (`str`): the negative prompt (used by `full` and `initialize`).
         skip_policy (`str`, defaults to `"off"`): per-frame skip policy of the stream batch (`engine.skip`),
             one of `off|rehash|adacache`; needs the eager backend and `stream_batch`.
-        skip_cut_threshold (`float`, defaults to 0.10): τ_cut: a slot whose noise-free latent changed by more
-            than this relative L1 since its last full compute is computed in full (catches cuts).
-        skip_accumulated_threshold (`float`, defaults to 0.15): a slot whose frame-to-frame changes since its
+        skip_cut_threshold (`float`, defaults to 0.25): τ_cut: a slot whose noise-free latent changed by more
+            than this relative L1 since its last full compute is computed in full (catches cuts and fast
+            motion). Calibrated on the trained `demo` model (docs/skip_policies.md): a one-pixel pan changes
+            slot 0 by 0.06-0.12, fast motion by 0.38-0.51, a cut by 0.97.
+        skip_accumulated_threshold (`float`, defaults to 0.5): a slot whose frame-to-frame changes since its
             last full compute add up to more than this is computed in full (catches drift).
         skip_max_age (`int`, defaults to 8): a slot is computed in full at the latest every this many frames.
-        rehash_interval (`int`, defaults to 3): `rehash` runs each slot's deep UNet part every this many
-            frames, slot phases staggered.
-        adacache_codebook (`tuple[tuple[float, int], ...]`, defaults to `((0.02, 4), (0.04, 3), (0.08, 2),
+        rehash_interval (`int`, defaults to 5): `rehash` runs each slot's deep UNet part every this many
+            frames, slot phases staggered (5 keeps the trained `demo` model's slow pan above 35 dB).
+        adacache_codebook (`tuple[tuple[float, int], ...]`, defaults to `((0.04, 6), (0.08, 4), (0.16, 2),
             (1.0, 1))`): `adacache` maps the motion-regularised mid-block residual change per frame to frames
             until the next full compute: the first entry whose bound is >= the change; 1 beyond the last.
         adacache_motion_scale (`float`, defaults to 0.05): MoReg: the change is multiplied by
@@ -98,11 +100,11 @@ class EngineConfig:
     prompt: str = "a watercolor painting, soft light"
     negative_prompt: str = "low quality, blurry"
     skip_policy: str = "off"
-    skip_cut_threshold: float = 0.10
-    skip_accumulated_threshold: float = 0.15
+    skip_cut_threshold: float = 0.25
+    skip_accumulated_threshold: float = 0.5
     skip_max_age: int = 8
-    rehash_interval: int = 3
-    adacache_codebook: tuple[tuple[float, int], ...] = ((0.02, 4), (0.04, 3), (0.08, 2), (1.0, 1))
+    rehash_interval: int = 5
+    adacache_codebook: tuple[tuple[float, int], ...] = ((0.04, 6), (0.08, 4), (0.16, 2), (1.0, 1))
     adacache_motion_scale: float = 0.05
     adacache_cross_attention_factor: int = 2
     memory: str = "off"

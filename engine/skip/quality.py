@@ -8,10 +8,19 @@ import torch
 import torch.nn.functional as F
 
 
+def mse(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean squared error of `image` against `reference`, in float64."""
+    return float(((image.double() - reference.double()) ** 2).mean())
+
+
+def psnr_of_mse(error: float, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB of a mean squared error (inf for 0)."""
+    return math.inf if error == 0 else 10 * math.log10(data_range ** 2 / error)
+
+
 def psnr(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB of `image` against `reference` (inf when they are equal)."""
-    mse = float(((image.double() - reference.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+    return psnr_of_mse(mse(image, reference), data_range)
 
 
 def _gaussian_window(size: int, sigma: float, channels: int, dtype: torch.dtype) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.skip.quality import psnr, ssim
+from engine.skip.quality import mse, psnr, psnr_of_mse, ssim
 
 
 def test_psnr_of_a_uniform_offset_is_exact():
@@ -15,6 +15,14 @@ def test_psnr_of_a_uniform_offset_is_exact():
     assert psnr(image, image) == math.inf
     assert psnr(image + 0.1, image) == pytest.approx(20.0)
     assert psnr(image + 0.01, image) == pytest.approx(40.0)
+
+
+def test_clip_psnr_pools_the_squared_error_of_every_frame():
+    image = torch.full((3, 16, 16), 0.5)
+    # One identical frame and one 20 dB frame: the clip is at 23 dB, not at the mean of inf and 20.
+    errors = [mse(image, image), mse(image + 0.1, image)]
+    assert errors == [0.0, pytest.approx(0.01)]
+    assert psnr_of_mse(sum(errors) / 2) == pytest.approx(20 + 10 * math.log10(2))
 
 
 def test_ssim_of_constant_images_has_the_closed_form():
