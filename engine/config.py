@@ -44,6 +44,9 @@ class EngineConfig:
         dtype (`str`, defaults to `"auto"`): `float32`, `float16` or `auto` (fp16 on CUDA, else fp32).
         device (`str`, defaults to `"auto"`): torch device, `auto` picks CUDA when present.
         backend (`str`, defaults to `"eager"`): how the UNet and VAE run.
+        vae_backend (`str | None`, defaults to None): how the VAE encoder and decoder run when that differs
+            from `backend` (`engine.backends.split`), e.g. `onnxruntime` beside an eager UNet, which keeps
+            cross-session batching and takes ONNX Runtime's faster static-shape VAE; None runs them on `backend`.
         use_tiny_vae (`bool`, defaults to True): use `AutoencoderTiny` (TAESD) instead of the full VAE.
         taesd (`str | None`, defaults to None): hub id or folder of a TAESD to use with a real model.
         model_config (`str | None`, defaults to None): for a single-file `model`, a local diffusers folder
@@ -90,6 +93,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     backend: str = "eager"
+    vae_backend: str | None = None
     use_tiny_vae: bool = True
     taesd: str | None = None
     model_config: str | None = None
@@ -125,6 +129,8 @@ class EngineConfig:
             raise ValueError(f"`cfg_type` must be one of {CFG_TYPES}, got {self.cfg_type!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
+        if self.vae_backend is not None and self.vae_backend not in BACKENDS:
+            raise ValueError(f"`vae_backend` must be None or one of {BACKENDS}, got {self.vae_backend!r}")
         if self.frame_buffer_size < 1:
             raise ValueError(f"`frame_buffer_size` must be >= 1, got {self.frame_buffer_size}")
         if not 0.0 < self.similarity_threshold < 1.0:
@@ -136,8 +142,9 @@ class EngineConfig:
         self._validate_skip_policy()
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"`memory` must be one of {MEMORY_MODES}, got {self.memory!r}")
-        if self.memory != "off" and self.backend != "eager":
-            raise ValueError("`memory` slices the eager modules: it needs `backend='eager'`")
+        if self.memory != "off" and (self.backend != "eager" or self.vae_backend not in (None, "eager")):
+            raise ValueError("`memory` slices the eager modules: it needs `backend='eager'` and no other "
+                             "`vae_backend`")
         if self.memory == "group" and self.skip_policy != "off":
             raise ValueError("`memory='group'` runs whole blocks per row, which the skip policies' per-row "
                              "caches do not follow: use `memory='slice'` or `skip_policy='off'`")

@@ -149,6 +149,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--cfg-type", "--guidance"), "cfg_type", str, "guidance mode", engine=True, choices=CFG_TYPES),
     _Option(("--guidance-scale",), "guidance_scale", float, "classifier-free guidance scale", engine=True),
     _Option(("--backend",), "backend", str, "how the networks run", engine=True, choices=BACKENDS),
+    _Option(("--vae-backend",), "vae_backend", str,
+            "how the VAE runs when not on --backend, e.g. onnxruntime beside an eager UNet that batches sessions "
+            "(None: on --backend)", engine=True, choices=BACKENDS),
     _Option(("--device",), "device", str, "torch device (auto picks CUDA when present)", engine=True),
     _Option(("--dtype",), "dtype", str, "auto, float32, float16 or bfloat16", engine=True),
     _Option(("--seed",), "seed", int, "seed of each session's fixed noise", engine=True),

@@ -41,9 +41,10 @@ def prepare_models(config: EngineConfig) -> tuple[ModelBundle, NetworkRunner]:
                 device, str(dtype).removeprefix("torch."))
     models.to(device, dtype)
     started = time.perf_counter()
-    logger.info("preparing backend %r", config.backend)
+    logger.info("preparing backend %r (VAE: %r)", config.backend, config.vae_backend or config.backend)
     runner = make_runner(models, config)
-    logger.info("backend %s ready in %.1f s", type(runner).__name__, time.perf_counter() - started)
+    logger.info("backend %s ready in %.1f s", getattr(runner, "backend", type(runner).__name__),
+                time.perf_counter() - started)
     return models, runner
 
 

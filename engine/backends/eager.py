@@ -12,6 +12,7 @@ from ..prompt import Conditioning
 class EagerRunner:
     """Runs the bundle's modules in PyTorch, without compilation."""
 
+    backend = "eager"
     #: Any batch size runs as is, so streams may share calls (`engine.batching`).
     dynamic_batch = True
 

@@ -71,10 +71,15 @@ class StaticShapeRunner:
                     self._graphs[shape] = graph
         return graph
 
-    def prepare(self, config: EngineConfig) -> list[Path]:
-        """Open every graph `config` needs now, so no frame waits for one; returns their cache files."""
+    def prepare(self, config: EngineConfig, networks: tuple[str, ...] | None = None) -> list[Path]:
+        """Open every graph `config` needs now, so no frame waits for one; returns their cache files.
+
+        `networks` limits it to some of `unet`, `vae_encoder`, `vae_decoder` (a `SplitRunner` half).
+        """
         paths = []
         for shape in config_shapes(self.models, config):
+            if networks is not None and shape.network not in networks:
+                continue
             self.graph(shape)
             paths.append(self.artifact_path(shape))
         return paths

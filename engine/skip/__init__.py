@@ -16,16 +16,18 @@ __all__ = ["SkipPolicy", "SkipSettings", "SkipStats", "SlotFrame", "make_skip_po
 def make_skip_policy(models: ModelBundle, config: EngineConfig, runner: object) -> SkipPolicy | None:
     """The policy `config.skip_policy` names, for one stream; `ValueError` with a compiled runner.
 
-    Policies run the UNet's own modules piecewise, so they need the eager runner: a compiled
-    (ONNX Runtime/TensorRT) graph is one static whole-UNet call with nothing to skip inside.
+    Policies run the UNet's own modules piecewise, so they need an eager UNet runner (the VAE may run on
+    another `vae_backend`): a compiled (ONNX Runtime/TensorRT) UNet graph is one static whole-UNet call
+    with nothing to skip inside.
     """
     if config.skip_policy == "off":
         return None
     from ..backends.eager import EagerRunner
+    from ..backends.split import unet_runner_of
 
-    if not isinstance(runner, EagerRunner):
-        raise ValueError(f"`skip_policy={config.skip_policy!r}` needs the eager backend; the stream's runner is "
-                         f"{type(runner).__name__} (set `skip_policy='off'` or `backend='eager'`)")
+    if not isinstance(unet_runner_of(runner), EagerRunner):
+        raise ValueError(f"`skip_policy={config.skip_policy!r}` needs the eager backend; the stream's UNet runner "
+                         f"is {type(unet_runner_of(runner)).__name__} (set `skip_policy='off'` or `backend='eager'`)")
     settings = SkipSettings.from_config(config)
     if config.skip_policy == "rehash":
         from .rehash import RehashPolicy

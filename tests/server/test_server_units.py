@@ -47,6 +47,14 @@ def test_flags_win_over_environment():
     assert settings.engine.t_index_list == (10, 20, 30) and settings.engine.similarity_filter is False
 
 
+def test_vae_backend_flag_and_environment():
+    assert parse_settings([], environ={}).engine.vae_backend is None
+    assert parse_settings(["--vae-backend", "onnxruntime"], environ={}).engine.vae_backend == "onnxruntime"
+    assert parse_settings([], environ={"STREAMDIFF_VAE_BACKEND": "eager"}).engine.vae_backend == "eager"
+    with pytest.raises(SystemExit):
+        parse_settings(["--vae-backend", "gpu"], environ={})
+
+
 def test_skip_policy_and_memory_mode_flags():
     settings = parse_settings(["--skip-policy", "rehash", "--memory", "slice"], environ={})
     assert (settings.engine.skip_policy, settings.engine.memory) == ("rehash", "slice")
