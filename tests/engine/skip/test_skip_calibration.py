@@ -1,0 +1,42 @@
+"""The default skip thresholds on the trained `demo` model: reuse where frames change little, full computes
+on fast motion and on a cut (the random `tiny` VAE compresses scene changes too much to check this)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import EngineConfig, StreamEngine, load_models
+from engine.clips import synthetic_clip
+from engine.codec import rgb_to_tensor
+
+SIZE = 64
+FRAMES = 12
+CUT = FRAMES // 2  # synthetic_clip's hard cut
+
+
+@pytest.fixture(scope="module")
+def demo_models():
+    return load_models("demo")
+
+
+def slot_decisions(models, policy: str, kind: str) -> list[list[bool]]:
+    """Per frame, which slots the policy computed in full, at the engine's default thresholds."""
+    engine = StreamEngine(models, EngineConfig(model="demo", width=SIZE, height=SIZE, similarity_filter=False,
+                                               skip_policy=policy))
+    decisions = []
+    for frame in synthetic_clip(kind, FRAMES, SIZE, SIZE):
+        engine(rgb_to_tensor(frame))
+        decisions.append(engine.skip_policy.last_full.tolist())
+    return decisions
+
+
+@pytest.mark.parametrize("policy", ["rehash", "adacache"])
+def test_default_thresholds_on_the_trained_model(demo_models, policy):
+    static = [full for frame in slot_decisions(demo_models, policy, "static")[2:] for full in frame]
+    slow = [full for frame in slot_decisions(demo_models, policy, "slow_pan")[2:] for full in frame]
+    fast = [frame[0] for frame in slot_decisions(demo_models, policy, "fast_motion")[1:]]
+    cut = slot_decisions(demo_models, policy, "hard_cut")
+    assert static.count(False) >= len(static) // 2, f"a still scene should mostly reuse: {static}"
+    assert 4 <= slow.count(False) < len(slow) - 4, f"a slow pan should reuse some slot rows, not all: {slow}"
+    assert all(fast), f"fast motion should be computed in full at slot 0: {fast}"
+    assert cut[CUT][0] and cut[CUT + 1][1], "the cut frame must be computed in full at every slot it passes"
