@@ -31,7 +31,7 @@ class SplitRunner:
         self.unet_runner = unet_runner
         self.vae_runner = vae_runner
         self.dynamic_batch = getattr(unet_runner, "dynamic_batch", False)
-        self.backend = f"{getattr(unet_runner, 'backend', 'eager')}+{getattr(vae_runner, 'backend', 'eager')}"
+        self.backend = f"{_backend_name(unet_runner)}+{_backend_name(vae_runner)}"
 
     def prepare(self, config: EngineConfig) -> None:
         """Open the graphs each half needs for `config` (only the UNet's or only the VAE's)."""
@@ -48,6 +48,10 @@ class SplitRunner:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae_runner.decode(latents)
+
+
+def _backend_name(runner: NetworkRunner) -> str:
+    return getattr(runner, "backend", type(runner).__name__)
 
 
 def unet_runner_of(runner: NetworkRunner) -> NetworkRunner:
