@@ -28,7 +28,8 @@ def _models_device(models: ModelBundle) -> torch.device:
 
 
 def resolve_backend(name: str, models: ModelBundle) -> str:
-    """The concrete backend of `name`; `auto` is TensorRT with CUDA and tensorrt, else ONNX Runtime, else eager."""
+    """The concrete backend of `name`; `auto` is TensorRT with CUDA and tensorrt, else ONNX Runtime where it can run
+    on the models' device, else eager."""
     if name not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}")
     if name != "auto":
@@ -37,12 +38,14 @@ def resolve_backend(name: str, models: ModelBundle) -> str:
     from .tensorrt import tensorrt_unavailable_reason
 
     trt_reason = tensorrt_unavailable_reason()
-    if trt_reason is None and _models_device(models).type == "cuda":
+    device = _models_device(models)
+    if trt_reason is None and device.type == "cuda":
         chosen, why = "tensorrt", "CUDA and TensorRT are present"
-    elif onnxruntime_available():
+    elif onnxruntime_available(device):
         chosen, why = "onnxruntime", f"no TensorRT ({trt_reason or 'the models are not on CUDA'})"
     else:
-        chosen, why = "eager", "neither TensorRT nor onnxruntime can run here"
+        # With models on CUDA, a CPU-only onnxruntime (what the `onnx` extra installs) cannot serve them.
+        chosen, why = "eager", f"neither TensorRT nor an onnxruntime for {device.type} can run here"
     logger.info("--backend auto chose %s: %s", chosen, why)
     return chosen
 

@@ -31,13 +31,13 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-def onnxruntime_available() -> bool:
-    """Whether the `onnxruntime` package imports."""
+def onnxruntime_available(device: torch.device | None = None) -> bool:
+    """Whether the `onnxruntime` package imports (and, for a CUDA `device`, has the CUDA execution provider)."""
     try:
-        _import_onnxruntime()
+        onnxruntime = _import_onnxruntime()
     except BackendUnavailableError:
         return False
-    return True
+    return device is None or device.type != "cuda" or "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 class OnnxRuntimeSession:

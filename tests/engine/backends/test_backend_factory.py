@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from engine import EngineConfig, StreamEngine
@@ -22,6 +23,21 @@ def test_auto_picks_the_best_backend_that_runs_here_and_logs_it(tiny_models, cap
     else:
         assert chosen == ("onnxruntime" if onnxruntime_available() else "eager")
     assert f"--backend auto chose {chosen}" in caplog.text
+
+
+def test_auto_never_picks_a_cpu_only_onnxruntime_for_cuda_models(tiny_models, monkeypatch, caplog):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from engine.backends import factory, tensorrt
+
+    monkeypatch.setattr(factory, "_models_device", lambda models: torch.device("cuda"))
+    monkeypatch.setattr(tensorrt, "tensorrt_unavailable_reason", lambda: "tensorrt is not installed")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with caplog.at_level(logging.INFO, logger="engine.backends.factory"):
+        assert resolve_backend("auto", tiny_models) == "eager"
+    assert "onnxruntime for cuda" in caplog.text
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert resolve_backend("auto", tiny_models) == "onnxruntime"
 
 
 def test_eager_is_the_default_and_shared(tiny_models):
