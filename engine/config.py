@@ -58,11 +58,11 @@ class EngineConfig:
         prompt (`str`): the prompt the stream starts with.
         negative_prompt (`str`): the negative prompt (used by `full` and `initialize`).
         skip_policy (`str`, defaults to `"off"`): per-frame skip policy of the stream batch (`engine.skip`),
-            one of `off|rehash|adacache`; needs the eager backend and `stream_batch`.
+            one of `off|rehash|adacache`; needs an eager UNet (`backend='eager'`) and `stream_batch`.
         skip_cut_threshold (`float`, defaults to 0.25): τ_cut: a slot whose noise-free latent changed by more
             than this relative L1 since its last full compute is computed in full (catches cuts and fast
-            motion). Calibrated on the trained `demo` model (docs/skip_policies.md): a one-pixel pan changes
-            slot 0 by 0.06-0.12, fast motion by 0.38-0.51, a cut by 0.97.
+            motion). Calibrated on the trained `demo` model (docs/skip_policies.md): a one-pixel pan adds
+            0.04-0.10 per frame to slot 0's change, fast motion is at 0.9-1.2, a cut adds about 0.45 at once.
         skip_accumulated_threshold (`float`, defaults to 0.5): a slot whose frame-to-frame changes since its
             last full compute add up to more than this is computed in full (catches drift).
         skip_max_age (`int`, defaults to 8): a slot is computed in full at the latest every this many frames.
