@@ -49,7 +49,7 @@ class TrainSettings:
 
     Args:
         vae_steps (`int`, defaults to 2000): optimiser steps of the VAE stage.
-        unet_steps (`int`, defaults to 2000): optimiser steps of the stylizer stage.
+        unet_steps (`int`, defaults to 4000): optimiser steps of the stylizer stage (4000 beat 2000 by 0.7-0.8 dB).
         vae_batch (`int`, defaults to 8): crops per VAE step (8 learned faster per CPU-second than 16).
         vae_crop (`int`, defaults to 64): crop side of the VAE stage (it is fully convolutional).
         unet_batch (`int`, defaults to 12): crops per stylizer step.
@@ -65,7 +65,7 @@ class TrainSettings:
     """
 
     vae_steps: int = 2000
-    unet_steps: int = 2000
+    unet_steps: int = 4000
     vae_batch: int = 8
     vae_crop: int = 64
     unet_batch: int = 12
