@@ -18,11 +18,6 @@ def psnr_of_mse(error: float, data_range: float = 1.0) -> float:
     return math.inf if error == 0 else 10 * math.log10(data_range ** 2 / error)
 
 
-def psnr(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of `image` against `reference` (inf when they are equal)."""
-    return psnr_of_mse(mse(image, reference), data_range)
-
-
 def _gaussian_window(size: int, sigma: float, channels: int, dtype: torch.dtype) -> torch.Tensor:
     coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
