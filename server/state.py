@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from engine import EngineConfig, ModelBundle, load_models
-from engine.backends import NetworkRunner, make_runner
+from engine.backends import NetworkRunner, make_runner, runner_name
 from engine.codec import encode_jpeg
 from engine.runtime import StreamRuntime
 from engine.stream import resolve_device, resolve_dtype
@@ -43,8 +43,7 @@ def prepare_models(config: EngineConfig) -> tuple[ModelBundle, NetworkRunner]:
     started = time.perf_counter()
     logger.info("preparing backend %r (VAE: %r)", config.backend, config.vae_backend or config.backend)
     runner = make_runner(models, config)
-    logger.info("backend %s ready in %.1f s", getattr(runner, "backend", type(runner).__name__),
-                time.perf_counter() - started)
+    logger.info("backend %s ready in %.1f s", runner_name(runner), time.perf_counter() - started)
     return models, runner
 
 

@@ -20,3 +20,8 @@ class NetworkRunner(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] of scaled latents."""
+
+
+def runner_name(runner: NetworkRunner) -> str:
+    """A runner's backend name for logs (`eager`, `onnxruntime`, `eager+onnxruntime`, ...), else its class."""
+    return getattr(runner, "backend", type(runner).__name__)

@@ -13,7 +13,7 @@ import torch
 
 from ..config import EngineConfig
 from ..prompt import Conditioning
-from .base import NetworkRunner
+from .base import NetworkRunner, runner_name
 
 
 class SplitRunner:
@@ -31,7 +31,7 @@ class SplitRunner:
         self.unet_runner = unet_runner
         self.vae_runner = vae_runner
         self.dynamic_batch = getattr(unet_runner, "dynamic_batch", False)
-        self.backend = f"{_backend_name(unet_runner)}+{_backend_name(vae_runner)}"
+        self.backend = f"{runner_name(unet_runner)}+{runner_name(vae_runner)}"
 
     def prepare(self, config: EngineConfig) -> None:
         """Open the graphs each half needs for `config` (only the UNet's or only the VAE's)."""
@@ -48,10 +48,6 @@ class SplitRunner:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae_runner.decode(latents)
-
-
-def _backend_name(runner: NetworkRunner) -> str:
-    return getattr(runner, "backend", type(runner).__name__)
 
 
 def unet_runner_of(runner: NetworkRunner) -> NetworkRunner:

@@ -25,9 +25,10 @@ def make_skip_policy(models: ModelBundle, config: EngineConfig, runner: object) 
     from ..backends.eager import EagerRunner
     from ..backends.split import unet_runner_of
 
-    if not isinstance(unet_runner_of(runner), EagerRunner):
+    unet_runner = unet_runner_of(runner)
+    if not isinstance(unet_runner, EagerRunner):
         raise ValueError(f"`skip_policy={config.skip_policy!r}` needs the eager backend; the stream's UNet runner "
-                         f"is {type(unet_runner_of(runner)).__name__} (set `skip_policy='off'` or `backend='eager'`)")
+                         f"is {type(unet_runner).__name__} (set `skip_policy='off'` or `backend='eager'`)")
     settings = SkipSettings.from_config(config)
     if config.skip_policy == "rehash":
         from .rehash import RehashPolicy

@@ -83,4 +83,3 @@ def test_vae_backend_validation():
     with pytest.raises(ValueError, match="`memory`"):
         EngineConfig(memory="slice", vae_backend="onnxruntime")
     assert EngineConfig(memory="slice", vae_backend="eager").vae_backend == "eager"
-
