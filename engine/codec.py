@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+logger = logging.getLogger(__name__)
+
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
-DEFAULT_MAX_PIXELS = 4096 * 4096
+#: What a webcam or capture card sends (1920×1080 either way round): decoding cost grows with pixels, and one
+#: few input threads decode every session's frames, so the limit also bounds what one frame costs the others.
+DEFAULT_MAX_PIXELS = 1920 * 1080
 
 
-class ImageDecodeError(ValueError):
-    """An input frame that cannot be used; `code` is a stable machine-readable reason."""
+class FrameError(ValueError):
+    """A frame that gets an error answer instead of an output; `code` is a stable machine-readable reason."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -22,8 +27,29 @@ class ImageDecodeError(ValueError):
         self.message = message
 
 
+class ImageDecodeError(FrameError):
+    """An input frame that cannot be decoded (`empty_frame`, `unsupported_format`, `bad_image`,
+    `image_too_large`)."""
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """`image` turned by its EXIF orientation; as it is when the EXIF block is unreadable.
+
+    Broken metadata must not cost a frame whose pixels decoded fine (Pillow raises `SyntaxError`,
+    `ValueError`, `struct.error`, ... for garbage EXIF).
+    """
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:
+        logger.debug("ignoring unreadable EXIF: %r", error)
+        return image
+
+
 def decode_image(data: bytes, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a JPEG/PNG/WebP frame and centre-crop/resize it to `width`×`height` RGB uint8 (H, W, 3).
+
+    A JPEG larger than the target is decoded at a reduced scale (DCT scaling, `Image.draft`), which costs a
+    fraction of a full decode and still leaves at least `width`×`height` pixels to crop from.
 
     Raises:
         ImageDecodeError: `empty_frame`, `unsupported_format`, `bad_image` or `image_too_large`.
@@ -41,17 +67,19 @@ def decode_image(data: bytes, width: int, height: int, max_pixels: int = DEFAULT
                 raise ImageDecodeError(
                     "image_too_large",
                     f"{image.width}x{image.height} exceeds the limit of {max_pixels} pixels")
+            if image.format == "JPEG":
+                image.draft("RGB", (width, height))
             image.load()
+            image = _upright(image).convert("RGB")
+            if image.size != (width, height):
+                image = ImageOps.fit(image, (width, height), method=Image.Resampling.BILINEAR)
+            return np.array(image)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageDecodeError("image_too_large", str(error)) from error
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken data
         raise ImageDecodeError("bad_image", f"not a decodable image: {error}") from error
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    if image.size != (width, height):
-        image = ImageOps.fit(image, (width, height), method=Image.Resampling.BILINEAR)
-    return np.array(image)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:

@@ -27,6 +27,48 @@ def admit_frame(in_flight: int, waiting: int, max_in_flight: int) -> Admission:
     return Admission(accept=False)
 
 
+@dataclass
+class RecentUsage:
+    """Seconds of a shared resource one user took recently: each second counts half after `half_life_s`.
+
+    Pure arithmetic on the times it is given, so scheduling decisions built on it are testable without clocks.
+    """
+
+    half_life_s: float = 1.0
+    seconds: float = 0.0
+    stamp: float = 0.0
+
+    def at(self, now: float) -> float:
+        """The decayed usage at time `now`."""
+        return self.seconds * 0.5 ** (max(0.0, now - self.stamp) / self.half_life_s)
+
+    def add(self, seconds: float, now: float) -> None:
+        """Record `seconds` of use ending at `now`."""
+        self.seconds = self.at(now) + seconds
+        self.stamp = now
+
+
+def least_used(items: Sequence[T], after: int, is_ready: Callable[[T], bool],
+               usage: Callable[[T], float]) -> int | None:
+    """Index of the ready item with the least `usage`; ties go round-robin after `after`. `None` if none is ready.
+
+    Serving the least-used first shares a resource by time, not by turns: a user whose work is expensive
+    (a huge image to decode) waits while cheaper users catch up, instead of costing each of them its whole
+    duration every turn.
+    """
+    count = len(items)
+    best: int | None = None
+    best_usage = 0.0
+    for offset in range(1, count + 1):
+        index = (after + offset) % count
+        if not is_ready(items[index]):
+            continue
+        used = usage(items[index])
+        if best is None or used < best_usage:
+            best, best_usage = index, used
+    return best
+
+
 def round_robin(items: Sequence[T], after: int, is_ready: Callable[[T], bool]) -> int | None:
     """Index of the first ready item after position `after`, wrapping around; `None` if none is ready."""
     count = len(items)

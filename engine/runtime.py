@@ -1,8 +1,9 @@
 """Threaded runtime around the engine: decode → infer → encode, for many streams at once.
 
-Three threads run the engine's three stages as a pipeline, so the VAE calls of one frame overlap the
-UNet call of another: the input thread (bytes → tensor → `StreamEngine.begin`: similarity filter, VAE
-encode), the inference thread (`advance`: the stream-batch UNet call, serving streams round-robin, up to
+Threads run the engine's three stages as a pipeline, so the VAE calls of one frame overlap the
+UNet call of another: two input threads (bytes → tensor → `StreamEngine.begin`: similarity filter, VAE
+encode; each stream on one of them at a time, the stream that used them least recently first), the
+inference thread (`advance`: the stream-batch UNet call, serving streams round-robin, up to
 `max_batch` streams' frames per batched call, see `engine.batching`) and the output thread (`finish`:
 VAE decode, then tensor → JPEG). Each stream holds at most
 `max_in_flight` accepted frames that it has not yet taken back; past that, a new frame replaces the
@@ -24,16 +25,27 @@ from dataclasses import dataclass, field
 
 from .backends import NetworkRunner
 from .batching import advance_batch, batch_key
-from .codec import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_jpeg, rgb_to_tensor, tensor_to_rgb
+from .codec import (
+    DEFAULT_MAX_PIXELS,
+    FrameError,
+    ImageDecodeError,
+    decode_image,
+    encode_jpeg,
+    rgb_to_tensor,
+    tensor_to_rgb,
+)
 from .config import EngineConfig
-from .flow import BatchPick, admit_frame, round_robin, round_robin_batch
+from .flow import BatchPick, RecentUsage, admit_frame, least_used, round_robin_batch
 from .models import ModelBundle
 from .stream import FrameWork, StreamEngine
 
 logger = logging.getLogger(__name__)
 
-#: Threads that run models at the same time: VAE encode, UNet, VAE decode.
-MODEL_THREADS = 3
+#: Input threads (decode + VAE encode). Two, so that one stream's expensive frames (a stream is decoded by
+#: one input thread at a time) can never hold up every other stream's input.
+INPUT_THREADS = 2
+#: Threads that run models at the same time: the input threads (VAE encode), UNet, VAE decode.
+MODEL_THREADS = INPUT_THREADS + 2
 
 
 @dataclass
@@ -43,7 +55,7 @@ class FrameResult:
     seq: int
     arrival: float
     jpeg: bytes | None = None
-    error: ImageDecodeError | None = None
+    error: FrameError | None = None
     skipped: bool = False
     inference_s: float = 0.0
     done: float = 0.0
@@ -55,7 +67,7 @@ class _Job:
     data: bytes
     arrival: float
     frame: FrameWork | None = None
-    error: ImageDecodeError | None = None
+    error: FrameError | None = None
     #: Model time spent on the frame so far (VAE encode, UNet, VAE decode), in seconds.
     model_s: float = 0.0
 
@@ -89,6 +101,10 @@ class StreamHandle:
         self._outputs: deque[FrameResult] = deque()
         self._unreleased = 0
         self._ready = threading.Condition()
+        #: Recent input-stage time (decode + VAE encode) of this stream, for time-fair input scheduling.
+        self.input_usage = RecentUsage()
+        #: An input thread is working on one of this stream's frames (at most one at a time keeps their order).
+        self.in_input_stage = False
 
     @property
     def in_flight(self) -> int:
@@ -133,6 +149,8 @@ class RuntimeHealth:
     #: Network passes run (each advances one frame, or up to `max_batch` frames with batching).
     batches: int = 0
     inference_s: deque = field(default_factory=lambda: deque(maxlen=100))
+    #: Runtime threads that stopped on an unexpected error, by name, with the error.
+    dead_threads: dict[str, str] = field(default_factory=dict)
 
 
 class StreamRuntime:
@@ -173,11 +191,10 @@ class StreamRuntime:
         self._last_decoded = -1
         self._encode_queue: queue.Queue = queue.Queue()
         self._stopping = False
-        self._threads = [
-            threading.Thread(target=self._decode_loop, name="stream-decode", daemon=True),
-            threading.Thread(target=self._inference_loop, name="stream-inference", daemon=True),
-            threading.Thread(target=self._encode_loop, name="stream-encode", daemon=True),
-        ]
+        loops = [(f"stream-decode-{index}", self._decode_loop) for index in range(INPUT_THREADS)]
+        loops += [("stream-inference", self._inference_loop), ("stream-encode", self._encode_loop)]
+        self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=name, daemon=True)
+                         for name, loop in loops]
         for thread in self._threads:
             thread.start()
 
@@ -233,6 +250,31 @@ class StreamRuntime:
 
     # ------------------------------------------------------------------ threads
 
+    def _guarded(self, loop: Callable[[], None]) -> None:
+        """Run one of the runtime's loops; if it ever stops on an error, say so in `health` and the log.
+
+        Each loop answers a failing frame and goes on, so this only catches a bug in the loop itself:
+        every stream would stall, which `failure` reports (the server's `/health` says `error`).
+        """
+        try:
+            loop()
+        except Exception as error:
+            name = threading.current_thread().name
+            self.health.dead_threads[name] = f"{type(error).__name__}: {error}"
+            logger.critical("runtime thread %s stopped: every stream is stalled", name, exc_info=error)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the runtime cannot serve frames any more (a dead thread), or `None` while it can."""
+        if self._stopping:
+            return None
+        dead = dict(self.health.dead_threads)
+        dead.update({thread.name: "not running" for thread in self._threads
+                     if not thread.is_alive() and thread.name not in dead})
+        if not dead:
+            return None
+        return "runtime thread " + "; ".join(f"{name} stopped ({why})" for name, why in dead.items())
+
     def _decode_loop(self) -> None:
         while True:
             with self._lock:
@@ -242,32 +284,51 @@ class StreamRuntime:
                     return
                 handle, job = work
                 self._last_decoded = self._streams.index(handle)
+                handle.in_input_stage = True
                 config = handle.engine.config
-            try:
-                image = rgb_to_tensor(decode_image(job.data, config.width, config.height, self.max_pixels))
-            except ImageDecodeError as error:
-                job.error = error
-            else:
-                started = time.perf_counter()
-                try:
-                    job.frame = handle.engine.begin(image)
-                except Exception as error:  # e.g. the stream changed size after the image was decoded
-                    job.error = self._model_error("VAE encode", error)
-                job.model_s = time.perf_counter() - started
-            job.data = b""
+            started = time.perf_counter()
+            self._input_stage(handle, job, config)
             with self._lock:
+                handle.input_usage.add(time.perf_counter() - started, time.monotonic())
+                handle.in_input_stage = False
                 self._lock.notify_all()
 
-    def _model_error(self, stage: str, error: Exception) -> ImageDecodeError:
+    def _input_stage(self, handle: StreamHandle, job: _Job, config: EngineConfig) -> None:
+        """Decode one frame and run the engine's first stage; any failure becomes that frame's error.
+
+        `job.frame` or `job.error` is set last: the inference thread takes the job as soon as either is.
+        """
+        data, job.data = job.data, b""
+        try:
+            image = rgb_to_tensor(decode_image(data, config.width, config.height, self.max_pixels))
+        except ImageDecodeError as error:
+            job.error = error
+            return
+        except Exception as error:  # a decoder bug must cost this frame only, never the shared thread
+            logger.warning("decoding a frame failed unexpectedly", exc_info=error)
+            job.error = ImageDecodeError("bad_image", f"not a decodable image: {type(error).__name__}: {error}")
+            return
+        started = time.perf_counter()
+        try:
+            frame = handle.engine.begin(image)
+        except Exception as error:  # e.g. the stream changed size after the image was decoded
+            job.error = self._model_error("VAE encode", error)
+            return
+        job.model_s = time.perf_counter() - started
+        job.frame = frame
+
+    def _model_error(self, stage: str, error: Exception) -> FrameError:
         """Log and count a failing model stage; the frame is answered with an `inference_failed` error."""
         logger.error("%s failed", stage, exc_info=error)
         self.health.inference_errors += 1
         self.health.last_error = f"{type(error).__name__}: {error}"
-        return ImageDecodeError("inference_failed", f"inference failed: {error}")
+        return FrameError("inference_failed", f"inference failed: {error}")
 
     def _next_undecoded(self) -> tuple[StreamHandle, _Job] | None:
-        index = round_robin(self._streams, self._last_decoded,
-                            lambda h: any(not job.decoded for job in h._waiting))
+        now = time.monotonic()
+        index = least_used(self._streams, self._last_decoded,
+                           lambda h: not h.in_input_stage and any(not job.decoded for job in h._waiting),
+                           lambda h: h.input_usage.at(now))
         if index is None:
             return None
         handle = self._streams[index]
@@ -318,19 +379,25 @@ class StreamRuntime:
     def _infer(self, batch: list[tuple[StreamHandle, _Job]]) -> None:
         """Advance one frame per stream, in one batched UNet call when there are several."""
         ready = [(handle, job) for handle, job in batch if job.error is None]
-        if ready:
-            started = time.perf_counter()
-            errors = advance_batch([handle.engine for handle, _ in ready], [job.frame for _, job in ready])
-            elapsed = time.perf_counter() - started
-            self.health.batches += 1
-            for (_, job), error in zip(ready, errors, strict=True):
-                job.model_s += elapsed
-                if error is None:
-                    self.health.frames_inferred += 1
-                else:
-                    job.error = self._model_error("inference", error)
-        for handle, job in batch:
-            self._encode_queue.put((handle, job))
+        try:
+            if ready:
+                started = time.perf_counter()
+                errors = advance_batch([handle.engine for handle, _ in ready], [job.frame for _, job in ready])
+                elapsed = time.perf_counter() - started
+                self.health.batches += 1
+                for (_, job), error in zip(ready, errors, strict=True):
+                    job.model_s += elapsed
+                    if error is None:
+                        self.health.frames_inferred += 1
+                    else:
+                        job.error = self._model_error("inference", error)
+        except Exception as error:  # a bug outside the per-group handling still costs only these frames
+            failure = self._model_error("inference", error)
+            for _, job in ready:
+                job.error = job.error or failure
+        finally:
+            for handle, job in batch:
+                self._encode_queue.put((handle, job))
 
     def _encode_loop(self) -> None:
         while True:
@@ -343,11 +410,11 @@ class StreamRuntime:
                 started = time.perf_counter()
                 try:
                     step = handle.engine.finish(job.frame)
+                    job.model_s += time.perf_counter() - started
+                    result.jpeg = encode_jpeg(tensor_to_rgb(step.images), self.jpeg_quality)
                 except Exception as error:  # a failing frame must not kill the worker
                     result.error = self._model_error("VAE decode", error)
                 else:
-                    job.model_s += time.perf_counter() - started
-                    result.jpeg = encode_jpeg(tensor_to_rgb(step.images), self.jpeg_quality)
                     result.skipped = step.skipped
                     result.inference_s = job.model_s
                     self.health.inference_s.append(job.model_s)

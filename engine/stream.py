@@ -226,7 +226,7 @@ class StreamEngine:
         return self.finish(self.advance(self.begin(images)))
 
     # ------------------------------------------------------------------ stages
-    # `step` is three stages. `engine.runtime` runs them on three threads (input, inference, output) so
+    # `step` is three stages. `engine.runtime` runs them on separate threads (input, inference, output) so
     # that the VAE calls of one frame overlap the UNet call of another; each stage takes the frames of a
     # stream in order. `engine.batching` runs `advance` for many engines with one UNet call.
 

@@ -75,8 +75,8 @@ def test_runtime_runs_the_vae_beside_the_unet(tiny_models):
         results = [handle.get(timeout=60) for _ in clip]
     assert [result.seq for result in results] == sorted(result.seq for result in results)
     assert all(result.error is None and result.jpeg for result in results)
-    assert runner.threads == {"encode": {"stream-decode"}, "unet": {"stream-inference"},
-                              "decode": {"stream-encode"}}
+    assert runner.threads["encode"] <= {"stream-decode-0", "stream-decode-1"}
+    assert runner.threads["unet"] == {"stream-inference"} and runner.threads["decode"] == {"stream-encode"}
     assert runner.overlapped is True  # a later frame was encoded while the UNet call was running
 
 

@@ -47,8 +47,8 @@ def test_threads_flag_environment_and_effect():
     before = torch.get_num_threads()
     try:
         assert configure_threads(1) == 1 == torch.get_num_threads()
-        torch.set_num_threads(7)
-        assert configure_threads(0) == 2  # 7 cores shared by the 3 model threads
+        torch.set_num_threads(9)
+        assert configure_threads(0) == 2  # 9 cores shared by the 4 model threads (two input threads)
         torch.set_num_threads(2)
         assert configure_threads(0) == 1
     finally:
