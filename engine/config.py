@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +12,8 @@ CFG_TYPES: tuple[str, ...] = ("none", "self", "initialize", "full")
 BACKENDS: tuple[str, ...] = ("eager", "onnxruntime", "tensorrt", "compile", "auto")
 SKIP_POLICIES: tuple[str, ...] = ("off", "rehash", "adacache")
 MEMORY_MODES: tuple[str, ...] = ("off", "slice", "group")
+#: Most entries of `adacache_codebook`.
+MAX_CODEBOOK_ENTRIES = 16
 
 # Parameters that can change between two frames without re-preparing the stream.
 HOT_PARAMS: frozenset[str] = frozenset(
@@ -115,6 +118,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{field.name}` must be a finite number, got {value}")
         if self.width <= 0 or self.width % 8 or self.height <= 0 or self.height % 8:
             raise ValueError(f"`width` and `height` must be positive multiples of 8, got {self.width}x{self.height}")
         if not self.t_index_list:
@@ -163,7 +170,11 @@ class EngineConfig:
         if self.adacache_motion_scale <= 0:
             raise ValueError(f"`adacache_motion_scale` must be > 0, got {self.adacache_motion_scale}")
         bounds = [bound for bound, _ in codebook]
-        if not codebook or bounds != sorted(bounds) or any(frames < 1 for _, frames in codebook):
+        if len(codebook) > MAX_CODEBOOK_ENTRIES:
+            raise ValueError(f"`adacache_codebook` may hold at most {MAX_CODEBOOK_ENTRIES} entries, "
+                             f"got {len(codebook)}")
+        if not codebook or bounds != sorted(bounds) or not all(map(math.isfinite, bounds)) \
+                or any(frames < 1 for _, frames in codebook):
             raise ValueError(f"`adacache_codebook` must be (bound, frames >= 1) pairs with ascending bounds, "
                              f"got {self.adacache_codebook}")
 

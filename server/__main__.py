@@ -10,7 +10,7 @@ import uvicorn
 
 from .app import create_app
 from .serve import configure_logging, configure_threads, uvicorn_config
-from .settings import parse_settings
+from .settings import is_loopback, parse_settings
 
 logger = logging.getLogger("server")
 
@@ -23,8 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     logger.info("torch threads per model thread: %d", configure_threads(settings.threads))
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
-        logger.warning("listening on %s without a token: anyone who can reach it can stream", settings.host)
+    if settings.insecure and settings.token is None and not is_loopback(settings.host):
+        logger.warning("--insecure: listening on %s without a token; anyone who can reach it can stream",
+                       settings.host)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn_config(app, settings))
     state = app.state.server

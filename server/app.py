@@ -6,14 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from engine import ModelBundle
 
-from .auth import require_token_or_query
+from .guard import EdgeGuard
 from .rest import find_session, router
 from .settings import ServerSettings
 from .state import ServerState
@@ -26,7 +26,7 @@ def create_app(settings: ServerSettings, models: ModelBundle | None = None) -> F
     """The app for `settings`.
 
     Args:
-        settings (`ServerSettings`): limits, token, CORS and the engine configuration.
+        settings (`ServerSettings`): limits, token, allowed hosts and origins, and the engine configuration.
         models (`ModelBundle`, *optional*): already loaded models (tests, benchmarks); without them the
             configured model loads in a background thread at startup and `/health` says `loading` meanwhile.
     """
@@ -43,7 +43,9 @@ def create_app(settings: ServerSettings, models: ModelBundle | None = None) -> F
     # No /docs or /redoc: they load their assets from a CDN and the server must work offline.
     app = FastAPI(title="streamdiff server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
+    app.add_middleware(EdgeGuard, settings=settings)
     if settings.cors_origins:
+        # Outside the guard: a CORS preflight carries no token and must be answered before the token check.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "PATCH"], allow_headers=["Authorization", "Content-Type"])
     app.include_router(router)
@@ -54,7 +56,7 @@ def create_app(settings: ServerSettings, models: ModelBundle | None = None) -> F
         """The browser webcam filter."""
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.get("/view/{session_id}", include_in_schema=False, dependencies=[Depends(require_token_or_query)])
+    @app.get("/view/{session_id}", include_in_schema=False)
     async def viewer(session_id: str, request: Request) -> FileResponse:
         """A page showing one session's output full-window (an OBS Browser Source)."""
         find_session(session_id, request.app.state.server)

@@ -1,11 +1,16 @@
-"""The optional bearer token: `Authorization: Bearer` on REST, `?token=` or a subprotocol on WebSockets."""
+"""The optional bearer token: `Authorization: Bearer` on REST, `?token=` or a subprotocol on WebSockets.
+
+`server.guard` enforces it on HTTP routes, the WebSocket handler on `/ws`.
+"""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl
 
-from fastapi import HTTPException, Request
+Scope = MutableMapping[str, Any]
 
 #: Subprotocol a client may offer next to `bearer.<token>` (browsers cannot set WebSocket headers).
 SUBPROTOCOL = "streamdiff"
@@ -33,24 +38,21 @@ def websocket_credentials(query_token: str | None, offered: Sequence[str]) -> tu
     return token, bearer
 
 
-def bearer_token(request: Request) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header."""
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+def header_of(scope: Scope, name: bytes) -> str | None:
+    """A request header's value (ASGI scope; `name` in lowercase bytes), `None` when absent."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def bearer_token_of(scope: Scope) -> str | None:
+    """The token of a request's `Authorization: Bearer <token>` header (ASGI scope)."""
+    scheme, _, value = (header_of(scope, b"authorization") or "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def require_token(request: Request) -> None:
-    """FastAPI dependency: 401 unless the request carries the configured bearer token."""
-    expected = request.app.state.server.settings.token
-    if not token_matches(expected, bearer_token(request)):
-        raise HTTPException(status_code=401, detail="missing or invalid bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
-
-
-def require_token_or_query(request: Request) -> None:
-    """Like `require_token`, also accepting `?token=` (for media URLs that cannot send headers, e.g. OBS)."""
-    expected = request.app.state.server.settings.token
-    if not (token_matches(expected, bearer_token(request))
-            or token_matches(expected, request.query_params.get("token"))):
-        raise HTTPException(status_code=401, detail="missing or invalid token",
-                            headers={"WWW-Authenticate": "Bearer"})
+def query_token_of(scope: Scope) -> str | None:
+    """A request's `?token=` query parameter (ASGI scope)."""
+    query = scope.get("query_string", b"").decode("latin-1")
+    return next((value for key, value in parse_qsl(query) if key == "token"), None)

@@ -8,14 +8,15 @@ from dataclasses import dataclass
 LOADING, READY, DEGRADED, ERROR = "loading", "ready", "degraded", "error"
 
 
-def assess_health(loaded: bool, load_error: str | None, seconds_since_inference_error: float | None,
+def assess_health(loaded: bool, failure: str | None, seconds_since_inference_error: float | None,
                   worst_latency_s: float | None, *, error_window_s: float, max_latency_s: float) -> str:
     """The health state from what the server knows.
 
-    `error` once loading failed, `loading` until the models are ready, then `degraded` while an inference
-    error happened within `error_window_s` or a session's latency exceeds `max_latency_s`, else `ready`.
+    `error` once loading failed or the runtime cannot serve (`failure`, e.g. a dead runtime thread), `loading`
+    until the models are ready, then `degraded` while an inference error happened within `error_window_s` or
+    a session's latency exceeds `max_latency_s`, else `ready`.
     """
-    if load_error is not None:
+    if failure is not None:
         return ERROR
     if not loaded:
         return LOADING

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
+    Field,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -30,6 +32,7 @@ from engine.config import HOT_PARAMS
 CLOSE_POLICY_VIOLATION = 1008  # missing or wrong token
 CLOSE_TOO_BIG = 1009  # a message over the size limit
 CLOSE_TRY_AGAIN_LATER = 1013  # server full, or the model is not loaded yet
+CLOSE_IDLE = 4408  # the session sent nothing for `idle_timeout_s` (an application code, after HTTP 408)
 
 #: Error codes of a frame that could not be used; each replaces that frame's JPEG answer.
 FRAME_ERROR_CODES = frozenset({"empty_frame", "unsupported_format", "bad_image", "image_too_large",
@@ -57,15 +60,33 @@ class ProtocolError(ValueError):
         self.message = message
 
 
+#: Most items any list parameter may hold (e.g. `t_index_list`, `adacache_codebook`): the engine validates the
+#: real bounds, this keeps a hostile message from making the validators walk a huge list.
+MAX_LIST_ITEMS = 64
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` if it encodes as UTF-8; JSON can carry lone surrogates (`"\\ud800"`), which the tokenizer cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from error
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+
+
 class _Incoming(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and ±Infinity are valid Python JSON but no valid parameter value (a NaN guidance scale gives black frames).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class PromptUpdate(_Incoming):
     """New prompt for a live session (REST body of `POST /api/sessions/{id}/prompt`)."""
 
-    prompt: StrictStr
-    negative_prompt: StrictStr | None = None
+    prompt: Text
+    negative_prompt: Text | None = None
 
     def engine_params(self) -> dict[str, object]:
         """Keyword arguments for `StreamEngine.update_params`."""
@@ -75,18 +96,20 @@ class PromptUpdate(_Incoming):
         return params
 
 
-_STRICT = {str: StrictStr, int: StrictInt, float: StrictFloat, bool: StrictBool}
+_STRICT = {str: Text, int: StrictInt, float: StrictFloat, bool: StrictBool}
 
 
 def _strict(hint: Any) -> Any:
-    """`hint` with strict scalars, so `"1.5"` is no float and `1` no bool; JSON arrays still fill tuples."""
+    """`hint` with strict scalars, so `"1.5"` is no float and `1` no bool; JSON arrays still fill tuples, and
+    variable-length ones hold at most `MAX_LIST_ITEMS` items."""
     if hint in _STRICT:
         return _STRICT[hint]
     origin, args = get_origin(hint), get_args(hint)
     if origin in (Union, UnionType):
         return Union[tuple(_strict(arg) for arg in args)]  # noqa: UP007 (built from a tuple)
     if origin is tuple:
-        return tuple[tuple(arg if arg is Ellipsis else _strict(arg) for arg in args)]
+        strict = tuple[tuple(arg if arg is Ellipsis else _strict(arg) for arg in args)]
+        return Annotated[strict, Field(max_length=MAX_LIST_ITEMS)] if Ellipsis in args else strict
     return hint
 
 
@@ -187,27 +210,50 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _json_object(text: str | bytes) -> dict:
+    """The JSON object in `text`; `ProtocolError` for anything else, however hostile."""
+    try:
+        data = json.loads(text)
+    except RecursionError as error:  # e.g. "[" * 100000
+        raise ProtocolError("invalid_json", "not valid JSON: nested too deeply") from error
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+        raise ProtocolError("invalid_json", f"not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_message", f"a message must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _validated(model: type[_Incoming], data: dict, max_prompt_chars: int) -> Any:
+    try:
+        message = model.model_validate(data)
+    except ValidationError as error:
+        raise ProtocolError("invalid_message", describe_validation_error(error)) from error
+    except RecursionError as error:  # a deeply nested value inside a valid object
+        raise ProtocolError("invalid_message", "a value is nested too deeply") from error
+    check_prompt_length(message, max_prompt_chars)
+    return message
+
+
 def parse_client_message(text: str, max_prompt_chars: int) -> ClientMessage:
     """Parse one text message from a client.
 
     Raises:
         ProtocolError: `invalid_json`, `unknown_message_type`, `invalid_message` (wrong types, unknown or
-            missing fields) or `prompt_too_long`.
+            missing fields, non-finite numbers, invalid Unicode) or `prompt_too_long`.
     """
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ProtocolError("invalid_json", f"not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ProtocolError("invalid_message", f"a message must be a JSON object, got {type(data).__name__}")
+    data = _json_object(text)
     kind = data.get("type")
     model = _CLIENT_MESSAGES.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise ProtocolError("unknown_message_type",
                             f"unknown message type {kind!r}; expected one of {sorted(_CLIENT_MESSAGES)}")
-    try:
-        message = model.model_validate(data)
-    except ValidationError as error:
-        raise ProtocolError("invalid_message", describe_validation_error(error)) from error
-    check_prompt_length(message, max_prompt_chars)
-    return message
+    return _validated(model, data, max_prompt_chars)
+
+
+def parse_request_body(body: bytes, model: type[PromptUpdate] | type[_ParamsBase], max_prompt_chars: int) -> Any:
+    """Parse a REST request body as `model` (`PromptUpdate` or `ParamsUpdate`), with the WebSocket's rules.
+
+    Raises:
+        ProtocolError: as `parse_client_message`.
+    """
+    return _validated(model, _json_object(body), max_prompt_chars)

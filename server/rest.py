@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .auth import require_token, require_token_or_query
 from .health import DEGRADED, READY
-from .protocol import ParamsUpdate, PromptUpdate, ProtocolError, check_prompt_length
+from .protocol import ParamsUpdate, PromptUpdate, ProtocolError, parse_request_body
 from .sessions import Session
 from .state import ServerState
 
@@ -23,7 +22,13 @@ MJPEG_BOUNDARY = "frame"
 
 # Routes are `async def` on purpose: they only read loop-owned state (sessions, events) and must not
 # run in FastAPI's thread pool; anything slow (prompt encoding) goes to a worker thread explicitly.
+# Tokens, `Host` and body sizes are checked before any route runs (`server.guard`).
 router = APIRouter()
+
+
+def _json_body(model: type) -> dict:
+    """OpenAPI description of a body the route parses itself (with the WebSocket's rules, `parse_request_body`)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def server_state(request: Request) -> ServerState:
@@ -51,69 +56,80 @@ async def health(request: Request) -> JSONResponse:
         "width": state.settings.engine.width,
         "height": state.settings.engine.height,
     }
-    if state.load_error is not None:
-        body["error"] = state.load_error
+    if state.failure is not None:
+        body["error"] = state.failure
     return JSONResponse(body, status_code=200 if body["accepting"] else 503)
 
 
-@router.get("/api/sessions", dependencies=[Depends(require_token)])
+@router.get("/api/sessions")
 async def list_sessions(request: Request) -> dict:
     return {"sessions": [session.describe() for session in server_state(request).sessions]}
 
 
-@router.post("/api/sessions/{session_id}/prompt", dependencies=[Depends(require_token)])
-async def update_prompt(session_id: str, update: PromptUpdate, request: Request) -> dict:
+@router.post("/api/sessions/{session_id}/prompt", openapi_extra=_json_body(PromptUpdate))
+async def update_prompt(session_id: str, request: Request) -> dict:
     """Change a live session's prompt; the text encoder runs in a worker thread."""
-    state = server_state(request)
-    session = find_session(session_id, state)
-    await _apply(session, update, state)
-    return session.describe()
+    return await _apply(session_id, request, PromptUpdate)
 
 
-@router.patch("/api/sessions/{session_id}/params", dependencies=[Depends(require_token)])
-async def update_params(session_id: str, update: ParamsUpdate, request: Request) -> dict:
+@router.patch("/api/sessions/{session_id}/params", openapi_extra=_json_body(ParamsUpdate))
+async def update_params(session_id: str, request: Request) -> dict:
     """Change a live session's hot parameters (all or none)."""
+    return await _apply(session_id, request, ParamsUpdate)
+
+
+async def _apply(session_id: str, request: Request, model: type) -> dict:
     state = server_state(request)
     session = find_session(session_id, state)
-    await _apply(session, update, state)
+    try:
+        update = parse_request_body(await request.body(), model, state.settings.max_prompt_chars)
+        await session.update(update.engine_params())
+    except ProtocolError as error:
+        raise HTTPException(status_code=422, detail={"code": error.code, "message": error.message}) from error
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail={"code": "invalid_params", "message": str(error)}) from error
     return session.describe()
 
 
-async def _apply(session: Session, update: PromptUpdate | ParamsUpdate, state: ServerState) -> None:
-    try:
-        check_prompt_length(update, state.settings.max_prompt_chars)
-        await session.update(update.engine_params())
-    except (ProtocolError, ValueError) as error:
-        raise HTTPException(status_code=422, detail=str(error)) from error
+class MjpegResponse(StreamingResponse):
+    """A viewer's MJPEG stream; its viewer slot is released however the response ends, even unstarted."""
+
+    def __init__(self, session: Session):
+        super().__init__(_mjpeg_parts(session), media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+                         headers={"Cache-Control": "no-store"})
+        self.session = session
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.session.viewers -= 1
 
 
-@router.get("/api/sessions/{session_id}/mjpeg", dependencies=[Depends(require_token_or_query)])
+@router.get("/api/sessions/{session_id}/mjpeg")
 async def mjpeg(session_id: str, request: Request) -> StreamingResponse:
     """The session's output as `multipart/x-mixed-replace` JPEGs (an OBS media or browser source)."""
     session = find_session(session_id, server_state(request))
     if session.viewers >= MAX_VIEWERS_PER_SESSION:
         raise HTTPException(status_code=503, detail=f"{MAX_VIEWERS_PER_SESSION} viewers already watch this session")
-    return StreamingResponse(_mjpeg_parts(session), media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
-                             headers={"Cache-Control": "no-store"})
+    # Taken here, with no `await` between the check and the count, so concurrent viewers cannot all pass.
+    session.viewers += 1
+    return MjpegResponse(session)
 
 
 async def _mjpeg_parts(session: Session):
     """Each new output once; a slow viewer skips frames instead of queueing them."""
-    session.viewers += 1
-    try:
-        seen = 0
-        while not session.closed:
-            frame = await session.next_frame(seen, MJPEG_POLL_S)
-            if frame is None:
-                continue
-            seen, jpeg = frame
-            yield (f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
-                   + jpeg + b"\r\n")
-    finally:
-        session.viewers -= 1
+    seen = 0
+    while not session.closed:
+        frame = await session.next_frame(seen, MJPEG_POLL_S)
+        if frame is None:
+            continue
+        seen, jpeg = frame
+        yield (f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
+               + jpeg + b"\r\n")
 
 
-@router.get("/metrics", dependencies=[Depends(require_token)])
+@router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = server_state(request)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

@@ -92,6 +92,11 @@ class Session:
         try:
             async with self._update_lock:
                 await asyncio.to_thread(self.handle.engine.update_params, **params)
+        except ValueError:
+            raise
+        except Exception as error:  # e.g. the tokenizer choking on a prompt: the stream keeps its parameters
+            raise ValueError(f"the update failed ({type(error).__name__}: {error}); the session keeps its "
+                             "previous parameters") from error
         finally:
             self.pending_updates -= 1
 
@@ -181,13 +186,18 @@ class SessionRegistry:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
+    @property
+    def has_room(self) -> bool:
+        """Whether `open` would accept one more session now (sessions still being opened hold their slot)."""
+        return len(self._sessions) + self._opening < self.max_sessions
+
     async def open(self, runtime: StreamRuntime, max_in_flight: int, notify: Callable[[], None]) -> Session:
         """Open a stream in `runtime` for a new session.
 
         Raises:
             SessionLimitError: when `max_sessions` sessions are open or opening.
         """
-        if len(self._sessions) + self._opening >= self.max_sessions:
+        if not self.has_room:
             raise SessionLimitError(f"server full: {self.max_sessions} of {self.max_sessions} sessions in use, "
                                     "try again later")
         self._opening += 1  # the slot is held while the prompt encodes in a worker thread

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -39,11 +40,26 @@ class ServerSettings:
             4 streams on the tiny model here (docs/batching.md) and costs nothing with one session.
         batch_wait_ms (`float`, defaults to 0): how long a partial batch may wait for other sessions' frames
             still in the input stage (`StreamRuntime`'s `batch_wait_s`); 0 takes whatever is ready.
-        max_message_bytes (`int`, defaults to 8 MiB): largest WebSocket message; larger ones close with 1009.
+        max_message_bytes (`int`, defaults to 8 MiB): largest binary WebSocket message (a frame); larger ones
+            close with 1009.
+        max_control_bytes (`int`, defaults to 16 KiB): largest control message: a WebSocket text message
+            (larger ones close with 1009) or a REST request body (larger ones get 413 before they are read).
         max_prompt_chars (`int`, defaults to 1000): longest prompt or negative prompt, in characters.
         max_pixels (`int`, defaults to `engine.codec.DEFAULT_MAX_PIXELS`): largest input image, in pixels.
-        token (`str | None`, defaults to None): when set, required on WebSocket and REST calls.
-        cors_origins (`tuple[str, ...]`, defaults to empty): origins allowed by CORS; empty turns CORS off.
+        token (`str | None`, defaults to None): when set, required on WebSocket and REST calls. An empty
+            string is refused: unset the variable to run without a token.
+        cors_origins (`tuple[str, ...]`, defaults to empty): origins allowed by CORS, and the only other
+            origins (besides the server's own) whose browser pages may open a WebSocket; empty turns CORS off.
+        allowed_hosts (`tuple[str, ...]`, defaults to empty): `Host` header values (names, without port) the
+            server answers; empty means `localhost`, `127.0.0.1` and `::1` when bound to loopback (against DNS
+            rebinding) and any host otherwise; `*` allows any.
+        insecure (`bool`, defaults to False): allow binding a non-loopback interface without a token.
+        idle_timeout_s (`float`, defaults to 15): a WebSocket session that sends neither frame nor message for
+            this long, with no frame in flight, is closed (4408) so it cannot hold a slot.
+        header_timeout_s (`float`, defaults to 5): an HTTP connection whose request headers are not complete
+            this long after its first byte (or its opening) is closed.
+        max_connections (`int`, defaults to 256): open TCP connections (HTTP and WebSocket) at most; more are
+            closed at once, so a flood cannot exhaust the process's file descriptors.
         jpeg_quality (`int`, defaults to 85): quality of output JPEGs.
         stats_interval_s (`float`, defaults to 1.0): seconds between `stats` events of an active session.
         degraded_latency_s (`float`, defaults to 10.0): end-to-end latency above which `/health` says degraded.
@@ -52,7 +68,8 @@ class ServerSettings:
         replica_id (`str`, defaults to `""`): when set, every session id starts with `<replica_id>-`, so a
             proxy in front of several replicas can send a session's REST calls to the replica that owns it.
         threads (`int`, defaults to 0): torch intra-op threads of each model thread (the runtime runs three
-            at once: VAE encode, UNet, VAE decode); 0 shares the cores among them (cores // 3, at least 1).
+            at once: two input threads with the VAE encoder, UNet, VAE decode); 0 shares the cores among them
+            (cores // 4, at least 1).
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -63,10 +80,16 @@ class ServerSettings:
     max_batch: int = 4
     batch_wait_ms: float = 0.0
     max_message_bytes: int = 8 * 1024 * 1024
+    max_control_bytes: int = 16 * 1024
     max_prompt_chars: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
     token: str | None = None
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    insecure: bool = False
+    idle_timeout_s: float = 15.0
+    header_timeout_s: float = 5.0
+    max_connections: int = 256
     jpeg_quality: int = 85
     stats_interval_s: float = 1.0
     degraded_latency_s: float = 10.0
@@ -77,9 +100,14 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
-        object.__setattr__(self, "token", self.token or None)
-        for name in ("max_sessions", "max_in_flight", "max_batch", "max_message_bytes", "max_prompt_chars",
-                     "max_pixels"):
+        object.__setattr__(self, "allowed_hosts", tuple(host.lower() for host in self.allowed_hosts))
+        if self.token is not None and not self.token.strip():
+            raise ValueError("`token` is empty: set a real token, or unset it (STREAMDIFF_TOKEN) to run without one")
+        if not self.insecure and self.token is None and not is_loopback(self.host):
+            raise ValueError(f"refusing to listen on {self.host} without a token: anyone who can reach it could "
+                             "stream. Set STREAMDIFF_TOKEN (or --token), or pass --insecure to allow it")
+        for name in ("max_sessions", "max_in_flight", "max_batch", "max_message_bytes", "max_control_bytes",
+                     "max_prompt_chars", "max_pixels", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
@@ -90,8 +118,9 @@ class ServerSettings:
             raise ValueError(f"`port` must lie in [0, 65535], got {self.port}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"`jpeg_quality` must lie in [1, 100], got {self.jpeg_quality}")
-        if self.stats_interval_s <= 0 or self.degraded_latency_s <= 0:
-            raise ValueError("`stats_interval_s` and `degraded_latency_s` must be positive")
+        for name in ("stats_interval_s", "degraded_latency_s", "idle_timeout_s", "header_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"`log_level` must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.replica_id and REPLICA_ID_PATTERN.fullmatch(self.replica_id) is None:
@@ -100,6 +129,27 @@ class ServerSettings:
     def replace(self, **changes) -> ServerSettings:
         """A copy with `changes` applied (validated like the constructor)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def host_names(self) -> frozenset[str] | None:
+        """The `Host` names the server answers, `None` for any (see `allowed_hosts`)."""
+        if "*" in self.allowed_hosts:
+            return None
+        if self.allowed_hosts:
+            return frozenset(self.allowed_hosts)
+        return LOOPBACK_NAMES if is_loopback(self.host) else None
+
+
+#: Names a loopback-bound server answers by default.
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` listens on loopback only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -169,11 +219,22 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--max-batch",), "max_batch", int, "most sessions' frames per batched network call (1 = one at a time)"),
     _Option(("--batch-wait-ms",), "batch_wait_ms", float,
             "how long a partial batch may wait for other sessions' frames still being decoded (0 = never)"),
-    _Option(("--max-message-size",), "max_message_bytes", int, "largest WebSocket message in bytes"),
+    _Option(("--max-message-size",), "max_message_bytes", int, "largest binary WebSocket message (a frame) in bytes"),
+    _Option(("--max-control-size",), "max_control_bytes", int,
+            "largest control message in bytes: WebSocket text message or REST request body"),
     _Option(("--max-prompt-length",), "max_prompt_chars", int, "longest prompt in characters"),
     _Option(("--max-pixels",), "max_pixels", int, "largest input image in pixels"),
     _Option(("--token",), "token", str, "bearer token required on WebSocket and REST (prefer the env variable)"),
-    _Option(("--cors-origins",), "cors_origins", _str_list, "comma-separated origins allowed by CORS (off if empty)"),
+    _Option(("--cors-origins",), "cors_origins", _str_list,
+            "comma-separated origins allowed by CORS and to open WebSockets from a browser (off if empty)"),
+    _Option(("--allowed-hosts",), "allowed_hosts", _str_list,
+            "comma-separated Host names answered (empty: loopback names when bound to loopback, else any; * any)"),
+    _Option(("--insecure",), "insecure", _bool, "allow a non-loopback --host without a token", boolean=True),
+    _Option(("--idle-timeout",), "idle_timeout_s", float,
+            "seconds a WebSocket session may send nothing (with no frame in flight) before it is closed"),
+    _Option(("--header-timeout",), "header_timeout_s", float,
+            "seconds an HTTP connection may take to send its request headers"),
+    _Option(("--max-connections",), "max_connections", int, "open TCP connections at most (HTTP and WebSocket)"),
     _Option(("--jpeg-quality",), "jpeg_quality", int, "quality of output JPEGs"),
     _Option(("--stats-interval",), "stats_interval_s", float, "seconds between stats events"),
     _Option(("--degraded-latency",), "degraded_latency_s", float, "latency in seconds that makes /health degraded"),
@@ -182,7 +243,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--log-level",), "log_level", str, "logging level", choices=LOG_LEVELS),
     _Option(("--replica-id",), "replica_id", str,
             "prefix of this replica's session ids (`<id>-...`), for routing behind a proxy; empty for none"),
-    _Option(("--threads",), "threads", int, "torch threads per model thread (0 = cores // 3, at least 1)"),
+    _Option(("--threads",), "threads", int, "torch threads per model thread (0 = cores // 4, at least 1)"),
 )
 
 

@@ -129,18 +129,27 @@ class ServerState:
         for session in self.sessions:
             latency = session.window.latency_s or 0.0
             worst = max(worst or 0.0, latency, session.behind_s(now))
-        return assess_health(runtime is not None, self.load_error, since_error, worst,
+        failure = self.load_error if runtime is None else runtime.failure
+        return assess_health(runtime is not None, failure, since_error, worst,
                              error_window_s=ERROR_WINDOW_S, max_latency_s=self.settings.degraded_latency_s)
 
     @property
     def accepting(self) -> bool:
         """Whether a new session would be accepted now."""
-        return self.runtime is not None and len(self.sessions) < self.settings.max_sessions
+        return self.runtime is not None and self.runtime.failure is None and self.sessions.has_room
+
+    @property
+    def failure(self) -> str | None:
+        """Why the server cannot serve: the model failed to load, or a runtime thread died."""
+        if self.load_error is not None:
+            return f"model failed to load: {self.load_error}"
+        runtime = self.runtime
+        return None if runtime is None else runtime.failure
 
     def not_ready_reason(self) -> str:
         """Why sessions cannot start yet."""
-        if self.load_error is not None:
-            return f"model failed to load: {self.load_error}"
+        if self.failure is not None:
+            return self.failure
         return "model is loading, try again shortly"
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from engine.runtime import FrameResult
 
 from .auth import token_matches, websocket_credentials
 from .protocol import (
+    CLOSE_IDLE,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN_LATER,
@@ -135,18 +136,27 @@ class Connection:
     # ------------------------------------------------------------------ receiving
 
     async def receive_loop(self) -> CloseRequest | None:
-        limit = self.settings.max_message_bytes
+        frame_limit, text_limit = self.settings.max_message_bytes, self.settings.max_control_bytes
+        idle_timeout = self.settings.idle_timeout_s
         while True:
-            message = await self.websocket.receive()
+            try:
+                message = await asyncio.wait_for(self.websocket.receive(), idle_timeout)
+            except TimeoutError:
+                if self.session.handle.in_flight:
+                    continue  # waiting for us is not idling
+                return CloseRequest(CLOSE_IDLE, f"no frame or message for {idle_timeout:g} s")
             if message["type"] == "websocket.disconnect":
                 return None
             data, text = message.get("bytes"), message.get("text")
-            size = len(data) if data is not None else len((text or "").encode())
-            if size > limit:
-                return CloseRequest(CLOSE_TOO_BIG, f"message of {size} bytes exceeds the limit of {limit} bytes")
             if data is not None:
+                if len(data) > frame_limit:
+                    return CloseRequest(CLOSE_TOO_BIG, f"frame of {len(data)} bytes exceeds the limit of "
+                                                       f"{frame_limit} bytes")
                 self.on_frame(data)
             elif text is not None:
+                # Counted in characters first: never encode a huge text just to measure it.
+                if len(text) > text_limit or len(text.encode(errors="surrogatepass")) > text_limit:
+                    return CloseRequest(CLOSE_TOO_BIG, f"control message over the limit of {text_limit} bytes")
                 self.on_text(text)
 
     def on_frame(self, data: bytes) -> None:
@@ -176,7 +186,7 @@ class Connection:
     async def apply(self, params: dict[str, object]) -> None:
         try:
             await self.session.update(params)
-        except ValueError as error:
+        except ValueError as error:  # `Session.update` turns every failure into one
             self.send_error("invalid_params", str(error))
 
     def send_error(self, code: str, message: str) -> None:

@@ -70,6 +70,7 @@ async function startCamera(deviceId) {
   $("camera-view").srcObject = state.camera;
   await $("camera-view").play().catch(() => {});
   await listCameras(state.camera.getVideoTracks()[0].getSettings().deviceId);
+  if (!state.ws || state.ws.readyState === WebSocket.CLOSED) connect();
   pump();
 }
 
@@ -79,6 +80,8 @@ function closeMessage(event) {
     case 1008: return { text: `Access denied${reason}. Open the page with ?token=… .`, retry: false };
     case 1009: return { text: `A frame was too large for the server${reason}.`, retry: false };
     case 1013: return { text: `The server is full or still loading${reason}. Retrying…`, retry: true };
+    // Idle: reconnect only once there is a camera to stream from (startCamera connects then).
+    case 4408: return { text: `Closed while idle${reason}.`, retry: Boolean(state.camera) };
     default: return { text: `Disconnected (code ${event.code})${reason}. Reconnecting…`, retry: true };
   }
 }
@@ -114,9 +117,10 @@ function handleEvent(message) {
     state.reconnectDelay = 1000;
     showMessage("");
     setStatus(`streaming · session ${message.session_id} · ${message.width}×${message.height}`);
-    const viewer = `${location.origin}/view/${message.session_id}${token ? `?token=${encodeURIComponent(token)}` : ""}`;
-    $("viewer-link").href = viewer;
-    $("viewer-link").textContent = viewer;
+    const viewer = `${location.origin}/view/${message.session_id}`;
+    // The link works (it carries the token) but never shows it: the page may be on a stream or a screenshot.
+    $("viewer-link").href = token ? `${viewer}?token=${encodeURIComponent(token)}` : viewer;
+    $("viewer-link").textContent = token ? `${viewer}?token=…` : viewer;
     pump();
   } else if (message.type === "stats") {
     $("dropped").textContent = String(message.dropped);

@@ -122,3 +122,12 @@ async def test_page_says_when_the_camera_is_blocked(server, tmp_path):
         assert "blocked" in message
         assert await page.evaluate("window.streamdiff.framesReceived") == 0
     await wait_until(lambda: len(server.state.sessions) == 0)
+
+
+async def test_page_with_a_token_streams_but_never_shows_it(start_server, tmp_path):
+    token = "page-secret-7"
+    with start_server(token=token) as live:
+        async with open_page(f"{live.base_url}/?token={token}", tmp_path / "profile") as page:
+            await page.wait_for("window.streamdiff && window.streamdiff.framesReceived >= 2")
+            assert token in await page.evaluate("document.getElementById('viewer-link').href")
+            assert token not in await page.evaluate("document.body.innerText")
