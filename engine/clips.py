@@ -1,4 +1,6 @@
-"""Synthetic moving test clips (no camera, no files): shared by the demo, tests and benchmarks."""
+"""Synthetic moving test clips (no camera, no files): shared by the demo, tests and benchmarks.
+
+The live clients' endless pattern is `client.patterns.moving_pattern`."""
 
 from __future__ import annotations
 
@@ -53,16 +55,3 @@ def synthetic_clip(kind: str, num_frames: int, width: int = 128, height: int = 1
             _blob(frame, (index * 9) % width, height / 2, height / 8, (255, 64, 32))
         frames.append(frame)
     return frames
-
-
-def moving_pattern(index: int, width: int = 128, height: int = 128) -> np.ndarray:
-    """Frame `index` of an endless slowly moving pattern (for live clients and load tests)."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    t = index / 15.0
-    red = 0.5 + 0.5 * np.sin(xs / 11.0 + t)
-    green = 0.5 + 0.5 * np.sin(ys / 13.0 - 0.7 * t)
-    blue = 0.5 + 0.5 * np.sin((xs + ys) / 17.0 + 0.3 * t)
-    frame = (np.stack([red, green, blue], -1) * 255).astype(np.uint8)
-    _blob(frame, width / 2 + width / 3 * math.cos(t), height / 2 + height / 3 * math.sin(t), min(width, height) / 10,
-          (250, 250, 250))
-    return frame
