@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EngineConfig", "ModelBundle", "ModelLoadError", "StepResult", "StreamEngine", "load_bundle", "load_models"]
 
-# Loaded on first use (PEP 562) so light modules such as `engine.clips` do not pull in torch and diffusers:
-# the clients import the synthetic clips and must start fast on machines without the model stack.
+# Loaded on first use (PEP 562) so that importing a light module such as `engine.config` does not pull in
+# torch and diffusers.
 _LAZY = {
     "EngineConfig": "config",
     "ModelBundle": "models",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine, load_models
-from engine.clips import synthetic_clip
 from engine.codec import rgb_to_tensor, tensor_to_rgb
 from engine.demo_styles import FALLBACK_STYLE, STYLES, sample_prompt, style_of_prompt, stylize
 from engine.models import DEMO_MODEL_DIR, ModelLoadError

@@ -1,6 +1,6 @@
-"""Skip-policy rows of `python -m engine.bench --skip rehash,adacache`.
+"""Skip-policy rows of `python -m benchmarks.engine --skip rehash,adacache`.
 
-Per clip category (`engine.clips` kinds: static, slow_pan, fast_motion, hard_cut), the policy-off engine
+Per clip category (`benchmarks.clips` kinds: static, slow_pan, fast_motion, hard_cut), the policy-off engine
 and one engine per policy run the same frames, called in turn on each frame so that a load change on a
 shared machine hits all of them alike. Reported per policy and category: `speedup` (summed step time
 off / with the policy, the priming first frame excluded), `psnr` of the outputs against the policy-off
@@ -19,11 +19,12 @@ import time
 
 import torch
 
-from ..clips import CLIP_KINDS, synthetic_clip
-from ..codec import rgb_to_tensor
-from ..config import EngineConfig
-from ..models import ModelBundle
-from ..stream import StreamEngine
+from engine.codec import rgb_to_tensor
+from engine.config import EngineConfig
+from engine.models import ModelBundle
+from engine.stream import StreamEngine
+
+from .clips import CLIP_KINDS, synthetic_clip
 from .quality import mse, psnr_of_mse, ssim
 
 logger = logging.getLogger(__name__)

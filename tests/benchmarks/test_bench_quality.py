@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.skip.quality import mse, psnr_of_mse, ssim
+from benchmarks.quality import mse, psnr_of_mse, ssim
 
 
 def test_psnr_of_a_uniform_offset_is_exact():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks import skip as bench
 from engine.config import EngineConfig
-from engine.skip import bench
 
 
 def test_rows_cover_every_policy_and_motion_category(tiny_models):

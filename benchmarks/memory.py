@@ -47,11 +47,12 @@ def measure(model: str, size: int, mode: str, frames: int, warmup: int,
     """Peak memory and fps of one configuration, in this process (call it in a fresh one).
 
     With `warmup=0` the measured first frame includes priming the stream (n - 1 extra UNet calls)."""
-    from ..bench import bench_config, median_seconds
-    from ..clips import synthetic_clip
-    from ..codec import rgb_to_tensor
-    from ..models import load_models
-    from ..stream import StreamEngine
+    from engine.codec import rgb_to_tensor
+    from engine.models import load_models
+    from engine.stream import StreamEngine
+
+    from .clips import synthetic_clip
+    from .engine import bench_config, median_seconds
 
     torch.manual_seed(0)
     models = load_models(model)
@@ -78,7 +79,7 @@ def measure(model: str, size: int, mode: str, frames: int, warmup: int,
 def measure_in_subprocess(model: str, size: int, mode: str, frames: int, warmup: int, threads: int = 0,
                           t_index_list: tuple[int, ...] | None = None) -> dict:
     """`measure` in a fresh Python process; its JSON is the last line the child prints."""
-    command = [sys.executable, "-m", "engine.memory.bench", "--child", "--model", model, "--sizes", str(size),
+    command = [sys.executable, "-m", "benchmarks.memory", "--child", "--model", model, "--sizes", str(size),
                "--modes", mode, "--frames", str(frames), "--warmup", str(warmup), "--threads", str(threads)]
     if t_index_list:
         command += ["--t-index-list", ",".join(map(str, t_index_list))]
@@ -128,7 +129,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.memory.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__)
     parser.add_argument("--modes", default="slice,group", help="comma-separated memory modes (off is always run)")
     parser.add_argument("--model", default="small")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated square sizes")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured frames (the first one primes the stream)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations measured at once (fresh processes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
-    parser.add_argument("--t-index-list", help="comma-separated stream-batch steps (default: engine.bench's 4)")
+    parser.add_argument("--t-index-list", help="comma-separated stream-batch steps (default: benchmarks.engine's 4)")
     parser.add_argument("--json", type=Path, help="write {'memory': ...} to this JSON file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

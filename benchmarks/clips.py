@@ -1,12 +1,15 @@
-"""Synthetic moving test clips (no camera, no files): shared by the demo, tests and benchmarks.
+"""Synthetic moving test clips (no camera, no files): shared by the benchmarks, the demo clip and the tests.
 
-The live clients' endless pattern is `client.patterns.moving_pattern`."""
+The live clients' endless pattern is `client.patterns.moving_pattern`; its disc is drawn the same way here.
+"""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from client.patterns import draw_disc
 
 CLIP_KINDS: tuple[str, ...] = ("static", "slow_pan", "fast_motion", "hard_cut")
 
@@ -23,12 +26,6 @@ def _scene(width: int, height: int, variant: int) -> np.ndarray:
             image[..., channel] += np.sin(xs * fx + ys * fy + phase)
     image = (image - image.min()) / (image.max() - image.min())
     return (image * 255).astype(np.uint8)
-
-
-def _blob(frame: np.ndarray, cx: float, cy: float, radius: float, colour: tuple[int, int, int]) -> None:
-    height, width = frame.shape[:2]
-    ys, xs = np.ogrid[0:height, 0:width]
-    frame[(xs - cx) ** 2 + (ys - cy) ** 2 <= radius ** 2] = colour
 
 
 def synthetic_clip(kind: str, num_frames: int, width: int = 128, height: int = 128, seed: int = 0) -> list[np.ndarray]:
@@ -52,6 +49,6 @@ def synthetic_clip(kind: str, num_frames: int, width: int = 128, height: int = 1
         y = int(round(height / 2 + reach_y * math.sin(offset / (2 * reach_y))))
         frame = scene[y:y + height, x:x + width].copy()
         if kind == "fast_motion":
-            _blob(frame, (index * 9) % width, height / 2, height / 8, (255, 64, 32))
+            draw_disc(frame, (index * 9) % width, height / 2, height / 8, (255, 64, 32))
         frames.append(frame)
     return frames

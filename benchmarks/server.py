@@ -1,4 +1,4 @@
-"""`python -m server.bench`: delivered FPS over loopback WebSocket vs the engine in-process, same config.
+"""`python -m benchmarks.server`: delivered FPS over loopback WebSocket vs the engine in-process, same config.
 
 Three measurements on the same frames (a synthetic clip, JPEG-encoded once up front):
   engine    `StreamEngine.step` on decoded tensors in a loop (the model's own speed), in a worker thread
@@ -23,13 +23,13 @@ import torch
 import websockets
 
 from engine import EngineConfig, ModelBundle, StreamEngine, load_models
-from engine.clips import CLIP_KINDS, synthetic_clip
 from engine.codec import decode_image, encode_jpeg, rgb_to_tensor
 from engine.runtime import StreamRuntime
+from server.app import create_app
+from server.serve import background_server
+from server.settings import ServerSettings
 
-from .app import create_app
-from .serve import background_server
-from .settings import ServerSettings
+from .clips import CLIP_KINDS, synthetic_clip
 
 
 @dataclass
@@ -160,7 +160,7 @@ def run_bench(model: str = "tiny", width: int = 256, height: int = 256, t_index_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--height", type=int, default=256)

@@ -1,10 +1,10 @@
-"""`python -m server.bench` runs end to end on a few frames and reports every path."""
+"""`python -m benchmarks.server` runs end to end on a few frames and reports every path."""
 
 from __future__ import annotations
 
 import json
 
-from server.bench import main
+from benchmarks.server import main
 
 
 def test_bench_reports_engine_runtime_and_websocket_fps(capsys):

@@ -1,4 +1,4 @@
-"""`python -m engine.demo`: stream a synthetic moving clip through the engine and write the result.
+"""`python -m benchmarks.demo_clip`: stream a synthetic moving clip through the engine and write the result.
 
 No camera and no server needed: a quick end-to-end check of a model and a config on this machine.
 """
@@ -13,11 +13,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engine.codec import rgb_to_tensor, tensor_to_rgb
+from engine.config import EngineConfig
+from engine.models import load_models
+from engine.stream import StreamEngine, resolve_device, resolve_dtype
+
 from .clips import CLIP_KINDS, synthetic_clip
-from .codec import rgb_to_tensor, tensor_to_rgb
-from .config import EngineConfig
-from .models import load_models
-from .stream import StreamEngine, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     defaults = EngineConfig()
-    parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_clip", description=__doc__)
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--prompt", default=defaults.prompt)
     parser.add_argument("--size", type=int, default=defaults.width, help="square frame size")

@@ -1,4 +1,4 @@
-"""`python -m engine.bench`: frames per second of the engine against its baselines.
+"""`python -m benchmarks.engine`: frames per second of the engine against its baselines.
 
 Every row runs in this one process on the same model, size and seed; each figure is the median over
 `--frames` frames after a warm-up. fps = output frames per second.
@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-from . import guidance
+from engine import guidance
+from engine.codec import rgb_to_tensor
+from engine.config import BACKENDS, EngineConfig
+from engine.models import ModelBundle, load_models
+from engine.stream import StreamEngine
+
+from . import memory as memory_bench
+from . import skip as skip_bench
 from .clips import synthetic_clip
-from .codec import rgb_to_tensor
-from .config import BACKENDS, EngineConfig
-from .memory import bench as memory_bench
-from .models import ModelBundle, load_models
-from .skip import bench as skip_bench
-from .stream import StreamEngine
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
 
 
 def run_skip_policies(model: str, size: int, frames: int, policies: list[str], params: list[str]) -> dict:
-    """The skip-policy rows (engine/skip/bench.py) on the benchmark's config; returns the JSON-ready dict."""
+    """The skip-policy rows (benchmarks/skip.py) on the benchmark's config; returns the JSON-ready dict."""
     models = load_models(model)
     models.to(torch.device("cpu"), torch.float32)
     config = bench_config(model, size)
@@ -170,7 +171,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__)
     parser.add_argument("--model", default="tiny", help="tiny (default) or small (compute-bound)")
     parser.add_argument("--size", type=int, default=128, help="square frame size in pixels")
     parser.add_argument("--frames", type=int, default=30, help="measured frames per row (median)")
@@ -181,11 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", nargs="+", default=[], choices=BACKENDS,
                         help="also measure the engine on these backends (e.g. onnxruntime): adds <backend>_fps")
     parser.add_argument("--skip", help="instead of the fps rows: skip policies to measure, e.g. rehash,adacache "
-                                       "(engine/skip/bench.py; --frames frames per clip category)")
+                                       "(benchmarks/skip.py; --frames frames per clip category)")
     parser.add_argument("--skip-param", action="append", default=[], metavar="KEY=VALUE",
                         help="a skip-policy EngineConfig field for --skip, e.g. skip_cut_threshold=0.05")
     parser.add_argument("--memory", help="instead of the fps rows: peak memory and fps of these memory modes and "
-                                         "off, e.g. slice,group, a fresh process each (engine/memory/bench.py)")
+                                         "off, e.g. slice,group, a fresh process each (benchmarks/memory.py)")
     parser.add_argument("--memory-model", default="small", help="model of --memory (default small)")
     parser.add_argument("--memory-sizes", default="512,1024", help="comma-separated square sizes of --memory")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Paired image error for the skip-policy benchmark: PSNR and SSIM (gaussian window) in torch."""
+"""Paired image error of the benchmarks: PSNR and SSIM (gaussian window) in torch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m engine.batching_bench`: aggregate FPS of N flooding streams in one `StreamRuntime`,
+"""`python -m benchmarks.batching`: aggregate FPS of N flooding streams in one `StreamRuntime`,
 alternating `max_batch=1` and `max_batch=N` so a noisy machine affects both alike (no network, no client)."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import time
 
 import torch
 
+from engine.codec import encode_jpeg
+from engine.config import EngineConfig
+from engine.models import load_models
+from engine.runtime import StreamRuntime
+
 from .clips import synthetic_clip
-from .codec import encode_jpeg
-from .config import EngineConfig
-from .models import load_models
-from .runtime import StreamRuntime
 
 
 def measure(models, config: EngineConfig, streams: int, max_batch: int, duration: float,
@@ -41,7 +42,7 @@ def measure(models, config: EngineConfig, streams: int, max_batch: int, duration
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.batching_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.batching", description=__doc__)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--streams", type=int, default=4)
