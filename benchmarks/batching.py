@@ -10,7 +10,7 @@ import torch
 
 from engine.codec import encode_jpeg
 from engine.config import EngineConfig
-from engine.models import load_models
+from engine.loading import load_bundle
 from engine.runtime import StreamRuntime
 
 from .clips import synthetic_clip
@@ -53,8 +53,8 @@ def main() -> None:
                         help="the batched runtime's gather window (StreamRuntime batch_wait_s, in ms)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models = load_models(args.model)
     config = EngineConfig(model=args.model, width=args.size, height=args.size, similarity_filter=False)
+    models = load_bundle(config)
     for round_index in range(args.rounds):
         alone, _ = measure(models, config, args.streams, 1, args.duration)
         batched, batch = measure(models, config, args.streams, args.streams, args.duration,

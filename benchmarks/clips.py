@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from client.patterns import draw_disc
+from engine.codec import rgb_to_tensor
 
 CLIP_KINDS: tuple[str, ...] = ("static", "slow_pan", "fast_motion", "hard_cut")
 
@@ -52,3 +54,8 @@ def synthetic_clip(kind: str, num_frames: int, width: int = 128, height: int = 1
             draw_disc(frame, (index * 9) % width, height / 2, height / 8, (255, 64, 32))
         frames.append(frame)
     return frames
+
+
+def tensor_clip(kind: str, num_frames: int, width: int = 128, height: int = 128) -> list[torch.Tensor]:
+    """`synthetic_clip` as the engine's input: `[3, H, W]` float tensors in [0, 1]."""
+    return [rgb_to_tensor(frame) for frame in synthetic_clip(kind, num_frames, width, height)]

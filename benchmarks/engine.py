@@ -12,49 +12,29 @@ import logging
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from engine import guidance
-from engine.codec import rgb_to_tensor
 from engine.config import BACKENDS, EngineConfig
-from engine.models import ModelBundle, load_models
+from engine.loading import load_bundle
+from engine.models import ModelBundle
 from engine.stream import StreamEngine
 
 from . import memory as memory_bench
 from . import skip as skip_bench
-from .clips import synthetic_clip
+from .clips import tensor_clip
+from .timing import median_fps, time_stream
+from .workload import bench_config
 
 logger = logging.getLogger(__name__)
-
-BENCH_T_INDEX_LIST = (0, 16, 32, 45)
-
-
-def bench_config(model: str, size: int) -> EngineConfig:
-    """The benchmark's default: 4 stream-batch steps, RCFG `self` at guidance 1.2, tiny VAE, no filter."""
-    return EngineConfig(model=model, width=size, height=size, t_index_list=BENCH_T_INDEX_LIST, cfg_type="self",
-                        guidance_scale=1.2, similarity_filter=False)
-
-
-def median_seconds(call: Callable[[int], object], frames: int, warmup: int) -> float:
-    """Median wall time of `call(i)` over `frames` calls after `warmup` unmeasured ones."""
-    for index in range(warmup):
-        call(index)
-    times = []
-    for index in range(frames):
-        started = time.perf_counter()
-        call(warmup + index)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def engine_fps(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], frames: int, warmup: int) -> float:
     """Output fps of a `StreamEngine` on a moving clip."""
-    engine = StreamEngine(models, config)
-    return 1.0 / median_seconds(lambda i: engine(clip[i % len(clip)]), frames, warmup)
+    return median_fps(time_stream(StreamEngine(models, config), clip, frames, warmup))
 
 
 @torch.no_grad()
@@ -68,9 +48,10 @@ def compute_limit_fps(models: ModelBundle, config: EngineConfig, frames: int, wa
     latents = torch.randn(rows, *engine.latent_shape(config))
     timesteps = torch.full((rows,), 500, dtype=torch.long)
     image = torch.rand(1, 3, config.height, config.width) * 2 - 1
-    unet = median_seconds(lambda i: runner.unet(latents, timesteps, conditioning), frames, warmup)
-    encode = median_seconds(lambda i: runner.encode(image), frames, warmup)
-    decode = median_seconds(lambda i: runner.decode(latents[:1]), frames, warmup)
+    unet = statistics.median(time_stream(lambda x: runner.unet(x, timesteps, conditioning), [latents], frames,
+                                         warmup))
+    encode = statistics.median(time_stream(runner.encode, [image], frames, warmup))
+    decode = statistics.median(time_stream(runner.decode, [latents[:1]], frames, warmup))
     return 1.0 / (unet + encode + decode)
 
 
@@ -88,12 +69,12 @@ def diffusers_fps(models: ModelBundle, config: EngineConfig, clip: list[torch.Te
     steps = config.denoising_steps
     generator = torch.Generator().manual_seed(config.seed)
 
-    def run(index: int) -> None:
-        pipe(prompt=config.prompt, negative_prompt=config.negative_prompt, image=clip[index % len(clip)][None],
+    def run(frame: torch.Tensor) -> None:
+        pipe(prompt=config.prompt, negative_prompt=config.negative_prompt, image=frame[None],
              num_inference_steps=2 * steps, strength=0.5, guidance_scale=config.guidance_scale,
              generator=generator, output_type="pt")
 
-    return 1.0 / median_seconds(run, frames, warmup)
+    return median_fps(time_stream(run, clip, frames, warmup))
 
 
 def skip_rate(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], count: int = 100) -> float:
@@ -109,10 +90,10 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
     """Every benchmark row; returns the JSON-ready dict. Each of `backends` (other than eager) adds
     `<backend>_fps`: the same engine row with its networks on that backend."""
     torch.manual_seed(0)
-    models = load_models(model)
-    config = bench_config(model, size)
-    models.to(torch.device("cpu"), torch.float32)
-    clip = [rgb_to_tensor(frame) for frame in synthetic_clip("slow_pan", 60, size, size)]
+    # Every row on the CPU in fp32, where the diffusers baseline's pipeline is built.
+    config = bench_config(model, size).replace(device="cpu", dtype="float32")
+    models = load_bundle(config)
+    clip = tensor_clip("slow_pan", 60, size, size)
     results: dict = {
         "model": model, "size": size, "frames": frames, "t_index_list": list(config.t_index_list),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -144,17 +125,6 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
         if backend != "eager":
             results["ratios"][f"{backend}_vs_engine"] = round(results[f"{backend}_fps"] / engine, 3)
     return results
-
-
-def run_skip_policies(model: str, size: int, frames: int, policies: list[str], params: list[str]) -> dict:
-    """The skip-policy rows (benchmarks/skip.py) on the benchmark's config; returns the JSON-ready dict."""
-    models = load_models(model)
-    models.to(torch.device("cpu"), torch.float32)
-    config = bench_config(model, size)
-    overrides = skip_bench.parse_overrides(params)
-    return {"model": model, "size": size, "frames": frames, "t_index_list": list(config.t_index_list),
-            "threads": torch.get_num_threads(), "skip_params": overrides,
-            "skip_policies": skip_bench.run(models, config, policies, frames, overrides)}
 
 
 def format_table(results: dict) -> str:
@@ -198,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         results = {"memory": memory_bench.run(args.memory.split(","), args.memory_model, sizes)}
         print(memory_bench.format_table(results["memory"]))
     elif args.skip:
-        results = run_skip_policies(args.model, args.size, args.frames, args.skip.split(","), args.skip_param)
+        results = skip_bench.run_policies(args.model, args.size, args.frames, args.skip.split(","), args.skip_param)
         print(skip_bench.format_table(results["skip_policies"]))
     else:
         results = run(args.model, args.size, args.frames, args.warmup, tuple(args.backend))

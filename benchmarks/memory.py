@@ -1,4 +1,5 @@
-"""Peak memory and FPS of each memory mode, one fresh subprocess per (size, mode).
+"""`python -m benchmarks.memory` (also `python -m benchmarks.engine --memory slice,group`): peak memory and
+FPS of each memory mode, one fresh subprocess per (size, mode).
 
 A fresh process per configuration so one mode's freed-but-mapped memory never counts against the next.
 The child loads the model, builds the engine, records its resident memory (`baseline_mb`: weights,
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import time
@@ -20,9 +22,18 @@ from pathlib import Path
 
 import torch
 
+from engine.loading import load_bundle
+from engine.stream import StreamEngine
+
+from .clips import tensor_clip
+from .timing import time_stream
+from .workload import bench_config
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (512, 1024)
+# The children run `python -m benchmarks.memory` from the checkout this module belongs to.
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _status_mb(field: str) -> float:
@@ -47,26 +58,19 @@ def measure(model: str, size: int, mode: str, frames: int, warmup: int,
     """Peak memory and fps of one configuration, in this process (call it in a fresh one).
 
     With `warmup=0` the measured first frame includes priming the stream (n - 1 extra UNet calls)."""
-    from engine.codec import rgb_to_tensor
-    from engine.models import load_models
-    from engine.stream import StreamEngine
-
-    from .clips import synthetic_clip
-    from .engine import bench_config, median_seconds
-
     torch.manual_seed(0)
-    models = load_models(model)
-    models.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
-    config = bench_config(model, size).replace(memory=mode)
+    # fp32 on every device, the precision of the figures in docs/memory.md.
+    config = bench_config(model, size).replace(memory=mode, dtype="float32")
     if t_index_list:
         config = config.replace(t_index_list=t_index_list)
+    models = load_bundle(config)
     engine = StreamEngine(models, config)
-    clip = [rgb_to_tensor(frame) for frame in synthetic_clip("slow_pan", max(2, warmup + frames), size, size)]
+    clip = tensor_clip("slow_pan", max(2, warmup + frames), size, size)
     baseline = _status_mb("VmRSS")
     peak_reset = _reset_peak()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    seconds = median_seconds(lambda i: engine(clip[i % len(clip)]), frames, warmup)
+    seconds = statistics.median(time_stream(engine, clip, frames, warmup))
     peak = _status_mb("VmHWM")
     result = {"peak_mb": round(peak, 1), "fps": round(1.0 / seconds, 5), "baseline_mb": round(baseline, 1),
               "activation_mb": round(peak - baseline, 1), "frame_s": round(seconds, 3),
@@ -84,7 +88,7 @@ def measure_in_subprocess(model: str, size: int, mode: str, frames: int, warmup:
     if t_index_list:
         command += ["--t-index-list", ",".join(map(str, t_index_list))]
     started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=CHECKOUT)
     if completed.returncode != 0:
         raise RuntimeError(f"memory benchmark child {mode}@{size} failed: {completed.stderr[-2000:]}")
     result = json.loads(completed.stdout.strip().splitlines()[-1])

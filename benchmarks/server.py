@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import websockets
 
-from engine import EngineConfig, ModelBundle, StreamEngine, load_models
+from engine import EngineConfig, ModelBundle, StreamEngine, load_bundle
 from engine.codec import decode_image, encode_jpeg, rgb_to_tensor
 from engine.runtime import StreamRuntime
 from server.app import create_app
@@ -30,6 +30,7 @@ from server.serve import background_server
 from server.settings import ServerSettings
 
 from .clips import CLIP_KINDS, synthetic_clip
+from .timing import time_stream
 
 
 @dataclass
@@ -83,12 +84,8 @@ def engine_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], w
 def _engine_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int) -> float:
     engine = StreamEngine(models, config)
     images = [rgb_to_tensor(decode_image(data, config.width, config.height)) for data in frames]
-    for image in images[:warmup]:
-        engine.step(image)
-    started = time.perf_counter()
-    for image in images:
-        engine.step(image)
-    return len(images) / (time.perf_counter() - started)
+    # Warm up on the first `warmup` images, then time every image, as the other two paths do.
+    return len(images) / sum(time_stream(engine.step, images[:warmup] + images, len(images), warmup))
 
 
 def runtime_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int,
@@ -144,7 +141,7 @@ def run_bench(model: str = "tiny", width: int = 256, height: int = 256, t_index_
     """Measure the three paths `repeats` times, alternating, on `frames` frames of `clip`."""
     changes = {} if t_index_list is None else {"t_index_list": tuple(t_index_list)}
     config = EngineConfig(model=model, width=width, height=height, similarity_filter=False, **changes)
-    models = load_models(model, use_tiny_vae=config.use_tiny_vae)
+    models = load_bundle(config)
     clip_frames = [encode_jpeg(rgb) for rgb in synthetic_clip(clip, frames + warmup, width, height)]
     warm, timed = clip_frames[:warmup], clip_frames[warmup:]
     results: dict[str, list[float]] = {"engine": [], "runtime": [], "websocket": []}
