@@ -32,7 +32,7 @@ bench: setup
 	$(PY) -m benchmarks.engine --json out/bench.json
 
 lint: setup
-	$(PY) -m ruff check engine server client tests benchmarks
+	$(PY) -m ruff check engine server client tests benchmarks training
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,4 +1,4 @@
-"""Evaluate the `demo` model through the engine (`python -m engine.train_demo --eval`).
+"""Evaluate the `demo` model through the engine (`python -m training.demo_model --eval`).
 
 For each held-out image and style, a slow pan over the image streams through `StreamEngine` at the
 engine's defaults, and each output is compared (PSNR, SSIM) with the classical filter of the frame it
@@ -17,13 +17,15 @@ import cv2
 import numpy as np
 import torch
 
-from .backends import EagerRunner
-from .codec import rgb_to_tensor, tensor_to_rgb
-from .config import EngineConfig
-from .demo_data import HELD_OUT_IMAGES, load_images, moving_crops
-from .demo_styles import STYLES, stylize
-from .models import ModelBundle, load_models
-from .stream import StreamEngine
+from engine.backends import EagerRunner
+from engine.codec import rgb_to_tensor, tensor_to_rgb
+from engine.config import EngineConfig
+from engine.loading import load_bundle
+from engine.models import ModelBundle
+from engine.stream import StreamEngine
+
+from .data import HELD_OUT_IMAGES, load_images, moving_crops
+from .styles import STYLES, stylize
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +128,8 @@ def write_grid(models: ModelBundle, images: dict[str, np.ndarray], path: Path, s
 
 def main(folder: Path, grid: Path, sizes: tuple[int, ...] = (128, 256)) -> None:
     """Print the evaluation of the model folder `folder` and write the grid image to `grid`."""
-    models = load_models(str(folder))
+    models = load_bundle(EngineConfig(model=str(folder), device="cpu", dtype="float32"))
     models.name = "demo"
-    models.to(torch.device("cpu"), torch.float32)
     images = load_images(HELD_OUT_IMAGES)
     print(f"held-out images: {', '.join(images)}; engine defaults (t_index_list {EngineConfig().t_index_list}, "
           f"cfg {EngineConfig().cfg_type} {EngineConfig().guidance_scale}), 4-frame pans")
