@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import torch
 
+from benchmarks.quality import mse, psnr_of_mse, ssim
 from engine.backends import EagerRunner
 from engine.codec import rgb_to_tensor, tensor_to_rgb
 from engine.config import EngineConfig
@@ -48,14 +49,17 @@ class StyleScore:
     vae_psnr: float
 
 
+def _chw(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(cv2.PSNR(a, b))
+    return psnr_of_mse(mse(_chw(a), _chw(b)), data_range=255)
 
 
 def _ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(a, b, channel_axis=2, data_range=255))
+    # The uniform window: the one the published figures (docs/demo_model.md) were measured with.
+    return ssim(_chw(a), _chw(b), data_range=255, window="uniform")
 
 
 def vae_roundtrip(models: ModelBundle, rgb: np.ndarray) -> np.ndarray:
