@@ -56,9 +56,9 @@ class BenchResult:
 def in_worker_thread(function: Callable[..., float], *args) -> float:
     """Run `function` in a fresh thread, as the runtime's inference thread runs the model.
 
-    Measured on this project's shared 2-core machine, torch's OpenMP team on the main thread ran the
-    same steps 5x slower than in a worker thread while other processes loaded the CPU, so the engine is
-    timed the way the server runs it.
+    On a loaded machine torch's OpenMP team on the main thread can run the same steps several times
+    slower than in a worker thread (figures in docs/server.md), so the engine is timed the way the
+    server runs it.
     """
     results: list[float] = []
     errors: list[BaseException] = []

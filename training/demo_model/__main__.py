@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=defaults.unet_crop, help="stylizer crop side in pixels")
     parser.add_argument("--batch", type=int, default=defaults.unet_batch, help="stylizer crops per step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest on a shared machine "
-                        "(two threads on two busy cores measured 25x slower here), 2 on an idle one")
+                        "(OpenMP threads spin against other processes; docs/demo_model.md), 2 on an idle one")
     parser.add_argument("--eval", action="store_true", help="evaluate the checkpoint at --out instead of training")
     parser.add_argument("--grid", type=Path, default=Path("docs/demo_grid.png"), help="--eval's image grid")
     args = parser.parse_args(argv)

@@ -47,8 +47,10 @@ class TrainSettings:
 
     Args:
         vae_steps (`int`, defaults to 2000): optimiser steps of the VAE stage.
-        unet_steps (`int`, defaults to 4000): optimiser steps of the stylizer stage (4000 beat 2000 by 0.7-0.8 dB).
-        vae_batch (`int`, defaults to 8): crops per VAE step (8 learned faster per CPU-second than 16).
+        unet_steps (`int`, defaults to 4000): optimiser steps of the stylizer stage (docs/demo_model.md compares
+            4000 with 2000).
+        vae_batch (`int`, defaults to 8): crops per VAE step (chosen over 16 by PSNR per CPU-second;
+            docs/demo_model.md).
         vae_crop (`int`, defaults to 64): crop side of the VAE stage (it is fully convolutional).
         unet_batch (`int`, defaults to 12): crops per stylizer step.
         unet_crop (`int`, defaults to 96): crop side of the stylizer stage (the UNet is convolutional too).
@@ -283,7 +285,7 @@ def train(settings: TrainSettings, out: Path, resume: Path | None = None) -> dic
     # The engine multiplies latents by `scaling_factor` before noising them to t = 359, where ᾱ ≈ 0.49: at
     # unit variance the frame's latent would sit at a signal-to-noise ratio near 1 and the small UNet could
     # not recover the content (outputs were soft blobs). A scale of 5 raises that ratio to about 24, so the
-    # frame survives the noise and the UNet's job is mostly the style (scale 1/3/5 measured 12.3/13.6/13.9 dB).
+    # frame survives the noise and the UNet's job is mostly the style (trials of scales 1/3/5: docs/demo_model.md).
     bundle.vae.register_to_config(scaling_factor=settings.latent_scale)
     stylizer_mse = train_stylizer(bundle, CropSampler(images, settings.unet_crop, seed=settings.seed + 1),
                                   settings, rng)
