@@ -23,8 +23,7 @@ from engine.loading import load_bundle
 from engine.models import ModelBundle
 from engine.stream import StreamEngine
 
-from . import memory as memory_bench
-from . import skip as skip_bench
+from . import memory, skip
 from .clips import tensor_clip
 from .timing import median_fps, time_stream
 from .workload import bench_config
@@ -165,11 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.memory:
         sizes = tuple(int(size) for size in args.memory_sizes.split(","))
-        results = {"memory": memory_bench.run(args.memory.split(","), args.memory_model, sizes)}
-        print(memory_bench.format_table(results["memory"]))
+        results = {"memory": memory.run(args.memory.split(","), args.memory_model, sizes)}
+        print(memory.format_table(results["memory"]))
     elif args.skip:
-        results = skip_bench.run_policies(args.model, args.size, args.frames, args.skip.split(","), args.skip_param)
-        print(skip_bench.format_table(results["skip_policies"]))
+        results = skip.run_policies(args.model, args.size, args.frames, args.skip.split(","), args.skip_param)
+        print(skip.format_table(results["skip_policies"]))
     else:
         results = run(args.model, args.size, args.frames, args.warmup, tuple(args.backend))
         print(format_table(results))

@@ -90,7 +90,7 @@ def measure_in_subprocess(model: str, size: int, mode: str, frames: int, warmup:
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=CHECKOUT)
     if completed.returncode != 0:
-        raise RuntimeError(f"memory benchmark child {mode}@{size} failed: {completed.stderr[-2000:]}")
+        raise RuntimeError(f"memory-mode child {mode}@{size} failed: {completed.stderr[-2000:]}")
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     logger.info("memory %s at %d: %s (%.0f s)", mode, size, result, time.perf_counter() - started)
     return result
