@@ -42,6 +42,7 @@ def measure(models, config: EngineConfig, streams: int, max_batch: int, duration
 
 
 def main() -> None:
+    """Alternate `max_batch=1` and `max_batch=N` runtimes for `--rounds` rounds and print each round."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.batching", description=__doc__)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--size", type=int, default=128)

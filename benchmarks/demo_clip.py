@@ -37,6 +37,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Stream the clip through the engine and write input | output side by side to `--out`."""
     defaults = EngineConfig()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_clip", description=__doc__)
     parser.add_argument("--model", default=defaults.model)

@@ -140,6 +140,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Measure the fps rows (or `--skip` / `--memory` instead), print a table and optionally write JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__)
     parser.add_argument("--model", default="tiny", help="tiny (default) or small (compute-bound)")
     parser.add_argument("--size", type=int, default=128, help="square frame size in pixels")

@@ -133,6 +133,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Measure every (size, mode) in fresh children and print a table; with `--child`, be one of them."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__)
     parser.add_argument("--modes", default="slice,group", help="comma-separated memory modes (off is always run)")
     parser.add_argument("--model", default="small")

@@ -78,6 +78,7 @@ def in_worker_thread(function: Callable[..., float], *args) -> float:
 
 
 def engine_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int) -> float:
+    """Frames per second of `StreamEngine.step` on the decoded frames, timed in a worker thread."""
     return in_worker_thread(_engine_fps, models, config, frames, warmup)
 
 
@@ -90,6 +91,7 @@ def _engine_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], 
 
 def runtime_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int,
                 max_in_flight: int) -> float:
+    """Frames per second of the threaded `StreamRuntime` in-process, `max_in_flight` frames in flight."""
     with StreamRuntime(models, config) as runtime:
         handle = runtime.open_stream(max_in_flight=max_in_flight)
         for data in frames[:warmup]:
@@ -128,6 +130,7 @@ async def _websocket_stream(url: str, frames: list[bytes], warmup: int, max_in_f
 
 def websocket_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int,
                   max_in_flight: int) -> float:
+    """Frames per second of one WebSocket client of a real server on loopback, `max_in_flight` in flight."""
     settings = ServerSettings(engine=config, port=0, max_in_flight=max_in_flight, log_level="warning")
     app = create_app(settings, models=models)
     with background_server(app, settings) as base_url:
@@ -157,6 +160,7 @@ def run_bench(model: str = "tiny", width: int = 256, height: int = 256, t_index_
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Measure the three paths and print a table, or with `--json` one JSON line."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--width", type=int, default=256)

@@ -111,6 +111,7 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Measure the skip policies on every clip category, print a table and optionally write JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.skip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", default="rehash,adacache", help="comma-separated skip policies to measure")
