@@ -23,16 +23,16 @@ serve: setup
 	$(PY) -m server --model $(MODEL)
 
 demo: setup
-	$(PY) -m engine.demo --model $(MODEL) --out out/demo.mp4
+	$(PY) -m benchmarks.demo_clip --model $(MODEL) --out out/demo.mp4
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m engine.bench --json out/bench.json
+	$(PY) -m benchmarks.engine --json out/bench.json
 
 lint: setup
-	$(PY) -m ruff check engine server client tests
+	$(PY) -m ruff check engine server client tests benchmarks training
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

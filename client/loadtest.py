@@ -19,11 +19,10 @@ from pathlib import Path
 
 import cv2
 
-from engine.clips import moving_pattern
-
 from .connection import ConnectionFailed, StreamConnection
 from .frames import encode_jpeg
 from .pacing import next_due
+from .patterns import moving_pattern
 from .protocol import parse_size
 from .stats import RampResult, RunSummary, StreamReport, meets_target, ramp_result, summarize
 

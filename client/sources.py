@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine.clips import moving_pattern
+from .patterns import moving_pattern
 
 logger = logging.getLogger(__name__)
 

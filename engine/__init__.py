@@ -7,17 +7,19 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .config import EngineConfig
+    from .loading import load_bundle
     from .models import ModelBundle, ModelLoadError, load_models
     from .stream import StepResult, StreamEngine
 
-__all__ = ["EngineConfig", "ModelBundle", "ModelLoadError", "StepResult", "StreamEngine", "load_models"]
+__all__ = ["EngineConfig", "ModelBundle", "ModelLoadError", "StepResult", "StreamEngine", "load_bundle", "load_models"]
 
-# Loaded on first use (PEP 562) so light modules such as `engine.clips` do not pull in torch and diffusers:
-# the clients import the synthetic clips and must start fast on machines without the model stack.
+# Loaded on first use (PEP 562) so that importing a light module such as `engine.config` does not pull in
+# torch and diffusers.
 _LAZY = {
     "EngineConfig": "config",
     "ModelBundle": "models",
     "ModelLoadError": "models",
+    "load_bundle": "loading",
     "load_models": "models",
     "StepResult": "stream",
     "StreamEngine": "stream",

@@ -18,8 +18,8 @@ from .backends.cache import default_cache_dir
 from .backends.factory import new_runner
 from .backends.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from .config import CFG_TYPES, EngineConfig
-from .models import ModelLoadError, load_models
-from .stream import resolve_device, resolve_dtype
+from .loading import load_bundle
+from .models import ModelLoadError
 
 logger = logging.getLogger("engine.build")
 
@@ -56,12 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                               frame_buffer_size=args.frame_buffer_size, use_kv_cache=not args.no_kv_cache,
                               use_tiny_vae=args.vae == "tiny", taesd=args.taesd, backend=args.backend,
                               device=args.device, dtype=args.dtype)
-        models = load_models(config.model, use_tiny_vae=config.use_tiny_vae, taesd=config.taesd)
+        models = load_bundle(config)
     except (ValueError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device = resolve_device(config.device)
-    models.to(device, resolve_dtype(config.dtype, device))
     started = time.perf_counter()
     try:
         backend = resolve_backend(config.backend, models)

@@ -33,7 +33,7 @@ DEFAULT_TAESD = "madebyollin/taesd"
 # Our convention for a TAESD shipped inside a saved model folder (real hub models keep it apart).
 TINY_VAE_SUBFOLDER = "vae_tiny"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-# The trained offline stylizer (`python -m engine.train_demo`), committed with the code: spec `demo`.
+# The trained offline stylizer (`python -m training.demo_model`), committed with the code: spec `demo`.
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WHAT_TO_PASS = "Pass a local diffusers folder, a `.safetensors` file (with `--model-config FOLDER`), or `tiny`."
@@ -382,7 +382,7 @@ def load_models(
     if spec == "demo":
         if not (DEMO_MODEL_DIR / "model_index.json").is_file():
             raise ModelLoadError(f"the demo model is missing from {str(DEMO_MODEL_DIR)!r}: "
-                                 "rebuild it with `python -m engine.train_demo`")
+                                 "rebuild it with `python -m training.demo_model` from a checkout")
         return _load_folder(DEMO_MODEL_DIR, use_tiny_vae, taesd, name="demo")
     path = Path(spec).expanduser()
     if spec.endswith(SINGLE_FILE_SUFFIXES):

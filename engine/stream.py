@@ -11,6 +11,7 @@ import torch
 from . import guidance
 from .backends import NetworkRunner, make_runner
 from .config import HOT_PARAMS, REPREPARE_PARAMS, EngineConfig
+from .loading import resolve_device, resolve_dtype
 from .memory import apply_memory_mode
 from .models import ModelBundle
 from .prompt import Conditioning, PromptState, encode_prompt, install_kv_processors, precompute_kv
@@ -21,20 +22,6 @@ from .skip import SkipPolicy, SlotFrame, make_skip_policy, update_skip_policy
 logger = logging.getLogger(__name__)
 
 LayoutKey = tuple[str, int]
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is fp16 on CUDA and fp32 elsewhere."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 @dataclass

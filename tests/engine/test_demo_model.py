@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine, load_models
-from engine.clips import synthetic_clip
 from engine.codec import rgb_to_tensor, tensor_to_rgb
-from engine.demo_styles import FALLBACK_STYLE, STYLES, sample_prompt, style_of_prompt, stylize
 from engine.models import DEMO_MODEL_DIR, ModelLoadError
+from training.demo_model.styles import stylize
 
 
 @pytest.fixture(scope="module")
@@ -66,24 +66,5 @@ def test_prompts_naming_no_style_fall_back_to_photo(demo_models, prompt):
 
 def test_missing_demo_folder_is_a_model_load_error(monkeypatch, tmp_path):
     monkeypatch.setattr("engine.models.DEMO_MODEL_DIR", tmp_path / "absent")
-    with pytest.raises(ModelLoadError, match="train_demo"):
+    with pytest.raises(ModelLoadError, match=r"python -m training\.demo_model"):
         load_models("demo")
-
-
-@pytest.mark.parametrize("style", list(STYLES))
-def test_every_style_keeps_shape_and_type(style):
-    frame = _frame(64)
-    out = stylize(frame, style)
-    assert out.shape == frame.shape and out.dtype == np.uint8
-    assert (np.array_equal(out, frame)) == (style == FALLBACK_STYLE)
-
-
-def test_prompts_name_their_style_and_unknown_prompts_fall_back():
-    import random
-
-    rng = random.Random(0)
-    for style in STYLES:
-        for _ in range(20):
-            assert style_of_prompt(sample_prompt(style, rng)) == style
-    assert style_of_prompt("Pencil Sketch of a cat") == "pencil sketch"
-    assert style_of_prompt("xyzzy") == FALLBACK_STYLE

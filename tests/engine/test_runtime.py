@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig
-from engine.clips import synthetic_clip
 from engine.codec import encode_jpeg
 from engine.runtime import StreamRuntime
 

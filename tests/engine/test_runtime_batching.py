@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig
 from engine.backends import EagerRunner
-from engine.clips import synthetic_clip
 from engine.codec import encode_jpeg
 from engine.runtime import StreamRuntime
 

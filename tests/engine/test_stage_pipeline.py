@@ -7,10 +7,10 @@ import threading
 import pytest
 import torch
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine
 from engine.backends import EagerRunner
 from engine.batching import advance_batch
-from engine.clips import synthetic_clip
 from engine.codec import encode_jpeg
 from engine.runtime import StreamRuntime
 

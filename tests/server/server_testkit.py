@@ -12,8 +12,8 @@ import numpy as np
 import websockets
 from PIL import Image
 
+from client.patterns import moving_pattern
 from engine import EngineConfig, ModelBundle, StreamEngine
-from engine.clips import moving_pattern
 from engine.codec import decode_image, encode_jpeg, rgb_to_tensor, tensor_to_rgb
 from server.settings import ServerSettings
 

@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 from server_testkit import TEST_SETTINGS, connect, decode, encode, hello, stream
 
+from benchmarks.clips import synthetic_clip
 from engine import load_models
-from engine.clips import synthetic_clip
 from server.app import create_app
 from server.serve import background_server
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine
 from engine.backends import make_runner
 from engine.backends.onnxruntime import OnnxRuntimeRunner
-from engine.clips import synthetic_clip
 from engine.codec import decode_image, encode_jpeg
 from engine.runtime import StreamRuntime
 

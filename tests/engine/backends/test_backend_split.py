@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine
 from engine.backends import EagerRunner, make_runner
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.backends.split import SplitRunner
 from engine.batching import batch_key, step_batch
-from engine.clips import synthetic_clip
 
 TOLERANCE = 1e-4
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine, load_models
 from engine.backends import BackendUnavailableError, make_runner
 from engine.backends.tensorrt import TensorRTRunner, tensorrt_unavailable_reason
 from engine.build import main as build_main
-from engine.clips import synthetic_clip
 
 UNAVAILABLE = tensorrt_unavailable_reason()
 needs_tensorrt = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"TensorRT cannot run here: {UNAVAILABLE}")

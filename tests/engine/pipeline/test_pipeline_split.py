@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine
 from engine.backends import EagerRunner
-from engine.clips import synthetic_clip
 from engine.pipeline_split import PipelineSplitRunner, PipelineSplitUNet, UNetCall
 from engine.prompt import Conditioning, install_kv_processors, precompute_kv
 

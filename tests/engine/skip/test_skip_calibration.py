@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine, load_models
-from engine.clips import synthetic_clip
 from engine.codec import rgb_to_tensor
 
 SIZE = 64

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine
 from engine.backends import EagerRunner
-from engine.clips import synthetic_clip
 from engine.codec import rgb_to_tensor
 
 SIZE = 32

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.skip.quality import mse, psnr_of_mse, ssim
+from benchmarks.quality import mse, psnr_of_mse, ssim
 
 
 def test_psnr_of_a_uniform_offset_is_exact():
@@ -49,3 +49,28 @@ def test_ssim_matches_scikit_image():
     expected = metrics.structural_similarity(image.numpy(), other.numpy(), gaussian_weights=True, sigma=1.5,
                                              use_sample_covariance=False, data_range=1.0, channel_axis=0)
     assert ssim(other, image) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_uniform_window_ssim_matches_scikit_image_defaults_on_uint8_images():
+    metrics = pytest.importorskip("skimage.metrics")
+    generator = torch.Generator().manual_seed(2)
+    image = torch.randint(0, 256, (3, 40, 48), generator=generator, dtype=torch.uint8)
+    other = (image.float() + 20 * torch.randn(3, 40, 48, generator=generator)).clamp(0, 255).to(torch.uint8)
+    expected = metrics.structural_similarity(image.permute(1, 2, 0).numpy(), other.permute(1, 2, 0).numpy(),
+                                             channel_axis=2, data_range=255)
+    assert ssim(other, image, data_range=255, window="uniform") == pytest.approx(float(expected), abs=1e-9)
+    assert ssim(other, image, data_range=255, window="uniform") != pytest.approx(ssim(other, image, data_range=255))
+
+
+def test_unknown_ssim_window_is_refused():
+    with pytest.raises(ValueError, match="`window`"):
+        ssim(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8), window="box")
+
+
+def test_psnr_of_uint8_images_matches_opencv():
+    cv2 = pytest.importorskip("cv2")
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randint(0, 256, (3, 16, 16), generator=generator, dtype=torch.uint8)
+    other = torch.randint(0, 256, (3, 16, 16), generator=generator, dtype=torch.uint8)
+    expected = cv2.PSNR(image.permute(1, 2, 0).numpy(), other.permute(1, 2, 0).numpy())
+    assert psnr_of_mse(mse(other, image), data_range=255) == pytest.approx(expected, rel=1e-12)

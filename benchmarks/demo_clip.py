@@ -1,4 +1,4 @@
-"""`python -m engine.demo`: stream a synthetic moving clip through the engine and write the result.
+"""`python -m benchmarks.demo_clip`: stream a synthetic moving clip through the engine and write the result.
 
 No camera and no server needed: a quick end-to-end check of a model and a config on this machine.
 """
@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from engine.codec import rgb_to_tensor, tensor_to_rgb
+from engine.config import EngineConfig
+from engine.loading import load_bundle
+from engine.stream import StreamEngine
+
 from .clips import CLIP_KINDS, synthetic_clip
-from .codec import rgb_to_tensor, tensor_to_rgb
-from .config import EngineConfig
-from .models import load_models
-from .stream import StreamEngine, resolve_device, resolve_dtype
+from .timing import time_stream
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Stream the clip through the engine and write input | output side by side to `--out`."""
     defaults = EngineConfig()
-    parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_clip", description=__doc__)
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--prompt", default=defaults.prompt)
     parser.add_argument("--size", type=int, default=defaults.width, help="square frame size")
@@ -48,15 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     config = EngineConfig(model=args.model, prompt=args.prompt, width=args.size, height=args.size)
-    models = load_models(config.model, use_tiny_vae=config.use_tiny_vae, taesd=config.taesd)
-    device = resolve_device(config.device)
-    models.to(device, resolve_dtype(config.dtype, device))
-    engine = StreamEngine(models, config)
+    engine = StreamEngine(load_bundle(config), config)
     clip = synthetic_clip(args.clip, args.frames, args.size, args.size)
-    outputs, started = [], time.perf_counter()
-    for frame in clip:
+    outputs: list[np.ndarray] = []
+
+    def stream(frame: np.ndarray) -> None:
         outputs.append(tensor_to_rgb(engine(rgb_to_tensor(frame))))
-    elapsed = time.perf_counter() - started
+
+    elapsed = sum(time_stream(stream, clip, len(clip)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_video(args.out, [np.concatenate([a, b], axis=1) for a, b in zip(clip, outputs, strict=True)], fps=15)
     print(f"{len(outputs)} frames ({engine.frames_skipped} skipped by the similarity filter) in {elapsed:.1f} s "

@@ -1,6 +1,6 @@
-"""Skip-policy rows of `python -m engine.bench --skip rehash,adacache`.
+"""`python -m benchmarks.skip` (also `python -m benchmarks.engine --skip rehash,adacache`): skip-policy rows.
 
-Per clip category (`engine.clips` kinds: static, slow_pan, fast_motion, hard_cut), the policy-off engine
+Per clip category (`benchmarks.clips` kinds: static, slow_pan, fast_motion, hard_cut), the policy-off engine
 and one engine per policy run the same frames, called in turn on each frame so that a load change on a
 shared machine hits all of them alike. Reported per policy and category: `speedup` (summed step time
 off / with the policy, the priming first frame excluded), `psnr` of the outputs against the policy-off
@@ -12,19 +12,26 @@ PSNRs capped at `PSNR_CAP` dB for identical outputs (JSON cannot write infinity)
 
 from __future__ import annotations
 
+import argparse
 import ast
+import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from ..clips import CLIP_KINDS, synthetic_clip
-from ..codec import rgb_to_tensor
-from ..config import EngineConfig
-from ..models import ModelBundle
-from ..stream import StreamEngine
+from engine.config import EngineConfig
+from engine.loading import load_bundle
+from engine.models import ModelBundle
+from engine.stream import StreamEngine
+
+from .clips import CLIP_KINDS, tensor_clip
 from .quality import mse, psnr_of_mse, ssim
+from .timing import time_streams
+from .workload import bench_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,24 +52,22 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def measure_category(models: ModelBundle, config: EngineConfig, policies: list[str], frames: list[torch.Tensor],
-                     overrides: dict) -> dict[str, dict[str, float]]:
+                     overrides: dict, clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, float]]:
     """One clip through the policy-off engine and each policy's engine, frame by frame in turn."""
     engines = {"off": StreamEngine(models, config)}
     for policy in policies:
         engines[policy] = StreamEngine(models, config.replace(skip_policy=policy, **overrides))
-    seconds = {name: 0.0 for name in engines}
     errors: dict[str, list[float]] = {policy: [] for policy in policies}
     ssims: dict[str, list[float]] = {policy: [] for policy in policies}
-    for index, frame in enumerate(frames):
-        outputs = {}
-        for name, engine in engines.items():
-            started = time.perf_counter()
-            outputs[name] = engine(frame)
-            if index:  # the first call primes the stream batch
-                seconds[name] += time.perf_counter() - started
+
+    def compare(index: int, outputs: dict[str, torch.Tensor]) -> None:
         for policy in policies:
             errors[policy].append(mse(outputs[policy], outputs["off"]))
             ssims[policy].append(ssim(outputs[policy], outputs["off"]))
+
+    # The first call primes the stream batch: untimed, but its outputs are compared like the others.
+    seconds = {name: sum(times) for name, times in
+               time_streams(engines, frames, len(frames) - 1, warmup=1, on_outputs=compare, clock=clock).items()}
     return {policy: {"speedup": round(seconds["off"] / seconds[policy], 3),
                      "psnr": round(min(psnr_of_mse(statistics.fmean(errors[policy])), PSNR_CAP), 2),
                      "psnr_min": round(min(psnr_of_mse(max(errors[policy])), PSNR_CAP), 2),
@@ -72,15 +77,26 @@ def measure_category(models: ModelBundle, config: EngineConfig, policies: list[s
 
 
 def run(models: ModelBundle, config: EngineConfig, policies: list[str], frames: int,
-        overrides: dict | None = None) -> dict[str, dict[str, dict[str, float]]]:
+        overrides: dict | None = None, clock: Callable[[], float] = time.perf_counter,
+        ) -> dict[str, dict[str, dict[str, float]]]:
     """`{policy: {category: {"speedup", "psnr", "psnr_min", "ssim", "skip_rate"}}}` over every clip category."""
     results: dict[str, dict[str, dict[str, float]]] = {policy: {} for policy in policies}
     for kind in CLIP_KINDS:
         logger.info("skip policies on %s", kind)
-        clip = [rgb_to_tensor(frame) for frame in synthetic_clip(kind, frames, config.width, config.height)]
-        for policy, row in measure_category(models, config, policies, clip, overrides or {}).items():
+        clip = tensor_clip(kind, frames, config.width, config.height)
+        for policy, row in measure_category(models, config, policies, clip, overrides or {}, clock).items():
             results[policy][kind] = row
     return results
+
+
+def run_policies(model: str, size: int, frames: int, policies: list[str], params: list[str]) -> dict:
+    """The skip-policy rows on the benchmark's config (CPU, fp32); returns the JSON-ready dict."""
+    config = bench_config(model, size).replace(device="cpu", dtype="float32")
+    models = load_bundle(config)
+    overrides = parse_overrides(params)
+    return {"model": model, "size": size, "frames": frames, "t_index_list": list(config.t_index_list),
+            "threads": torch.get_num_threads(), "skip_params": overrides,
+            "skip_policies": run(models, config, policies, frames, overrides)}
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -92,3 +108,30 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
             lines.append(f"  {policy:<10} {category:<12} {row['speedup']:>7.3f}x {row['psnr']:>8.2f} "
                          f"{row['psnr_min']:>8.2f} {row['ssim']:>8.4f} {row['skip_rate']:>9.3f}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure the skip policies on every clip category, print a table and optionally write JSON."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.skip", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policies", default="rehash,adacache", help="comma-separated skip policies to measure")
+    parser.add_argument("--model", default="tiny", help="tiny (default), small (compute-bound) or demo (trained)")
+    parser.add_argument("--size", type=int, default=128, help="square frame size in pixels")
+    parser.add_argument("--frames", type=int, default=30, help="frames per clip category")
+    parser.add_argument("--skip-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a skip-policy EngineConfig field, e.g. skip_cut_threshold=0.05")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = run_policies(args.model, args.size, args.frames, args.policies.split(","), args.skip_param)
+    print(format_table(results["skip_policies"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""`engine.train_demo` runs end to end for a couple of tiny steps and writes a loadable model folder."""
+"""`python -m training.demo_model` trains end to end for a couple of tiny steps and writes a loadable model folder."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ pytest.importorskip("skimage", reason="the demo model's training images come fro
 
 from engine import EngineConfig, StreamEngine, load_models  # noqa: E402
 from engine.codec import rgb_to_tensor  # noqa: E402
-from engine.demo_data import TRAIN_IMAGES, CropSampler, load_images  # noqa: E402
-from engine.demo_styles import FALLBACK_STYLE, style_of_prompt  # noqa: E402
-from engine.train_demo import TrainSettings, _gradient_l1, _style_batch, build_demo_bundle, train  # noqa: E402
+from training.demo_model.__main__ import main  # noqa: E402
+from training.demo_model.data import TRAIN_IMAGES, CropSampler, load_images  # noqa: E402
+from training.demo_model.styles import FALLBACK_STYLE, style_of_prompt  # noqa: E402
+from training.demo_model.train import TrainSettings, _gradient_l1, _style_batch, build_demo_bundle, train  # noqa: E402
 
 
 def test_tiny_training_run_saves_a_model_the_engine_streams(tmp_path):
@@ -53,3 +54,12 @@ def test_fallback_share_sets_how_many_crops_keep_their_input(share):
     unchanged = [np.array_equal(a, b) for a, b in zip(inputs, targets, strict=True)]
     assert all(unchanged) == (share == 1.0) and any(unchanged) == (share == 1.0)
     assert all((style_of_prompt(p) == FALLBACK_STYLE) == (share == 1.0) for p in prompts)
+
+
+def test_command_trains_with_its_flags(tmp_path):
+    main(["--out", str(tmp_path / "demo"), "--steps", "2", "--vae-steps", "1", "--crop", "32", "--batch", "2",
+          "--seed", "3", "--threads", str(torch.get_num_threads())])
+    settings = json.loads((tmp_path / "demo" / "training.json").read_text())["runs"][-1]["settings"]
+    assert (settings["unet_steps"], settings["vae_steps"], settings["unet_crop"], settings["vae_crop"],
+            settings["unet_batch"], settings["seed"]) == (2, 1, 32, 32, 2, 3)
+    assert load_models(str(tmp_path / "demo")).vae.config.scaling_factor == TrainSettings().latent_scale

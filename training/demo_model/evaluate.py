@@ -1,4 +1,4 @@
-"""Evaluate the `demo` model through the engine (`python -m engine.train_demo --eval`).
+"""Evaluate the `demo` model through the engine (`python -m training.demo_model --eval`).
 
 For each held-out image and style, a slow pan over the image streams through `StreamEngine` at the
 engine's defaults, and each output is compared (PSNR, SSIM) with the classical filter of the frame it
@@ -17,13 +17,16 @@ import cv2
 import numpy as np
 import torch
 
-from .backends import EagerRunner
-from .codec import rgb_to_tensor, tensor_to_rgb
-from .config import EngineConfig
-from .demo_data import HELD_OUT_IMAGES, load_images, moving_crops
-from .demo_styles import STYLES, stylize
-from .models import ModelBundle, load_models
-from .stream import StreamEngine
+from benchmarks.quality import mse, psnr_of_mse, ssim
+from engine.backends import EagerRunner
+from engine.codec import rgb_to_tensor, tensor_to_rgb
+from engine.config import EngineConfig
+from engine.loading import load_bundle
+from engine.models import ModelBundle
+from engine.stream import StreamEngine
+
+from .data import HELD_OUT_IMAGES, load_images, moving_crops
+from .styles import STYLES, stylize
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +49,17 @@ class StyleScore:
     vae_psnr: float
 
 
+def _chw(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(cv2.PSNR(a, b))
+    return psnr_of_mse(mse(_chw(a), _chw(b)), data_range=255)
 
 
 def _ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(a, b, channel_axis=2, data_range=255))
+    # The uniform window: the one the published figures (docs/demo_model.md) were measured with.
+    return ssim(_chw(a), _chw(b), data_range=255, window="uniform")
 
 
 def vae_roundtrip(models: ModelBundle, rgb: np.ndarray) -> np.ndarray:
@@ -126,9 +132,8 @@ def write_grid(models: ModelBundle, images: dict[str, np.ndarray], path: Path, s
 
 def main(folder: Path, grid: Path, sizes: tuple[int, ...] = (128, 256)) -> None:
     """Print the evaluation of the model folder `folder` and write the grid image to `grid`."""
-    models = load_models(str(folder))
+    models = load_bundle(EngineConfig(model=str(folder), device="cpu", dtype="float32"))
     models.name = "demo"
-    models.to(torch.device("cpu"), torch.float32)
     images = load_images(HELD_OUT_IMAGES)
     print(f"held-out images: {', '.join(images)}; engine defaults (t_index_list {EngineConfig().t_index_list}, "
           f"cfg {EngineConfig().cfg_type} {EngineConfig().guidance_scale}), 4-frame pans")

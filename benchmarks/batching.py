@@ -1,4 +1,4 @@
-"""`python -m engine.batching_bench`: aggregate FPS of N flooding streams in one `StreamRuntime`,
+"""`python -m benchmarks.batching`: aggregate FPS of N flooding streams in one `StreamRuntime`,
 alternating `max_batch=1` and `max_batch=N` so a noisy machine affects both alike (no network, no client)."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import time
 
 import torch
 
+from engine.codec import encode_jpeg
+from engine.config import EngineConfig
+from engine.loading import load_bundle
+from engine.runtime import StreamRuntime
+
 from .clips import synthetic_clip
-from .codec import encode_jpeg
-from .config import EngineConfig
-from .models import load_models
-from .runtime import StreamRuntime
 
 
 def measure(models, config: EngineConfig, streams: int, max_batch: int, duration: float,
@@ -41,7 +42,8 @@ def measure(models, config: EngineConfig, streams: int, max_batch: int, duration
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.batching_bench", description=__doc__)
+    """Alternate `max_batch=1` and `max_batch=N` runtimes for `--rounds` rounds and print each round."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.batching", description=__doc__)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--streams", type=int, default=4)
@@ -52,8 +54,8 @@ def main() -> None:
                         help="the batched runtime's gather window (StreamRuntime batch_wait_s, in ms)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models = load_models(args.model)
     config = EngineConfig(model=args.model, width=args.size, height=args.size, similarity_filter=False)
+    models = load_bundle(config)
     for round_index in range(args.rounds):
         alone, _ = measure(models, config, args.streams, 1, args.duration)
         batched, batch = measure(models, config, args.streams, args.streams, args.duration,

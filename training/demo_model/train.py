@@ -1,20 +1,16 @@
-"""`python -m engine.train_demo`: train the `demo` model, a small prompt-following stylizer, on this CPU.
+"""Training the `demo` model: its untrained architecture and the two training stages.
 
 The model has the architecture the engine serves (byte-level CLIP tokenizer and `CLIPTextModel`,
-`UNet2DConditionModel`, `AutoencoderTiny`, `LCMScheduler`), small enough to train in well under an hour
-on two CPU cores. Two stages, both on augmented crops of scikit-image's photographs (`engine.demo_data`):
+`UNet2DConditionModel`, `AutoencoderTiny`, `LCMScheduler`), small enough to train on a CPU. Two stages,
+both on augmented crops of scikit-image's photographs (`training.demo_model.data`):
 
 1. the tiny VAE learns to reconstruct photos and their stylised versions;
 2. with the VAE frozen, the UNet and text encoder learn to turn a frame into the style its prompt names
-   (`engine.demo_styles`), through exactly the few-step denoising the engine runs.
-
-`python -m engine.train_demo --eval` measures the committed (or `--out`) checkpoint instead; see
-`engine.demo_eval`.
+   (`training.demo_model.styles`), through exactly the few-step denoising the engine runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -30,13 +26,15 @@ from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from . import guidance
-from .builtin_models import build_byte_level_tokenizer
-from .config import EngineConfig
-from .demo_data import TRAIN_IMAGES, CropSampler, load_images
-from .demo_styles import FALLBACK_STYLE, STYLES, sample_prompt, stylize
-from .models import DEMO_MODEL_DIR, ModelBundle, load_models
-from .schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
+from engine import guidance
+from engine.builtin_models import build_byte_level_tokenizer
+from engine.config import EngineConfig
+from engine.loading import load_bundle
+from engine.models import ModelBundle
+from engine.schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
+
+from .data import TRAIN_IMAGES, CropSampler, load_images
+from .styles import FALLBACK_STYLE, STYLES, sample_prompt, stylize
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +47,10 @@ class TrainSettings:
 
     Args:
         vae_steps (`int`, defaults to 2000): optimiser steps of the VAE stage.
-        unet_steps (`int`, defaults to 4000): optimiser steps of the stylizer stage (4000 beat 2000 by 0.7-0.8 dB).
-        vae_batch (`int`, defaults to 8): crops per VAE step (8 learned faster per CPU-second than 16).
+        unet_steps (`int`, defaults to 4000): optimiser steps of the stylizer stage (docs/demo_model.md compares
+            4000 with 2000).
+        vae_batch (`int`, defaults to 8): crops per VAE step (chosen over 16 by PSNR per CPU-second;
+            docs/demo_model.md).
         vae_crop (`int`, defaults to 64): crop side of the VAE stage (it is fully convolutional).
         unet_batch (`int`, defaults to 12): crops per stylizer step.
         unet_crop (`int`, defaults to 96): crop side of the stylizer stage (the UNet is convolutional too).
@@ -275,7 +275,8 @@ def train(settings: TrainSettings, out: Path, resume: Path | None = None) -> dic
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    bundle = load_models(str(resume)) if resume is not None else build_demo_bundle(settings.seed)
+    bundle = (load_bundle(EngineConfig(model=str(resume), device="cpu", dtype="float32")) if resume is not None
+              else build_demo_bundle(settings.seed))
     history = json.loads((resume / "training.json").read_text())["runs"] if resume is not None else []
     images = load_images(TRAIN_IMAGES)
     vae_l1 = train_vae(bundle.vae, CropSampler(images, settings.vae_crop, seed=settings.seed), settings, rng)
@@ -284,7 +285,7 @@ def train(settings: TrainSettings, out: Path, resume: Path | None = None) -> dic
     # The engine multiplies latents by `scaling_factor` before noising them to t = 359, where ᾱ ≈ 0.49: at
     # unit variance the frame's latent would sit at a signal-to-noise ratio near 1 and the small UNet could
     # not recover the content (outputs were soft blobs). A scale of 5 raises that ratio to about 24, so the
-    # frame survives the noise and the UNet's job is mostly the style (scale 1/3/5 measured 12.3/13.6/13.9 dB).
+    # frame survives the noise and the UNet's job is mostly the style (trials of scales 1/3/5: docs/demo_model.md).
     bundle.vae.register_to_config(scaling_factor=settings.latent_scale)
     stylizer_mse = train_stylizer(bundle, CropSampler(images, settings.unet_crop, seed=settings.seed + 1),
                                   settings, rng)
@@ -297,38 +298,3 @@ def train(settings: TrainSettings, out: Path, resume: Path | None = None) -> dic
     (out / "training.json").write_text(json.dumps({"runs": [*history, record]}, indent=2) + "\n")
     logger.info("saved the demo model to %s after %d s", out, record["seconds"])
     return record
-
-
-def main(argv: list[str] | None = None) -> None:
-    defaults = TrainSettings()
-    parser = argparse.ArgumentParser(prog="python -m engine.train_demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="checkpoint folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=defaults.unet_steps, help="stylizer steps (VAE steps scale "
-                        f"with it: {defaults.vae_steps} for the default {defaults.unet_steps})")
-    parser.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: scaled with --steps)")
-    parser.add_argument("--resume", type=Path, default=None, help="continue training from this saved folder")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--crop", type=int, default=defaults.unet_crop, help="stylizer crop side in pixels")
-    parser.add_argument("--batch", type=int, default=defaults.unet_batch, help="stylizer crops per step")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest on a shared machine "
-                        "(two threads on two busy cores measured 25x slower here), 2 on an idle one")
-    parser.add_argument("--eval", action="store_true", help="evaluate the checkpoint at --out instead of training")
-    parser.add_argument("--grid", type=Path, default=Path("docs/demo_grid.png"), help="--eval's image grid")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    if args.eval:
-        from .demo_eval import main as evaluate
-
-        evaluate(args.out, args.grid)
-        return
-    vae_steps = args.vae_steps if args.vae_steps is not None else \
-        max(1, round(defaults.vae_steps * args.steps / defaults.unet_steps))
-    settings = TrainSettings(vae_steps=vae_steps, unet_steps=args.steps, unet_crop=args.crop,
-                             unet_batch=args.batch, vae_crop=min(defaults.vae_crop, args.crop), seed=args.seed)
-    train(settings, args.out, resume=args.resume)
-
-
-if __name__ == "__main__":
-    main()

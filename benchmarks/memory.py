@@ -1,4 +1,5 @@
-"""Peak memory and FPS of each memory mode, one fresh subprocess per (size, mode).
+"""`python -m benchmarks.memory` (also `python -m benchmarks.engine --memory slice,group`): peak memory and
+FPS of each memory mode, one fresh subprocess per (size, mode).
 
 A fresh process per configuration so one mode's freed-but-mapped memory never counts against the next.
 The child loads the model, builds the engine, records its resident memory (`baseline_mb`: weights,
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import time
@@ -20,9 +22,18 @@ from pathlib import Path
 
 import torch
 
+from engine.loading import load_bundle
+from engine.stream import StreamEngine
+
+from .clips import tensor_clip
+from .timing import time_stream
+from .workload import bench_config
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (512, 1024)
+# The children run `python -m benchmarks.memory` from the checkout this module belongs to.
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _status_mb(field: str) -> float:
@@ -47,25 +58,19 @@ def measure(model: str, size: int, mode: str, frames: int, warmup: int,
     """Peak memory and fps of one configuration, in this process (call it in a fresh one).
 
     With `warmup=0` the measured first frame includes priming the stream (n - 1 extra UNet calls)."""
-    from ..bench import bench_config, median_seconds
-    from ..clips import synthetic_clip
-    from ..codec import rgb_to_tensor
-    from ..models import load_models
-    from ..stream import StreamEngine
-
     torch.manual_seed(0)
-    models = load_models(model)
-    models.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
-    config = bench_config(model, size).replace(memory=mode)
+    # fp32 on every device, the precision of the figures in docs/memory.md.
+    config = bench_config(model, size).replace(memory=mode, dtype="float32")
     if t_index_list:
         config = config.replace(t_index_list=t_index_list)
+    models = load_bundle(config)
     engine = StreamEngine(models, config)
-    clip = [rgb_to_tensor(frame) for frame in synthetic_clip("slow_pan", max(2, warmup + frames), size, size)]
+    clip = tensor_clip("slow_pan", max(2, warmup + frames), size, size)
     baseline = _status_mb("VmRSS")
     peak_reset = _reset_peak()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    seconds = median_seconds(lambda i: engine(clip[i % len(clip)]), frames, warmup)
+    seconds = statistics.median(time_stream(engine, clip, frames, warmup))
     peak = _status_mb("VmHWM")
     result = {"peak_mb": round(peak, 1), "fps": round(1.0 / seconds, 5), "baseline_mb": round(baseline, 1),
               "activation_mb": round(peak - baseline, 1), "frame_s": round(seconds, 3),
@@ -78,14 +83,14 @@ def measure(model: str, size: int, mode: str, frames: int, warmup: int,
 def measure_in_subprocess(model: str, size: int, mode: str, frames: int, warmup: int, threads: int = 0,
                           t_index_list: tuple[int, ...] | None = None) -> dict:
     """`measure` in a fresh Python process; its JSON is the last line the child prints."""
-    command = [sys.executable, "-m", "engine.memory.bench", "--child", "--model", model, "--sizes", str(size),
+    command = [sys.executable, "-m", "benchmarks.memory", "--child", "--model", model, "--sizes", str(size),
                "--modes", mode, "--frames", str(frames), "--warmup", str(warmup), "--threads", str(threads)]
     if t_index_list:
         command += ["--t-index-list", ",".join(map(str, t_index_list))]
     started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=CHECKOUT)
     if completed.returncode != 0:
-        raise RuntimeError(f"memory benchmark child {mode}@{size} failed: {completed.stderr[-2000:]}")
+        raise RuntimeError(f"memory-mode child {mode}@{size} failed: {completed.stderr[-2000:]}")
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     logger.info("memory %s at %d: %s (%.0f s)", mode, size, result, time.perf_counter() - started)
     return result
@@ -128,7 +133,8 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.memory.bench", description=__doc__)
+    """Measure every (size, mode) in fresh children and print a table; with `--child`, be one of them."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__)
     parser.add_argument("--modes", default="slice,group", help="comma-separated memory modes (off is always run)")
     parser.add_argument("--model", default="small")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated square sizes")
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured frames (the first one primes the stream)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations measured at once (fresh processes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
-    parser.add_argument("--t-index-list", help="comma-separated stream-batch steps (default: engine.bench's 4)")
+    parser.add_argument("--t-index-list", help="comma-separated stream-batch steps (default: benchmarks.engine's 4)")
     parser.add_argument("--json", type=Path, help="write {'memory': ...} to this JSON file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

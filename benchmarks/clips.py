@@ -1,10 +1,17 @@
-"""Synthetic moving test clips (no camera, no files): shared by the demo, tests and benchmarks."""
+"""Synthetic moving test clips (no camera, no files): shared by the benchmarks, the demo clip and the tests.
+
+The live clients' endless pattern is `client.patterns.moving_pattern`; its disc is drawn the same way here.
+"""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import torch
+
+from client.patterns import draw_disc
+from engine.codec import rgb_to_tensor
 
 CLIP_KINDS: tuple[str, ...] = ("static", "slow_pan", "fast_motion", "hard_cut")
 
@@ -21,12 +28,6 @@ def _scene(width: int, height: int, variant: int) -> np.ndarray:
             image[..., channel] += np.sin(xs * fx + ys * fy + phase)
     image = (image - image.min()) / (image.max() - image.min())
     return (image * 255).astype(np.uint8)
-
-
-def _blob(frame: np.ndarray, cx: float, cy: float, radius: float, colour: tuple[int, int, int]) -> None:
-    height, width = frame.shape[:2]
-    ys, xs = np.ogrid[0:height, 0:width]
-    frame[(xs - cx) ** 2 + (ys - cy) ** 2 <= radius ** 2] = colour
 
 
 def synthetic_clip(kind: str, num_frames: int, width: int = 128, height: int = 128, seed: int = 0) -> list[np.ndarray]:
@@ -50,19 +51,11 @@ def synthetic_clip(kind: str, num_frames: int, width: int = 128, height: int = 1
         y = int(round(height / 2 + reach_y * math.sin(offset / (2 * reach_y))))
         frame = scene[y:y + height, x:x + width].copy()
         if kind == "fast_motion":
-            _blob(frame, (index * 9) % width, height / 2, height / 8, (255, 64, 32))
+            draw_disc(frame, (index * 9) % width, height / 2, height / 8, (255, 64, 32))
         frames.append(frame)
     return frames
 
 
-def moving_pattern(index: int, width: int = 128, height: int = 128) -> np.ndarray:
-    """Frame `index` of an endless slowly moving pattern (for live clients and load tests)."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    t = index / 15.0
-    red = 0.5 + 0.5 * np.sin(xs / 11.0 + t)
-    green = 0.5 + 0.5 * np.sin(ys / 13.0 - 0.7 * t)
-    blue = 0.5 + 0.5 * np.sin((xs + ys) / 17.0 + 0.3 * t)
-    frame = (np.stack([red, green, blue], -1) * 255).astype(np.uint8)
-    _blob(frame, width / 2 + width / 3 * math.cos(t), height / 2 + height / 3 * math.sin(t), min(width, height) / 10,
-          (250, 250, 250))
-    return frame
+def tensor_clip(kind: str, num_frames: int, width: int = 128, height: int = 128) -> list[torch.Tensor]:
+    """`synthetic_clip` as the engine's input: `[3, H, W]` float tensors in [0, 1]."""
+    return [rgb_to_tensor(frame) for frame in synthetic_clip(kind, num_frames, width, height)]

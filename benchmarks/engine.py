@@ -1,4 +1,4 @@
-"""`python -m engine.bench`: frames per second of the engine against its baselines.
+"""`python -m benchmarks.engine`: frames per second of the engine against its baselines.
 
 Every row runs in this one process on the same model, size and seed; each figure is the median over
 `--frames` frames after a warm-up. fps = output frames per second.
@@ -12,48 +12,28 @@ import logging
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from . import guidance
-from .clips import synthetic_clip
-from .codec import rgb_to_tensor
-from .config import BACKENDS, EngineConfig
-from .memory import bench as memory_bench
-from .models import ModelBundle, load_models
-from .skip import bench as skip_bench
-from .stream import StreamEngine
+from engine import guidance
+from engine.config import BACKENDS, EngineConfig
+from engine.loading import load_bundle
+from engine.models import ModelBundle
+from engine.stream import StreamEngine
+
+from . import memory, skip
+from .clips import tensor_clip
+from .timing import median_fps, time_stream
+from .workload import bench_config
 
 logger = logging.getLogger(__name__)
-
-BENCH_T_INDEX_LIST = (0, 16, 32, 45)
-
-
-def bench_config(model: str, size: int) -> EngineConfig:
-    """The benchmark's default: 4 stream-batch steps, RCFG `self` at guidance 1.2, tiny VAE, no filter."""
-    return EngineConfig(model=model, width=size, height=size, t_index_list=BENCH_T_INDEX_LIST, cfg_type="self",
-                        guidance_scale=1.2, similarity_filter=False)
-
-
-def median_seconds(call: Callable[[int], object], frames: int, warmup: int) -> float:
-    """Median wall time of `call(i)` over `frames` calls after `warmup` unmeasured ones."""
-    for index in range(warmup):
-        call(index)
-    times = []
-    for index in range(frames):
-        started = time.perf_counter()
-        call(warmup + index)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def engine_fps(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], frames: int, warmup: int) -> float:
     """Output fps of a `StreamEngine` on a moving clip."""
-    engine = StreamEngine(models, config)
-    return 1.0 / median_seconds(lambda i: engine(clip[i % len(clip)]), frames, warmup)
+    return median_fps(time_stream(StreamEngine(models, config), clip, frames, warmup))
 
 
 @torch.no_grad()
@@ -67,9 +47,10 @@ def compute_limit_fps(models: ModelBundle, config: EngineConfig, frames: int, wa
     latents = torch.randn(rows, *engine.latent_shape(config))
     timesteps = torch.full((rows,), 500, dtype=torch.long)
     image = torch.rand(1, 3, config.height, config.width) * 2 - 1
-    unet = median_seconds(lambda i: runner.unet(latents, timesteps, conditioning), frames, warmup)
-    encode = median_seconds(lambda i: runner.encode(image), frames, warmup)
-    decode = median_seconds(lambda i: runner.decode(latents[:1]), frames, warmup)
+    unet = statistics.median(time_stream(lambda x: runner.unet(x, timesteps, conditioning), [latents], frames,
+                                         warmup))
+    encode = statistics.median(time_stream(runner.encode, [image], frames, warmup))
+    decode = statistics.median(time_stream(runner.decode, [latents[:1]], frames, warmup))
     return 1.0 / (unet + encode + decode)
 
 
@@ -87,12 +68,12 @@ def diffusers_fps(models: ModelBundle, config: EngineConfig, clip: list[torch.Te
     steps = config.denoising_steps
     generator = torch.Generator().manual_seed(config.seed)
 
-    def run(index: int) -> None:
-        pipe(prompt=config.prompt, negative_prompt=config.negative_prompt, image=clip[index % len(clip)][None],
+    def run(frame: torch.Tensor) -> None:
+        pipe(prompt=config.prompt, negative_prompt=config.negative_prompt, image=frame[None],
              num_inference_steps=2 * steps, strength=0.5, guidance_scale=config.guidance_scale,
              generator=generator, output_type="pt")
 
-    return 1.0 / median_seconds(run, frames, warmup)
+    return median_fps(time_stream(run, clip, frames, warmup))
 
 
 def skip_rate(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], count: int = 100) -> float:
@@ -108,10 +89,10 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
     """Every benchmark row; returns the JSON-ready dict. Each of `backends` (other than eager) adds
     `<backend>_fps`: the same engine row with its networks on that backend."""
     torch.manual_seed(0)
-    models = load_models(model)
-    config = bench_config(model, size)
-    models.to(torch.device("cpu"), torch.float32)
-    clip = [rgb_to_tensor(frame) for frame in synthetic_clip("slow_pan", 60, size, size)]
+    # Every row on the CPU in fp32, where the diffusers baseline's pipeline is built.
+    config = bench_config(model, size).replace(device="cpu", dtype="float32")
+    models = load_bundle(config)
+    clip = tensor_clip("slow_pan", 60, size, size)
     results: dict = {
         "model": model, "size": size, "frames": frames, "t_index_list": list(config.t_index_list),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -145,17 +126,6 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
     return results
 
 
-def run_skip_policies(model: str, size: int, frames: int, policies: list[str], params: list[str]) -> dict:
-    """The skip-policy rows (engine/skip/bench.py) on the benchmark's config; returns the JSON-ready dict."""
-    models = load_models(model)
-    models.to(torch.device("cpu"), torch.float32)
-    config = bench_config(model, size)
-    overrides = skip_bench.parse_overrides(params)
-    return {"model": model, "size": size, "frames": frames, "t_index_list": list(config.t_index_list),
-            "threads": torch.get_num_threads(), "skip_params": overrides,
-            "skip_policies": skip_bench.run(models, config, policies, frames, overrides)}
-
-
 def format_table(results: dict) -> str:
     """A plain-text table of the figures and ratios."""
     lines = [f"model={results['model']} size={results['size']}x{results['size']} "
@@ -170,7 +140,8 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__)
+    """Measure the fps rows (or `--skip` / `--memory` instead), print a table and optionally write JSON."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__)
     parser.add_argument("--model", default="tiny", help="tiny (default) or small (compute-bound)")
     parser.add_argument("--size", type=int, default=128, help="square frame size in pixels")
     parser.add_argument("--frames", type=int, default=30, help="measured frames per row (median)")
@@ -181,11 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", nargs="+", default=[], choices=BACKENDS,
                         help="also measure the engine on these backends (e.g. onnxruntime): adds <backend>_fps")
     parser.add_argument("--skip", help="instead of the fps rows: skip policies to measure, e.g. rehash,adacache "
-                                       "(engine/skip/bench.py; --frames frames per clip category)")
+                                       "(benchmarks/skip.py; --frames frames per clip category)")
     parser.add_argument("--skip-param", action="append", default=[], metavar="KEY=VALUE",
                         help="a skip-policy EngineConfig field for --skip, e.g. skip_cut_threshold=0.05")
     parser.add_argument("--memory", help="instead of the fps rows: peak memory and fps of these memory modes and "
-                                         "off, e.g. slice,group, a fresh process each (engine/memory/bench.py)")
+                                         "off, e.g. slice,group, a fresh process each (benchmarks/memory.py)")
     parser.add_argument("--memory-model", default="small", help="model of --memory (default small)")
     parser.add_argument("--memory-sizes", default="512,1024", help="comma-separated square sizes of --memory")
     args = parser.parse_args(argv)
@@ -194,11 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.memory:
         sizes = tuple(int(size) for size in args.memory_sizes.split(","))
-        results = {"memory": memory_bench.run(args.memory.split(","), args.memory_model, sizes)}
-        print(memory_bench.format_table(results["memory"]))
+        results = {"memory": memory.run(args.memory.split(","), args.memory_model, sizes)}
+        print(memory.format_table(results["memory"]))
     elif args.skip:
-        results = run_skip_policies(args.model, args.size, args.frames, args.skip.split(","), args.skip_param)
-        print(skip_bench.format_table(results["skip_policies"]))
+        results = skip.run_policies(args.model, args.size, args.frames, args.skip.split(","), args.skip_param)
+        print(skip.format_table(results["skip_policies"]))
     else:
         results = run(args.model, args.size, args.frames, args.warmup, tuple(args.backend))
         print(format_table(results))

@@ -1,4 +1,4 @@
-"""`python -m server.bench`: delivered FPS over loopback WebSocket vs the engine in-process, same config.
+"""`python -m benchmarks.server`: delivered FPS over loopback WebSocket vs the engine in-process, same config.
 
 Three measurements on the same frames (a synthetic clip, JPEG-encoded once up front):
   engine    `StreamEngine.step` on decoded tensors in a loop (the model's own speed), in a worker thread
@@ -22,14 +22,15 @@ from dataclasses import asdict, dataclass
 import torch
 import websockets
 
-from engine import EngineConfig, ModelBundle, StreamEngine, load_models
-from engine.clips import CLIP_KINDS, synthetic_clip
+from engine import EngineConfig, ModelBundle, StreamEngine, load_bundle
 from engine.codec import decode_image, encode_jpeg, rgb_to_tensor
 from engine.runtime import StreamRuntime
+from server.app import create_app
+from server.serve import background_server
+from server.settings import ServerSettings
 
-from .app import create_app
-from .serve import background_server
-from .settings import ServerSettings
+from .clips import CLIP_KINDS, synthetic_clip
+from .timing import time_stream
 
 
 @dataclass
@@ -55,9 +56,9 @@ class BenchResult:
 def in_worker_thread(function: Callable[..., float], *args) -> float:
     """Run `function` in a fresh thread, as the runtime's inference thread runs the model.
 
-    Measured on this project's shared 2-core machine, torch's OpenMP team on the main thread ran the
-    same steps 5x slower than in a worker thread while other processes loaded the CPU, so the engine is
-    timed the way the server runs it.
+    On a loaded machine torch's OpenMP team on the main thread can run the same steps several times
+    slower than in a worker thread (figures in docs/server.md), so the engine is timed the way the
+    server runs it.
     """
     results: list[float] = []
     errors: list[BaseException] = []
@@ -77,22 +78,20 @@ def in_worker_thread(function: Callable[..., float], *args) -> float:
 
 
 def engine_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int) -> float:
+    """Frames per second of `StreamEngine.step` on the decoded frames, timed in a worker thread."""
     return in_worker_thread(_engine_fps, models, config, frames, warmup)
 
 
 def _engine_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int) -> float:
     engine = StreamEngine(models, config)
     images = [rgb_to_tensor(decode_image(data, config.width, config.height)) for data in frames]
-    for image in images[:warmup]:
-        engine.step(image)
-    started = time.perf_counter()
-    for image in images:
-        engine.step(image)
-    return len(images) / (time.perf_counter() - started)
+    # Warm up on the first `warmup` images, then time every image, as the other two paths do.
+    return len(images) / sum(time_stream(engine.step, images[:warmup] + images, len(images), warmup))
 
 
 def runtime_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int,
                 max_in_flight: int) -> float:
+    """Frames per second of the threaded `StreamRuntime` in-process, `max_in_flight` frames in flight."""
     with StreamRuntime(models, config) as runtime:
         handle = runtime.open_stream(max_in_flight=max_in_flight)
         for data in frames[:warmup]:
@@ -131,6 +130,7 @@ async def _websocket_stream(url: str, frames: list[bytes], warmup: int, max_in_f
 
 def websocket_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int,
                   max_in_flight: int) -> float:
+    """Frames per second of one WebSocket client of a real server on loopback, `max_in_flight` in flight."""
     settings = ServerSettings(engine=config, port=0, max_in_flight=max_in_flight, log_level="warning")
     app = create_app(settings, models=models)
     with background_server(app, settings) as base_url:
@@ -144,7 +144,7 @@ def run_bench(model: str = "tiny", width: int = 256, height: int = 256, t_index_
     """Measure the three paths `repeats` times, alternating, on `frames` frames of `clip`."""
     changes = {} if t_index_list is None else {"t_index_list": tuple(t_index_list)}
     config = EngineConfig(model=model, width=width, height=height, similarity_filter=False, **changes)
-    models = load_models(model, use_tiny_vae=config.use_tiny_vae)
+    models = load_bundle(config)
     clip_frames = [encode_jpeg(rgb) for rgb in synthetic_clip(clip, frames + warmup, width, height)]
     warm, timed = clip_frames[:warmup], clip_frames[warmup:]
     results: dict[str, list[float]] = {"engine": [], "runtime": [], "websocket": []}
@@ -160,7 +160,8 @@ def run_bench(model: str = "tiny", width: int = 256, height: int = 256, t_index_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.splitlines()[0])
+    """Measure the three paths and print a table, or with `--json` one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--height", type=int, default=256)

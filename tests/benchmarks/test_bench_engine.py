@@ -1,0 +1,31 @@
+"""`python -m benchmarks.engine`: every row and ratio on the tiny model, a few frames."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from benchmarks.engine import main
+
+
+def test_rows_and_ratios_in_the_json(tmp_path, capsys):
+    started = time.perf_counter()
+    main(["--size", "32", "--frames", "2", "--warmup", "1", "--json", str(tmp_path / "bench.json")])
+    elapsed = time.perf_counter() - started
+    results = json.loads((tmp_path / "bench.json").read_text())
+    rows = ("engine_fps", "compute_limit_fps", "sequential_fps", "full_cfg_fps", "diffusers_fps")
+    assert set(results) == {"model", "size", "frames", "t_index_list", "machine", "ratios", *rows,
+                            "ssf_static_skip_rate"}
+    assert (results["model"], results["size"], results["frames"]) == ("tiny", 32, 2)
+    # A median frame lasts less than the whole run.
+    assert all(results[row] > 1 / elapsed for row in rows)
+    # 100 identical frames: the filter skips at most 10 in a row, and computes one frame between runs.
+    assert 0.5 < results["ssf_static_skip_rate"] <= 10 / 11
+    engine = results["engine_fps"]
+    assert results["ratios"] == {
+        "engine_vs_compute_limit": round(engine / results["compute_limit_fps"], 3),
+        "engine_vs_diffusers": round(engine / results["diffusers_fps"], 3),
+        "engine_vs_sequential": round(engine / results["sequential_fps"], 3),
+        "engine_vs_full_cfg": round(engine / results["full_cfg_fps"], 3),
+    }
+    assert "engine_vs_diffusers" in capsys.readouterr().out
