@@ -13,6 +13,7 @@ import torch
 from .. import guidance
 from ..config import EngineConfig
 from ..models import ModelBundle
+from ..prompt import cross_attention_layers
 from .cache import (
     CacheKeyParts,
     CorruptArtifactError,
@@ -24,8 +25,10 @@ from .cache import (
 from .onnx_export import (
     DEFAULT_EXPORTER,
     DEFAULT_OPSETS,
+    GRAPH_OUTPUT_NAMES,
     GraphSpec,
     export_onnx,
+    graph_input_names,
     unet_graph,
     vae_decoder_graph,
     vae_encoder_graph,
@@ -94,6 +97,23 @@ def check_onnx_file(path: Path) -> Path:
     if shortfalls:
         raise CorruptArtifactError(f"{path.name}: external weights are truncated or missing ({'; '.join(shortfalls)})")
     return path
+
+
+def onnx_input_shapes(path: Path) -> dict[str, tuple[int | str, ...]]:
+    """Each input of the ONNX graph at `path` and its shape, read without its external weights.
+
+    A dimension is its size, or its name when the graph leaves it dynamic (`dim_param`, "" if unnamed):
+    what `tensorrt.profile_shapes` turns into an optimisation profile.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return {
+        value.name: tuple(dim.dim_value if dim.HasField("dim_value") else dim.dim_param
+                          for dim in value.type.tensor_type.shape.dim)
+        for value in model.graph.input if value.name not in initializers
+    }
 
 
 def external_data_shortfalls(path: Path) -> list[str]:
@@ -176,6 +196,15 @@ class OnnxCache:
     def onnx_path(self, shape: GraphShape) -> Path:
         """Where the graph of `shape` lives in the cache."""
         return self.cache_dir / f"{engine_cache_key(self.key_parts(shape))}.onnx"
+
+    def input_names(self, shape: GraphShape) -> list[str]:
+        """The graph's input names in the order `StaticShapeRunner` passes the tensors."""
+        return graph_input_names(shape.network, list(cross_attention_layers(self.models.unet)), shape.kv_cache)
+
+    @staticmethod
+    def output_name(shape: GraphShape) -> str:
+        """The graph's output name."""
+        return GRAPH_OUTPUT_NAMES[shape.network]
 
     def graph_spec(self, shape: GraphShape) -> GraphSpec:
         """The module and sample inputs that export `shape`."""
