@@ -170,11 +170,11 @@ class OnnxCache:
             self._fingerprints[network] = module_fingerprint(module)
         return self._fingerprints[network]
 
-    def key_parts(self, shape: GraphShape, tensorrt_version: str = "none", gpu_name: str = "any",
-                  dtype: str | None = None) -> CacheKeyParts:
+    def key_parts(self, shape: GraphShape, tensorrt_version: str = "none", gpu_name: str = "any") -> CacheKeyParts:
         """The cache key fields of `shape`; an ONNX graph is the same for every GPU and TensorRT version.
 
-        `dtype` overrides the modules' dtype (a TensorRT engine's precision need not be its graph's).
+        The dtype is the modules' own: a graph exported from float16 modules is a float16 graph, and a
+        TensorRT engine built from it (strongly typed) runs in exactly that precision.
         """
         module = self.models.unet if shape.network == "unet" else self.models.vae
         return CacheKeyParts(
@@ -184,7 +184,7 @@ class OnnxCache:
             height=shape.height,
             batch=shape.batch,
             cfg_type=self.cfg_type if shape.network == "unet" else ANY_GUIDANCE,
-            dtype=dtype or _dtype_name(module),
+            dtype=_dtype_name(module),
             kv_cache=shape.kv_cache,
             exporter=self.exporter,
             opset=self.opset,
