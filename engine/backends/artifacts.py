@@ -13,12 +13,22 @@ import torch
 from .. import guidance
 from ..config import EngineConfig
 from ..models import ModelBundle
-from .cache import CacheKeyParts, cached_artifact, default_cache_dir, engine_cache_key, module_fingerprint
+from ..prompt import cross_attention_layers
+from .cache import (
+    CacheKeyParts,
+    CorruptArtifactError,
+    cached_artifact,
+    default_cache_dir,
+    engine_cache_key,
+    module_fingerprint,
+)
 from .onnx_export import (
     DEFAULT_EXPORTER,
     DEFAULT_OPSETS,
+    GRAPH_OUTPUT_NAMES,
     GraphSpec,
     export_onnx,
+    graph_input_names,
     unet_graph,
     vae_decoder_graph,
     vae_encoder_graph,
@@ -66,11 +76,71 @@ def _dtype_name(module: torch.nn.Module) -> str:
     return str(next(module.parameters()).dtype).removeprefix("torch.")
 
 
-def _check_onnx(path: Path) -> Path:
+def check_onnx_file(path: Path) -> Path:
+    """Check the ONNX file at `path` by path, without reading external weights into memory.
+
+    `onnx.checker.check_model(path)` parses the graph in C++ and checks that every external-data
+    file exists (a `ModelProto` over 2 GiB cannot even be passed to it: loading and checking in
+    Python refused every full-size fp32 UNet). The checker does not read the weights, so the
+    external-data file's size is checked against the byte ranges the graph refers to.
+
+    Raises:
+        CorruptArtifactError: the file (or its weights) is missing, truncated or not an ONNX graph.
+    """
     import onnx
 
-    onnx.checker.check_model(onnx.load(str(path)), full_check=False)
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as error:
+        raise CorruptArtifactError(f"{path.name} is not a valid ONNX graph: {error}") from error
+    shortfalls = external_data_shortfalls(path)
+    if shortfalls:
+        raise CorruptArtifactError(f"{path.name}: external weights are truncated or missing ({'; '.join(shortfalls)})")
     return path
+
+
+def onnx_input_shapes(path: Path) -> dict[str, tuple[int | str, ...]]:
+    """Each input of the ONNX graph at `path` and its shape, read without its external weights.
+
+    A dimension is its size, or its name when the graph leaves it dynamic (`dim_param`, "" if unnamed):
+    what `tensorrt.profile_shapes` turns into an optimisation profile.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return {
+        value.name: tuple(dim.dim_value if dim.HasField("dim_value") else dim.dim_param
+                          for dim in value.type.tensor_type.shape.dim)
+        for value in model.graph.input if value.name not in initializers
+    }
+
+
+def external_data_shortfalls(path: Path) -> list[str]:
+    """Each external-data file of the ONNX graph at `path` that is shorter than the graph's byte ranges need.
+
+    Only graphs saved with their weights in the companion `<name>.data` are read (their `.onnx` is
+    small); a graph with inline weights has nothing outside to check.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if not path.with_name(path.name + ".data").is_file():
+        return []
+    model = onnx.load(str(path), load_external_data=False)
+    needed: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            end = (info.offset or 0) + (info.length or 0)
+            needed[info.location] = max(needed.get(info.location, 0), end)
+    shortfalls = []
+    for location, end in sorted(needed.items()):
+        data = path.parent / location
+        size = data.stat().st_size if data.is_file() else -1
+        if size < end:
+            shortfalls.append(f"{location}: {max(size, 0)} bytes, the graph reads up to {end}")
+    return shortfalls
 
 
 class OnnxCache:
@@ -100,11 +170,11 @@ class OnnxCache:
             self._fingerprints[network] = module_fingerprint(module)
         return self._fingerprints[network]
 
-    def key_parts(self, shape: GraphShape, tensorrt_version: str = "none", gpu_name: str = "any",
-                  dtype: str | None = None) -> CacheKeyParts:
+    def key_parts(self, shape: GraphShape, tensorrt_version: str = "none", gpu_name: str = "any") -> CacheKeyParts:
         """The cache key fields of `shape`; an ONNX graph is the same for every GPU and TensorRT version.
 
-        `dtype` overrides the modules' dtype (a TensorRT engine's precision need not be its graph's).
+        The dtype is the modules' own: a graph exported from float16 modules is a float16 graph, and a
+        TensorRT engine built from it (strongly typed) runs in exactly that precision.
         """
         module = self.models.unet if shape.network == "unet" else self.models.vae
         return CacheKeyParts(
@@ -114,17 +184,27 @@ class OnnxCache:
             height=shape.height,
             batch=shape.batch,
             cfg_type=self.cfg_type if shape.network == "unet" else ANY_GUIDANCE,
-            dtype=dtype or _dtype_name(module),
+            dtype=_dtype_name(module),
             kv_cache=shape.kv_cache,
             exporter=self.exporter,
             opset=self.opset,
             tensorrt_version=tensorrt_version,
             gpu_name=gpu_name,
+            sequence_length=shape.sequence_length,
         )
 
     def onnx_path(self, shape: GraphShape) -> Path:
         """Where the graph of `shape` lives in the cache."""
         return self.cache_dir / f"{engine_cache_key(self.key_parts(shape))}.onnx"
+
+    def input_names(self, shape: GraphShape) -> list[str]:
+        """The graph's input names in the order `StaticShapeRunner` passes the tensors."""
+        return graph_input_names(shape.network, list(cross_attention_layers(self.models.unet)), shape.kv_cache)
+
+    @staticmethod
+    def output_name(shape: GraphShape) -> str:
+        """The graph's output name."""
+        return GRAPH_OUTPUT_NAMES[shape.network]
 
     def graph_spec(self, shape: GraphShape) -> GraphSpec:
         """The module and sample inputs that export `shape`."""
@@ -139,10 +219,16 @@ class OnnxCache:
             return vae_decoder_graph(self.models, shape.batch, latent_height, latent_width)
         raise ValueError(f"unknown network {shape.network!r}")
 
-    def load(self, shape: GraphShape, load: Callable[[Path], T] = _check_onnx) -> T:
-        """`load(path)` of the graph's ONNX file, exporting it first when missing or unreadable."""
+    def load(self, shape: GraphShape, load: Callable[[Path], T] | None = None) -> T | Path:
+        """`load(path)` of the graph's checked ONNX file (its path without `load`), exported first when
+        missing or corrupt. Errors of `load` itself propagate and keep the file (see `cached_artifact`)."""
+
+        def checked(path: Path):
+            check_onnx_file(path)
+            return path if load is None else load(path)
+
         return cached_artifact(
             self.onnx_path(shape),
             build=lambda temporary: export_onnx(self.graph_spec(shape), temporary, self.exporter, self.opset),
-            load=load,
+            load=checked,
         )

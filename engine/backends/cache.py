@@ -1,10 +1,12 @@
 """The on-disk cache of exported ONNX graphs and built TensorRT engines (`trt_cache/` by default).
 
 Every artifact is named by `engine_cache_key`: a hash of everything that changes the compiled
-graph (model config and weights, resolution, batch, guidance mode, dtype, TensorRT version, GPU,
-exporter and opset). A changed part gives a new file, so a stale engine is never loaded. Files are
-written under a temporary name and renamed, so a crash mid-write leaves no half file under the
-real name; a file that is there but unreadable is deleted and rebuilt by `cached_artifact`.
+graph (model config and weights, resolution, batch, text length, guidance mode, dtype, TensorRT
+version, GPU, exporter and opset). A changed part gives a new file, so a stale engine is never
+loaded. Files are written under a temporary name and renamed, so a crash mid-write leaves no half
+file under the real name. A file whose loader reports it unreadable (`CorruptArtifactError`) is
+deleted and rebuilt by `cached_artifact`; any other load error (out of memory, an unsupported
+engine) leaves the file alone and propagates, because rebuilding would only fail again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ DEFAULT_CACHE_DIR = "trt_cache"
 CACHE_DIR_ENV = "STREAMDIFF_TRT_CACHE"
 
 T = TypeVar("T")
+
+DIGEST_SUFFIX = ".sha256"
+
+
+class CorruptArtifactError(RuntimeError):
+    """A cached file is unreadable (truncated, garbage, missing companion): delete it and rebuild it."""
 
 
 def default_cache_dir() -> Path:
@@ -70,6 +78,8 @@ class CacheKeyParts:
     opset: int
     tensorrt_version: str = "none"
     gpu_name: str = "cpu"
+    # The text length fixes the K/V inputs' shape (0 for the VAE graphs, which take no text).
+    sequence_length: int = 0
 
 
 def engine_cache_key(parts: CacheKeyParts) -> str:
@@ -79,23 +89,66 @@ def engine_cache_key(parts: CacheKeyParts) -> str:
 
 
 def tensorrt_version() -> str:
-    """The installed TensorRT version, or `"none"`."""
+    """The installed TensorRT version, or `"none"` when it does not import (for any reason)."""
     try:
         import tensorrt
-    except ImportError:
+    except Exception:  # a broken install raises OSError (missing libnvinfer) or AttributeError, not ImportError
         return "none"
-    return str(tensorrt.__version__)
+    return str(getattr(tensorrt, "__version__", "unknown"))
 
 
-def gpu_name() -> str:
-    """The current CUDA device's name, or `"cpu"`."""
-    if not torch.cuda.is_available():
+def gpu_name(device: torch.device | None = None) -> str:
+    """The name of CUDA `device` (the current CUDA device when it has no index), or `"cpu"`."""
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         return "cpu"
-    return torch.cuda.get_device_name(torch.cuda.current_device())
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_name(index)
+
+
+def digest_path(path: Path) -> Path:
+    """Where the SHA-256 of `path` is recorded (`<name>.sha256`, a companion of `path`)."""
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def write_digest(path: Path, data: bytes | memoryview | None = None) -> Path:
+    """Record the SHA-256 of `data` (else of the file at `path`) beside `path`."""
+    digest = hashlib.sha256(data).hexdigest() if data is not None else _file_sha256(path)
+    target = digest_path(path)
+    target.write_text(digest + "\n")
+    return target
+
+
+def matches_digest(path: Path) -> bool:
+    """Whether `path` has a recorded SHA-256 and its bytes still match it."""
+    recorded = digest_path(path)
+    if not path.is_file() or not recorded.is_file():
+        return False
+    return recorded.read_text().strip() == _file_sha256(path)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unloadable_file_error(path: Path, reason: str) -> Exception:
+    """The error for a cached file its loader could not parse, deciding whether it may be deleted.
+
+    A file that matches its recorded digest is intact: the failure lies elsewhere (out of GPU
+    memory while deserialising, a runtime that cannot run it), so it is kept and the error says so.
+    Without a matching digest it is treated as corrupt (`CorruptArtifactError`): delete and rebuild.
+    """
+    if matches_digest(path):
+        return RuntimeError(f"{path.name} could not be loaded although it is intact (it matches its recorded "
+                            f"SHA-256), so it was kept: {reason}. Delete it to force a rebuild.")
+    return CorruptArtifactError(f"{path.name} is unreadable: {reason}")
 
 
 def _remove_artifact(path: Path) -> None:
-    """Delete `path` and its companions (an ONNX file's external weights `<name>.data`)."""
+    """Delete `path` and its companions `<name>.*` (an ONNX file's weights `<name>.data`, a digest)."""
     for companion in path.parent.glob(f"{path.name}.*"):
         companion.unlink(missing_ok=True)
     path.unlink(missing_ok=True)
@@ -122,16 +175,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def cached_artifact(path: Path, build: Callable[[Path], None], load: Callable[[Path], T]) -> T:
-    """Load `path`, building it first when it is missing; a file that fails to load is rebuilt once.
+    """Load `path`, building it first when it is missing; a corrupt file is deleted and rebuilt once.
 
-    `build(temporary_path)` writes the artifact; `load(path)` must raise on a corrupt or partial file.
+    `build(temporary_path)` writes the artifact. `load(path)` raises `CorruptArtifactError` when the
+    file itself is unreadable (truncated, garbage, missing companion); only then is it deleted and
+    rebuilt. Any other error (out of memory, a device or dtype the runtime refuses) propagates and
+    the file stays: a rebuild takes minutes and would fail the same way.
     """
     if path.is_file():
         try:
             return load(path)
-        except Exception as error:  # ONNX, ORT and TensorRT each raise their own types on a bad file
-            logger.warning("cached %s is unreadable (%s: %s); rebuilding it", path.name, type(error).__name__, error)
+        except CorruptArtifactError as error:
+            logger.warning("cached %s is unreadable (%s); deleting and rebuilding it", path.name, error)
             _remove_artifact(path)
+        except Exception as error:
+            logger.error("loading cached %s failed (%s: %s); the file was kept, it is not a corrupt file",
+                         path.name, type(error).__name__, error)
+            raise
     logger.info("building %s", path)
     atomic_write(path, build)
     return load(path)

@@ -10,14 +10,21 @@ default. With torch 2.13 both it and the legacy TorchScript exporter (`dynamo=Fa
 graphs and match eager within 2e-6 here; the dynamo one is torch's supported path (the TorchScript one
 is deprecated since torch 2.9 and warns on every diffusers shape assert), while the TorchScript one
 exports about five times faster. Both are selectable; the exporter and opset are part of the cache key.
+
+Saving: whatever the exporter wrote (the dynamo one puts weights in `<file>.data`, the TorchScript one
+over 2 GiB writes one file per tensor, named after the tensor) is re-saved as one `<name>.onnx` with
+inline weights, or, over protobuf's 2 GiB limit, with all weights in one `<name>.onnx.data` beside it:
+named after the graph's own cache key, so graphs never share or overwrite weight files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +33,34 @@ from diffusers import AutoencoderTiny, UNet2DConditionModel
 
 from ..models import ModelBundle
 from ..prompt import KVCache, cross_attention_layers, install_kv_processors, precompute_kv
+from .progress import heartbeat
 
 logger = logging.getLogger(__name__)
 
 EXPORTERS: tuple[str, ...] = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"
 DEFAULT_OPSETS: dict[str, int] = {"dynamo": 18, "torchscript": 17}
+# Protobuf cannot serialise a message of 2 GiB or more: past this, weights go to the external file.
+MAX_INLINE_BYTES = (1 << 31) - 1
+GRAPH_OUTPUT_NAMES: dict[str, str] = {"unet": "eps", "vae_encoder": "latents", "vae_decoder": "images"}
+
+
+def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache: bool = False) -> list[str]:
+    """The input names of a network's graph, in the order its tensors are passed.
+
+    The UNet takes `latents`, `timesteps`, then `<layer>.key` and `<layer>.value` of each layer in
+    `kv_layers` (with the K/V cache) or `encoder_hidden_states` (without); the VAE halves take
+    `images` (encoder) or `latents` (decoder). Both the exporter and the TensorRT binding use these.
+    """
+    if network == "unet":
+        if use_kv_cache:
+            return ["latents", "timesteps", *(f"{layer}.{part}" for layer in kv_layers for part in ("key", "value"))]
+        return ["latents", "timesteps", "encoder_hidden_states"]
+    if network == "vae_encoder":
+        return ["images"]
+    if network == "vae_decoder":
+        return ["latents"]
+    raise ValueError(f"unknown network {network!r}")
 
 
 class UNetWithCachedKV(torch.nn.Module):
@@ -129,6 +158,12 @@ class GraphSpec:
         return int(next(iter(self.inputs.values())).shape[0])
 
 
+def _graph_spec(network: str, module: torch.nn.Module, tensors: list[torch.Tensor], kv_layers: Sequence[str] = (),
+                use_kv_cache: bool = False) -> GraphSpec:
+    names = graph_input_names(network, kv_layers, use_kv_cache)
+    return GraphSpec(network, module.eval(), dict(zip(names, tensors, strict=True)), GRAPH_OUTPUT_NAMES[network])
+
+
 def flat_key_values(unet: UNet2DConditionModel, kv_cache: KVCache) -> list[torch.Tensor]:
     """The cache's tensors in the graph's input order (K then V of each layer, in module order)."""
     return [tensor for name in cross_attention_layers(unet) for tensor in kv_cache[name]]
@@ -145,23 +180,18 @@ def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width
     timesteps = torch.arange(batch, device=parameter.device, dtype=torch.long) * 100 + 99
     text = torch.randn(batch, sequence_length, unet.config.cross_attention_dim,
                        device=parameter.device, dtype=parameter.dtype)
-    inputs = {"latents": latents, "timesteps": timesteps}
     if use_kv_cache:
         module = UNetWithCachedKV(unet)
-        kv_cache = precompute_kv(unet, text)
-        for name in module.layer_names:
-            inputs[f"{name}.key"], inputs[f"{name}.value"] = kv_cache[name]
-    else:
-        module = UNetWithText(unet)
-        inputs["encoder_hidden_states"] = text
-    return GraphSpec("unet", module.eval(), inputs, "eps")
+        return _graph_spec("unet", module, [latents, timesteps, *flat_key_values(unet, precompute_kv(unet, text))],
+                           module.layer_names, use_kv_cache=True)
+    return _graph_spec("unet", UNetWithText(unet), [latents, timesteps, text])
 
 
 def vae_encoder_graph(models: ModelBundle, batch: int, height: int, width: int) -> GraphSpec:
     """The VAE encoder at a static batch and image size."""
     parameter = next(models.vae.parameters())
     images = torch.rand(batch, 3, height, width, device=parameter.device, dtype=parameter.dtype) * 2 - 1
-    return GraphSpec("vae_encoder", VaeEncoder(models.vae).eval(), {"images": images}, "latents")
+    return _graph_spec("vae_encoder", VaeEncoder(models.vae), [images])
 
 
 def vae_decoder_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int) -> GraphSpec:
@@ -169,11 +199,35 @@ def vae_decoder_graph(models: ModelBundle, batch: int, latent_height: int, laten
     parameter = next(models.vae.parameters())
     channels = int(models.unet.config.out_channels)
     latents = torch.randn(batch, channels, latent_height, latent_width, device=parameter.device, dtype=parameter.dtype)
-    return GraphSpec("vae_decoder", VaeDecoder(models.vae).eval(), {"latents": latents}, "images")
+    return _graph_spec("vae_decoder", VaeDecoder(models.vae), [latents])
 
 
-def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, opset: int | None = None) -> Path:
-    """Write `spec` to `path` as ONNX with static shapes (weights may go to `<path>.data` beside it)."""
+def save_onnx(model, path: Path, max_inline_bytes: int | None = None) -> Path:
+    """Save ONNX `model` to `path`: weights inline, or over `max_inline_bytes` (default `MAX_INLINE_BYTES`)
+    all in one `<name>.data` beside it."""
+    import onnx
+    from google.protobuf.message import EncodeError
+
+    max_inline_bytes = MAX_INLINE_BYTES if max_inline_bytes is None else max_inline_bytes
+    try:
+        inline = model.ByteSize() <= max_inline_bytes
+    except EncodeError:
+        # Over 2 GiB, protobuf cannot even size the message (the upb backend raises here).
+        inline = False
+    if inline:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
+    return path
+
+
+def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, opset: int | None = None,
+                max_inline_bytes: int | None = None) -> Path:
+    """Write `spec` to `path` as ONNX with static shapes; over `max_inline_bytes` its weights go to
+    one `<name>.data` beside it (see `save_onnx`), and no other file is left behind."""
+    import onnx
+
     if exporter not in EXPORTERS:
         raise ValueError(f"`exporter` must be one of {EXPORTERS}, got {exporter!r}")
     opset = opset or DEFAULT_OPSETS[exporter]
@@ -181,18 +235,24 @@ def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, o
     logger.info("exporting %s to ONNX (%s exporter, opset %d; %s%s)", spec.network, exporter, opset, shapes,
                 f", +{len(spec.inputs) - 2} K/V inputs" if len(spec.inputs) > 3 else "")
     started = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers(*_CHATTY_LOGGERS):
-        # Both exporters warn about every shape assert they freeze; static shapes are the point here.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            spec.module,
-            tuple(spec.inputs.values()),
-            str(path),
-            input_names=list(spec.inputs),
-            output_names=[spec.output_name],
-            opset_version=opset,
-            dynamo=exporter == "dynamo",
-            verbose=False,
-        )
+    # The exporter writes into a private folder (its weight files are named after the tensors, so they
+    # must not land beside other graphs); only the re-saved graph reaches `path`.
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as folder, \
+            heartbeat(logger, f"exporting {spec.network}"):
+        raw = Path(folder) / path.name
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers(*_CHATTY_LOGGERS):
+            # Both exporters warn about every shape assert they freeze; static shapes are the point here.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                spec.module,
+                tuple(spec.inputs.values()),
+                str(raw),
+                input_names=list(spec.inputs),
+                output_names=[spec.output_name],
+                opset_version=opset,
+                dynamo=exporter == "dynamo",
+                verbose=False,
+            )
+        save_onnx(onnx.load(str(raw)), path, max_inline_bytes)
     logger.info("exported %s in %.1f s", spec.network, time.perf_counter() - started)
     return path

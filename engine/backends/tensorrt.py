@@ -1,10 +1,16 @@
-"""TensorRT backend: fp16 engines built with polygraphy from the cached ONNX graphs.
+"""TensorRT backend: strongly typed engines built with polygraphy from the cached ONNX graphs.
 
-Each static shape gets one engine, built once (with a timing cache kept beside the engines so later
-builds are fast), deserialized once, with its I/O buffers allocated once on the GPU and bound by
-name (`set_tensor_address`); every frame copies its inputs into those buffers, runs
-`execute_async_v3` (replayed from a captured CUDA graph when capture works) and copies the output
-out. Needs CUDA and TensorRT 10+; without them every entry point raises `BackendUnavailableError`.
+Each static shape gets one engine, built once on the models' GPU (with a timing cache kept beside
+the engines so later builds are fast) and deserialised once. Its precision is the ONNX graph's, that
+is the models' dtype: the network is parsed strongly typed, so no precision flag is set (TensorRT 11
+removed `BuilderFlag.FP16`; strong typing works on 10 and 11). Every I/O buffer is allocated once on
+the GPU and bound by name (`set_tensor_address`); each frame maps its inputs to the engine's inputs
+by name, checking every shape and dtype, copies them in, runs `execute_async_v3` (or replays a CUDA
+graph captured and verified when the engine was opened) and copies the output out.
+
+Everything that needs no GPU (version probe, builder arguments, profile shapes, I/O binding, the
+replay check) is a plain function tested on CPU. Needs CUDA, TensorRT 10+ and polygraphy; without
+them every entry point raises `BackendUnavailableError`.
 """
 
 from __future__ import annotations
@@ -13,41 +19,99 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..models import ModelBundle
-from .artifacts import GraphShape
-from .cache import cached_artifact, engine_cache_key, gpu_name, tensorrt_version
+from .artifacts import GraphShape, onnx_input_shapes
+from .cache import cached_artifact, engine_cache_key, gpu_name, tensorrt_version, unloadable_file_error, write_digest
 from .errors import BackendUnavailableError
 from .onnx_export import DEFAULT_EXPORTER
+from .progress import heartbeat
 from .static import StaticShapeRunner
 
 logger = logging.getLogger(__name__)
 
 MIN_TENSORRT_MAJOR = 10
+# TensorRT 11 removed ILayer.precision; polygraphy reads it unguarded before 0.50.3 (0.49.x crashes there).
+MIN_POLYGRAPHY_FOR_TENSORRT_11 = (0, 50, 3)
 DEFAULT_WORKSPACE_BYTES = 4 << 30
+# Strongly typed networks take their precision from the graph: these are the dtypes a graph may have.
+STRONGLY_TYPED_DTYPES = ("float32", "float16", "bfloat16")
+# A replay runs the captured kernels on the same inputs as the uncaptured run, so it should agree to
+# the bit; the tolerance (relative to the output's largest magnitude) only absorbs kernels that reduce
+# with atomics. A broken capture fails by far: its output buffer is poisoned with NaN before the replay.
+REPLAY_TOLERANCE = 1e-3
+# TensorRT's `DataType` member names and the torch dtypes of the buffers that hold them.
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
+    "INT32": torch.int32, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool,
+}
+# CUDA graph captures are one at a time per process (torch's caching allocator tracks one capture).
+_CAPTURE_LOCK = threading.Lock()
+
+Shape = tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------------------------- availability
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """The leading integers of a version string: `"10.3.0.26"` -> (10, 3, 0, 26), `"0.50.3"` -> (0, 50, 3)."""
+    numbers = []
+    for part in str(version).split("."):
+        match = re.match(r"\d+", part)
+        if match is None:
+            break
+        numbers.append(int(match.group()))
+    return tuple(numbers)
+
+
+def version_unavailable_reason(tensorrt_version_: str, polygraphy_version: str) -> str | None:
+    """Why these TensorRT and polygraphy versions cannot build engines here, or None when they can."""
+    trt = _version_tuple(tensorrt_version_)
+    if not trt:
+        return f"cannot read the TensorRT version {tensorrt_version_!r}; reinstall it: pip install '.[trt]'"
+    if trt[0] < MIN_TENSORRT_MAJOR:
+        return (f"the tensorrt backend needs TensorRT {MIN_TENSORRT_MAJOR}+ (its tensor-name API), found "
+                f"{tensorrt_version_}: pip install '.[trt]'")
+    if trt[0] >= 11 and _version_tuple(polygraphy_version) < MIN_POLYGRAPHY_FOR_TENSORRT_11:
+        needed = ".".join(map(str, MIN_POLYGRAPHY_FOR_TENSORRT_11))
+        return (f"TensorRT {tensorrt_version_} needs polygraphy {needed}+ (older polygraphy reads layer "
+                f"precisions TensorRT 11 removed), found {polygraphy_version}: pip install -U polygraphy")
+    return None
 
 
 def tensorrt_unavailable_reason() -> str | None:
-    """Why the TensorRT backend cannot run here, or None when it can."""
+    """Why the TensorRT backend cannot run here, or None when it can.
+
+    Never raises: `--backend auto` asks this on every machine, and a broken install raises more than
+    `ImportError` (a missing libnvinfer is an `OSError`, a half-upgraded package an `AttributeError`).
+    """
     if not torch.cuda.is_available():
         return ("the tensorrt backend needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False); "
                 "use --backend onnxruntime or --backend eager on this machine")
     try:
         import tensorrt
-    except ImportError:
+    except ModuleNotFoundError:
         return ("the tensorrt backend needs the `tensorrt` (10+) and `polygraphy` packages: "
-                "pip install '.[trt]' on a CUDA machine, or use --backend onnxruntime")
+                "pip install '.[trt]' (CUDA 12) or '.[trt-cu13]' (CUDA 13) on a CUDA machine, "
+                "or use --backend onnxruntime")
+    except Exception as error:
+        return (f"the tensorrt package is installed but does not import ({type(error).__name__}: {error}); "
+                "reinstall the build for torch's CUDA: pip install --force-reinstall '.[trt]' (CUDA 12) "
+                "or '.[trt-cu13]' (CUDA 13), or use --backend onnxruntime")
     try:
-        import polygraphy  # noqa: F401
-    except ImportError:
+        import polygraphy
+    except ModuleNotFoundError:
         return "the tensorrt backend needs the `polygraphy` package: pip install '.[trt]'"
-    major = int(str(tensorrt.__version__).split(".")[0])
-    if major < MIN_TENSORRT_MAJOR:
-        return f"the tensorrt backend needs TensorRT {MIN_TENSORRT_MAJOR}+, found {tensorrt.__version__}"
-    return None
+    except Exception as error:
+        return (f"polygraphy is installed but does not import ({type(error).__name__}: {error}): "
+                "pip install -U polygraphy")
+    return version_unavailable_reason(getattr(tensorrt, "__version__", ""), getattr(polygraphy, "__version__", ""))
 
 
 def require_tensorrt() -> None:
@@ -57,159 +121,413 @@ def require_tensorrt() -> None:
         raise BackendUnavailableError(reason)
 
 
-def build_engine(onnx_path: Path, engine_path: Path, timing_cache: Path, fp16: bool = True,
-                 workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> Path:
-    """Build a serialized TensorRT engine from `onnx_path` into `engine_path` with polygraphy."""
+# ---------------------------------------------------------------------------------------------- build
+
+
+def profile_shapes(input_shapes: Mapping[str, Sequence[int | str]],
+                   ranges: Mapping[str, tuple[int, int, int]] | None = None) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """The optimisation profile: (min, opt, max) shapes of every input.
+
+    A fixed dimension is the same in all three. A named (dynamic) dimension takes its
+    (min, opt, max) from `ranges[name]`, so a graph exported with dynamic height and width only needs
+    those ranges here; today's graphs are static and give min = opt = max, as TensorRT requires.
+
+    Raises:
+        ValueError: a dynamic dimension without a range, or a range not ordered min <= opt <= max.
+    """
+    ranges = ranges or {}
+    for name, (low, opt, high) in ranges.items():
+        if not 0 < low <= opt <= high:
+            raise ValueError(f"range of {name!r} must satisfy 0 < min <= opt <= max, got {(low, opt, high)}")
+    profile = {}
+    for name, dims in input_shapes.items():
+        low, opt, high = [], [], []
+        for axis, dim in enumerate(dims):
+            if isinstance(dim, int) and dim > 0:
+                bounds = (dim, dim, dim)
+            elif isinstance(dim, str) and dim in ranges:
+                bounds = ranges[dim]
+            else:
+                raise ValueError(f"input {name!r} axis {axis} is dynamic ({dim!r}) and has no (min, opt, max) range")
+            for values, bound in zip((low, opt, high), bounds, strict=True):
+                values.append(bound)
+        profile[name] = (tuple(low), tuple(opt), tuple(high))
+    return profile
+
+
+@dataclass(frozen=True)
+class BuilderArguments:
+    """What `build_engine` hands polygraphy, as plain data.
+
+    `network`: keyword arguments of `NetworkFromOnnxPath`; `config`: of `CreateConfig` (memory pools
+    by their `trt.MemoryPoolType` name); `profile`: the optimisation profile's (min, opt, max) shapes.
+    """
+
+    network: dict[str, object]
+    config: dict[str, object]
+    profile: dict[str, tuple[Shape, Shape, Shape]] = field(default_factory=dict)
+
+
+def builder_arguments(dtype: str, input_shapes: Mapping[str, Sequence[int | str]],
+                      workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, timing_cache: Path | None = None,
+                      ranges: Mapping[str, tuple[int, int, int]] | None = None) -> BuilderArguments:
+    """The builder's arguments for a graph of `dtype` with `input_shapes` (see `onnx_input_shapes`).
+
+    The network is strongly typed: every tensor keeps the graph's type, so the engine runs in the
+    configured dtype (fp16 only for an fp16 graph, fp32 for fp32) and no precision flag is set, which
+    TensorRT forbids for strongly typed networks and TensorRT 11 removed. TF32 stays off, so an fp32
+    graph computes in fp32. `timing_cache` is an existing cache to start from (None for a fresh one).
+
+    Raises:
+        ValueError: a dtype a strongly typed engine cannot take here, or a bad profile (`profile_shapes`).
+    """
+    if dtype not in STRONGLY_TYPED_DTYPES:
+        raise ValueError(f"TensorRT engines are built from {'/'.join(STRONGLY_TYPED_DTYPES)} graphs, got {dtype!r}")
+    return BuilderArguments(
+        network={"strongly_typed": True},
+        config={
+            "tf32": False,
+            "memory_pool_limits": {"WORKSPACE": int(workspace_bytes)},
+            "load_timing_cache": str(timing_cache) if timing_cache is not None else None,
+        },
+        profile=profile_shapes(input_shapes, ranges),
+    )
+
+
+def build_engine(onnx_path: Path, engine_path: Path, arguments: BuilderArguments, timing_cache: Path) -> Path:
+    """Build a serialized engine from `onnx_path` into `engine_path` (with its SHA-256 beside it) on the
+    current CUDA device; the tactic timings are merged into `timing_cache`."""
     require_tensorrt()
     import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, engine_from_network, network_from_onnx_path, save_engine
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
-    logger.info("building TensorRT engine from %s (fp16=%s, workspace %d MiB); this takes minutes",
-                onnx_path.name, fp16, workspace_bytes >> 20)
+    profile = Profile()
+    for name, (low, opt, high) in arguments.profile.items():
+        profile.add(name, min=low, opt=opt, max=high)
+    config_arguments = dict(arguments.config)
+    config_arguments["memory_pool_limits"] = {
+        getattr(trt.MemoryPoolType, pool): size for pool, size in arguments.config["memory_pool_limits"].items()
+    }
+    network = NetworkFromOnnxPath(str(onnx_path), **arguments.network)
+    config = CreateConfig(profiles=[profile], **config_arguments)
+    logger.info("building TensorRT engine %s from %s on %s (strongly typed, workspace %d MiB); this takes minutes",
+                engine_path.name, onnx_path.name, gpu_name(), arguments.config["memory_pool_limits"]["WORKSPACE"] >> 20)
     started = time.perf_counter()
-    network = network_from_onnx_path(str(onnx_path))
-    config = CreateConfig(
-        fp16=fp16,
-        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_bytes},
-        load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
-    )
-    engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache))
-    save_engine(engine, path=str(engine_path))
-    logger.info("built %s in %.0f s", engine_path.name, time.perf_counter() - started)
+    with heartbeat(logger, f"building {engine_path.name}"):
+        serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
+    data = memoryview(serialized)
+    engine_path.write_bytes(data)
+    # The digest tells a later load failure apart: an intact file is kept, a damaged one rebuilt.
+    write_digest(engine_path, data)
+    logger.info("built %s (%.0f MB) in %.0f s", engine_path.name, data.nbytes / 1e6, time.perf_counter() - started)
     return engine_path
 
 
+# ---------------------------------------------------------------------------------------------- I/O
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One I/O tensor of an engine, as TensorRT describes it."""
+
+    name: str
+    shape: Shape
+    dtype: torch.dtype
+    is_input: bool
+
+
+def torch_dtype(tensorrt_dtype_name: str) -> torch.dtype:
+    """The torch dtype of a buffer for TensorRT `DataType.<name>`.
+
+    Raises:
+        ValueError: a TensorRT type torch has no buffer for (FP8, INT4, FP4).
+    """
+    if tensorrt_dtype_name not in _TORCH_DTYPES:
+        raise ValueError(f"TensorRT tensor type {tensorrt_dtype_name} has no torch buffer type")
+    return _TORCH_DTYPES[tensorrt_dtype_name]
+
+
+def check_engine_io(io: Sequence[TensorIO], input_names: Sequence[str], output_name: str) -> TensorIO:
+    """Check that an engine has exactly the graph's inputs and its output, all static; returns the output.
+
+    Raises:
+        ValueError: names missing or extra, or a dynamic dimension (this backend builds static engines).
+    """
+    inputs = [tensor.name for tensor in io if tensor.is_input]
+    missing, extra = sorted(set(input_names) - set(inputs)), sorted(set(inputs) - set(input_names))
+    if missing or extra or len(inputs) != len(input_names):
+        raise ValueError(f"engine inputs do not match the graph's: missing {missing}, unexpected {extra}")
+    outputs = {tensor.name: tensor for tensor in io if not tensor.is_input}
+    if output_name not in outputs:
+        raise ValueError(f"engine has no output {output_name!r} (it has {sorted(outputs)})")
+    dynamic = [tensor.name for tensor in io if any(dim < 0 for dim in tensor.shape)]
+    if dynamic:
+        raise ValueError(f"engine tensors {dynamic} have dynamic shapes; this backend runs static-shape engines")
+    return outputs[output_name]
+
+
+def bind_inputs(io: Sequence[TensorIO], input_names: Sequence[str],
+                tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map `tensors` (in the graph's input order, `input_names`) to the engine's inputs by name.
+
+    TensorRT's I/O order need not be the graph's, and the K/V inputs all share one shape, so binding
+    by position could feed one layer's K/V to another without any error: every tensor is matched by
+    name, and its shape and dtype must be exactly the engine input's.
+
+    Raises:
+        ValueError: a count, name, shape or dtype that does not match the engine.
+    """
+    if len(tensors) != len(input_names):
+        raise ValueError(f"expected {len(input_names)} input tensors, got {len(tensors)}")
+    inputs = {tensor.name: tensor for tensor in io if tensor.is_input}
+    bound = {}
+    for name, tensor in zip(input_names, tensors, strict=True):
+        expected = inputs.get(name)
+        if expected is None:
+            raise ValueError(f"the engine has no input {name!r}")
+        if tuple(tensor.shape) != expected.shape:
+            raise ValueError(f"input {name!r} has shape {tuple(tensor.shape)}, the engine takes {expected.shape}")
+        if tensor.dtype != expected.dtype:
+            raise ValueError(f"input {name!r} is {tensor.dtype}, the engine takes {expected.dtype}")
+        bound[name] = tensor
+    if len(bound) != len(inputs):
+        raise ValueError(f"inputs {sorted(set(inputs) - set(bound))} are not given")
+    return bound
+
+
+def replay_matches(reference: torch.Tensor, replayed: torch.Tensor, tolerance: float = REPLAY_TOLERANCE) -> bool:
+    """Whether a CUDA graph replay reproduced the uncaptured run's output (see `REPLAY_TOLERANCE`)."""
+    if reference.shape != replayed.shape or reference.dtype != replayed.dtype:
+        return False
+    if not reference.is_floating_point():
+        return torch.equal(reference, replayed)
+    reference, replayed = reference.float(), replayed.float()
+    scale = max(reference.nan_to_num(0.0, 0.0, 0.0).abs().max().item(), 1.0) if reference.numel() else 1.0
+    return torch.allclose(replayed, reference, rtol=0.0, atol=tolerance * scale, equal_nan=True)
+
+
+def _poison(tensor: torch.Tensor) -> None:
+    """Overwrite a buffer so that a replay that writes nothing cannot pass for a correct one."""
+    tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
+
+
+def _fill_sample(tensor: torch.Tensor, generator: torch.Generator) -> None:
+    """Deterministic sample data for the warm-up and the replay check (any finite values do)."""
+    if tensor.is_floating_point():
+        tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
+    elif tensor.dtype == torch.bool:
+        tensor.zero_()
+    else:
+        tensor.copy_(torch.randint(0, 1000, tensor.shape, generator=generator).to(tensor.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
 class TensorRTEngine:
-    """A deserialized engine with its execution context and I/O buffers, allocated once.
+    """A deserialised engine with its execution context, I/O buffers and (if it works) a CUDA graph.
+
+    Everything that can fail happens here, when the engine is opened (at `prepare` time), not on a
+    frame: buffers are allocated and bound once, the engine runs once (TensorRT allocates its lazy
+    resources on the first run), then the run is captured into a CUDA graph, and the graph is kept only
+    if one replay reproduces an uncaptured run.
 
     Args:
         path (`Path`): the serialized engine.
-        device (`torch.device`): the CUDA device to run on.
-        use_cuda_graph (`bool`): capture the execution into a CUDA graph after the first run.
+        device (`torch.device`): the CUDA device (with index) the engine was built for.
+        input_names (`Sequence[str]`): the graph's input names, in the order `run` receives tensors.
+        output_name (`str`): the graph's output.
+        use_cuda_graph (`bool`): capture the execution into a CUDA graph and replay it every frame.
     """
 
-    def __init__(self, path: Path, device: torch.device, use_cuda_graph: bool = True):
+    def __init__(self, path: Path, device: torch.device, input_names: Sequence[str], output_name: str,
+                 use_cuda_graph: bool = True):
         require_tensorrt()
         import tensorrt as trt
 
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialize {path.name}")
-        self.context = self.engine.create_execution_context()
+        self.path = path
         self.device = device
-        self.stream = torch.cuda.Stream(device=device)
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.input_names: list[str] = []
-        self.output_names: list[str] = []
-        for index in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(index)
-            shape = tuple(self.engine.get_tensor_shape(name))
-            dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(name))
-            buffer = torch.empty(shape, dtype=dtype, device=device)
-            self.buffers[name] = buffer
-            self.context.set_tensor_address(name, buffer.data_ptr())
-            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                self.input_names.append(name)
-            else:
-                self.output_names.append(name)
-        self.use_cuda_graph = use_cuda_graph
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self.input_names = list(input_names)
+        self.output_name = output_name
         self._lock = threading.Lock()
+        self._graph: torch.cuda.CUDAGraph | None = None
+        with torch.cuda.device(device):
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                # Also what an out-of-memory deserialisation returns: the file's digest decides.
+                raise unloadable_file_error(path, "TensorRT could not deserialize it (its error is logged above)")
+            self.engine = engine
+            self.io = [
+                TensorIO(name, tuple(engine.get_tensor_shape(name)), torch_dtype(engine.get_tensor_dtype(name).name),
+                         engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
+                for name in (engine.get_tensor_name(index) for index in range(engine.num_io_tensors))
+            ]
+            check_engine_io(self.io, self.input_names, output_name)
+            self.context = engine.create_execution_context()
+            if self.context is None:
+                raise RuntimeError(f"TensorRT could not create an execution context for {path.name} on {device} "
+                                   "(usually out of GPU memory; its error is logged above)")
+            self.stream = torch.cuda.Stream(device=device)
+            self.buffers: dict[str, torch.Tensor] = {}
+            for tensor in self.io:
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                if tensor.is_input and not self.context.set_input_shape(tensor.name, tensor.shape):
+                    raise RuntimeError(f"TensorRT refused input shape {tensor.shape} for {tensor.name!r}")
+                if not self.context.set_tensor_address(tensor.name, buffer.data_ptr()):
+                    raise RuntimeError(f"TensorRT refused the buffer address of {tensor.name!r}")
+                self.buffers[tensor.name] = buffer
+            generator = torch.Generator().manual_seed(0)
+            with torch.cuda.stream(self.stream):
+                for tensor in self.io:
+                    if tensor.is_input:
+                        _fill_sample(self.buffers[tensor.name], generator)
+                self._execute_uncaptured()
+            self.stream.synchronize()
+            if use_cuda_graph:
+                self._graph = self._capture()
 
-    def _execute(self) -> None:
-        if self._graph is not None:
-            self._graph.replay()
-            return
+    @property
+    def uses_cuda_graph(self) -> bool:
+        """Whether frames replay a captured and verified CUDA graph."""
+        return self._graph is not None
+
+    def _execute_uncaptured(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        if self.use_cuda_graph:
-            # TensorRT allocates its resources on the first run; capture once they exist. The buffers'
-            # addresses never change, so the graph stays valid for every later frame.
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    self.context.execute_async_v3(self.stream.cuda_stream)
-                self._graph = graph
-            except RuntimeError as error:
-                logger.warning("CUDA graph capture failed (%s); running without it", error)
-                self.use_cuda_graph = False
+            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.path.name} (its error is logged above)")
 
-    def run(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """Copy `inputs` into the bound buffers, execute, and return a copy of the output."""
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        """A CUDA graph of one execution, verified against an uncaptured run; None (logged) when either fails."""
+        output = self.buffers[self.output_name]
+        with torch.cuda.stream(self.stream):
+            self._execute_uncaptured()
+            reference = output.clone()
+        graph = torch.cuda.CUDAGraph()
+        # "thread_local": only this thread's unsafe calls break the capture. In the default "global"
+        # mode, a cudaMalloc from any other thread (the runtime's other model threads allocate all the
+        # time) fails and invalidates the capture.
+        with _CAPTURE_LOCK:
+            try:
+                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                    captured = self.context.execute_async_v3(self.stream.cuda_stream)
+            except RuntimeError as error:
+                logger.warning("CUDA graph capture of %s failed (%s); running it without a graph", self.path.name,
+                               error)
+                return None
+        if not captured:
+            logger.warning("TensorRT execute_async_v3 failed while capturing %s; running it without a graph",
+                           self.path.name)
+            return None
+        with torch.cuda.stream(self.stream):
+            _poison(output)
+            graph.replay()
+            replayed = output.clone()
+        self.stream.synchronize()
+        if not replay_matches(reference, replayed):
+            logger.warning("the CUDA graph of %s does not reproduce an uncaptured run; running it without a graph",
+                           self.path.name)
+            return None
+        logger.info("%s: CUDA graph captured and verified", self.path.name)
+        return graph
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Copy `inputs` (in `input_names` order) into the buffers bound to those names, execute, and
+        return a copy of the output."""
+        bound = bind_inputs(self.io, self.input_names, inputs)
         caller = torch.cuda.current_stream(self.device)
-        with self._lock:
+        with self._lock, torch.cuda.device(self.device):
             self.stream.wait_stream(caller)
             with torch.cuda.stream(self.stream):
-                for name, tensor in zip(self.input_names, inputs, strict=True):
+                for name, tensor in bound.items():
                     self.buffers[name].copy_(tensor, non_blocking=True)
-                self._execute()
+                if self._graph is not None:
+                    self._graph.replay()
+                else:
+                    self._execute_uncaptured()
                 # A copy: the buffer is overwritten by the next frame, the caller may keep this one.
-                output = self.buffers[self.output_names[0]].clone()
+                output = self.buffers[self.output_name].clone()
             caller.wait_stream(self.stream)
             output.record_stream(caller)
         return output
 
 
-def _torch_dtype(trt, dtype) -> torch.dtype:
-    mapping = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
-               trt.int32: torch.int32, trt.bool: torch.bool}
-    if dtype not in mapping:
-        raise RuntimeError(f"unsupported TensorRT tensor dtype {dtype}")
-    return mapping[dtype]
+# ---------------------------------------------------------------------------------------------- runner
 
 
 def _file_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
+def timing_cache_name(gpu: str, tensorrt_version_: str) -> str:
+    """The timing cache's file name: tactic timings are only valid for one GPU model and TensorRT version."""
+    return f"timing-{_file_safe(gpu)}-trt{_file_safe(tensorrt_version_)}.cache"
+
+
+def cuda_device(device: torch.device) -> torch.device:
+    """`device` with its index (`cuda` means the current CUDA device), so every engine names one GPU."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class TensorRTRunner(StaticShapeRunner):
     """`NetworkRunner` on TensorRT engines, one per static shape, built from the cached ONNX graphs.
 
+    The engines run in the models' dtype (strongly typed from the graph exported in that dtype) on
+    the models' GPU, which is also the GPU named in their cache key.
+
     Args:
-        models (`ModelBundle`): the models, on a CUDA device.
+        models (`ModelBundle`): the models, on a CUDA device, in float16, bfloat16 or float32.
         cfg_type (`str`): guidance mode (part of the UNet engines' cache key).
         cache_dir (`Path`, *optional*): the cache folder (`trt_cache/` by default).
         exporter (`str`): ONNX exporter, `dynamo` (default) or `torchscript`.
-        fp16 (`bool`): build fp16 engines.
         workspace_bytes (`int`): the builder's workspace memory limit.
-        use_cuda_graph (`bool`): replay each engine from a captured CUDA graph.
+        use_cuda_graph (`bool`): replay each engine from a CUDA graph captured when it is opened.
 
     Raises:
-        BackendUnavailableError: without CUDA or without TensorRT 10+ and polygraphy.
+        BackendUnavailableError: without CUDA, TensorRT 10+ and polygraphy, or with models off CUDA.
     """
 
     backend = "tensorrt"
 
     def __init__(self, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
-                 exporter: str = DEFAULT_EXPORTER, fp16: bool = True,
-                 workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, use_cuda_graph: bool = True):
+                 exporter: str = DEFAULT_EXPORTER, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                 use_cuda_graph: bool = True):
         require_tensorrt()
         super().__init__(models, cfg_type, cache_dir, exporter)
-        self.device = next(models.unet.parameters()).device
-        if self.device.type != "cuda":
+        parameter = next(models.unet.parameters())
+        if parameter.device.type != "cuda":
             raise BackendUnavailableError(
-                f"the tensorrt backend needs the models on a CUDA device, they are on {self.device}"
+                f"the tensorrt backend needs the models on a CUDA device, they are on {parameter.device}"
             )
-        self.fp16 = fp16
+        self.dtype = str(parameter.dtype).removeprefix("torch.")
+        if self.dtype not in STRONGLY_TYPED_DTYPES:
+            raise BackendUnavailableError(f"the tensorrt backend runs {'/'.join(STRONGLY_TYPED_DTYPES)} models, "
+                                          f"these are {self.dtype}")
+        self.device = cuda_device(parameter.device)
         self.workspace_bytes = workspace_bytes
         self.use_cuda_graph = use_cuda_graph
         self.tensorrt_version = tensorrt_version()
-        self.gpu_name = gpu_name()
-        self.timing_cache = self.onnx_cache.cache_dir / (
-            f"timing-{_file_safe(self.gpu_name)}-trt{_file_safe(self.tensorrt_version)}.cache")
+        self.gpu_name = gpu_name(self.device)
+        self.timing_cache = self.onnx_cache.cache_dir / timing_cache_name(self.gpu_name, self.tensorrt_version)
 
     def artifact_path(self, shape: GraphShape) -> Path:
-        # The engine's precision, not the ONNX graph's, is the dtype that matters here.
-        dtype = "float16" if self.fp16 else None
-        parts = self.onnx_cache.key_parts(shape, self.tensorrt_version, self.gpu_name, dtype)
+        parts = self.onnx_cache.key_parts(shape, self.tensorrt_version, self.gpu_name)
         return self.onnx_cache.cache_dir / f"{engine_cache_key(parts)}.engine"
 
-    def _open(self, shape: GraphShape) -> TensorRTEngine:
+    def _build(self, shape: GraphShape, engine_path: Path) -> None:
+        # Only now is the ONNX graph needed: a cached engine never exports or checks it.
         onnx_path = self.onnx_cache.load(shape)
-        return cached_artifact(
-            self.artifact_path(shape),
-            build=lambda temporary: build_engine(onnx_path, temporary, self.timing_cache, self.fp16,
-                                                 self.workspace_bytes),
-            load=lambda path: TensorRTEngine(path, self.device, self.use_cuda_graph),
-        )
+        arguments = builder_arguments(self.dtype, onnx_input_shapes(onnx_path), self.workspace_bytes,
+                                      self.timing_cache if self.timing_cache.is_file() else None)
+        with torch.cuda.device(self.device):
+            build_engine(onnx_path, engine_path, arguments, self.timing_cache)
+
+    def _open(self, shape: GraphShape) -> TensorRTEngine:
+        with torch.cuda.device(self.device):
+            return cached_artifact(
+                self.artifact_path(shape),
+                build=lambda temporary: self._build(shape, temporary),
+                load=lambda path: TensorRTEngine(path, self.device, self.onnx_cache.input_names(shape),
+                                                 self.onnx_cache.output_name(shape), self.use_cuda_graph),
+            )

@@ -1,4 +1,4 @@
-"""The engine cache: keys that change with each part, atomic writes, corrupt files rebuilt."""
+"""The engine cache: keys that change with each part, atomic writes, corrupt files rebuilt, good files kept."""
 
 from __future__ import annotations
 
@@ -11,23 +11,31 @@ import sys
 import pytest
 import torch
 
-from engine.backends.artifacts import GraphShape
+from engine import EngineConfig
+from engine.backends.artifacts import GraphShape, OnnxCache
 from engine.backends.cache import (
     CacheKeyParts,
+    CorruptArtifactError,
     atomic_write,
     cached_artifact,
+    digest_path,
     engine_cache_key,
+    gpu_name,
     module_fingerprint,
+    tensorrt_version,
+    unloadable_file_error,
+    write_digest,
 )
 from engine.backends.eager import EagerRunner
+from engine.backends.errors import BackendUnavailableError
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 
 BASE = CacheKeyParts(network="unet", model_hash="abc123", width=512, height=512, batch=2, cfg_type="self",
                      dtype="float16", kv_cache=True, exporter="dynamo", opset=18, tensorrt_version="10.3.0",
-                     gpu_name="NVIDIA GeForce RTX 4090")
+                     gpu_name="NVIDIA GeForce RTX 4090", sequence_length=77)
 CHANGED = {"network": "vae_decoder", "model_hash": "abc124", "width": 768, "height": 768, "batch": 3,
            "cfg_type": "full", "dtype": "float32", "kv_cache": False, "exporter": "torchscript", "opset": 17,
-           "tensorrt_version": "10.4.0", "gpu_name": "NVIDIA A100"}
+           "tensorrt_version": "10.4.0", "gpu_name": "NVIDIA A100", "sequence_length": 64}
 
 
 def test_every_part_of_the_key_is_covered():
@@ -48,6 +56,36 @@ def test_resolution_alone_changes_the_key():
     # Upstream's key left the resolution out: a 512 engine was loaded for a 768 stream.
     assert engine_cache_key(BASE) != engine_cache_key(dataclasses.replace(BASE, width=768))
     assert engine_cache_key(BASE) != engine_cache_key(dataclasses.replace(BASE, height=768))
+
+
+def test_graph_key_holds_the_text_length_and_the_models_dtype(tiny_models, tmp_path):
+    # The K/V inputs' shape is fixed by the text length: a 64-token graph must not serve 77 tokens.
+    onnx_cache = OnnxCache(tiny_models, "self", tmp_path)
+    long, short = GraphShape("unet", 2, 64, 64, True, 77), GraphShape("unet", 2, 64, 64, True, 64)
+    assert onnx_cache.key_parts(long).sequence_length == 77
+    assert onnx_cache.onnx_path(long) != onnx_cache.onnx_path(short)
+    # The precision is the models' own; an engine of float32 models is a float32 engine.
+    assert onnx_cache.key_parts(long, "10.3.0", "GPU").dtype == "float32"
+    half = copy.deepcopy(tiny_models).to(torch.device("cpu"), torch.float16)
+    assert OnnxCache(half, "self", tmp_path).key_parts(long, "10.3.0", "GPU").dtype == "float16"
+
+
+def test_gpu_name_is_the_models_gpu_not_the_current_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU {index}")
+    assert gpu_name(torch.device("cuda", 1)) == "GPU 1"
+    assert gpu_name(torch.device("cuda")) == "GPU 0"
+    assert gpu_name(torch.device("cpu")) == "cpu"
+
+
+def test_tensorrt_version_survives_a_broken_install(tmp_path, monkeypatch):
+    package = tmp_path / "tensorrt"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise OSError('libnvinfer.so.10: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    assert tensorrt_version() == "none"
 
 
 def test_fingerprint_follows_weights_and_config(tiny_models):
@@ -101,6 +139,13 @@ def test_atomic_write_keeps_companion_names(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["graph.onnx", "graph.onnx.data"]
 
 
+def _strict_load(path):
+    data = path.read_bytes()
+    if data != b"good":
+        raise CorruptArtifactError("corrupt")
+    return data
+
+
 def test_unreadable_file_is_rebuilt_once(tmp_path):
     target = tmp_path / "artifact.bin"
     target.write_bytes(b"garbage")
@@ -110,15 +155,95 @@ def test_unreadable_file_is_rebuilt_once(tmp_path):
         builds.append(temporary)
         temporary.write_bytes(b"good")
 
-    def load(path):
-        data = path.read_bytes()
-        if data != b"good":
-            raise ValueError("corrupt")
-        return data
-
-    assert cached_artifact(target, build, load) == b"good"
-    assert cached_artifact(target, build, load) == b"good"
+    assert cached_artifact(target, build, _strict_load) == b"good"
+    assert cached_artifact(target, build, _strict_load) == b"good"
     assert len(builds) == 1
+
+
+def test_rebuilding_a_corrupt_file_removes_its_companions_only(tmp_path):
+    target = tmp_path / "graph.onnx"
+    target.write_bytes(b"garbage")
+    (tmp_path / "graph.onnx.data").write_bytes(b"old weights")
+    (tmp_path / "graph.onnx.sha256").write_text("0" * 64)
+    (tmp_path / "other.onnx.data").write_bytes(b"another graph's weights")
+
+    def build(temporary):
+        temporary.write_bytes(b"good")
+
+    assert cached_artifact(target, build, _strict_load) == b"good"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["graph.onnx", "other.onnx.data"]
+
+
+@pytest.mark.parametrize("error", [MemoryError("CUDA out of memory"),
+                                   RuntimeError("could not create an execution context"),
+                                   BackendUnavailableError("bfloat16 buffers are not supported here")])
+def test_a_load_error_that_is_not_corruption_keeps_the_file_and_propagates(tmp_path, error):
+    # Deleting a good engine for an out-of-memory error costs minutes of rebuilding and fails again.
+    target = tmp_path / "unet.engine"
+    target.write_bytes(b"a good engine")
+    identity = _identity(target)
+    builds = []
+
+    def load(path):
+        raise error
+
+    with pytest.raises(type(error)):
+        cached_artifact(target, builds.append, load)
+    assert builds == []
+    assert _identity(target) == identity
+
+
+def test_an_unloadable_file_is_corrupt_unless_it_matches_its_digest(tmp_path):
+    target = tmp_path / "unet.engine"
+    target.write_bytes(b"a serialized engine")
+    assert isinstance(unloadable_file_error(target, "deserialize failed"), CorruptArtifactError)
+    write_digest(target)
+    assert digest_path(target).name == "unet.engine.sha256"
+    kept = unloadable_file_error(target, "deserialize failed")
+    assert not isinstance(kept, CorruptArtifactError) and "intact" in str(kept)
+    target.write_bytes(b"a serialized engi")
+    assert isinstance(unloadable_file_error(target, "deserialize failed"), CorruptArtifactError)
+
+
+def test_cached_engine_that_fails_to_deserialize_is_rebuilt_only_when_damaged(tmp_path):
+    target = tmp_path / "unet.engine"
+    builds = []
+
+    def build(temporary):
+        builds.append(temporary)
+        temporary.write_bytes(b"engine")
+        write_digest(temporary, b"engine")
+
+    def failing_deserialize(path):
+        # What an out-of-memory deserialisation looks like: TensorRT returns None for a good file.
+        raise unloadable_file_error(path, "deserialize_cuda_engine returned None")
+
+    def load(path):
+        return path.read_bytes()
+
+    cached_artifact(target, build, load)
+    with pytest.raises(RuntimeError, match="intact"):
+        cached_artifact(target, build, failing_deserialize)
+    assert len(builds) == 1 and target.read_bytes() == b"engine"
+    target.write_bytes(b"eng")
+    with pytest.raises(RuntimeError, match="intact"):
+        # Rebuilt (the damaged file did not match its digest), and the fresh engine fails the same way.
+        cached_artifact(target, build, failing_deserialize)
+    assert len(builds) == 2 and target.read_bytes() == b"engine"
+
+
+def _identity(path):
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def test_file_identity_detects_a_rewrite(tmp_path):
+    # The check the "no rebuild" tests rely on: an atomic rewrite changes the inode even within one mtime tick.
+    target = tmp_path / "graph.onnx"
+    atomic_write(target, lambda temporary: temporary.write_bytes(b"graph"))
+    before = _identity(target)
+    atomic_write(target, lambda temporary: temporary.write_bytes(b"graph"))
+    assert _identity(target) != before
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
@@ -134,3 +259,29 @@ def test_corrupt_onnx_file_is_rebuilt_not_a_crash(tiny_models, tmp_path, damage)
     expected = EagerRunner(tiny_models).decode(latents)
     assert (runner.decode(latents) - expected).abs().max().item() < 1e-4
     assert path.stat().st_size == len(data)
+
+
+def test_onnxruntime_session_error_keeps_a_good_graph(tiny_models, tmp_path, monkeypatch):
+    shape = GraphShape("vae_decoder", 1, 64, 64)
+    OnnxRuntimeRunner(tiny_models, "self", tmp_path, exporter="torchscript").graph(shape)
+    path = next(tmp_path.glob("vae_decoder-*.onnx"))
+    identity = _identity(path)
+    runner = OnnxRuntimeRunner(tiny_models, "self", tmp_path, exporter="torchscript")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("Failed to allocate memory for requested buffer")
+
+    monkeypatch.setattr(runner._ort, "InferenceSession", out_of_memory)
+    with pytest.raises(RuntimeError, match="allocate memory"):
+        runner.graph(shape)
+    assert _identity(path) == identity
+
+
+def test_reopening_cached_graphs_rebuilds_nothing(tiny_models, tmp_path):
+    config = EngineConfig(width=64, height=64, cfg_type="none", device="cpu")
+    paths = OnnxRuntimeRunner(tiny_models, "none", tmp_path, exporter="torchscript").prepare(config)
+    # Recorded before the second runner opens them: a rebuild replaces each file (a new inode).
+    before = {path: _identity(path) for path in paths}
+    reopened = OnnxRuntimeRunner(tiny_models, "none", tmp_path, exporter="torchscript").prepare(config)
+    assert reopened == paths
+    assert {path: _identity(path) for path in paths} == before

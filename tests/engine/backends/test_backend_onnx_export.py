@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from engine import EngineConfig, StreamEngine
-from engine.backends.artifacts import GraphShape, OnnxCache, config_shapes
+from engine.backends import onnx_export
+from engine.backends.artifacts import GraphShape, OnnxCache, check_onnx_file, config_shapes, onnx_input_shapes
+from engine.backends.cache import CorruptArtifactError
 from engine.backends.eager import EagerRunner
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.guidance import unet_batch_size
@@ -38,6 +42,8 @@ def test_unet_export_takes_cached_kv_and_matches_eager(tiny_models, onnx_cache_d
     names = session.input_names
     assert names[:2] == ["latents", "timesteps"]
     assert len(names) == 2 + 2 * len(conditioning.kv_cache)
+    # The names the TensorRT backend binds by are exactly the exported graph's, in its order.
+    assert names == runner.onnx_cache.input_names(shape)
     assert "encoder_hidden_states" not in names
     shapes = _static_shapes(session)
     assert shapes[0] == [batch, 4, size // 8, size // 8]
@@ -90,3 +96,98 @@ def test_onnx_paths_differ_by_resolution_batch_and_mode(tiny_models, tmp_path):
     }
     assert len(paths) == 5
     assert cache.onnx_path(base) == OnnxCache(tiny_models, "self", tmp_path).onnx_path(base)
+
+
+@pytest.mark.parametrize("network, kv_cache", [("unet", True), ("unet", False), ("vae_encoder", False),
+                                               ("vae_decoder", False)])
+def test_input_names_are_the_exported_specs(tiny_models, tmp_path, network, kv_cache):
+    cache = OnnxCache(tiny_models, "self", tmp_path)
+    shape = GraphShape(network, 2, 64, 64, kv_cache, 77 if network == "unet" else 0)
+    spec = cache.graph_spec(shape)
+    assert list(spec.inputs) == cache.input_names(shape)
+    assert spec.output_name == cache.output_name(shape)
+
+
+def _exported_decoder(tmp_path, models, **kwargs):
+    spec = onnx_export.vae_decoder_graph(models, 1, 8, 8)
+    path = tmp_path / "vae_decoder-test.onnx"
+    onnx_export.export_onnx(spec, path, "torchscript", **kwargs)
+    return path
+
+
+def test_small_graphs_are_saved_as_one_file(tiny_models, tmp_path):
+    path = _exported_decoder(tmp_path, tiny_models)
+    assert [item.name for item in tmp_path.iterdir()] == [path.name]
+    assert check_onnx_file(path) == path
+
+
+def test_large_graphs_keep_all_weights_in_one_file_named_after_the_graph(tiny_models, tmp_path):
+    # max_inline_bytes=0 forces what a >2 GiB graph gets: every weight in one `<name>.data` beside it,
+    # none of the exporter's per-tensor files left behind.
+    path = _exported_decoder(tmp_path, tiny_models, max_inline_bytes=0)
+    assert sorted(item.name for item in tmp_path.iterdir()) == [path.name, path.name + ".data"]
+    assert path.stat().st_size < (tmp_path / (path.name + ".data")).stat().st_size
+    assert check_onnx_file(path) == path
+
+
+def test_graphs_with_the_same_tensor_names_keep_their_own_weights(tiny_models, tmp_path, monkeypatch):
+    # Two model sets whose weights have the same names: per-tensor files named after the tensors
+    # overwrote each other in one folder; one file per graph, named after its key, cannot.
+    monkeypatch.setattr(onnx_export, "MAX_INLINE_BYTES", 0)
+    changed = copy.deepcopy(tiny_models)
+    with torch.no_grad():
+        for parameter in changed.vae.parameters():
+            parameter.mul_(1.5)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    runners = [OnnxRuntimeRunner(models, "self", tmp_path, MATRIX_EXPORTER) for models in (tiny_models, changed)]
+    outputs = [runner.decode(latents) for runner in runners]
+    for models, output in zip((tiny_models, changed), outputs, strict=True):
+        assert (output - EagerRunner(models).decode(latents)).abs().max().item() < TOLERANCE
+    assert (outputs[0] - outputs[1]).abs().max().item() > 10 * TOLERANCE
+    data_files = sorted(item.name for item in tmp_path.glob("*.data"))
+    assert len(data_files) == 2 and all(name.startswith("vae_decoder-") for name in data_files)
+
+
+def test_onnx_files_are_checked_by_path_without_loading_their_weights(tiny_models, tmp_path, monkeypatch):
+    import onnx
+
+    path = _exported_decoder(tmp_path, tiny_models, max_inline_bytes=0)
+    # A graph over 2 GiB cannot be checked as a ModelProto (the checker refuses it): pretend this one
+    # is that large; checking by path does not go through a ModelProto at all.
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 16)
+    loads = []
+    real_load = onnx.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("load_external_data", True))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", recording_load)
+    assert check_onnx_file(path) == path
+    assert not any(loads)
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "delete_weights", "garbage", "truncate_graph"])
+def test_damaged_onnx_files_are_reported_corrupt(tiny_models, tmp_path, damage):
+    path = _exported_decoder(tmp_path, tiny_models, max_inline_bytes=0)
+    data = path.with_name(path.name + ".data")
+    if damage == "truncate_weights":
+        data.write_bytes(data.read_bytes()[:100])
+    elif damage == "delete_weights":
+        data.unlink()
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not an onnx graph" * 10)
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptArtifactError):
+        check_onnx_file(path)
+
+
+def test_onnx_input_shapes_read_the_static_graph(tiny_models, onnx_cache_dir):
+    cache = OnnxCache(tiny_models, "self", onnx_cache_dir, MATRIX_EXPORTER)
+    shape = GraphShape("unet", 2, 64, 64, True, 77)
+    shapes = onnx_input_shapes(cache.load(shape))
+    assert list(shapes) == cache.input_names(shape)
+    assert shapes["latents"] == (2, 4, 8, 8)
+    assert shapes["timesteps"] == (2,)
+    assert all(len(dims) == 4 and dims[0] == 2 and dims[2] == 77 for name, dims in shapes.items() if ".key" in name)

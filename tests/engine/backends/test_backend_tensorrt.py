@@ -1,14 +1,37 @@
-"""TensorRT: a clear error where it cannot run; build, load and run where CUDA and tensorrt exist."""
+"""TensorRT: a clear error where it cannot run; every decision that needs no GPU (version probe,
+builder arguments, profile shapes, I/O binding, replay check, cache lookup order) on CPU; build,
+load and run where CUDA and tensorrt exist."""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+import sys
 
 import pytest
 import torch
 
 from benchmarks.clips import synthetic_clip
 from engine import EngineConfig, StreamEngine, load_models
-from engine.backends import BackendUnavailableError, make_runner
-from engine.backends.tensorrt import TensorRTRunner, tensorrt_unavailable_reason
+from engine.backends import BackendUnavailableError, make_runner, resolve_backend
+from engine.backends import tensorrt as trt_backend
+from engine.backends.artifacts import GraphShape
+from engine.backends.cache import write_digest
+from engine.backends.progress import heartbeat
+from engine.backends.static import StaticShapeRunner
+from engine.backends.tensorrt import (
+    TensorIO,
+    TensorRTRunner,
+    bind_inputs,
+    builder_arguments,
+    check_engine_io,
+    cuda_device,
+    profile_shapes,
+    replay_matches,
+    tensorrt_unavailable_reason,
+    torch_dtype,
+    version_unavailable_reason,
+)
 from engine.build import main as build_main
 
 UNAVAILABLE = tensorrt_unavailable_reason()
@@ -63,10 +86,10 @@ def test_tensorrt_engine_builds_loads_and_follows_eager(cuda_models, tmp_path):
 
 @pytest.mark.cuda
 @needs_tensorrt
-def test_tensorrt_buffers_are_allocated_once(cuda_models, tmp_path):
+def test_tensorrt_buffers_are_allocated_once_and_engines_are_not_rebuilt(cuda_models, tmp_path):
     config = EngineConfig(width=64, height=64, similarity_filter=False, device="cuda", dtype="float16")
     runner = TensorRTRunner(cuda_models, config.cfg_type, tmp_path)
-    runner.prepare(config)
+    paths = runner.prepare(config)
     engine = StreamEngine(cuda_models, config, runner=runner)
     engine(_frames(1)[0])
     graphs = list(runner._graphs.values())
@@ -74,6 +97,308 @@ def test_tensorrt_buffers_are_allocated_once(cuda_models, tmp_path):
     for frame in _frames(3):
         engine(frame)
     assert [{name: buffer.data_ptr() for name, buffer in graph.buffers.items()} for graph in graphs] == addresses
-    reloaded = TensorRTRunner(cuda_models, config.cfg_type, tmp_path)
-    mtimes = {path: path.stat().st_mtime_ns for path in reloaded.prepare(config)}
-    assert all(path.stat().st_mtime_ns == mtime for path, mtime in mtimes.items())
+    # Recorded before the reload opens the files: a rebuild writes a new file (new inode, new mtime).
+    before = {path: _identity(path) for path in paths}
+    assert TensorRTRunner(cuda_models, config.cfg_type, tmp_path).prepare(config) == paths
+    assert {path: _identity(path) for path in paths} == before
+
+
+@pytest.mark.cuda
+@needs_tensorrt
+def test_tensorrt_engines_follow_the_models_dtype_and_capture_at_prepare(tmp_path):
+    models = load_models("tiny").to(torch.device("cuda"), torch.float32)
+    config = EngineConfig(width=64, height=64, similarity_filter=False, device="cuda", dtype="float32")
+    runner = TensorRTRunner(models, config.cfg_type, tmp_path)
+    paths = runner.prepare(config)
+    assert all("-float32-" in path.name for path in paths)
+    for graph in runner._graphs.values():
+        assert {tensor.dtype for tensor in graph.io if tensor.dtype.is_floating_point} == {torch.float32}
+        assert graph.uses_cuda_graph
+
+
+def _identity(path):
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+# ---------------------------------------------------------------------------------------------- availability
+
+
+def _fake_package(folder, name, source):
+    package = folder / name
+    package.mkdir()
+    (package / "__init__.py").write_text(source)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch, tmp_path):
+    """A machine where torch sees CUDA, with fake `tensorrt`/`polygraphy` packages written into `tmp_path`."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = {name: sys.modules.pop(name) for name in ("tensorrt", "polygraphy") if name in sys.modules}
+    yield tmp_path
+    # The fakes must not outlive the test (pytest's delitem restores nothing for an absent key).
+    for name in ("tensorrt", "polygraphy"):
+        sys.modules.pop(name, None)
+    sys.modules.update(saved)
+
+
+@pytest.mark.parametrize("source, error", [
+    ("raise OSError('libnvinfer.so.10: cannot open shared object file')", "OSError"),
+    ("import sys\nsys.modules[__name__].missing_symbol", "AttributeError"),
+])
+def test_a_broken_tensorrt_install_is_a_reason_not_a_crash(fake_cuda, tiny_models, caplog, source, error):
+    _fake_package(fake_cuda, "tensorrt", source + "\n")
+    reason = tensorrt_unavailable_reason()
+    assert reason is not None and error in reason and "reinstall" in reason
+    with caplog.at_level(logging.INFO, logger="engine.backends.factory"):
+        assert resolve_backend("auto", tiny_models) in ("onnxruntime", "eager")
+    assert error in caplog.text
+
+
+def test_a_missing_polygraphy_is_a_reason(fake_cuda, monkeypatch):
+    _fake_package(fake_cuda, "tensorrt", "__version__ = '10.3.0'\n")
+    monkeypatch.setitem(sys.modules, "polygraphy", None)
+    assert "polygraphy" in tensorrt_unavailable_reason()
+
+
+def test_working_tensorrt_and_polygraphy_have_no_reason(fake_cuda):
+    _fake_package(fake_cuda, "tensorrt", "__version__ = '11.4.0.106'\n")
+    _fake_package(fake_cuda, "polygraphy", "__version__ = '0.53.6'\n")
+    assert tensorrt_unavailable_reason() is None
+
+
+@pytest.mark.parametrize("tensorrt_version, polygraphy_version, needle", [
+    ("10.0.1", "0.49.0", None),
+    ("10.16.1.11", "0.49.26", None),
+    ("11.4.0.106", "0.53.6", None),
+    ("11.0.0.114", "0.50.3", None),
+    ("11.4.0.106", "0.49.26", "polygraphy 0.50.3+"),
+    ("9.0.1.post11.dev4", "0.47.1", "TensorRT 10+"),
+    ("", "0.53.6", "cannot read"),
+])
+def test_version_reasons(tensorrt_version, polygraphy_version, needle):
+    reason = version_unavailable_reason(tensorrt_version, polygraphy_version)
+    assert reason is None if needle is None else needle in reason
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_builder_arguments_are_strongly_typed_with_no_precision_flag(dtype, tmp_path):
+    # TensorRT 11 removed BuilderFlag.FP16 (polygraphy's fp16=True raises there) and strongly typed
+    # networks refuse precision flags on 10: the graph's own dtype is the engine's precision.
+    arguments = builder_arguments(dtype, {"latents": (2, 4, 8, 8), "timesteps": (2,)}, 1 << 30,
+                                  tmp_path / "timing.cache")
+    assert arguments.network == {"strongly_typed": True}
+    assert not {"fp16", "bf16", "int8", "fp8", "precision_constraints"} & set(arguments.config)
+    assert arguments.config["tf32"] is False
+    assert arguments.config["memory_pool_limits"] == {"WORKSPACE": 1 << 30}
+    assert arguments.config["load_timing_cache"] == str(tmp_path / "timing.cache")
+    assert arguments.profile["latents"] == ((2, 4, 8, 8),) * 3
+    assert builder_arguments(dtype, {}, timing_cache=None).config["load_timing_cache"] is None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int8", "float8_e4m3fn"])
+def test_builder_arguments_refuse_other_dtypes(dtype):
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        builder_arguments(dtype, {})
+
+
+def test_polygraphy_accepts_the_builder_arguments(tmp_path):
+    pytest.importorskip("polygraphy", reason="polygraphy is not installed (pip install '.[trt]')")
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile
+
+    arguments = builder_arguments("float16", {"latents": (2, 4, 8, 8)})
+    network = NetworkFromOnnxPath(str(tmp_path / "graph.onnx"), **arguments.network)
+    config = CreateConfig(profiles=[Profile().add("latents", *arguments.profile["latents"])], **arguments.config)
+    assert network.strongly_typed is True
+    assert config.fp16 is False and config.bf16 is False and config.tf32 is False
+
+
+def test_static_profiles_pin_every_dimension():
+    shapes = {"latents": (2, 4, 8, 8), "timesteps": (2,), "attn.key": (2, 8, 77, 8)}
+    profile = profile_shapes(shapes)
+    assert profile == {name: (dims, dims, dims) for name, dims in shapes.items()}
+
+
+def test_dynamic_dimensions_take_their_range():
+    # How a dynamic-resolution graph (height/width named in the ONNX) slots in: one range per name.
+    profile = profile_shapes({"latents": (2, 4, "height", "width"), "timesteps": (2,)},
+                             {"height": (32, 64, 128), "width": (32, 96, 128)})
+    assert profile["latents"] == ((2, 4, 32, 32), (2, 4, 64, 96), (2, 4, 128, 128))
+    assert profile["timesteps"] == ((2,), (2,), (2,))
+
+
+@pytest.mark.parametrize("shapes, ranges, match", [
+    ({"latents": (2, 4, "height", 8)}, None, "axis 2 is dynamic"),
+    ({"latents": (2, 4, "", 8)}, None, "axis 2 is dynamic"),
+    ({"latents": (2, 4, "height", 8)}, {"height": (64, 32, 128)}, "min <= opt <= max"),
+])
+def test_bad_profiles_are_refused(shapes, ranges, match):
+    with pytest.raises(ValueError, match=match):
+        profile_shapes(shapes, ranges)
+
+
+# ---------------------------------------------------------------------------------------------- I/O
+
+KV = (2, 8, 77, 8)
+NAMES = ["latents", "timesteps", "a.key", "a.value", "b.key", "b.value"]
+# An engine that lists its I/O in another order than the graph's, with every K/V of one shape.
+ENGINE_IO = [
+    TensorIO("b.value", KV, torch.float16, True),
+    TensorIO("eps", (2, 4, 8, 8), torch.float16, False),
+    TensorIO("a.key", KV, torch.float16, True),
+    TensorIO("timesteps", (2,), torch.int64, True),
+    TensorIO("b.key", KV, torch.float16, True),
+    TensorIO("latents", (2, 4, 8, 8), torch.float16, True),
+    TensorIO("a.value", KV, torch.float16, True),
+]
+
+
+def _inputs():
+    tensors = [torch.zeros(2, 4, 8, 8, dtype=torch.float16), torch.zeros(2, dtype=torch.long)]
+    return tensors + [torch.full(KV, float(index), dtype=torch.float16) for index in range(4)]
+
+
+def test_inputs_are_bound_by_name_not_position():
+    bound = bind_inputs(ENGINE_IO, NAMES, _inputs())
+    assert set(bound) == set(NAMES)
+    for index, name in enumerate(["a.key", "a.value", "b.key", "b.value"]):
+        assert bound[name].unique().item() == index
+    assert bound["timesteps"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda tensors: tensors.__setitem__(3, torch.zeros(2, 8, 64, 8, dtype=torch.float16)), "'a.value' has shape"),
+    (lambda tensors: tensors.__setitem__(0, torch.zeros(2, 4, 8, 8)), "'latents' is torch.float32"),
+    (lambda tensors: tensors.pop(), "expected 6 input tensors"),
+])
+def test_binding_refuses_a_wrong_shape_dtype_or_count(change, match):
+    tensors = _inputs()
+    change(tensors)
+    with pytest.raises(ValueError, match=match):
+        bind_inputs(ENGINE_IO, NAMES, tensors)
+
+
+def test_binding_refuses_names_the_engine_does_not_have():
+    with pytest.raises(ValueError, match="no input 'c.key'"):
+        bind_inputs(ENGINE_IO, [*NAMES[:-1], "c.key"], _inputs())
+
+
+def test_engine_io_must_be_the_graphs():
+    assert check_engine_io(ENGINE_IO, NAMES, "eps").shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"missing \['c.key'\], unexpected \['b.value'\]"):
+        check_engine_io(ENGINE_IO, [*NAMES[:-1], "c.key"], "eps")
+    with pytest.raises(ValueError, match="no output 'images'"):
+        check_engine_io(ENGINE_IO, NAMES, "images")
+    dynamic = [TensorIO("latents", (-1, 4, 8, 8), torch.float16, True), ENGINE_IO[1]]
+    with pytest.raises(ValueError, match="dynamic shapes"):
+        check_engine_io(dynamic, ["latents"], "eps")
+
+
+def test_tensorrt_types_map_to_buffer_types():
+    assert torch_dtype("HALF") is torch.float16
+    assert torch_dtype("BF16") is torch.bfloat16
+    assert torch_dtype("INT64") is torch.int64
+    with pytest.raises(ValueError, match="FP8"):
+        torch_dtype("FP8")
+
+
+def test_replay_check_accepts_a_reproduction_and_refuses_a_broken_graph():
+    reference = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).half()
+    assert replay_matches(reference, reference.clone())
+    assert replay_matches(reference, reference + 1e-4)
+    poisoned = torch.full_like(reference, float("nan"))
+    assert not replay_matches(reference, poisoned)
+    partly = reference.clone()
+    partly[0] = float("nan")
+    assert not replay_matches(reference, partly)
+    assert not replay_matches(reference, reference.flip(0))
+    assert not replay_matches(reference, reference.float())
+    assert not replay_matches(reference, reference[:1])
+    counts = torch.arange(6)
+    assert replay_matches(counts, counts.clone()) and not replay_matches(counts, counts + 1)
+
+
+def test_cuda_device_names_one_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert cuda_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert cuda_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+
+
+def test_heartbeat_logs_while_work_runs(caplog):
+    log = logging.getLogger("engine.backends.test_heartbeat")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        with heartbeat(log, "building unet.engine", interval_s=0.01):
+            import time
+
+            time.sleep(0.1)
+        count = len(caplog.records)
+        time.sleep(0.05)
+    assert count >= 2 and "building unet.engine: still running after" in caplog.records[0].getMessage()
+    assert len(caplog.records) == count
+
+
+# ---------------------------------------------------------------------------------------------- runner
+
+
+class _FakeEngine:
+    def __init__(self, path, device, input_names, output_name, use_cuda_graph):
+        self.path, self.input_names, self.output_name = path, input_names, output_name
+
+
+@pytest.fixture
+def cpu_runner(tiny_models, tmp_path, monkeypatch):
+    """A TensorRTRunner's lookup and build logic on CPU: the GPU parts (engine, builder, device) faked."""
+    runner = TensorRTRunner.__new__(TensorRTRunner)
+    StaticShapeRunner.__init__(runner, tiny_models, "self", tmp_path, "torchscript")
+    runner.dtype, runner.device = "float32", torch.device("cpu")
+    runner.workspace_bytes, runner.use_cuda_graph = 1 << 30, True
+    runner.tensorrt_version, runner.gpu_name = "10.3.0", "NVIDIA GeForce RTX 4090"
+    runner.timing_cache = tmp_path / trt_backend.timing_cache_name(runner.gpu_name, runner.tensorrt_version)
+    monkeypatch.setattr(trt_backend, "TensorRTEngine", _FakeEngine)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    builds = []
+
+    def fake_build(onnx_path, engine_path, arguments, timing_cache):
+        builds.append((onnx_path, arguments))
+        engine_path.write_bytes(b"engine")
+        write_digest(engine_path, b"engine")
+
+    monkeypatch.setattr(trt_backend, "build_engine", fake_build)
+    runner.builds = builds
+    return runner
+
+
+def test_a_cached_engine_is_opened_without_touching_onnx(cpu_runner, tmp_path):
+    shape = GraphShape("vae_decoder", 1, 64, 64)
+    engine_path = cpu_runner.artifact_path(shape)
+    engine_path.write_bytes(b"engine")
+    engine = cpu_runner.graph(shape)
+    assert engine.path == engine_path and engine.output_name == "images"
+    assert cpu_runner.builds == [] and not list(tmp_path.glob("*.onnx"))
+
+
+def test_a_missing_engine_is_built_from_the_checked_onnx_in_the_models_dtype(cpu_runner, tmp_path):
+    shape = GraphShape("unet", 2, 64, 64, True, 77)
+    engine = cpu_runner.graph(shape)
+    (onnx_path, arguments), = cpu_runner.builds
+    assert onnx_path.suffix == ".onnx" and onnx_path.is_file()
+    assert arguments.network == {"strongly_typed": True}
+    assert arguments.profile["latents"] == ((2, 4, 8, 8),) * 3
+    assert list(arguments.profile) == engine.input_names == cpu_runner.onnx_cache.input_names(shape)
+    name = cpu_runner.artifact_path(shape).name
+    assert name.startswith("unet-64x64-b2-self-float32-") and name.endswith(".engine")
+    assert (tmp_path / (name + ".sha256")).is_file()
+
+
+def test_engine_key_names_the_gpu_tensorrt_and_text_length(cpu_runner):
+    shape = GraphShape("unet", 2, 64, 64, True, 77)
+    path = cpu_runner.artifact_path(shape)
+    assert path != cpu_runner.artifact_path(GraphShape("unet", 2, 64, 64, True, 64))
+    cpu_runner.gpu_name = "NVIDIA A100"
+    assert cpu_runner.artifact_path(shape) != path
+    cpu_runner.gpu_name, cpu_runner.tensorrt_version = "NVIDIA GeForce RTX 4090", "10.4.0"
+    assert cpu_runner.artifact_path(shape) != path
