@@ -9,23 +9,24 @@ import time
 import torch
 
 from engine.codec import encode_jpeg
-from engine.config import EngineConfig
-from engine.loading import load_bundle
+from engine.config import LoadConfig, RuntimeOptions, StreamConfig
+from engine.loading import Engine
 from engine.runtime import StreamRuntime
 
 from .clips import synthetic_clip
 
 
-def measure(models, config: EngineConfig, streams: int, max_batch: int, duration: float,
+def measure(engine: Engine, config: StreamConfig, streams: int, max_batch: int, duration: float,
             batch_wait_s: float = 0.0) -> tuple[float, float]:
     """(aggregate output FPS, mean frames per network pass) of `streams` streams kept full for `duration` s."""
     frames = [encode_jpeg(frame) for frame in synthetic_clip("fast_motion", 16, config.width, config.height)]
-    with StreamRuntime(models, config, max_batch=max_batch, batch_wait_s=batch_wait_s) as runtime:
+    options = RuntimeOptions(max_batch=max_batch, batch_wait_s=batch_wait_s)
+    with StreamRuntime(engine, config, options) as runtime:
         handles = [runtime.open_stream(max_in_flight=2, prompt=f"stream {index}") for index in range(streams)]
         for handle in handles:  # prime every buffer before the window opens
-            runtime.submit(handle, frames[0])
+            handle.put(frames[0])
             handle.get(timeout=120)
-        passes, inferred = runtime.health.batches, runtime.health.frames_inferred
+        before = runtime.status()
         outputs, sent, deadline = 0, 0, time.monotonic() + duration
         started = time.monotonic()
         while time.monotonic() < deadline:
@@ -33,11 +34,12 @@ def measure(models, config: EngineConfig, streams: int, max_batch: int, duration
                 while handle.get_nowait() is not None:
                     outputs += 1
                 if handle.in_flight < handle.max_in_flight:
-                    runtime.submit(handle, frames[sent % len(frames)])
+                    handle.put(frames[sent % len(frames)])
                     sent += 1
             time.sleep(0.001)
         elapsed = time.monotonic() - started
-        batch = (runtime.health.frames_inferred - inferred) / max(1, runtime.health.batches - passes)
+        after = runtime.status()
+        batch = (after.frames_inferred - before.frames_inferred) / max(1, after.batches - before.batches)
     return outputs / elapsed, batch
 
 
@@ -54,11 +56,11 @@ def main() -> None:
                         help="the batched runtime's gather window (StreamRuntime batch_wait_s, in ms)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = EngineConfig(model=args.model, width=args.size, height=args.size, similarity_filter=False)
-    models = load_bundle(config)
+    config = StreamConfig(width=args.size, height=args.size, similarity_filter=False)
+    engine = Engine.load(LoadConfig(model=args.model))
     for round_index in range(args.rounds):
-        alone, _ = measure(models, config, args.streams, 1, args.duration)
-        batched, batch = measure(models, config, args.streams, args.streams, args.duration,
+        alone, _ = measure(engine, config, args.streams, 1, args.duration)
+        batched, batch = measure(engine, config, args.streams, args.streams, args.duration,
                                  args.batch_wait_ms / 1000)
         print(f"round {round_index + 1}: max_batch=1 {alone:.2f} fps, max_batch={args.streams} {batched:.2f} fps "
               f"(mean batch {batch:.2f}), speed-up {batched / alone:.2f}x", flush=True)

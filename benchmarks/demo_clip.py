@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 
 from engine.codec import rgb_to_tensor, tensor_to_rgb
-from engine.config import EngineConfig
-from engine.loading import load_bundle
+from engine.config import LoadConfig, StreamConfig
+from engine.loading import Engine
 from engine.stream import StreamEngine
 
 from .clips import CLIP_KINDS, synthetic_clip
@@ -38,9 +38,9 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Stream the clip through the engine and write input | output side by side to `--out`."""
-    defaults = EngineConfig()
+    defaults = StreamConfig()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_clip", description=__doc__)
-    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--model", default=LoadConfig().model)
     parser.add_argument("--prompt", default=defaults.prompt)
     parser.add_argument("--size", type=int, default=defaults.width, help="square frame size")
     parser.add_argument("--frames", type=int, default=48)
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    config = EngineConfig(model=args.model, prompt=args.prompt, width=args.size, height=args.size)
-    engine = StreamEngine(load_bundle(config), config)
+    config = StreamConfig(prompt=args.prompt, width=args.size, height=args.size)
+    engine = StreamEngine(Engine.load(LoadConfig(model=args.model)), config)
     clip = synthetic_clip(args.clip, args.frames, args.size, args.size)
     outputs: list[np.ndarray] = []
 

@@ -18,33 +18,32 @@ from pathlib import Path
 import torch
 
 from engine import guidance
-from engine.config import BACKENDS, EngineConfig
-from engine.loading import load_bundle
-from engine.models import ModelBundle
+from engine.config import BACKENDS, StreamConfig
+from engine.loading import Engine
 from engine.stream import StreamEngine
 
 from . import memory, skip
 from .clips import tensor_clip
 from .timing import median_fps, time_stream
-from .workload import bench_config
+from .workload import bench_load, bench_stream
 
 logger = logging.getLogger(__name__)
 
 
-def engine_fps(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], frames: int, warmup: int) -> float:
+def engine_fps(engine: Engine, config: StreamConfig, clip: list[torch.Tensor], frames: int, warmup: int) -> float:
     """Output fps of a `StreamEngine` on a moving clip."""
-    return median_fps(time_stream(StreamEngine(models, config), clip, frames, warmup))
+    return median_fps(time_stream(StreamEngine(engine, config), clip, frames, warmup))
 
 
 @torch.no_grad()
-def compute_limit_fps(models: ModelBundle, config: EngineConfig, frames: int, warmup: int) -> float:
+def compute_limit_fps(engine: Engine, config: StreamConfig, frames: int, warmup: int) -> float:
     """1 / the summed time of the bare forward passes one frame needs: one batched UNet call, VAE encode
     and VAE decode, each timed alone."""
-    engine = StreamEngine(models, config)
-    runner, n = engine.runner, config.denoising_steps
-    conditioning = next(iter(engine._prompt.layouts.values()))
+    stream = StreamEngine(engine, config)
+    runner, n = stream.runner, config.denoising_steps
+    conditioning = next(iter(stream._prompt.layouts.values()))
     rows = guidance.unet_batch_size(config.cfg_type, n, config.frame_buffer_size)
-    latents = torch.randn(rows, *engine.latent_shape(config))
+    latents = torch.randn(rows, *stream.latent_shape(config))
     timesteps = torch.full((rows,), 500, dtype=torch.long)
     image = torch.rand(1, 3, config.height, config.width) * 2 - 1
     unet = statistics.median(time_stream(lambda x: runner.unet(x, timesteps, conditioning), [latents], frames,
@@ -54,11 +53,12 @@ def compute_limit_fps(models: ModelBundle, config: EngineConfig, frames: int, wa
     return 1.0 / (unet + encode + decode)
 
 
-def diffusers_fps(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], frames: int,
+def diffusers_fps(engine: Engine, config: StreamConfig, clip: list[torch.Tensor], frames: int,
                   warmup: int) -> float:
     """diffusers `AutoPipelineForImage2Image` on the same model folder: 4 steps, its CFG at 1.2."""
     from diffusers import AutoPipelineForImage2Image
 
+    models = engine.models
     with tempfile.TemporaryDirectory() as folder:
         models.save_pretrained(folder)
         pipe = AutoPipelineForImage2Image.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
@@ -76,39 +76,41 @@ def diffusers_fps(models: ModelBundle, config: EngineConfig, clip: list[torch.Te
     return median_fps(time_stream(run, clip, frames, warmup))
 
 
-def skip_rate(models: ModelBundle, config: EngineConfig, clip: list[torch.Tensor], count: int = 100) -> float:
+def skip_rate(engine: Engine, config: StreamConfig, clip: list[torch.Tensor], count: int = 100) -> float:
     """Fraction of `count` identical frames the similarity filter skips."""
-    engine = StreamEngine(models, config.replace(similarity_filter=True))
+    stream = StreamEngine(engine, config.replace(similarity_filter=True))
     for _ in range(count):
-        engine(clip[0])
-    return engine.frames_skipped / count
+        stream(clip[0])
+    return stream.frames_skipped / count
 
 
 def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
-        backends: tuple[str, ...] = ()) -> dict:
+        backends: tuple[str, ...] = (), height: int | None = None) -> dict:
     """Every benchmark row; returns the JSON-ready dict. Each of `backends` (other than eager) adds
-    `<backend>_fps`: the same engine row with its networks on that backend."""
+    `<backend>_fps`: the same engine row with its networks on that backend. Frames are `size` wide and
+    `height` (default `size`) high."""
     torch.manual_seed(0)
-    # Every row on the CPU in fp32, where the diffusers baseline's pipeline is built.
-    config = bench_config(model, size).replace(device="cpu", dtype="float32")
-    models = load_bundle(config)
-    clip = tensor_clip("slow_pan", 60, size, size)
+    height = size if height is None else height
+    load, config = bench_load(model), bench_stream(size, height)
+    engine = Engine.load(load)
+    clip = tensor_clip("slow_pan", 60, size, height)
     results: dict = {
-        "model": model, "size": size, "frames": frames, "t_index_list": list(config.t_index_list),
+        "model": model, "size": size, "width": size, "height": height, "frames": frames,
+        "t_index_list": list(config.t_index_list),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
     }
     rows: list[tuple[str, Callable[[], float]]] = [
-        ("engine_fps", lambda: engine_fps(models, config, clip, frames, warmup)),
-        ("compute_limit_fps", lambda: compute_limit_fps(models, config, frames, warmup)),
-        ("sequential_fps", lambda: engine_fps(models, config.replace(stream_batch=False), clip, frames, warmup)),
-        ("full_cfg_fps", lambda: engine_fps(models, config.replace(cfg_type="full"), clip, frames, warmup)),
-        ("diffusers_fps", lambda: diffusers_fps(models, config, clip, frames, warmup)),
-        ("ssf_static_skip_rate", lambda: skip_rate(models, config, clip)),
+        ("engine_fps", lambda: engine_fps(engine, config, clip, frames, warmup)),
+        ("compute_limit_fps", lambda: compute_limit_fps(engine, config, frames, warmup)),
+        ("sequential_fps", lambda: engine_fps(engine, config.replace(stream_batch=False), clip, frames, warmup)),
+        ("full_cfg_fps", lambda: engine_fps(engine, config.replace(cfg_type="full"), clip, frames, warmup)),
+        ("diffusers_fps", lambda: diffusers_fps(engine, config, clip, frames, warmup)),
+        ("ssf_static_skip_rate", lambda: skip_rate(engine, config, clip)),
     ]
     # Compiling (ONNX export, engine build) happens when the engine is made, before the warm-up.
-    rows += [(f"{backend}_fps", lambda backend=backend: engine_fps(models, config.replace(backend=backend), clip,
-                                                                    frames, warmup))
+    rows += [(f"{backend}_fps", lambda backend=backend: engine_fps(
+                Engine.prepare(engine.models, load.replace(backend=backend)), config, clip, frames, warmup))
              for backend in backends if backend != "eager"]
     for key, measure in rows:
         logger.info("measuring %s", key)
@@ -128,7 +130,7 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
 
 def format_table(results: dict) -> str:
     """A plain-text table of the figures and ratios."""
-    lines = [f"model={results['model']} size={results['size']}x{results['size']} "
+    lines = [f"model={results['model']} size={results['width']}x{results['height']} "
              f"steps={len(results['t_index_list'])} frames={results['frames']} "
              f"threads={results['machine']['threads']}"]
     for key, value in results.items():
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__)
     parser.add_argument("--model", default="tiny", help="tiny (default) or small (compute-bound)")
     parser.add_argument("--size", type=int, default=128, help="square frame size in pixels")
+    parser.add_argument("--width", type=int, help="frame width in pixels (default: --size)")
+    parser.add_argument("--height", type=int, help="frame height in pixels (default: --size)")
     parser.add_argument("--frames", type=int, default=30, help="measured frames per row (median)")
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured frames per row")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", help="instead of the fps rows: skip policies to measure, e.g. rehash,adacache "
                                        "(benchmarks/skip.py; --frames frames per clip category)")
     parser.add_argument("--skip-param", action="append", default=[], metavar="KEY=VALUE",
-                        help="a skip-policy EngineConfig field for --skip, e.g. skip_cut_threshold=0.05")
+                        help="a skip-policy parameter for --skip, e.g. skip_cut_threshold=0.05")
     parser.add_argument("--memory", help="instead of the fps rows: peak memory and fps of these memory modes and "
                                          "off, e.g. slice,group, a fresh process each (benchmarks/memory.py)")
     parser.add_argument("--memory-model", default="small", help="model of --memory (default small)")
@@ -168,10 +172,12 @@ def main(argv: list[str] | None = None) -> None:
         results = {"memory": memory.run(args.memory.split(","), args.memory_model, sizes)}
         print(memory.format_table(results["memory"]))
     elif args.skip:
-        results = skip.run_policies(args.model, args.size, args.frames, args.skip.split(","), args.skip_param)
+        results = skip.run_policies(args.model, args.width or args.size, args.frames, args.skip.split(","),
+                                    args.skip_param, height=args.height or args.size)
         print(skip.format_table(results["skip_policies"]))
     else:
-        results = run(args.model, args.size, args.frames, args.warmup, tuple(args.backend))
+        results = run(args.model, args.width or args.size, args.frames, args.warmup, tuple(args.backend),
+                      height=args.height or args.size)
         print(format_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

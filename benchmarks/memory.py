@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from engine.loading import load_bundle
+from engine.loading import Engine
 from engine.stream import StreamEngine
 
 from .clips import tensor_clip
 from .timing import time_stream
-from .workload import bench_config
+from .workload import bench_load, bench_stream
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,12 @@ def measure(model: str, size: int, mode: str, frames: int, warmup: int,
 
     With `warmup=0` the measured first frame includes priming the stream (n - 1 extra UNet calls)."""
     torch.manual_seed(0)
-    # fp32 on every device, the precision of the figures in docs/memory.md.
-    config = bench_config(model, size).replace(memory=mode, dtype="float32")
+    # fp32 on every device (CUDA where present), the precision of the figures in docs/memory.md.
+    load = bench_load(model).replace(device="auto", memory=mode)
+    config = bench_stream(size)
     if t_index_list:
         config = config.replace(t_index_list=t_index_list)
-    models = load_bundle(config)
-    engine = StreamEngine(models, config)
+    engine = StreamEngine(Engine.load(load), config)
     clip = tensor_clip("slow_pan", max(2, warmup + frames), size, size)
     baseline = _status_mb("VmRSS")
     peak_reset = _reset_peak()

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import websockets
 
-from engine import EngineConfig, ModelBundle, StreamEngine, load_bundle
+from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 from engine.codec import decode_image, encode_jpeg, rgb_to_tensor
 from engine.runtime import StreamRuntime
 from server.app import create_app
@@ -77,31 +77,31 @@ def in_worker_thread(function: Callable[..., float], *args) -> float:
     return results[0]
 
 
-def engine_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int) -> float:
+def engine_fps(engine: Engine, config: StreamConfig, frames: list[bytes], warmup: int) -> float:
     """Frames per second of `StreamEngine.step` on the decoded frames, timed in a worker thread."""
-    return in_worker_thread(_engine_fps, models, config, frames, warmup)
+    return in_worker_thread(_engine_fps, engine, config, frames, warmup)
 
 
-def _engine_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int) -> float:
-    engine = StreamEngine(models, config)
+def _engine_fps(engine: Engine, config: StreamConfig, frames: list[bytes], warmup: int) -> float:
+    stream = StreamEngine(engine, config)
     images = [rgb_to_tensor(decode_image(data, config.width, config.height)) for data in frames]
     # Warm up on the first `warmup` images, then time every image, as the other two paths do.
-    return len(images) / sum(time_stream(engine.step, images[:warmup] + images, len(images), warmup))
+    return len(images) / sum(time_stream(stream.step, images[:warmup] + images, len(images), warmup))
 
 
-def runtime_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int,
+def runtime_fps(engine: Engine, config: StreamConfig, frames: list[bytes], warmup: int,
                 max_in_flight: int) -> float:
     """Frames per second of the threaded `StreamRuntime` in-process, `max_in_flight` frames in flight."""
-    with StreamRuntime(models, config) as runtime:
+    with StreamRuntime(engine, config) as runtime:
         handle = runtime.open_stream(max_in_flight=max_in_flight)
         for data in frames[:warmup]:
-            runtime.submit(handle, data)
+            handle.put(data)
             handle.get(60)
         started = time.perf_counter()
         sent = answered = 0
         while answered < len(frames):
             while sent < len(frames) and sent - answered < max_in_flight:
-                runtime.submit(handle, frames[sent])
+                handle.put(frames[sent])
                 sent += 1
             if handle.get(60) is None:
                 raise RuntimeError("the runtime stopped answering")
@@ -128,11 +128,12 @@ async def _websocket_stream(url: str, frames: list[bytes], warmup: int, max_in_f
         return len(frames) / (time.perf_counter() - started)
 
 
-def websocket_fps(models: ModelBundle, config: EngineConfig, frames: list[bytes], warmup: int,
+def websocket_fps(engine: Engine, config: StreamConfig, frames: list[bytes], warmup: int,
                   max_in_flight: int) -> float:
     """Frames per second of one WebSocket client of a real server on loopback, `max_in_flight` in flight."""
-    settings = ServerSettings(engine=config, port=0, max_in_flight=max_in_flight, log_level="warning")
-    app = create_app(settings, models=models)
+    settings = ServerSettings(load=engine.config, stream=config, port=0, max_in_flight=max_in_flight,
+                              log_level="warning")
+    app = create_app(settings, engine=engine)
     with background_server(app, settings) as base_url:
         url = base_url.replace("http://", "ws://") + "/ws"
         return asyncio.run(_websocket_stream(url, frames, warmup, max_in_flight))
@@ -143,15 +144,15 @@ def run_bench(model: str = "tiny", width: int = 256, height: int = 256, t_index_
               clip: str = "slow_pan") -> BenchResult:
     """Measure the three paths `repeats` times, alternating, on `frames` frames of `clip`."""
     changes = {} if t_index_list is None else {"t_index_list": tuple(t_index_list)}
-    config = EngineConfig(model=model, width=width, height=height, similarity_filter=False, **changes)
-    models = load_bundle(config)
+    config = StreamConfig(width=width, height=height, similarity_filter=False, **changes)
+    engine = Engine.load(LoadConfig(model=model))
     clip_frames = [encode_jpeg(rgb) for rgb in synthetic_clip(clip, frames + warmup, width, height)]
     warm, timed = clip_frames[:warmup], clip_frames[warmup:]
     results: dict[str, list[float]] = {"engine": [], "runtime": [], "websocket": []}
     for _ in range(repeats):
-        results["engine"].append(engine_fps(models, config, warm + timed, warmup))
-        results["runtime"].append(runtime_fps(models, config, warm + timed, warmup, max_in_flight))
-        results["websocket"].append(websocket_fps(models, config, warm + timed, warmup, max_in_flight))
+        results["engine"].append(engine_fps(engine, config, warm + timed, warmup))
+        results["runtime"].append(runtime_fps(engine, config, warm + timed, warmup, max_in_flight))
+        results["websocket"].append(websocket_fps(engine, config, warm + timed, warmup, max_in_flight))
     return BenchResult(model=model, width=width, height=height, t_index_list=list(config.t_index_list),
                        frames=frames, repeats=repeats, max_in_flight=max_in_flight,
                        engine_fps=statistics.median(results["engine"]),

@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
-from engine.loading import load_bundle
-from engine.models import ModelBundle
+from engine.config import SKIP_PARAMS, StreamConfig
+from engine.loading import Engine
 from engine.stream import StreamEngine
 
 from .clips import CLIP_KINDS, tensor_clip
 from .quality import mse, psnr_of_mse, ssim
 from .timing import time_streams
-from .workload import bench_config
+from .workload import bench_load, bench_stream
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +38,25 @@ PSNR_CAP = 100.0
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` pairs of `EngineConfig` skip fields, values parsed to the field's type."""
+    """`key=value` pairs of skip-policy parameters (flat names, `engine.config.SKIP_PARAMS`), values parsed to
+    the parameter's type."""
     overrides: dict = {}
-    defaults = EngineConfig()
+    defaults = StreamConfig().flat_params()
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if not hasattr(defaults, key) or not (key.startswith(("skip_", "rehash_", "adacache_"))):
-            raise ValueError(f"--skip-param {pair!r}: not a skip-policy field of EngineConfig")
-        current = getattr(defaults, key)
+        if key not in SKIP_PARAMS:
+            raise ValueError(f"--skip-param {pair!r}: not a skip-policy parameter (one of {sorted(SKIP_PARAMS)})")
+        current = defaults[key]
         overrides[key] = ast.literal_eval(value) if isinstance(current, tuple) else type(current)(value)
     return overrides
 
 
-def measure_category(models: ModelBundle, config: EngineConfig, policies: list[str], frames: list[torch.Tensor],
+def measure_category(engine: Engine, config: StreamConfig, policies: list[str], frames: list[torch.Tensor],
                      overrides: dict, clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, float]]:
-    """One clip through the policy-off engine and each policy's engine, frame by frame in turn."""
-    engines = {"off": StreamEngine(models, config)}
+    """One clip through the policy-off stream and each policy's stream, frame by frame in turn."""
+    engines = {"off": StreamEngine(engine, config)}
     for policy in policies:
-        engines[policy] = StreamEngine(models, config.replace(skip_policy=policy, **overrides))
+        engines[policy] = StreamEngine(engine, config.updated(skip_policy=policy, **overrides))
     errors: dict[str, list[float]] = {policy: [] for policy in policies}
     ssims: dict[str, list[float]] = {policy: [] for policy in policies}
 
@@ -76,7 +76,7 @@ def measure_category(models: ModelBundle, config: EngineConfig, policies: list[s
             for policy in policies}
 
 
-def run(models: ModelBundle, config: EngineConfig, policies: list[str], frames: int,
+def run(engine: Engine, config: StreamConfig, policies: list[str], frames: int,
         overrides: dict | None = None, clock: Callable[[], float] = time.perf_counter,
         ) -> dict[str, dict[str, dict[str, float]]]:
     """`{policy: {category: {"speedup", "psnr", "psnr_min", "ssim", "skip_rate"}}}` over every clip category."""
@@ -84,19 +84,21 @@ def run(models: ModelBundle, config: EngineConfig, policies: list[str], frames: 
     for kind in CLIP_KINDS:
         logger.info("skip policies on %s", kind)
         clip = tensor_clip(kind, frames, config.width, config.height)
-        for policy, row in measure_category(models, config, policies, clip, overrides or {}, clock).items():
+        for policy, row in measure_category(engine, config, policies, clip, overrides or {}, clock).items():
             results[policy][kind] = row
     return results
 
 
-def run_policies(model: str, size: int, frames: int, policies: list[str], params: list[str]) -> dict:
-    """The skip-policy rows on the benchmark's config (CPU, fp32); returns the JSON-ready dict."""
-    config = bench_config(model, size).replace(device="cpu", dtype="float32")
-    models = load_bundle(config)
+def run_policies(model: str, size: int, frames: int, policies: list[str], params: list[str],
+                 height: int | None = None) -> dict:
+    """The skip-policy rows on the benchmark's config (CPU, fp32; frames `size` wide, `height` (default
+    `size`) high); returns the JSON-ready dict."""
+    config = bench_stream(size, height)
+    engine = Engine.load(bench_load(model))
     overrides = parse_overrides(params)
-    return {"model": model, "size": size, "frames": frames, "t_index_list": list(config.t_index_list),
-            "threads": torch.get_num_threads(), "skip_params": overrides,
-            "skip_policies": run(models, config, policies, frames, overrides)}
+    return {"model": model, "size": size, "width": config.width, "height": config.height, "frames": frames,
+            "t_index_list": list(config.t_index_list), "threads": torch.get_num_threads(), "skip_params": overrides,
+            "skip_policies": run(engine, config, policies, frames, overrides)}
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128, help="square frame size in pixels")
     parser.add_argument("--frames", type=int, default=30, help="frames per clip category")
     parser.add_argument("--skip-param", action="append", default=[], metavar="KEY=VALUE",
-                        help="a skip-policy EngineConfig field, e.g. skip_cut_threshold=0.05")
+                        help="a skip-policy parameter, e.g. skip_cut_threshold=0.05")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args(argv)

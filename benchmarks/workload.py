@@ -1,13 +1,19 @@
-"""The benchmarks' common workload: the stream configuration every engine-level row runs."""
+"""The benchmarks' common workload: the configuration every engine-level row runs."""
 
 from __future__ import annotations
 
-from engine.config import EngineConfig
+from engine.config import LoadConfig, StreamConfig
 
 BENCH_T_INDEX_LIST = (0, 16, 32, 45)
 
 
-def bench_config(model: str, size: int) -> EngineConfig:
-    """The benchmark's default: 4 stream-batch steps, RCFG `self` at guidance 1.2, tiny VAE, no filter."""
-    return EngineConfig(model=model, width=size, height=size, t_index_list=BENCH_T_INDEX_LIST, cfg_type="self",
-                        guidance_scale=1.2, similarity_filter=False)
+def bench_load(model: str) -> LoadConfig:
+    """The benchmarks' load-time settings: `model` on the CPU in float32 (where the diffusers baseline runs)."""
+    return LoadConfig(model=model, device="cpu", dtype="float32")
+
+
+def bench_stream(width: int, height: int | None = None) -> StreamConfig:
+    """The benchmark's stream (`height` defaults to `width`): 4 stream-batch steps, RCFG `self` at guidance 1.2,
+    no similarity filter."""
+    return StreamConfig(width=width, height=width if height is None else height, t_index_list=BENCH_T_INDEX_LIST,
+                        cfg_type="self", guidance_scale=1.2, similarity_filter=False)

@@ -1,4 +1,9 @@
-"""Streaming image-to-image diffusion engine (StreamDiffusion-style), with no web code."""
+"""Streaming image-to-image diffusion engine (StreamDiffusion-style), with no web code.
+
+The public API: `LoadConfig` and `StreamConfig` (what to load, how each stream runs), `Engine` (the shared,
+loaded models), `StreamEngine` (one stream, in process) and `StreamRuntime` (the threaded contract a server
+uses: load once, open streams, put frames, get answers, status).
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,30 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import EngineConfig
-    from .loading import load_bundle
+    from .config import LoadConfig, StreamConfig
+    from .loading import Engine, load_bundle
     from .models import ModelBundle, ModelLoadError, load_models
+    from .runtime import RuntimeOptions, RuntimeStatus, StreamRuntime
     from .stream import StepResult, StreamEngine
 
-__all__ = ["EngineConfig", "ModelBundle", "ModelLoadError", "StepResult", "StreamEngine", "load_bundle", "load_models"]
+__all__ = ["Engine", "LoadConfig", "ModelBundle", "ModelLoadError", "RuntimeOptions", "RuntimeStatus", "StepResult",
+           "StreamConfig", "StreamEngine", "StreamRuntime", "load_bundle", "load_models"]
 
 # Loaded on first use (PEP 562) so that importing a light module such as `engine.config` does not pull in
 # torch and diffusers.
 _LAZY = {
-    "EngineConfig": "config",
+    "Engine": "loading",
+    "LoadConfig": "config",
     "ModelBundle": "models",
     "ModelLoadError": "models",
+    "RuntimeOptions": "runtime",
+    "RuntimeStatus": "runtime",
+    "StepResult": "stream",
+    "StreamConfig": "config",
+    "StreamEngine": "stream",
+    "StreamRuntime": "runtime",
     "load_bundle": "loading",
     "load_models": "models",
-    "StepResult": "stream",
-    "StreamEngine": "stream",
 }
 
 

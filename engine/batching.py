@@ -6,9 +6,10 @@ only the network calls are shared. The engines' UNet rows are concatenated along
 the output is split back by rows. A session's output therefore equals its output alone up to the
 floating-point order of batched convolutions.
 
-Engines batch together when `batch_key` says so: same runner and model set, same frame size, dtype
-and K/V mode. Static-shape runners (ONNX Runtime, TensorRT, `torch.compile`), skip policies and the
-sequential (non stream-batch) mode have no key: they always run alone through `StreamEngine.step`.
+Engines batch together when `batch_key` says so: same runner and loaded `Engine` (so the same models,
+dtype, device and K/V mode), same frame size. Static-shape runners (ONNX Runtime, TensorRT,
+`torch.compile`), skip policies and the sequential (non stream-batch) mode have no key: they always run
+alone through `StreamEngine.step`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ def batch_key(engine: StreamEngine) -> Hashable | None:
     if not getattr(engine.runner, "dynamic_batch", False) or engine.skip_policy is not None \
             or not config.stream_batch:
         return None
-    return (id(engine.runner), id(engine.models), config.width, config.height, engine.dtype, engine.device,
-            config.use_kv_cache)
+    return (id(engine.runner), id(engine.engine), config.width, config.height)
 
 
 def concat_conditioning(conditionings: Sequence[Conditioning]) -> Conditioning:

@@ -17,7 +17,7 @@ from .backends import BackendUnavailableError, resolve_backend
 from .backends.cache import default_cache_dir
 from .backends.factory import new_runner
 from .backends.onnx_export import DEFAULT_EXPORTER, EXPORTERS
-from .config import CFG_TYPES, EngineConfig
+from .flags import add_flags, configs_from, engine_flags
 from .loading import load_bundle
 from .models import ModelLoadError
 
@@ -25,24 +25,14 @@ logger = logging.getLogger("engine.build")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = EngineConfig()
     parser = argparse.ArgumentParser(prog="python -m engine.build", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=defaults.model, help="model spec (tiny, small, folder, file, hub id)")
-    parser.add_argument("--taesd", default=None, help="tiny VAE (TAESD) folder or hub id")
-    parser.add_argument("--vae", choices=("tiny", "full"), default="tiny", help="which VAE the graphs use")
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--height", type=int, default=defaults.height)
-    parser.add_argument("--t-index-list", type=int, nargs="+", default=list(defaults.t_index_list))
-    parser.add_argument("--cfg-type", choices=CFG_TYPES, default=defaults.cfg_type)
-    parser.add_argument("--frame-buffer-size", type=int, default=defaults.frame_buffer_size)
-    parser.add_argument("--no-kv-cache", action="store_true", help="graphs that take text embeddings instead of K/V")
-    parser.add_argument("--backend", choices=("onnxruntime", "tensorrt", "auto"), default="auto",
-                        help="what to prebuild: ONNX graphs (onnxruntime) or also TensorRT engines (tensorrt)")
+    # The engine's own flags (`engine.flags`), as the server spells them; the backend defaults to `auto` here.
+    add_flags(parser, engine_flags("load", "stream", exclude=("memory", "prompt", "negative_prompt", "seed",
+                                                              "similarity_filter", "skip_policy", "guidance_scale")))
+    parser.set_defaults(backend="auto")
     parser.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER)
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"cache folder (default: $STREAMDIFF_TRT_CACHE or {default_cache_dir()})")
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--dtype", default=defaults.dtype)
     return parser.parse_args(argv)
 
 
@@ -51,24 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = EngineConfig(model=args.model, width=args.width, height=args.height,
-                              t_index_list=tuple(args.t_index_list), cfg_type=args.cfg_type,
-                              frame_buffer_size=args.frame_buffer_size, use_kv_cache=not args.no_kv_cache,
-                              use_tiny_vae=args.vae == "tiny", taesd=args.taesd, backend=args.backend,
-                              device=args.device, dtype=args.dtype)
-        models = load_bundle(config)
+        load, stream, _ = configs_from(vars(args))
+        models = load_bundle(load)
     except (ValueError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:
-        backend = resolve_backend(config.backend, models)
+        backend = resolve_backend(load.backend, models)
         if backend not in ("onnxruntime", "tensorrt"):
             print(f"error: backend {backend!r} has nothing to prebuild (needs onnxruntime or tensorrt)",
                   file=sys.stderr)
             return 2
-        runner = new_runner(backend, models, config.cfg_type, args.cache_dir, args.exporter)
-        paths = runner.prepare(config)
+        runner = new_runner(backend, models, stream.cfg_type, args.cache_dir, args.exporter)
+        paths = runner.prepare(stream, load.kv_cache)
     except BackendUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

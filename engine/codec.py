@@ -10,12 +10,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import DEFAULT_MAX_PIXELS
+
 logger = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
-#: What a webcam or capture card sends (1920×1080 either way round): decoding cost grows with pixels, and one
-#: few input threads decode every session's frames, so the limit also bounds what one frame costs the others.
-DEFAULT_MAX_PIXELS = 1920 * 1080
 
 
 class FrameError(ValueError):

@@ -1,76 +1,118 @@
-"""Typed engine configuration: the one source of every engine default."""
+"""Typed engine configuration, split by owner: the one source of every engine default.
+
+- `LoadConfig`: what the shared models are and how they run (model, VAE, device, dtype, backend, memory
+  mode, K/V cache). Fixed for the life of a loaded engine; streams never change it.
+- `RuntimeOptions`: how the threaded runtime serves its streams (JPEG quality, pixel limit, batching).
+- `StreamConfig`: one stream's parameters (size, schedule, guidance, prompt, filter, skip policy with its
+  tunables nested in `SkipSettings`). `HOT_PARAMS` change between two frames; `REPREPARE_PARAMS` re-prepare
+  the stream; the rest are fixed when the stream opens.
+
+Parameters travel flat on the wire (`skip_cut_threshold`, `adacache_codebook`, ...): `StreamConfig.updated`
+and `StreamConfig.flat_params` translate between the flat names and the nested settings.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_type_hints
 
 CfgType = Literal["none", "self", "initialize", "full"]
 CFG_TYPES: tuple[str, ...] = ("none", "self", "initialize", "full")
 BACKENDS: tuple[str, ...] = ("eager", "onnxruntime", "tensorrt", "compile", "auto")
 SKIP_POLICIES: tuple[str, ...] = ("off", "rehash", "adacache")
 MEMORY_MODES: tuple[str, ...] = ("off", "slice", "group")
+VAES: tuple[str, ...] = ("tiny", "full")
+DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 #: Most entries of `adacache_codebook`.
 MAX_CODEBOOK_ENTRIES = 16
+#: What a webcam or capture card sends (1920×1080 either way round): decoding cost grows with pixels, and a
+#: few input threads decode every stream's frames, so the limit also bounds what one frame costs the others.
+DEFAULT_MAX_PIXELS = 1920 * 1080
 
-# Parameters that can change between two frames without re-preparing the stream.
-HOT_PARAMS: frozenset[str] = frozenset(
-    {"prompt", "negative_prompt", "guidance_scale", "delta", "seed", "similarity_filter",
-     "similarity_threshold", "max_skip_frames", "skip_policy", "skip_cut_threshold", "skip_accumulated_threshold",
-     "skip_max_age", "rehash_interval", "adacache_codebook", "adacache_motion_scale", "adacache_cross_attention_factor"}
-)
-# Parameters whose change rebuilds schedule, noise and buffer (a clean re-prepare).
-REPREPARE_PARAMS: frozenset[str] = frozenset({"t_index_list", "width", "height"})
+
+def _check_finite(config: object) -> None:
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"`{item.name}` must be a finite number, got {value}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {'|'.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """Everything that defines one streaming engine.
+class LoadConfig:
+    """How the shared models are loaded and run; one per loaded engine, never changed by a stream.
 
     Args:
-        model (`str`, defaults to `"tiny"`): model spec: `tiny`, `small`, a hub id, a local diffusers
-            folder or a single `.safetensors` file (see `engine.models.load_models`).
-        width (`int`, defaults to 256): output width in pixels, a multiple of 8.
-        height (`int`, defaults to 256): output height in pixels, a multiple of 8.
-        t_index_list (`tuple[int, ...]`, defaults to `(32, 45)`): ascending indices into the base
-            schedule; one stream-batch slot (one denoising step) each.
-        num_inference_steps (`int`, defaults to 50): length of the base LCM schedule.
-        cfg_type (`str`, defaults to `"self"`): guidance mode, one of `none|self|initialize|full`.
-        guidance_scale (`float`, defaults to 1.2): classifier-free guidance scale γ.
-        delta (`float`, defaults to 1.0): RCFG scale δ of the stock (virtual residual) noise.
-        frame_buffer_size (`int`, defaults to 1): frames consumed and produced per call.
-        stream_batch (`bool`, defaults to True): one UNet call advances every slot; `False` runs the
-            same steps one after another per frame (the baseline the stream batch must equal).
-        seed (`int`, defaults to 2): seed of the fixed per-slot noise.
-        dtype (`str`, defaults to `"auto"`): `float32`, `float16` or `auto` (fp16 on CUDA, else fp32).
-        device (`str`, defaults to `"auto"`): torch device, `auto` picks CUDA when present.
-        backend (`str`, defaults to `"eager"`): how the UNet and VAE run.
-        vae_backend (`str | None`, defaults to None): how the VAE encoder and decoder run when that differs
-            from `backend` (`engine.backends.split`), e.g. `onnxruntime` beside an eager UNet, which keeps
-            cross-session batching and takes ONNX Runtime's faster static-shape VAE; None runs them on `backend`.
-        use_tiny_vae (`bool`, defaults to True): use `AutoencoderTiny` (TAESD) instead of the full VAE.
+        model (`str`, defaults to `"demo"`): model spec: `demo` (the trained offline stylizer), `tiny` or
+            `small` (seeded random models of the real architecture), a hub id, a local diffusers folder or a
+            single `.safetensors` file (see `engine.models.load_models`).
+        vae (`str`, defaults to `"tiny"`): `tiny` runs `AutoencoderTiny` (TAESD); `full` the model's own VAE.
         taesd (`str | None`, defaults to None): hub id or folder of a TAESD to use with a real model.
         model_config (`str | None`, defaults to None): for a single-file `model`, a local diffusers folder
-            of the same architecture (`engine.models.load_models(config=...)`).
-        use_kv_cache (`bool`, defaults to True): serve cross-attention K/V precomputed per prompt.
-        similarity_filter (`bool`, defaults to True): stochastic similarity filter on input frames.
-        similarity_threshold (`float`, defaults to 0.98): η of the similarity filter.
-        max_skip_frames (`int`, defaults to 10): most consecutive frames the filter may skip.
-        prompt (`str`): the prompt the stream starts with.
-        negative_prompt (`str`): the negative prompt (used by `full` and `initialize`).
-        skip_policy (`str`, defaults to `"off"`): per-frame skip policy of the stream batch (`engine.skip`),
-            one of `off|rehash|adacache`; needs an eager UNet (`backend='eager'`) and `stream_batch`.
-        skip_cut_threshold (`float`, defaults to 0.25): τ_cut: a slot whose noise-free latent changed by more
-            than this relative L1 since its last full compute is computed in full (catches cuts and fast
-            motion). Calibrated on the trained `demo` model (docs/skip_policies.md): a one-pixel pan adds
-            0.04-0.10 per frame to slot 0's change, fast motion is at 0.9-1.2, a cut adds about 0.45 at once.
-        skip_accumulated_threshold (`float`, defaults to 0.5): a slot whose frame-to-frame changes since its
-            last full compute add up to more than this is computed in full (catches drift).
-        skip_max_age (`int`, defaults to 8): a slot is computed in full at the latest every this many frames.
+            (or hub id) of the same architecture.
+        device (`str`, defaults to `"auto"`): torch device; `auto` picks CUDA when present.
+        dtype (`str`, defaults to `"auto"`): `float32`, `float16`, `bfloat16` or `auto` (fp16 on CUDA, else fp32).
+        backend (`str`, defaults to `"eager"`): how the UNet and VAE run (`eager|onnxruntime|tensorrt|compile|auto`).
+        vae_backend (`str | None`, defaults to None): how the VAE runs when that differs from `backend`
+            (`engine.backends.split`), e.g. `onnxruntime` beside an eager UNet, which keeps cross-session
+            batching and takes ONNX Runtime's faster static-shape VAE; None runs it on `backend`.
+        kv_cache (`bool`, defaults to True): serve cross-attention K/V precomputed once per prompt.
+        memory (`str`, defaults to `"off"`): peak-memory mode of the shared models (`engine.memory`),
+            `off|slice|group`: feature slicer or operator grouping over the batch and, at large sizes, space.
+    """
+
+    model: str = "demo"
+    vae: str = "tiny"
+    taesd: str | None = None
+    model_config: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    backend: str = "eager"
+    vae_backend: str | None = None
+    kv_cache: bool = True
+    memory: str = "off"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"`model` must name a model, got {self.model!r}")
+        _check_choice("vae", self.vae, VAES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("backend", self.backend, BACKENDS)
+        if self.vae_backend is not None:
+            _check_choice("vae_backend", self.vae_backend, BACKENDS)
+        _check_choice("memory", self.memory, MEMORY_MODES)
+        if self.memory != "off" and (self.backend != "eager" or self.vae_backend not in (None, "eager")):
+            raise ValueError("`memory` slices the eager modules: it needs `backend='eager'` and no other "
+                             "`vae_backend`")
+
+    @property
+    def use_tiny_vae(self) -> bool:
+        return self.vae == "tiny"
+
+    def replace(self, **changes) -> LoadConfig:
+        """A copy with `changes` applied (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SkipSettings:
+    """The tunables of the per-frame skip policies (`StreamConfig.skip_policy`; docs/skip_policies.md).
+
+    Args:
+        cut_threshold (`float`, defaults to 0.25): τ_cut: a slot whose noise-free latent changed by more than
+            this relative L1 since its last full compute is computed in full (catches cuts and fast motion;
+            calibrated on the trained `demo` model, docs/skip_policies.md).
+        accumulated_threshold (`float`, defaults to 0.5): a slot whose frame-to-frame changes since its last
+            full compute add up to more than this is computed in full (catches drift).
+        max_age (`int`, defaults to 8): a slot is computed in full at the latest every this many frames.
         rehash_interval (`int`, defaults to 5): `rehash` runs each slot's deep UNet part every this many
-            frames, slot phases staggered (5 keeps the trained `demo` model's slow pan above 35 dB).
+            frames, slot phases staggered.
         adacache_codebook (`tuple[tuple[float, int], ...]`, defaults to `((0.04, 6), (0.08, 4), (0.16, 2),
             (1.0, 1))`): `adacache` maps the motion-regularised mid-block residual change per frame to frames
             until the next full compute: the first entry whose bound is >= the change; 1 beyond the last.
@@ -78,11 +120,75 @@ class EngineConfig:
             1 + motion / this, motion being the relative L1 change of the slot's input latent.
         adacache_cross_attention_factor (`int`, defaults to 2): cross-attention residuals live this many times
             longer than the other blocks' (PAB).
-        memory (`str`, defaults to `"off"`): peak-memory mode of the shared models (`engine.memory`), one of
-            `off|slice|group`: feature slicer or operator grouping over the batch and, at large sizes, space.
     """
 
-    model: str = "tiny"
+    cut_threshold: float = 0.25
+    accumulated_threshold: float = 0.5
+    max_age: int = 8
+    rehash_interval: int = 5
+    adacache_codebook: tuple[tuple[float, int], ...] = ((0.04, 6), (0.08, 4), (0.16, 2), (1.0, 1))
+    adacache_motion_scale: float = 0.05
+    adacache_cross_attention_factor: int = 2
+
+    def __post_init__(self) -> None:
+        codebook = tuple((float(bound), int(frames)) for bound, frames in self.adacache_codebook)
+        object.__setattr__(self, "adacache_codebook", codebook)
+        _check_finite(self)
+        if self.cut_threshold <= 0 or self.accumulated_threshold <= 0:
+            raise ValueError("`skip_cut_threshold` and `skip_accumulated_threshold` must be > 0")
+        if self.max_age < 1 or self.rehash_interval < 1 or self.adacache_cross_attention_factor < 1:
+            raise ValueError("`skip_max_age`, `rehash_interval` and `adacache_cross_attention_factor` must be >= 1")
+        if self.adacache_motion_scale <= 0:
+            raise ValueError(f"`adacache_motion_scale` must be > 0, got {self.adacache_motion_scale}")
+        if len(codebook) > MAX_CODEBOOK_ENTRIES:
+            raise ValueError(f"`adacache_codebook` may hold at most {MAX_CODEBOOK_ENTRIES} entries, "
+                             f"got {len(codebook)}")
+        bounds = [bound for bound, _ in codebook]
+        if not codebook or bounds != sorted(bounds) or not all(map(math.isfinite, bounds)) \
+                or any(frames < 1 for _, frames in codebook):
+            raise ValueError(f"`adacache_codebook` must be (bound, frames >= 1) pairs with ascending bounds, "
+                             f"got {self.adacache_codebook}")
+
+
+#: Flat (wire) names of `SkipSettings` fields.
+SKIP_PARAMS: dict[str, str] = {
+    "skip_cut_threshold": "cut_threshold",
+    "skip_accumulated_threshold": "accumulated_threshold",
+    "skip_max_age": "max_age",
+    "rehash_interval": "rehash_interval",
+    "adacache_codebook": "adacache_codebook",
+    "adacache_motion_scale": "adacache_motion_scale",
+    "adacache_cross_attention_factor": "adacache_cross_attention_factor",
+}
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One stream's parameters.
+
+    Args:
+        width (`int`, defaults to 256): frame width in pixels, a multiple of 8.
+        height (`int`, defaults to 256): frame height in pixels, a multiple of 8.
+        t_index_list (`tuple[int, ...]`, defaults to `(32, 45)`): ascending indices into the base schedule;
+            one stream-batch slot (one denoising step) each.
+        num_inference_steps (`int`, defaults to 50): length of the base LCM schedule.
+        cfg_type (`str`, defaults to `"self"`): guidance mode, one of `none|self|initialize|full`.
+        guidance_scale (`float`, defaults to 1.2): classifier-free guidance scale γ.
+        delta (`float`, defaults to 1.0): RCFG scale δ of the stock (virtual residual) noise.
+        frame_buffer_size (`int`, defaults to 1): frames consumed and produced per call.
+        stream_batch (`bool`, defaults to True): one UNet call advances every slot; `False` runs the same
+            steps one after another per frame (the baseline the stream batch must equal).
+        seed (`int`, defaults to 2): seed of the fixed per-slot noise.
+        prompt (`str`): the prompt the stream starts with.
+        negative_prompt (`str`): the negative prompt (used by `full` and `initialize`).
+        similarity_filter (`bool`, defaults to True): stochastic similarity filter on input frames.
+        similarity_threshold (`float`, defaults to 0.98): η of the similarity filter.
+        max_skip_frames (`int`, defaults to 10): most consecutive frames the filter may skip.
+        skip_policy (`str`, defaults to `"off"`): per-frame skip policy of the stream batch (`engine.skip`),
+            one of `off|rehash|adacache`; needs an eager UNet and `stream_batch`.
+        skip (`SkipSettings`): the skip policies' tunables (flat names on the wire: `SKIP_PARAMS`).
+    """
+
     width: int = 256
     height: int = 256
     t_index_list: tuple[int, ...] = (32, 45)
@@ -93,35 +199,17 @@ class EngineConfig:
     frame_buffer_size: int = 1
     stream_batch: bool = True
     seed: int = 2
-    dtype: str = "auto"
-    device: str = "auto"
-    backend: str = "eager"
-    vae_backend: str | None = None
-    use_tiny_vae: bool = True
-    taesd: str | None = None
-    model_config: str | None = None
-    use_kv_cache: bool = True
+    prompt: str = "a watercolor painting, soft light"
+    negative_prompt: str = "low quality, blurry"
     similarity_filter: bool = True
     similarity_threshold: float = 0.98
     max_skip_frames: int = 10
-    prompt: str = "a watercolor painting, soft light"
-    negative_prompt: str = "low quality, blurry"
     skip_policy: str = "off"
-    skip_cut_threshold: float = 0.25
-    skip_accumulated_threshold: float = 0.5
-    skip_max_age: int = 8
-    rehash_interval: int = 5
-    adacache_codebook: tuple[tuple[float, int], ...] = ((0.04, 6), (0.08, 4), (0.16, 2), (1.0, 1))
-    adacache_motion_scale: float = 0.05
-    adacache_cross_attention_factor: int = 2
-    memory: str = "off"
+    skip: SkipSettings = field(default_factory=SkipSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"`{field.name}` must be a finite number, got {value}")
+        _check_finite(self)
         if self.width <= 0 or self.width % 8 or self.height <= 0 or self.height % 8:
             raise ValueError(f"`width` and `height` must be positive multiples of 8, got {self.width}x{self.height}")
         if not self.t_index_list:
@@ -132,57 +220,104 @@ class EngineConfig:
             raise ValueError(
                 f"`t_index_list` entries must lie in [0, {self.num_inference_steps}), got {list(self.t_index_list)}"
             )
-        if self.cfg_type not in CFG_TYPES:
-            raise ValueError(f"`cfg_type` must be one of {CFG_TYPES}, got {self.cfg_type!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
-        if self.vae_backend is not None and self.vae_backend not in BACKENDS:
-            raise ValueError(f"`vae_backend` must be None or one of {BACKENDS}, got {self.vae_backend!r}")
+        _check_choice("cfg_type", self.cfg_type, CFG_TYPES)
         if self.frame_buffer_size < 1:
             raise ValueError(f"`frame_buffer_size` must be >= 1, got {self.frame_buffer_size}")
         if not 0.0 < self.similarity_threshold < 1.0:
             raise ValueError(f"`similarity_threshold` must lie in (0, 1), got {self.similarity_threshold}")
         if self.max_skip_frames < 0:
             raise ValueError(f"`max_skip_frames` must be >= 0, got {self.max_skip_frames}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"`dtype` must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        self._validate_skip_policy()
-        if self.memory not in MEMORY_MODES:
-            raise ValueError(f"`memory` must be one of {MEMORY_MODES}, got {self.memory!r}")
-        if self.memory != "off" and (self.backend != "eager" or self.vae_backend not in (None, "eager")):
-            raise ValueError("`memory` slices the eager modules: it needs `backend='eager'` and no other "
-                             "`vae_backend`")
-        if self.memory == "group" and self.skip_policy != "off":
-            raise ValueError("`memory='group'` runs whole blocks per row, which the skip policies' per-row "
-                             "caches do not follow: use `memory='slice'` or `skip_policy='off'`")
-
-    def _validate_skip_policy(self) -> None:
-        codebook = tuple((float(bound), int(frames)) for bound, frames in self.adacache_codebook)
-        object.__setattr__(self, "adacache_codebook", codebook)
-        if self.skip_policy not in SKIP_POLICIES:
-            raise ValueError(f"`skip_policy` must be one of {SKIP_POLICIES}, got {self.skip_policy!r}")
+        _check_choice("skip_policy", self.skip_policy, SKIP_POLICIES)
         if self.skip_policy != "off" and not self.stream_batch:
             raise ValueError("`skip_policy` works on the stream batch: it needs `stream_batch=True`")
-        if self.skip_cut_threshold <= 0 or self.skip_accumulated_threshold <= 0:
-            raise ValueError("`skip_cut_threshold` and `skip_accumulated_threshold` must be > 0")
-        if self.skip_max_age < 1 or self.rehash_interval < 1 or self.adacache_cross_attention_factor < 1:
-            raise ValueError("`skip_max_age`, `rehash_interval` and `adacache_cross_attention_factor` must be >= 1")
-        if self.adacache_motion_scale <= 0:
-            raise ValueError(f"`adacache_motion_scale` must be > 0, got {self.adacache_motion_scale}")
-        bounds = [bound for bound, _ in codebook]
-        if len(codebook) > MAX_CODEBOOK_ENTRIES:
-            raise ValueError(f"`adacache_codebook` may hold at most {MAX_CODEBOOK_ENTRIES} entries, "
-                             f"got {len(codebook)}")
-        if not codebook or bounds != sorted(bounds) or not all(map(math.isfinite, bounds)) \
-                or any(frames < 1 for _, frames in codebook):
-            raise ValueError(f"`adacache_codebook` must be (bound, frames >= 1) pairs with ascending bounds, "
-                             f"got {self.adacache_codebook}")
 
     @property
     def denoising_steps(self) -> int:
         """Number of stream-batch slots n."""
         return len(self.t_index_list)
 
-    def replace(self, **changes) -> EngineConfig:
-        """A copy with `changes` applied (validated like the constructor)."""
+    def replace(self, **changes) -> StreamConfig:
+        """A copy with `changes` applied (validated like the constructor); `skip` replaces the settings whole."""
         return dataclasses.replace(self, **changes)
+
+    def updated(self, **params) -> StreamConfig:
+        """A copy with parameters given by their flat (wire) names, `skip_*`/`adacache_*` included.
+
+        Raises:
+            ValueError: an unknown name (load-time settings are named as such), or an invalid value.
+        """
+        unknown = set(params) - set(STREAM_PARAM_TYPES)
+        if unknown:
+            load_time = sorted(unknown & LOAD_SETTINGS)
+            if load_time:
+                raise ValueError(f"{', '.join(f'`{name}`' for name in load_time)} is a load-time setting of the "
+                                 "server: it is fixed for every stream and cannot change per session")
+            raise ValueError(f"unknown stream parameter(s) {sorted(unknown)}; known: {sorted(STREAM_PARAM_TYPES)}")
+        skip = {SKIP_PARAMS[name]: value for name, value in params.items() if name in SKIP_PARAMS}
+        own = {name: value for name, value in params.items() if name not in SKIP_PARAMS}
+        if skip:
+            own["skip"] = dataclasses.replace(self.skip, **skip)
+        return dataclasses.replace(self, **own)
+
+    def flat_params(self) -> dict[str, Any]:
+        """Every parameter by its flat (wire) name."""
+        params = {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if item.name != "skip"}
+        params.update({name: getattr(self.skip, attribute) for name, attribute in SKIP_PARAMS.items()})
+        return params
+
+
+def _flat_types() -> dict[str, Any]:
+    stream = get_type_hints(StreamConfig)
+    skip = get_type_hints(SkipSettings)
+    types = {name: hint for name, hint in stream.items() if name != "skip"}
+    types.update({name: skip[attribute] for name, attribute in SKIP_PARAMS.items()})
+    return types
+
+
+#: Each stream parameter's flat name and type (what the server's protocol validates against).
+STREAM_PARAM_TYPES: dict[str, Any] = _flat_types()
+#: Names of the load-time settings (`LoadConfig`), which no stream may change.
+LOAD_SETTINGS: frozenset[str] = frozenset(item.name for item in dataclasses.fields(LoadConfig))
+#: Parameters that can change between two frames without re-preparing the stream.
+HOT_PARAMS: frozenset[str] = frozenset(
+    {"prompt", "negative_prompt", "guidance_scale", "delta", "seed", "similarity_filter", "similarity_threshold",
+     "max_skip_frames", "skip_policy", *SKIP_PARAMS}
+)
+#: Parameters whose change rebuilds schedule, noise and buffer (a clean re-prepare).
+REPREPARE_PARAMS: frozenset[str] = frozenset({"t_index_list", "width", "height"})
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the runtime serves its streams.
+
+    Args:
+        jpeg_quality (`int`, defaults to 85): quality of output JPEGs.
+        max_pixels (`int`, defaults to `DEFAULT_MAX_PIXELS`): largest accepted input image.
+        max_batch (`int`, defaults to 4): most frames, each from a different stream, advanced by one batched
+            UNet call (`engine.batching`); 1 serves one frame at a time. 4 won every measured configuration
+            (docs/batching.md) and costs nothing with one stream.
+        batch_wait_s (`float`, defaults to 0): how long a partial batch may wait for frames that are still in
+            the input stage of batch-compatible streams; the wait ends as soon as the batch is full or nothing
+            more is coming, so a lone stream never waits.
+    """
+
+    jpeg_quality: int = 85
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch: int = 4
+    batch_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"`jpeg_quality` must lie in [1, 100], got {self.jpeg_quality}")
+        if self.max_pixels < 1 or self.max_batch < 1:
+            raise ValueError(f"`max_pixels` and `max_batch` must be >= 1, got {self.max_pixels}, {self.max_batch}")
+        if not self.batch_wait_s >= 0:
+            raise ValueError(f"`batch_wait_s` must be >= 0, got {self.batch_wait_s}")
+
+
+def check_compatible(load: LoadConfig, stream: StreamConfig) -> None:
+    """Raise `ValueError` when a stream's parameters cannot run on engines loaded with `load`."""
+    if load.memory == "group" and stream.skip_policy != "off":
+        raise ValueError("`memory='group'` runs whole blocks per row, which the skip policies' per-row caches do "
+                         "not follow: use `memory='slice'` or `skip_policy='off'`")

@@ -18,8 +18,8 @@ class Admission:
 
 
 def admit_frame(in_flight: int, waiting: int, max_in_flight: int) -> Admission:
-    """Latest wins: below the limit accept; at it, replace the oldest waiting frame; with none
-    waiting (all being processed or unsent) drop the new frame itself."""
+    """Latest wins: below the limit accept; at it, replace the oldest of the `waiting` frames that may still
+    be replaced; with none (all being processed or unsent) drop the new frame itself."""
     if in_flight < max_in_flight:
         return Admission(accept=True)
     if waiting > 0:

@@ -1,22 +1,27 @@
-"""From load-time settings to a ready model set: load the models and put them on their device and dtype.
+"""From load-time settings to a ready engine: models on their device and dtype, prepared once, and their runners.
 
-The one place that reads the load-time fields of an `EngineConfig` (model, use_tiny_vae, taesd,
-model_config, device, dtype), so every caller loads a model the same way.
+`Engine` is the shared, read-only half of streaming. Everything that touches the shared modules happens
+here, at load: moving them to the device and dtype, installing the K/V-cache attention processors, the
+memory mode, the backend's runner. A stream (`StreamEngine`) afterwards only reads them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from .config import EngineConfig
+from .backends import NetworkRunner, make_runner, runner_name
+from .config import LoadConfig, StreamConfig
+from .memory import apply_memory_mode
 from .models import ModelBundle, load_models
+from .prompt import install_kv_processors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_bundle", "resolve_device", "resolve_dtype"]
+__all__ = ["Engine", "load_bundle", "resolve_device", "resolve_dtype"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,18 +38,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_bundle(config: EngineConfig) -> ModelBundle:
+def load_bundle(config: LoadConfig) -> ModelBundle:
     """The `ModelBundle` of `config.model`, on `config.device` in `config.dtype`, in eval mode.
-
-    Args:
-        config (`EngineConfig`): its load-time settings are used: `model`, `use_tiny_vae`, `taesd`,
-            `model_config` (see `engine.models.load_models`), `device` and `dtype` (`auto` resolved by
-            `resolve_device` / `resolve_dtype`).
 
     Raises:
         ModelLoadError: naming what was tried and what to do instead.
     """
     started = time.perf_counter()
+    logger.info("loading model %r (VAE: %s)", config.model, config.vae)
     models = load_models(config.model, use_tiny_vae=config.use_tiny_vae, taesd=config.taesd,
                          config=config.model_config)
     device = resolve_device(config.device)
@@ -52,3 +53,56 @@ def load_bundle(config: EngineConfig) -> ModelBundle:
     logger.info("model %r loaded in %.1f s; moving to %s (%s)", models.name, time.perf_counter() - started,
                 device, str(dtype).removeprefix("torch."))
     return models.to(device, dtype)
+
+
+@dataclass(eq=False)
+class Engine:
+    """Models loaded for one `LoadConfig`, prepared for streaming, shared read-only by every stream.
+
+    Build it with `Engine.load(config)` (loads the model) or `Engine.prepare(models, config)` (a bundle
+    already on its device, e.g. one a test built).
+
+    Args:
+        config (`LoadConfig`): how the models were loaded and run.
+        models (`ModelBundle`): the shared modules, on `device` in `dtype`.
+        device (`torch.device`): where they run.
+        dtype (`torch.dtype`): their precision.
+    """
+
+    config: LoadConfig
+    models: ModelBundle
+    device: torch.device
+    dtype: torch.dtype
+    # The runners handed out, by guidance mode: `make_runner` shares a runner only while someone holds it, and
+    # a static backend's runner holds its opened graphs, which must outlive the streams that opened them.
+    _runners: dict[str | None, NetworkRunner] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, config: LoadConfig) -> Engine:
+        """Load `config.model` and prepare it (see `prepare`)."""
+        return cls.prepare(load_bundle(config), config)
+
+    @classmethod
+    def prepare(cls, models: ModelBundle, config: LoadConfig) -> Engine:
+        """Prepare `models` (already on their device and dtype) for streaming under `config`: the K/V-cache
+        attention processors, the memory mode and the backend's runner are set up once, here."""
+        parameter = next(models.unet.parameters())
+        if config.kv_cache:
+            install_kv_processors(models.unet)
+        apply_memory_mode(models, config.memory)
+        engine = cls(config, models, parameter.device, parameter.dtype)
+        started = time.perf_counter()
+        runner = engine.runner()
+        logger.info("backend %s ready in %.1f s", runner_name(runner), time.perf_counter() - started)
+        return engine
+
+    def runner(self, stream: StreamConfig | None = None) -> NetworkRunner:
+        """The shared runner of this engine's backend; with `stream`, the graphs it needs are opened first."""
+        runner = make_runner(self.models, self.config, stream)
+        self._runners[None if stream is None else stream.cfg_type] = runner
+        return runner
+
+    @property
+    def name(self) -> str:
+        """The model's name (its spec)."""
+        return self.models.name

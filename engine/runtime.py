@@ -1,32 +1,36 @@
-"""Threaded runtime around the engine: decode → infer → encode, for many streams at once.
+"""The engine's contract with the server: `StreamRuntime` loads once, opens streams and pipelines their frames.
 
-Threads run the engine's three stages as a pipeline, so the VAE calls of one frame overlap the
-UNet call of another: two input threads (bytes → tensor → `StreamEngine.begin`: similarity filter, VAE
-encode; each stream on one of them at a time, the stream that used them least recently first), the
-inference thread (`advance`: the stream-batch UNet call, serving streams round-robin, up to
-`max_batch` streams' frames per batched call, see `engine.batching`) and the output thread (`finish`:
-VAE decode, then tensor → JPEG). Each stream holds at most
-`max_in_flight` accepted frames that it has not yet taken back; past that, a new frame replaces the
-oldest waiting one (latest wins) and the replaced frame is counted as dropped. Order is kept per
-stream, and every frame carries its arrival time so latency is measured end to end.
+In the spirit of livepeer/ai-runner's small pipeline interface, the server needs only this:
+- `StreamRuntime.load(load_config, defaults, options)`: load and prepare the shared models once, warm up;
+- `open_stream(...)` → `StreamHandle` (`engine.handle`): `put` encoded frames, `get` answers, `update`
+  parameters, `close`;
+- `status()` → `RuntimeStatus`: state, fps in and out, and the counters (each fact counted once, here);
+- `close()`.
+
+Threads run the engine's three stages as a pipeline, so the VAE calls of one frame overlap the UNet call of
+another: two input threads (bytes → tensor → `StreamEngine.begin`: similarity filter, VAE encode; each
+stream on one of them at a time, the stream that used them least recently first), the inference thread
+(`advance`: the stream-batch UNet call, serving streams round-robin, up to `max_batch` streams' frames per
+batched call, see `engine.batching`) and the output thread (`finish`: VAE decode, then tensor → JPEG). Each
+stream holds at most `max_in_flight` accepted frames that it has not yet taken back; past that, a new frame
+replaces the oldest waiting one (latest wins) and the replaced frame is answered as dropped. Order is kept
+per stream, and every frame carries its arrival time so latency is measured end to end.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .backends import NetworkRunner
+import numpy as np
+
 from .batching import advance_batch, batch_key
 from .codec import (
-    DEFAULT_MAX_PIXELS,
     FrameError,
     ImageDecodeError,
     decode_image,
@@ -34,115 +38,72 @@ from .codec import (
     rgb_to_tensor,
     tensor_to_rgb,
 )
-from .config import EngineConfig
-from .flow import BatchPick, RecentUsage, admit_frame, least_used, round_robin_batch
-from .models import ModelBundle
-from .stream import FrameWork, StreamEngine
+from .config import LoadConfig, RuntimeOptions, StreamConfig
+from .flow import BatchPick, least_used, round_robin_batch
+from .handle import Answer, Dropped, FrameResult, Job, StreamHandle, StreamStats
+from .loading import Engine
+from .stream import StreamEngine
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["INPUT_THREADS", "MODEL_THREADS", "Answer", "Dropped", "FrameResult", "RuntimeOptions", "RuntimeStatus",
+           "StreamHandle", "StreamRuntime", "StreamStats"]
 
 #: Input threads (decode + VAE encode). Two, so that one stream's expensive frames (a stream is decoded by
 #: one input thread at a time) can never hold up every other stream's input.
 INPUT_THREADS = 2
 #: Threads that run models at the same time: the input threads (VAE encode), UNet, VAE decode.
 MODEL_THREADS = INPUT_THREADS + 2
+#: Seconds over which `RuntimeStatus.fps_in` and `fps_out` are measured.
+RATE_WINDOW_S = 5.0
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """What the runtime knows about itself (`StreamRuntime.status`).
+
+    `failure` names what stopped it (a dead runtime thread), else None. Counters are totals since the runtime
+    started, over every stream it served. `fps_in` (frames taken into the input stage) and `fps_out` (outputs)
+    cover the last `RATE_WINDOW_S` seconds, over all streams.
+    """
+
+    model: str
+    streams: int
+    failure: str | None
+    fps_in: float
+    fps_out: float
+    frames_in: int
+    frames_out: int
+    dropped: int
+    skipped: int
+    errors: int
+    errors_by_code: dict[str, int]
+    inference_errors: int
+    last_error: str | None
+    batches: int
+    frames_inferred: int
+    mean_inference_s: float | None
+
+
+class _RateMeter:
+    """Events per second over the last `window_s` seconds (bounded memory)."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S, capacity: int = 4096):
+        self.window_s = window_s
+        self._stamps: deque[float] = deque(maxlen=capacity)
+
+    def mark(self, now: float) -> None:
+        self._stamps.append(now)
+
+    def rate(self, now: float) -> float:
+        recent = [stamp for stamp in self._stamps if now - stamp <= self.window_s]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(now - recent[0], 1e-9)
 
 
 @dataclass
-class FrameResult:
-    """One answered frame: a JPEG, or an error for a frame that could not be used."""
-
-    seq: int
-    arrival: float
-    jpeg: bytes | None = None
-    error: FrameError | None = None
-    skipped: bool = False
-    inference_s: float = 0.0
-    done: float = 0.0
-
-
-@dataclass
-class _Job:
-    seq: int
-    data: bytes
-    arrival: float
-    frame: FrameWork | None = None
-    error: FrameError | None = None
-    #: Model time spent on the frame so far (VAE encode, UNet, VAE decode), in seconds.
-    model_s: float = 0.0
-
-    @property
-    def decoded(self) -> bool:
-        return self.frame is not None or self.error is not None
-
-
-@dataclass
-class StreamStats:
-    """Counters of one stream."""
-
-    frames_in: int = 0
-    frames_out: int = 0
-    dropped: int = 0
-    skipped: int = 0
-    errors: int = 0
-
-
-class StreamHandle:
-    """A stream inside the runtime: its engine, its waiting frames and its finished outputs."""
-
-    def __init__(self, engine: StreamEngine, max_in_flight: int, notify: Callable[[], None] | None):
-        self.id = uuid.uuid4().hex[:12]
-        self.engine = engine
-        self.max_in_flight = max_in_flight
-        self.stats = StreamStats()
-        self.closed = False
-        self._notify = notify
-        self._waiting: deque[_Job] = deque()
-        self._outputs: deque[FrameResult] = deque()
-        self._unreleased = 0
-        self._ready = threading.Condition()
-        #: Recent input-stage time (decode + VAE encode) of this stream, for time-fair input scheduling.
-        self.input_usage = RecentUsage()
-        #: An input thread is working on one of this stream's frames (at most one at a time keeps their order).
-        self.in_input_stage = False
-
-    @property
-    def in_flight(self) -> int:
-        """Accepted frames not yet taken back with `get`."""
-        return self._unreleased
-
-    def get(self, timeout: float | None = None) -> FrameResult | None:
-        """The next output in order, waiting up to `timeout` seconds; `None` on time-out."""
-        with self._ready:
-            if not self._ready.wait_for(lambda: self._outputs or self.closed, timeout):
-                return None
-            return self._take()
-
-    def get_nowait(self) -> FrameResult | None:
-        """The next output if one is ready."""
-        with self._ready:
-            return self._take()
-
-    def _take(self) -> FrameResult | None:
-        if not self._outputs:
-            return None
-        self._unreleased -= 1
-        return self._outputs.popleft()
-
-    def _deliver(self, result: FrameResult) -> None:
-        with self._ready:
-            if self.closed:
-                return
-            self._outputs.append(result)
-            self._ready.notify_all()
-        if self._notify is not None:
-            self._notify()
-
-
-@dataclass
-class RuntimeHealth:
-    """What the runtime knows about its own state."""
-
+class _Health:
     inference_errors: int = 0
     last_error: str | None = None
     frames_inferred: int = 0
@@ -154,49 +115,57 @@ class RuntimeHealth:
 
 
 class StreamRuntime:
-    """Streams sharing one model set and one inference thread.
+    """Streams sharing one loaded `Engine`, its input, inference and output threads.
 
     Args:
-        models (`ModelBundle`): shared models on the configured device.
-        config (`EngineConfig`): defaults for every stream; `open_stream` may override fields.
-        runner (`NetworkRunner`, *optional*): backend shared by all streams.
-        jpeg_quality (`int`): quality of output JPEGs.
-        max_pixels (`int`): largest accepted input image, in pixels.
-        max_batch (`int`, defaults to 1): most frames, each from a different stream, advanced by one
-            batched network call; 1 serves one frame at a time.
-        batch_wait_s (`float`, defaults to 0): how long a partial batch may wait for frames that are
-            still in the input stage (decoding, VAE encode) of batch-compatible streams; the wait ends as
-            soon as the batch is full or nothing more is coming, so a lone stream never waits.
+        engine (`Engine`): the shared models and runner (`Engine.load`, or `StreamRuntime.load`).
+        defaults (`StreamConfig`, *optional*): every stream's starting parameters; `open_stream` may override.
+        options (`RuntimeOptions`, *optional*): JPEG quality, pixel limit, batching.
     """
 
-    def __init__(self, models: ModelBundle, config: EngineConfig, runner: NetworkRunner | None = None,
-                 jpeg_quality: int = 85, max_pixels: int = DEFAULT_MAX_PIXELS, max_batch: int = 1,
-                 batch_wait_s: float = 0.0):
-        if max_batch < 1:
-            raise ValueError(f"`max_batch` must be >= 1, got {max_batch}")
-        if batch_wait_s < 0:
-            raise ValueError(f"`batch_wait_s` must be >= 0, got {batch_wait_s}")
-        self.max_batch = max_batch
-        self.batch_wait_s = batch_wait_s
-        self.models = models
-        self.config = config
-        self.runner = runner
-        self.jpeg_quality = jpeg_quality
-        self.max_pixels = max_pixels
-        self.health = RuntimeHealth()
+    def __init__(self, engine: Engine, defaults: StreamConfig | None = None, options: RuntimeOptions | None = None):
+        self.engine = engine
+        self.defaults = defaults if defaults is not None else StreamConfig()
+        self.options = options if options is not None else RuntimeOptions()
+        self._health = _Health()
         self._streams: list[StreamHandle] = []
         self._lock = threading.Condition()
-        self._seq = itertools.count()
         self._last_served = -1
         self._last_decoded = -1
         self._encode_queue: queue.Queue = queue.Queue()
         self._stopping = False
+        # Totals of closed streams, so `status` counts every frame the runtime served exactly once.
+        self._closed_totals: dict[str, int] = {}
+        self._closed_errors: dict[str, int] = {}
+        self._fps_in, self._fps_out = _RateMeter(), _RateMeter()
         loops = [(f"stream-decode-{index}", self._decode_loop) for index in range(INPUT_THREADS)]
         loops += [("stream-inference", self._inference_loop), ("stream-encode", self._encode_loop)]
         self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=name, daemon=True)
                          for name, loop in loops]
         for thread in self._threads:
             thread.start()
+
+    @classmethod
+    def load(cls, config: LoadConfig, defaults: StreamConfig | None = None, options: RuntimeOptions | None = None,
+             warmup: bool = True) -> StreamRuntime:
+        """Load `config`'s models, prepare their backend, start the threads and (with `warmup`) run one frame.
+
+        Raises:
+            ModelLoadError, BackendUnavailableError, ValueError: the models or backend cannot be made ready.
+            RuntimeError: the warm-up frame failed.
+        """
+        runtime = cls(Engine.load(config), defaults, options)
+        if warmup:
+            try:
+                runtime.warm_up()
+            except BaseException:
+                runtime.close()
+                raise
+        return runtime
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.name
 
     # ------------------------------------------------------------------ streams
 
@@ -206,47 +175,74 @@ class StreamRuntime:
             return list(self._streams)
 
     def open_stream(self, max_in_flight: int = 2, notify: Callable[[], None] | None = None,
-                    **overrides) -> StreamHandle:
-        """A new stream with its own engine state (encodes its prompt: call off the event loop)."""
-        if max_in_flight < 1:
-            raise ValueError(f"`max_in_flight` must be >= 1, got {max_in_flight}")
-        engine = StreamEngine(self.models, self.config.replace(**overrides), runner=self.runner)
-        handle = StreamHandle(engine, max_in_flight, notify)
+                    **params) -> StreamHandle:
+        """A new stream with its own state, from the runtime's defaults with `params` (flat names) changed.
+
+        Encodes the stream's prompt (and may open compiled graphs): call it off an event loop.
+
+        Raises:
+            ValueError: an unknown, load-time or invalid parameter.
+        """
+        engine = StreamEngine(self.engine, self.defaults.updated(**params))
+        handle = StreamHandle(engine, max_in_flight, self._lock, notify, on_close=self._forget)
         with self._lock:
             self._streams.append(handle)
         return handle
 
-    def close_stream(self, handle: StreamHandle) -> None:
-        """Remove a stream; its waiting frames are discarded and `get` stops waiting."""
+    def warm_up(self, timeout: float = 300.0) -> float:
+        """Run one grey frame through a throwaway stream so the first client is not the one who waits;
+        returns its seconds.
+
+        Raises:
+            RuntimeError: the frame failed or timed out.
+        """
+        started = time.perf_counter()
+        config = self.defaults
+        handle = self.open_stream(max_in_flight=1)
+        try:
+            handle.put(encode_jpeg(np.full((config.height, config.width, 3), 128, np.uint8)))
+            answer = handle.get(timeout)
+            if not isinstance(answer, FrameResult) or answer.error is not None:
+                why = "timed out" if answer is None else getattr(answer.error, "message", "dropped")
+                raise RuntimeError(f"warm-up frame failed: {why}")
+        finally:
+            handle.close()
+        return time.perf_counter() - started
+
+    def _forget(self, handle: StreamHandle) -> None:
+        stats = handle.stats
         with self._lock:
             if handle in self._streams:
                 self._streams.remove(handle)
-            handle._waiting.clear()
-        with handle._ready:
-            handle.closed = True
-            handle._outputs.clear()
-            handle._ready.notify_all()
+            for name in ("frames_in", "frames_out", "dropped", "skipped"):
+                self._closed_totals[name] = self._closed_totals.get(name, 0) + getattr(stats, name)
+            for code, count in stats.errors_by_code.items():
+                self._closed_errors[code] = self._closed_errors.get(code, 0) + count
 
-    def submit(self, handle: StreamHandle, data: bytes, arrival: float | None = None) -> bool:
-        """Queue an encoded frame; `False` if it was dropped at once (nothing waiting to replace)."""
-        arrival = time.monotonic() if arrival is None else arrival
+    def status(self) -> RuntimeStatus:
+        """State and counters now (see `RuntimeStatus`)."""
+        now = time.monotonic()
         with self._lock:
-            if handle.closed:
-                return False
-            handle.stats.frames_in += 1
-            decision = admit_frame(handle.in_flight, len(handle._waiting), handle.max_in_flight)
-            if not decision.accept:
-                handle.stats.dropped += 1
-                return False
-            if decision.replace_index is not None:
-                del handle._waiting[decision.replace_index]
-                handle.stats.dropped += 1
-            else:
-                with handle._ready:
-                    handle._unreleased += 1
-            handle._waiting.append(_Job(next(self._seq), data, arrival))
-            self._lock.notify_all()
-        return True
+            streams = list(self._streams)
+            totals = dict(self._closed_totals)
+            errors = dict(self._closed_errors)
+        for handle in streams:
+            stats = handle.stats
+            for name in ("frames_in", "frames_out", "dropped", "skipped"):
+                totals[name] = totals.get(name, 0) + getattr(stats, name)
+            for code, count in stats.errors_by_code.items():
+                errors[code] = errors.get(code, 0) + count
+        health = self._health
+        inference = list(health.inference_s)
+        return RuntimeStatus(
+            model=self.model_name, streams=len(streams), failure=self.failure,
+            fps_in=self._fps_in.rate(now), fps_out=self._fps_out.rate(now),
+            frames_in=totals.get("frames_in", 0), frames_out=totals.get("frames_out", 0),
+            dropped=totals.get("dropped", 0), skipped=totals.get("skipped", 0), errors=sum(errors.values()),
+            errors_by_code=errors, inference_errors=health.inference_errors, last_error=health.last_error,
+            batches=health.batches, frames_inferred=health.frames_inferred,
+            mean_inference_s=sum(inference) / len(inference) if inference else None,
+        )
 
     # ------------------------------------------------------------------ threads
 
@@ -260,7 +256,7 @@ class StreamRuntime:
             loop()
         except Exception as error:
             name = threading.current_thread().name
-            self.health.dead_threads[name] = f"{type(error).__name__}: {error}"
+            self._health.dead_threads[name] = f"{type(error).__name__}: {error}"
             logger.critical("runtime thread %s stopped: every stream is stalled", name, exc_info=error)
 
     @property
@@ -268,7 +264,7 @@ class StreamRuntime:
         """Why the runtime cannot serve frames any more (a dead thread), or `None` while it can."""
         if self._stopping:
             return None
-        dead = dict(self.health.dead_threads)
+        dead = dict(self._health.dead_threads)
         dead.update({thread.name: "not running" for thread in self._threads
                      if not thread.is_alive() and thread.name not in dead})
         if not dead:
@@ -284,8 +280,9 @@ class StreamRuntime:
                     return
                 handle, job = work
                 self._last_decoded = self._streams.index(handle)
-                handle.in_input_stage = True
+                handle.in_input_stage = job.started = True
                 config = handle.engine.config
+            self._fps_in.mark(time.monotonic())
             started = time.perf_counter()
             self._input_stage(handle, job, config)
             with self._lock:
@@ -293,14 +290,14 @@ class StreamRuntime:
                 handle.in_input_stage = False
                 self._lock.notify_all()
 
-    def _input_stage(self, handle: StreamHandle, job: _Job, config: EngineConfig) -> None:
+    def _input_stage(self, handle: StreamHandle, job: Job, config: StreamConfig) -> None:
         """Decode one frame and run the engine's first stage; any failure becomes that frame's error.
 
         `job.frame` or `job.error` is set last: the inference thread takes the job as soon as either is.
         """
         data, job.data = job.data, b""
         try:
-            image = rgb_to_tensor(decode_image(data, config.width, config.height, self.max_pixels))
+            image = rgb_to_tensor(decode_image(data, config.width, config.height, self.options.max_pixels))
         except ImageDecodeError as error:
             job.error = error
             return
@@ -320,19 +317,18 @@ class StreamRuntime:
     def _model_error(self, stage: str, error: Exception) -> FrameError:
         """Log and count a failing model stage; the frame is answered with an `inference_failed` error."""
         logger.error("%s failed", stage, exc_info=error)
-        self.health.inference_errors += 1
-        self.health.last_error = f"{type(error).__name__}: {error}"
+        self._health.inference_errors += 1
+        self._health.last_error = f"{type(error).__name__}: {error}"
         return FrameError("inference_failed", f"inference failed: {error}")
 
-    def _next_undecoded(self) -> tuple[StreamHandle, _Job] | None:
+    def _next_undecoded(self) -> tuple[StreamHandle, Job] | None:
         now = time.monotonic()
-        index = least_used(self._streams, self._last_decoded,
-                           lambda h: not h.in_input_stage and any(not job.decoded for job in h._waiting),
+        index = least_used(self._streams, self._last_decoded, lambda h: h.next_undecoded() is not None,
                            lambda h: h.input_usage.at(now))
         if index is None:
             return None
         handle = self._streams[index]
-        return handle, next(job for job in handle._waiting if not job.decoded)
+        return handle, handle.next_undecoded()
 
     def _inference_loop(self) -> None:
         while True:
@@ -346,13 +342,12 @@ class StreamRuntime:
                 if self._stopping:
                     return
                 self._last_served = pick.after
-                batch = [(self._streams[index], self._streams[index]._waiting.popleft()) for index in pick.indices]
+                batch = [(self._streams[index], self._streams[index].pop_head()) for index in pick.indices]
             self._infer(batch)
 
     def _next_batch(self) -> BatchPick | None:
-        return round_robin_batch(self._streams, self._last_served,
-                                 lambda h: bool(h._waiting) and h._waiting[0].decoded,
-                                 lambda h: batch_key(h.engine), self.max_batch)
+        return round_robin_batch(self._streams, self._last_served, StreamHandle.head_decoded,
+                                 lambda h: batch_key(h.engine), self.options.max_batch)
 
     def _gather(self, pick: BatchPick) -> BatchPick | None:
         """Let a partial batch wait up to `batch_wait_s` for compatible frames still in the input stage.
@@ -361,8 +356,8 @@ class StreamRuntime:
         the batch fills or no compatible stream has a frame on its way. `None` if the streams changed
         so that nothing is ready any more. Called with `_lock` held.
         """
-        deadline = time.monotonic() + self.batch_wait_s
-        while not self._stopping and pick is not None and len(pick.indices) < self.max_batch \
+        deadline = time.monotonic() + self.options.batch_wait_s
+        while not self._stopping and pick is not None and len(pick.indices) < self.options.max_batch \
                 and self._frames_coming(pick) and (remaining := deadline - time.monotonic()) > 0:
             self._lock.wait(remaining)
             pick = self._next_batch()
@@ -373,10 +368,10 @@ class StreamRuntime:
         key = batch_key(self._streams[pick.indices[0]].engine)
         if key is None:
             return False
-        return any(index not in pick.indices and handle._waiting and not handle._waiting[0].decoded
-                   and batch_key(handle.engine) == key for index, handle in enumerate(self._streams))
+        return any(index not in pick.indices and handle.head_in_input_stage() and batch_key(handle.engine) == key
+                   for index, handle in enumerate(self._streams))
 
-    def _infer(self, batch: list[tuple[StreamHandle, _Job]]) -> None:
+    def _infer(self, batch: list[tuple[StreamHandle, Job]]) -> None:
         """Advance one frame per stream, in one batched UNet call when there are several."""
         ready = [(handle, job) for handle, job in batch if job.error is None]
         try:
@@ -384,11 +379,11 @@ class StreamRuntime:
                 started = time.perf_counter()
                 errors = advance_batch([handle.engine for handle, _ in ready], [job.frame for _, job in ready])
                 elapsed = time.perf_counter() - started
-                self.health.batches += 1
+                self._health.batches += 1
                 for (_, job), error in zip(ready, errors, strict=True):
                     job.model_s += elapsed
                     if error is None:
-                        self.health.frames_inferred += 1
+                        self._health.frames_inferred += 1
                     else:
                         job.error = self._model_error("inference", error)
         except Exception as error:  # a bug outside the per-group handling still costs only these frames
@@ -411,20 +406,17 @@ class StreamRuntime:
                 try:
                     step = handle.engine.finish(job.frame)
                     job.model_s += time.perf_counter() - started
-                    result.jpeg = encode_jpeg(tensor_to_rgb(step.images), self.jpeg_quality)
+                    result.jpeg = encode_jpeg(tensor_to_rgb(step.images), self.options.jpeg_quality)
                 except Exception as error:  # a failing frame must not kill the worker
                     result.error = self._model_error("VAE decode", error)
                 else:
                     result.skipped = step.skipped
                     result.inference_s = job.model_s
-                    self.health.inference_s.append(job.model_s)
-            if result.error is None:
-                handle.stats.frames_out += 1
-                handle.stats.skipped += int(result.skipped)
-            else:
-                handle.stats.errors += 1
+                    self._health.inference_s.append(job.model_s)
             result.done = time.monotonic()
-            handle._deliver(result)
+            if result.error is None:
+                self._fps_out.mark(result.done)
+            handle.deliver(result)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop every thread and wait for them (frames still waiting are discarded)."""
@@ -435,7 +427,7 @@ class StreamRuntime:
         for thread in self._threads:
             thread.join(timeout)
         for handle in self.streams:
-            self.close_stream(handle)
+            handle.close()
 
     def __enter__(self) -> StreamRuntime:
         return self

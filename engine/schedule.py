@@ -42,7 +42,11 @@ def slot_schedule(
     device: torch.device,
     dtype: torch.dtype,
 ) -> SlotSchedule:
-    """Pick the timesteps `t_index_list` of an LCM schedule of `num_inference_steps` steps."""
+    """Pick the timesteps `t_index_list` of an LCM schedule of `num_inference_steps` steps.
+
+    `scheduler` is not changed: `set_timesteps` runs on a copy, since a model's scheduler is shared by streams.
+    """
+    scheduler = type(scheduler).from_config(scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device="cpu")
     timesteps = scheduler.timesteps.long()[list(t_index_list)]
     alphas_cumprod = scheduler.alphas_cumprod.double()[timesteps]

@@ -9,12 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from . import guidance
-from .backends import NetworkRunner, make_runner
-from .config import HOT_PARAMS, REPREPARE_PARAMS, EngineConfig
-from .loading import resolve_device, resolve_dtype
-from .memory import apply_memory_mode
-from .models import ModelBundle
-from .prompt import Conditioning, PromptState, encode_prompt, install_kv_processors, precompute_kv
+from .config import HOT_PARAMS, REPREPARE_PARAMS, StreamConfig, check_compatible
+from .loading import Engine
+from .prompt import Conditioning, PromptState, encode_prompt, precompute_kv
 from .schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
 from .similarity import SimilarityFilter
 from .skip import SkipPolicy, SlotFrame, make_skip_policy, update_skip_policy
@@ -77,26 +74,27 @@ class FrameWork:
 
 
 class StreamEngine:
-    """A single video stream through a shared model set.
+    """A single video stream through a shared, loaded `Engine`.
 
-    Many engines may share one `ModelBundle`: every tensor that depends on the stream (latent
-    buffer, fixed noise, stock noise, prompt cache, similarity filter) lives here.
+    Many streams share one `Engine` and never change it: every tensor that depends on the stream (latent
+    buffer, fixed noise, stock noise, prompt cache, similarity filter, skip caches) lives here.
 
     Args:
-        models (`ModelBundle`): the shared models, already on the config's device and dtype.
-        config (`EngineConfig`): the stream's configuration; its prompt is prepared at once.
-        runner (`NetworkRunner`, *optional*): how to run the networks; by default the shared runner of
-            `config.backend` (`engine.backends.make_runner`).
+        engine (`Engine`): the shared models and their runner (`Engine.load` / `Engine.prepare`).
+        config (`StreamConfig`): the stream's parameters; its prompt is prepared at once.
+
+    Raises:
+        ValueError: `config` cannot run on `engine` (see `engine.config.check_compatible`).
     """
 
-    def __init__(self, models: ModelBundle, config: EngineConfig, runner: NetworkRunner | None = None):
-        self.models = models
-        self.runner = runner if runner is not None else make_runner(models, config)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        if config.use_kv_cache:
-            install_kv_processors(models.unet)
-        apply_memory_mode(models, config.memory)
+    def __init__(self, engine: Engine, config: StreamConfig):
+        check_compatible(engine.config, config)
+        self.engine = engine
+        self.models = engine.models
+        self.runner = engine.runner(config)
+        self.device = engine.device
+        self.dtype = engine.dtype
+        self.kv_cache = engine.config.kv_cache
         self._lock = threading.Lock()
         # `begin` takes only this one, so a stream's next frame can pass the filter while `advance` holds
         # `_lock` for the UNet call; updates take `_lock`, then this.
@@ -108,16 +106,16 @@ class StreamEngine:
         self._prompt = self._encode_prompt(config, config.prompt, config.negative_prompt)
         self._state = self._new_state(config)
         # Per-stream feature caches of the optional skip policy (None when `skip_policy="off"`).
-        self.skip_policy: SkipPolicy | None = make_skip_policy(models, config, self.runner)
+        self.skip_policy: SkipPolicy | None = make_skip_policy(self.models, config, self.runner)
 
     # ------------------------------------------------------------------ preparation
 
-    def latent_shape(self, config: EngineConfig) -> tuple[int, int, int]:
+    def latent_shape(self, config: StreamConfig) -> tuple[int, int, int]:
         """(channels, height, width) of one latent at `config`'s size."""
         factor = self.models.vae_scale_factor
         return (self.models.unet.config.in_channels, config.height // factor, config.width // factor)
 
-    def _layouts(self, config: EngineConfig) -> list[LayoutKey]:
+    def _layouts(self, config: StreamConfig) -> list[LayoutKey]:
         f, n = config.frame_buffer_size, config.denoising_steps
         if config.stream_batch:
             return [(config.cfg_type, n * f)]
@@ -126,7 +124,7 @@ class StreamEngine:
             layouts.append(("self", f))
         return layouts
 
-    def _encode_prompt(self, config: EngineConfig, prompt: str, negative_prompt: str) -> PromptState:
+    def _encode_prompt(self, config: StreamConfig, prompt: str, negative_prompt: str) -> PromptState:
         tokenizer, text_encoder = self.models.tokenizer, self.models.text_encoder
         cond = encode_prompt(tokenizer, text_encoder, prompt)
         uncond = encode_prompt(tokenizer, text_encoder, negative_prompt) \
@@ -134,17 +132,17 @@ class StreamEngine:
         layouts = {}
         for cfg_type, rows in self._layouts(config):
             states = guidance.expand_prompt_embeds(cfg_type, cond, uncond, rows, config.frame_buffer_size)
-            kv = precompute_kv(self.models.unet, states) if config.use_kv_cache else None
+            kv = precompute_kv(self.models.unet, states) if self.kv_cache else None
             layouts[(cfg_type, rows)] = Conditioning(states, kv)
         return PromptState(prompt, negative_prompt, layouts)
 
-    def _new_noise(self, config: EngineConfig) -> torch.Tensor:
+    def _new_noise(self, config: StreamConfig) -> torch.Tensor:
         rows = config.denoising_steps * config.frame_buffer_size
         generator = torch.Generator().manual_seed(config.seed)
         noise = torch.randn((rows, *self.latent_shape(config)), generator=generator)
         return noise.to(device=self.device, dtype=self.dtype)
 
-    def _new_state(self, config: EngineConfig) -> _StreamState:
+    def _new_state(self, config: StreamConfig) -> _StreamState:
         schedule = slot_schedule(self.models.scheduler, config.num_inference_steps, config.t_index_list,
                                  config.frame_buffer_size, self.device, self.dtype)
         noise = self._new_noise(config)
@@ -167,12 +165,14 @@ class StreamEngine:
         Hot parameters (`HOT_PARAMS`) keep the stream going; `t_index_list`, `width` and `height`
         re-prepare it (new schedule, noise and buffer, primed again). Anything else raises `ValueError`.
         """
-        unknown = set(params) - HOT_PARAMS - REPREPARE_PARAMS
-        if unknown:
-            raise ValueError(f"cannot change {sorted(unknown)} on a live stream; allowed: "
+        config = self.config.updated(**params)  # validates, names load-time settings as such
+        fixed = set(params) - HOT_PARAMS - REPREPARE_PARAMS
+        if fixed:
+            raise ValueError(f"{sorted(fixed)} are fixed when the stream opens; a live stream may change "
                              f"{sorted(HOT_PARAMS | REPREPARE_PARAMS)}")
-        config = self.config.replace(**params)  # validates
+        check_compatible(self.engine.config, config)
         reprepare = any(getattr(config, name) != getattr(self.config, name) for name in REPREPARE_PARAMS)
+        runner = self.engine.runner(config) if reprepare else self.runner
         prompt_changed = (config.prompt, config.negative_prompt) != (self.config.prompt, self.config.negative_prompt)
         prompt = self._encode_prompt(config, config.prompt, config.negative_prompt) \
             if prompt_changed or reprepare else self._prompt
@@ -180,8 +180,9 @@ class StreamEngine:
         noise = self._new_noise(config) if config.seed != self.config.seed and not reprepare else None
         clear_skip_caches = prompt_changed or reprepare or config.seed != self.config.seed
         with self._lock, self._input_lock:
-            self.skip_policy = update_skip_policy(self.skip_policy, self.models, self.config, config, self.runner,
+            self.skip_policy = update_skip_policy(self.skip_policy, self.models, self.config, config, runner,
                                                   clear_skip_caches)
+            self.runner = runner
             self.config = config
             self._prompt = prompt
             self._filter.threshold = config.similarity_threshold
@@ -319,14 +320,14 @@ class StreamEngine:
         model_output = self.runner.unet(unet_latents, unet_timesteps, conditioning)
         return guidance.guide(cfg_type, model_output, stock, self.config.guidance_scale, self.config.delta, f)
 
-    def _stream_inputs(self, state: _StreamState, config: EngineConfig, latents: torch.Tensor) -> UnetCall:
+    def _stream_inputs(self, state: _StreamState, config: StreamConfig, latents: torch.Tensor) -> UnetCall:
         schedule, noise, f = state.schedule, state.fixed_noise, config.frame_buffer_size
         newest = add_noise(latents, noise[:f], schedule.alpha[:f], schedule.beta[:f])
         x_t = torch.cat([newest, state.buffer])
         unet_latents, unet_timesteps = guidance.expand_unet_inputs(config.cfg_type, x_t, schedule.timesteps, f)
         return UnetCall(x_t, unet_latents, unet_timesteps, self._prompt.layouts[(config.cfg_type, x_t.shape[0])])
 
-    def _stream_finish(self, state: _StreamState, config: EngineConfig, call: UnetCall,
+    def _stream_finish(self, state: _StreamState, config: StreamConfig, call: UnetCall,
                        model_output: torch.Tensor) -> torch.Tensor:
         schedule, noise, f = state.schedule, state.fixed_noise, config.frame_buffer_size
         eps, stock = guidance.guide(config.cfg_type, model_output, state.stock_noise, config.guidance_scale,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import load_models
+from engine import Engine, LoadConfig, load_models
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -17,3 +17,27 @@ def _torch_threads():
 def tiny_models():
     """The seeded random tiny model, shared read-only by every test."""
     return load_models("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_models):
+    """The tiny model prepared for streaming with the default load-time settings (eager, K/V cache, memory off)."""
+    return Engine.prepare(tiny_models, LoadConfig(model="tiny"))
+
+
+@pytest.fixture(scope="session")
+def with_runner():
+    """`with_runner(engine, runner)`: a copy of the loaded `engine` (same models, load config, device and dtype)
+    whose streams all run on `runner`, e.g. a runner that records its calls.
+
+    Streams take their runner from their `Engine` (`Engine.runner`), so a test that injects one gives them an
+    `Engine` that hands out only that runner; the models are not prepared again. Streams of one such engine
+    share the runner and batch together (`engine.batching.batch_key`), as streams of one loaded engine do.
+    """
+
+    def make(engine: Engine, runner) -> Engine:
+        custom = Engine(engine.config, engine.models, engine.device, engine.dtype)
+        custom.runner = lambda stream=None: runner
+        return custom
+
+    return make

@@ -9,20 +9,23 @@ components (a sub-package such as `engine.skip` is one component, a top-level mo
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "server", "client", "benchmarks", "training")
+PACKAGES = ("engine", "server", "client", "benchmarks", "training", "wire")
 # What each library package must never import: the engine knows nothing of its users, the server
 # nothing of the clients, and neither carries benchmark or training code; the clients install and
-# run without the engine's model stack.
+# run without the engine's model stack. `wire`, the WebSocket protocol's vocabulary, is shared by the
+# server and the clients (both may import it) and imports no other project package.
 FORBIDDEN = {
-    "engine": ("server", "client", "benchmarks", "training"),
+    "engine": ("server", "client", "benchmarks", "training", "wire"),
     "server": ("client", "benchmarks", "training"),
     "client": ("engine", "server", "benchmarks", "training"),
+    "wire": ("engine", "server", "client", "benchmarks", "training"),
 }
 
 
@@ -145,7 +148,30 @@ def test_library_packages_import_only_downwards(project_graph, package):
 
 def test_the_walk_sees_every_package_and_function_local_imports(project_graph):
     assert {module.split(".")[0] for module in project_graph} == set(PACKAGES)
-    assert "engine.backends.eager" in project_graph["engine.skip"]  # imported inside make_skip_policy
+    assert "engine.skip.rehash" in project_graph["engine.skip"]  # imported inside make_skip_policy
+
+
+@pytest.mark.parametrize("user", ["server", "client"])
+def test_server_and_client_share_the_wire_vocabulary(project_graph, user):
+    """Both ends of the WebSocket protocol import its one vocabulary (which the rules above allow)."""
+    assert any(target.split(".")[0] == "wire" for module, targets in project_graph.items()
+               if module.split(".")[0] == user for target in targets)
+
+
+def test_wire_needs_only_the_standard_library():
+    """The clients install without the model stack: `wire` imports nothing outside the standard library."""
+    outside = set()
+    for path in sorted((ROOT / "wire").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            outside.update(name for name in names
+                           if name.split(".")[0] not in sys.stdlib_module_names and name != "__future__")
+    assert outside == set()
 
 
 def _tree(root: Path, files: dict[str, str]) -> dict[str, set[str]]:

@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 
 from .. import guidance
-from ..config import EngineConfig
+from ..config import StreamConfig
 from ..models import ModelBundle
 from ..prompt import cross_attention_layers
 from .cache import (
@@ -54,8 +54,9 @@ class GraphShape:
     sequence_length: int = 0
 
 
-def config_shapes(models: ModelBundle, config: EngineConfig) -> list[GraphShape]:
-    """Every graph `StreamEngine` calls under `config`: the UNet batch(es), the VAE encoder and decoder."""
+def config_shapes(models: ModelBundle, config: StreamConfig, kv_cache: bool) -> list[GraphShape]:
+    """Every graph `StreamEngine` calls for a stream under `config`: the UNet batch(es) (taking the K/V cache as
+    inputs when `kv_cache`), the VAE encoder and decoder."""
     f, n = config.frame_buffer_size, config.denoising_steps
     if config.stream_batch:
         unet_batches = [guidance.unet_batch_size(config.cfg_type, n, f)]
@@ -65,7 +66,7 @@ def config_shapes(models: ModelBundle, config: EngineConfig) -> list[GraphShape]
         if config.cfg_type == "initialize":
             unet_batches.append(guidance.unet_batch_size("self", 1, f))
     sequence_length = models.tokenizer.model_max_length
-    shapes = [GraphShape("unet", batch, config.height, config.width, config.use_kv_cache, sequence_length)
+    shapes = [GraphShape("unet", batch, config.height, config.width, kv_cache, sequence_length)
               for batch in unet_batches]
     shapes.append(GraphShape("vae_encoder", f, config.height, config.width))
     shapes.append(GraphShape("vae_decoder", f, config.height, config.width))

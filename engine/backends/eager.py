@@ -20,8 +20,8 @@ class EagerRunner:
         self.models = models
         self.scaling_factor = float(models.vae.config.scaling_factor)
         if isinstance(models.vae, AutoencoderTiny):
-            # TAESD is convolutions only: NHWC weights make oneDNN/cuDNN pick faster kernels (1.5-2x per call
-            # on this CPU, identical outputs), and a batch of n images then costs less than n calls.
+            # TAESD is convolutions only: NHWC weights make oneDNN/cuDNN pick faster kernels (identical outputs;
+            # figures in docs/batching.md), and a batch of n images then costs less than n calls.
             models.vae.to(memory_format=torch.channels_last)
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import BACKENDS, EngineConfig
+from ..config import BACKENDS, LoadConfig, StreamConfig
 from ..models import ModelBundle
 from .base import NetworkRunner
 from .eager import EagerRunner
@@ -70,43 +70,44 @@ def new_runner(backend: str, models: ModelBundle, cfg_type: str = "self", cache_
     raise BackendUnavailableError(f"no runner for backend {backend!r}")
 
 
-def make_runner(models: ModelBundle, config: EngineConfig, cache_dir: Path | None = None,
-                exporter: str = DEFAULT_EXPORTER) -> NetworkRunner:
+def make_runner(models: ModelBundle, config: LoadConfig, stream: StreamConfig | None = None,
+                cache_dir: Path | None = None, exporter: str = DEFAULT_EXPORTER) -> NetworkRunner:
     """The runner of `config.backend` (and `config.vae_backend`) for `models`, shared while any engine holds it.
 
     Runners are kept per (models, backend, guidance mode, cache folder, exporter): streams of one
     model set share one runner and its compiled graphs, whatever their size. With a `vae_backend`
-    other than the UNet's, a shared `SplitRunner` joins the two backends' shared runners. The graphs
-    `config` needs are opened (exported or built when not cached) before this returns.
+    other than the UNet's, a shared `SplitRunner` joins the two backends' shared runners. With `stream`,
+    the graphs a stream under it needs are opened (exported or built when not cached) before this returns.
 
     Raises:
         BackendUnavailableError: the backend cannot run here (e.g. `tensorrt` without CUDA).
     """
     backend = resolve_backend(config.backend, models)
     vae_backend = resolve_backend(config.vae_backend, models) if config.vae_backend is not None else backend
+    cfg_type = stream.cfg_type if stream is not None else "self"
     with _runners_lock:
-        runner = _shared_runner(models, backend, config, cache_dir, exporter)
+        runner = _shared_runner(models, backend, cfg_type, cache_dir, exporter)
         if vae_backend != backend:
-            unet_runner, vae_runner = runner, _shared_runner(models, vae_backend, config, cache_dir, exporter)
+            unet_runner, vae_runner = runner, _shared_runner(models, vae_backend, cfg_type, cache_dir, exporter)
             key = ("split", id(unet_runner), id(vae_runner))
             runner = _runners.get(key)
             if runner is None or runner.unet_runner is not unet_runner or runner.vae_runner is not vae_runner:
                 runner = SplitRunner(unet_runner, vae_runner)
                 _runners[key] = runner
     prepare = getattr(runner, "prepare", None)
-    if prepare is not None:
-        prepare(config)
+    if prepare is not None and stream is not None:
+        prepare(stream, config.kv_cache)
     return runner
 
 
-def _shared_runner(models: ModelBundle, backend: str, config: EngineConfig, cache_dir: Path | None,
+def _shared_runner(models: ModelBundle, backend: str, cfg_type: str, cache_dir: Path | None,
                    exporter: str) -> NetworkRunner:
     """The shared runner of one concrete backend (made when none is alive); called with `_runners_lock` held."""
     static = backend in ("onnxruntime", "tensorrt")
-    key = (id(models), backend, config.cfg_type if static else None,
+    key = (id(models), backend, cfg_type if static else None,
            str(cache_dir) if cache_dir is not None else None, exporter if static else None)
     runner = _runners.get(key)
     if runner is None or runner.models is not models:
-        runner = new_runner(backend, models, config.cfg_type, cache_dir, exporter)
+        runner = new_runner(backend, models, cfg_type, cache_dir, exporter)
         _runners[key] = runner
     return runner

@@ -1,17 +1,17 @@
-"""A runner whose UNet and VAE run on different backends (`EngineConfig.vae_backend`).
+"""A runner whose UNet and VAE run on different backends (`LoadConfig.vae_backend`).
 
 Why: the two halves want different things. The UNet call is where sessions batch (`engine.batching`),
 which only a dynamic-batch runner (eager PyTorch) can do, while the VAE always runs one frame of a fixed
 size per call, exactly what a static-shape graph is for: on a CPU, ONNX Runtime runs the TAESD halves
-1.4-2x faster than eager PyTorch. An eager UNet with ONNX Runtime VAE keeps cross-session batching and
-takes the faster VAE.
+faster than eager PyTorch (figures in docs/backends.md). An eager UNet with ONNX Runtime VAE keeps
+cross-session batching and takes the faster VAE.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import EngineConfig
+from ..config import StreamConfig
 from ..prompt import Conditioning
 from .base import NetworkRunner, runner_name
 
@@ -33,12 +33,12 @@ class SplitRunner:
         self.dynamic_batch = getattr(unet_runner, "dynamic_batch", False)
         self.backend = f"{runner_name(unet_runner)}+{runner_name(vae_runner)}"
 
-    def prepare(self, config: EngineConfig) -> None:
-        """Open the graphs each half needs for `config` (only the UNet's or only the VAE's)."""
+    def prepare(self, config: StreamConfig, kv_cache: bool) -> None:
+        """Open the graphs each half needs for a stream under `config` (only the UNet's or only the VAE's)."""
         for runner, networks in ((self.unet_runner, ("unet",)), (self.vae_runner, ("vae_encoder", "vae_decoder"))):
             prepare = getattr(runner, "prepare", None)
             if prepare is not None:
-                prepare(config, networks=networks)
+                prepare(config, kv_cache, networks=networks)
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         return self.unet_runner.unet(latents, timesteps, conditioning)

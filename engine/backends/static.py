@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from ..config import EngineConfig
+from ..config import StreamConfig
 from ..models import ModelBundle
 from ..prompt import Conditioning
 from .artifacts import GraphShape, OnnxCache, config_shapes
@@ -71,13 +71,13 @@ class StaticShapeRunner:
                     self._graphs[shape] = graph
         return graph
 
-    def prepare(self, config: EngineConfig, networks: tuple[str, ...] | None = None) -> list[Path]:
-        """Open every graph `config` needs now, so no frame waits for one; returns their cache files.
+    def prepare(self, config: StreamConfig, kv_cache: bool, networks: tuple[str, ...] | None = None) -> list[Path]:
+        """Open every graph a stream under `config` needs now, so no frame waits for one; returns their cache files.
 
         `networks` limits it to some of `unet`, `vae_encoder`, `vae_decoder` (a `SplitRunner` half).
         """
         paths = []
-        for shape in config_shapes(self.models, config):
+        for shape in config_shapes(self.models, config, kv_cache):
             if networks is not None and shape.network not in networks:
                 continue
             self.graph(shape)

@@ -16,8 +16,9 @@ from collections import deque
 
 import torch
 
+from ..config import SkipSettings
 from ..prompt import Conditioning
-from .base import SkipPolicy, SkipSettings, SlotFrame, relative_l1
+from .base import SkipPolicy, SlotFrame, relative_l1
 from .residual_blocks import CROSS, MAIN, ResidualPass, deep_units, wrapped_units
 from .unet_split import check_supported
 
@@ -81,7 +82,7 @@ class AdaCachePolicy(SkipPolicy):
             forced = torch.ones_like(forced)
         self.cross_age += 1
         main = forced | (self.guard.age >= self.next_compute)
-        lifetime = self.settings.cross_attention_factor * self.next_compute.clamp_max(self.settings.max_age)
+        lifetime = self.settings.adacache_cross_attention_factor * self.next_compute.clamp_max(self.settings.max_age)
         cross = self.guard.cuts | (self.cross_age >= lifetime)
         if not self.caches:
             cross = torch.ones_like(cross)
@@ -119,8 +120,8 @@ class AdaCachePolicy(SkipPolicy):
         change_rows = relative_l1(mid_residual, self.mid_reference, self.mid_reference) / ages[slot_of_row]
         change = torch.zeros_like(self.last_change).scatter_reduce(0, slot_of_row, change_rows, "amax",
                                                                    include_self=False)
-        regularised = change * (1 + motion / self.settings.motion_scale)
-        frames = codebook_frames(regularised, self.settings.codebook)
+        regularised = change * (1 + motion / self.settings.adacache_motion_scale)
+        frames = codebook_frames(regularised, self.settings.adacache_codebook)
         self.next_compute = torch.where(main, frames, self.next_compute)
         self.last_change = torch.where(main, regularised, self.last_change)
         self.mid_reference = torch.where(fresh_rows.view(-1, 1, 1, 1), mid_residual, self.mid_reference)

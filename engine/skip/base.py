@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import EngineConfig
+from ..config import SkipSettings
 from ..prompt import Conditioning, KVCache
 from ..schedule import SlotSchedule
 
@@ -47,26 +47,6 @@ class SlotFrame:
         if unet_rows == slot_rows + f:  # `initialize`: one extra negative slot for the newest frames
             return torch.cat([own[:f], own])
         raise ValueError(f"a UNet batch of {unet_rows} rows does not match {slot_rows} slot rows")
-
-
-@dataclass(frozen=True)
-class SkipSettings:
-    """The skip policy's share of `EngineConfig` (see its docstring for each field)."""
-
-    policy: str
-    cut_threshold: float
-    accumulated_threshold: float
-    max_age: int
-    rehash_interval: int
-    codebook: tuple[tuple[float, int], ...]
-    motion_scale: float
-    cross_attention_factor: int
-
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> SkipSettings:
-        return cls(config.skip_policy, config.skip_cut_threshold, config.skip_accumulated_threshold,
-                   config.skip_max_age, config.rehash_interval, config.adacache_codebook,
-                   config.adacache_motion_scale, config.adacache_cross_attention_factor)
 
 
 @dataclass

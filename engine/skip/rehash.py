@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ..config import SkipSettings
 from ..prompt import Conditioning
-from .base import SkipPolicy, SkipSettings, SlotFrame, gather_conditioning
+from .base import SkipPolicy, SlotFrame, gather_conditioning
 from .unet_split import check_supported, run_deep, run_head, run_tail
 
 

@@ -14,9 +14,10 @@ def test_rows_and_ratios_in_the_json(tmp_path, capsys):
     elapsed = time.perf_counter() - started
     results = json.loads((tmp_path / "bench.json").read_text())
     rows = ("engine_fps", "compute_limit_fps", "sequential_fps", "full_cfg_fps", "diffusers_fps")
-    assert set(results) == {"model", "size", "frames", "t_index_list", "machine", "ratios", *rows,
+    assert set(results) == {"model", "size", "width", "height", "frames", "t_index_list", "machine", "ratios", *rows,
                             "ssf_static_skip_rate"}
     assert (results["model"], results["size"], results["frames"]) == ("tiny", 32, 2)
+    assert (results["width"], results["height"]) == (32, 32)
     # A median frame lasts less than the whole run.
     assert all(results[row] > 1 / elapsed for row in rows)
     # 100 identical frames: the filter skips at most 10 in a row, and computes one frame between runs.

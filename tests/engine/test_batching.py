@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from engine import EngineConfig
+from engine import Engine, LoadConfig, StreamConfig
 from engine.backends import EagerRunner
 from engine.batching import batch_key, step_batch
 from engine.stream import StreamEngine
@@ -32,9 +32,9 @@ class CountingRunner(EagerRunner):
         return super().decode(latents)
 
 
-def make_config(**changes) -> EngineConfig:
+def make_config(**changes) -> StreamConfig:
     base = dict(width=SIZE, height=SIZE, t_index_list=(20, 32, 45), similarity_filter=False, seed=3)
-    return EngineConfig(**{**base, **changes})
+    return StreamConfig(**{**base, **changes})
 
 
 def random_frames(count: int, seed: int) -> list[torch.Tensor]:
@@ -51,10 +51,11 @@ SESSIONS = [
 ]
 
 
-def test_a_session_in_a_batch_equals_the_session_alone(tiny_models):
+def test_a_session_in_a_batch_equals_the_session_alone(tiny_models, tiny_engine, with_runner):
     runner = CountingRunner(tiny_models)
-    batched = [StreamEngine(tiny_models, make_config(**changes), runner=runner) for changes in SESSIONS]
-    alone = [StreamEngine(tiny_models, make_config(**changes)) for changes in SESSIONS]
+    counting = with_runner(tiny_engine, runner)
+    batched = [StreamEngine(counting, make_config(**changes)) for changes in SESSIONS]
+    alone = [StreamEngine(tiny_engine, make_config(**changes)) for changes in SESSIONS]
     assert len({batch_key(engine) for engine in batched}) == 1
     streams = [random_frames(4, seed=index) for index in range(len(SESSIONS))]
     for step in range(4):
@@ -79,10 +80,11 @@ def test_a_session_in_a_batch_equals_the_session_alone(tiny_models):
             torch.testing.assert_close(engine._state.stock_noise, reference._state.stock_noise, atol=1e-4, rtol=1e-4)
 
 
-def test_a_skipped_frame_stays_out_of_the_unet_batch(tiny_models):
+def test_a_skipped_frame_stays_out_of_the_unet_batch(tiny_models, tiny_engine, with_runner):
     runner = CountingRunner(tiny_models)
+    counting = with_runner(tiny_engine, runner)
     still = make_config(similarity_filter=True, similarity_threshold=0.9, max_skip_frames=10)
-    engines = [StreamEngine(tiny_models, still, runner=runner), StreamEngine(tiny_models, make_config(), runner=runner)]
+    engines = [StreamEngine(counting, still), StreamEngine(counting, make_config())]
     frame, moving = random_frames(1, seed=5)[0], random_frames(2, seed=6)
     step_batch(engines, [frame, moving[0]])
     runner.unet_rows.clear()
@@ -92,24 +94,39 @@ def test_a_skipped_frame_stays_out_of_the_unet_batch(tiny_models):
     assert engines[0].frames_skipped == 1
 
 
-def test_engines_that_cannot_batch_run_alone_exactly(tiny_models):
+def test_engines_that_cannot_batch_run_alone_exactly(tiny_models, tiny_engine, with_runner):
     runner = CountingRunner(tiny_models)
+    counting = with_runner(tiny_engine, runner)
     other_size = make_config(width=32, height=32)
     sequential = make_config(stream_batch=False)
-    engines = [StreamEngine(tiny_models, make_config(), runner=runner),
-               StreamEngine(tiny_models, other_size, runner=runner),
-               StreamEngine(tiny_models, sequential, runner=runner)]
+    engines = [StreamEngine(counting, make_config()),
+               StreamEngine(counting, other_size),
+               StreamEngine(counting, sequential)]
     assert batch_key(engines[2]) is None and batch_key(engines[0]) != batch_key(engines[1])
-    alone = [StreamEngine(tiny_models, engine.config) for engine in engines]
+    alone = [StreamEngine(tiny_engine, engine.config) for engine in engines]
     inputs = [torch.rand(3, SIZE, SIZE), torch.rand(3, 32, 32), torch.rand(3, SIZE, SIZE)]
     for result, engine, image in zip(step_batch(engines, inputs), alone, inputs, strict=True):
         assert torch.equal(result.images, engine.step(image).images)
 
 
-def test_bad_input_advances_no_stream(tiny_models):
-    engines = [StreamEngine(tiny_models, make_config()) for _ in range(2)]
+def test_bad_input_advances_no_stream(tiny_engine):
+    engines = [StreamEngine(tiny_engine, make_config()) for _ in range(2)]
     with pytest.raises(ValueError, match="expected 1 frame"):
         step_batch(engines, [torch.rand(3, SIZE, SIZE), torch.rand(3, 32, 32)])
     assert all(engine.frames_processed == 0 and engine._state.buffer is None for engine in engines)
     with pytest.raises(ValueError, match="only once"):
         step_batch([engines[0], engines[0]], [torch.rand(3, SIZE, SIZE)] * 2)
+
+
+def test_streams_batch_only_within_one_loaded_engine(tiny_models, tiny_engine):
+    """The key names the loaded `Engine` (models, dtype, device and K/V mode are its load-time settings) and the
+    frame size: streams of one engine share it whatever their own parameters; another engine's never do."""
+    first = StreamEngine(tiny_engine, make_config(prompt="a", cfg_type="full", seed=1))
+    second = StreamEngine(tiny_engine, make_config(prompt="b", cfg_type="none", t_index_list=(32, 45)))
+    assert batch_key(first) == batch_key(second) == (id(first.runner), id(tiny_engine), SIZE, SIZE)
+    uncached = Engine.prepare(tiny_models, LoadConfig(model="tiny", kv_cache=False))
+    other = StreamEngine(uncached, make_config(prompt="a", cfg_type="full", seed=1))
+    assert other.kv_cache is False and first.kv_cache is True
+    assert batch_key(other) is not None and batch_key(other) != batch_key(first)
+    assert batch_key(StreamEngine(tiny_engine, make_config(width=32))) != batch_key(first)
+    assert batch_key(StreamEngine(tiny_engine, make_config(skip_policy="rehash"))) is None

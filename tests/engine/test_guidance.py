@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import EngineConfig, StreamEngine, guidance
+from engine import StreamConfig, StreamEngine, guidance
 from engine.schedule import SlotSchedule, predict_x0
 
 
-def count_unet_batches(models, config, frames=3):
+def count_unet_batches(engine, config, frames=3):
     seen = []
-    hook = models.unet.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    hook = engine.models.unet.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
     try:
-        stream = StreamEngine(models, config)
+        stream = StreamEngine(engine, config)
         for _ in range(frames):
             stream(torch.rand(config.frame_buffer_size, 3, config.height, config.width))
     finally:
@@ -23,13 +23,13 @@ def count_unet_batches(models, config, frames=3):
 
 @pytest.mark.parametrize("cfg_type,slots_per_step", [("none", 0), ("self", 0), ("initialize", 1), ("full", 4)])
 @pytest.mark.parametrize("frame_buffer_size", [1, 2])
-def test_unet_batch_size_per_mode(tiny_models, cfg_type, slots_per_step, frame_buffer_size):
+def test_unet_batch_size_per_mode(tiny_engine, cfg_type, slots_per_step, frame_buffer_size):
     n = 4
-    config = EngineConfig(width=32, height=32, t_index_list=(0, 16, 32, 45), cfg_type=cfg_type,
+    config = StreamConfig(width=32, height=32, t_index_list=(0, 16, 32, 45), cfg_type=cfg_type,
                           frame_buffer_size=frame_buffer_size, similarity_filter=False)
     expected = (n + slots_per_step) * frame_buffer_size
     assert guidance.unet_batch_size(cfg_type, n, frame_buffer_size) == expected
-    batches = count_unet_batches(tiny_models, config)
+    batches = count_unet_batches(tiny_engine, config)
     # n − 1 priming calls on the first frame, then one call per frame, all at the same batch size.
     assert batches == [expected] * (n - 1 + 3)
 

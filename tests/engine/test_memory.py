@@ -8,7 +8,8 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from engine import EngineConfig, StreamEngine, load_models
+from engine import Engine, LoadConfig, StreamConfig, StreamEngine, load_models
+from engine.config import check_compatible
 from engine.memory import SliceSettings, apply_memory_mode, memory_mode
 from engine.memory.slicing import banded, batch_sliced, chain_geometry
 from engine.prompt import CachedKVAttnProcessor
@@ -28,8 +29,13 @@ def models():
     apply_memory_mode(bundle, "off")
 
 
-def _config(size: int, **changes) -> EngineConfig:
-    return EngineConfig(width=size, height=size, t_index_list=(20, 40), similarity_filter=False, **changes)
+def _config(size: int, **changes) -> StreamConfig:
+    return StreamConfig(width=size, height=size, t_index_list=(20, 40), similarity_filter=False, **changes)
+
+
+def _engine(models, memory: str = "off", **load) -> Engine:
+    """`models` prepared with memory mode `memory` (a load-time setting: it changes the shared modules)."""
+    return Engine.prepare(models, LoadConfig(model=models.name, memory=memory, **load))
 
 
 def _frames(size: int, count: int = 2) -> list[torch.Tensor]:
@@ -37,10 +43,10 @@ def _frames(size: int, count: int = 2) -> list[torch.Tensor]:
     return [torch.rand(3, size, size, generator=generator) for _ in range(count)]
 
 
-def _run(models, config: EngineConfig, settings: SliceSettings | None = None) -> torch.Tensor:
-    engine = StreamEngine(models, config)
+def _run(models, config: StreamConfig, memory: str = "off", settings: SliceSettings | None = None) -> torch.Tensor:
+    engine = StreamEngine(_engine(models, memory), config)
     if settings is not None:
-        apply_memory_mode(models, config.memory, settings)
+        apply_memory_mode(models, memory, settings)
     return torch.stack([engine(frame) for frame in _frames(config.width)])
 
 
@@ -68,7 +74,7 @@ def test_mode_equals_off_and_slices(models, references, size, mode):
                 "decoder": vae.decoder.layers[-2].fuse, "encoder": vae.encoder.layers[1].fuse}
     handles = [_record_shapes(module, seen[key]) for key, module in observed.items()]
     try:
-        output = _run(models, _config(size, memory=mode), SMALL_SLICES)
+        output = _run(models, _config(size), mode, SMALL_SLICES)
     finally:
         for handle in handles:
             handle.remove()
@@ -87,11 +93,11 @@ def test_full_vae_batch_slicing_equals_off():
     bundle = load_models("tiny", use_tiny_vae=False)
     config = _config(64, frame_buffer_size=2)
     frames = torch.stack(_frames(64))
-    reference = StreamEngine(bundle, config)(frames)
-    output = StreamEngine(bundle, config.replace(memory="group"))(frames)
+    reference = StreamEngine(_engine(bundle, vae="full"), config)(frames)
+    output = StreamEngine(_engine(bundle, "group", vae="full"), config)(frames)
     assert bundle.vae.use_slicing
     torch.testing.assert_close(output, reference, rtol=0, atol=ATOL)
-    StreamEngine(bundle, config)
+    StreamEngine(_engine(bundle, vae="full"), config)
     assert not bundle.vae.use_slicing
 
 
@@ -116,7 +122,7 @@ def test_off_is_untouched(models):
     reference = _run(models, _config(64))  # memory off: the K/V processors the engine always installs
     classes = {name: type(module) for name, module in (*models.unet.named_modules(), *models.vae.named_modules())}
     processors = dict(models.unet.attn_processors)
-    _run(models, _config(64, memory="group"), SMALL_SLICES)
+    _run(models, _config(64), "group", SMALL_SLICES)
     apply_memory_mode(models, "slice")
     output = _run(models, _config(64))
     assert memory_mode(models) == "off"
@@ -142,7 +148,7 @@ def test_apply_is_idempotent(models):
 
 def test_kv_cache_serves_cross_attention(models):
     """With slicing on, cross-attention still takes K/V from the per-prompt cache: to_k never runs."""
-    engine = StreamEngine(models, _config(64, memory="slice"))
+    engine = StreamEngine(_engine(models, "slice"), _config(64))
     apply_memory_mode(models, "slice", SMALL_SLICES)
     cross = [module for name, module in models.unet.named_modules() if name.endswith("attn2")]
     assert all(isinstance(module.processor, CachedKVAttnProcessor) for module in cross)
@@ -160,18 +166,31 @@ def test_kv_cache_serves_cross_attention(models):
 def test_slice_composes_with_a_skip_policy(models):
     config = _config(64, skip_policy="rehash")
     reference = _run(models, config)
-    output = _run(models, config.replace(memory="slice"), SMALL_SLICES)
+    output = _run(models, config, "slice", SMALL_SLICES)
     torch.testing.assert_close(output, reference, rtol=0, atol=ATOL)
     apply_memory_mode(models, "off")
 
 
-def test_config_validation():
+def test_config_validation(models):
     with pytest.raises(ValueError, match="`memory`"):
-        EngineConfig(memory="tiles")
+        LoadConfig(memory="tiles")
     with pytest.raises(ValueError, match="eager"):
-        EngineConfig(memory="slice", backend="onnxruntime")
+        LoadConfig(memory="slice", backend="onnxruntime")
+    # `memory` is a load-time setting and `skip_policy` a stream's: a stream asking for a skip policy on an
+    # engine loaded with `group` is refused, when it opens and when it switches one on.
     with pytest.raises(ValueError, match="skip_policy"):
-        EngineConfig(memory="group", skip_policy="rehash")
+        check_compatible(LoadConfig(memory="group"), StreamConfig(skip_policy="rehash"))
+    check_compatible(LoadConfig(memory="slice"), StreamConfig(skip_policy="rehash"))
+    grouped = _engine(models, "group")
+    try:
+        with pytest.raises(ValueError, match="skip_policy"):
+            StreamEngine(grouped, _config(64, skip_policy="rehash"))
+        stream = StreamEngine(grouped, _config(64))
+        with pytest.raises(ValueError, match="skip_policy"):
+            stream.update_params(skip_policy="adacache")
+        assert stream.config.skip_policy == "off"
+    finally:
+        apply_memory_mode(models, "off")
     with pytest.raises(ValueError, match="`batch_rows`"):
         SliceSettings(batch_rows=0)
 

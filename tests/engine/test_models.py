@@ -21,7 +21,7 @@ from diffusers.loaders.single_file_utils import (
 from ldm_layout import bundle_to_ldm
 from safetensors.torch import save_file
 
-from engine import EngineConfig, StreamEngine
+from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 from engine.models import (
     BUILTIN_MODELS,
     DEFAULT_HUB_MODEL,
@@ -101,8 +101,8 @@ def assert_same_weights(actual: torch.nn.Module, expected: torch.nn.Module) -> N
 def first_outputs(models: ModelBundle, frames: int = 2) -> list[torch.Tensor]:
     """The engine's outputs for fixed random frames (fp32 on the CPU): the first comes out of priming."""
     models.to(torch.device("cpu"), torch.float32)
-    config = EngineConfig(width=SIZE, height=SIZE, similarity_filter=False, device="cpu", dtype="float32")
-    engine = StreamEngine(models, config)
+    load = LoadConfig(model=models.name, device="cpu", dtype="float32")
+    engine = StreamEngine(Engine.prepare(models, load), StreamConfig(width=SIZE, height=SIZE, similarity_filter=False))
     generator = torch.Generator().manual_seed(5)
     return [engine(torch.rand(3, SIZE, SIZE, generator=generator)) for _ in range(frames)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from engine import EngineConfig, StreamEngine
+from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 from engine.prompt import CachedKVAttnProcessor, cross_attention_layers, encode_prompt, precompute_kv
 
 
@@ -14,7 +14,7 @@ def test_cached_kv_equals_projection_and_stock_processor(tiny_models):
     states = encode_prompt(tiny_models.tokenizer, tiny_models.text_encoder, "a cat").expand(3, -1, -1).contiguous()
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor([900, 500, 100])
-    StreamEngine(tiny_models, EngineConfig(width=64, height=64))  # installs the processors
+    Engine.prepare(tiny_models, LoadConfig(model="tiny"))  # installs the processors (`kv_cache` is on by default)
     assert all(isinstance(p, CachedKVAttnProcessor) for p in unet.attn_processors.values())
     with torch.no_grad():
         uncached = unet(latents, timesteps, encoder_hidden_states=states).sample
@@ -32,7 +32,7 @@ def test_cached_kv_equals_projection_and_stock_processor(tiny_models):
 
 def test_cached_processor_really_skips_the_projection(tiny_models):
     unet = tiny_models.unet
-    StreamEngine(tiny_models, EngineConfig(width=64, height=64))
+    Engine.prepare(tiny_models, LoadConfig(model="tiny"))
     states = encode_prompt(tiny_models.tokenizer, tiny_models.text_encoder, "a dog")
     kv = precompute_kv(unet, states)
     calls = []
@@ -51,9 +51,12 @@ def test_cached_processor_really_skips_the_projection(tiny_models):
             hook.remove()
 
 
-def test_engine_kv_cache_on_equals_off_and_follows_updates(tiny_models):
-    config = EngineConfig(width=64, height=64, t_index_list=(32, 45), cfg_type="full", similarity_filter=False)
-    cached, uncached = StreamEngine(tiny_models, config), StreamEngine(tiny_models, config.replace(use_kv_cache=False))
+def test_engine_kv_cache_on_equals_off_and_follows_updates(tiny_models, tiny_engine):
+    config = StreamConfig(width=64, height=64, t_index_list=(32, 45), cfg_type="full", similarity_filter=False)
+    uncached_engine = Engine.prepare(tiny_models, LoadConfig(model="tiny", kv_cache=False))
+    cached, uncached = StreamEngine(tiny_engine, config), StreamEngine(uncached_engine, config)
+    assert cached.kv_cache and not uncached.kv_cache
+    assert all(layout.kv_cache is None for layout in uncached._prompt.layouts.values())
     frames = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     for index, frame in enumerate(frames):
         if index == 2:
@@ -62,9 +65,9 @@ def test_engine_kv_cache_on_equals_off_and_follows_updates(tiny_models):
         assert torch.equal(cached(frame), uncached(frame))
 
 
-def test_kv_cache_recomputed_only_when_the_prompt_changes(tiny_models):
-    config = EngineConfig(width=64, height=64, t_index_list=(45,), similarity_filter=False)
-    stream = StreamEngine(tiny_models, config)
+def test_kv_cache_recomputed_only_when_the_prompt_changes(tiny_engine):
+    config = StreamConfig(width=64, height=64, t_index_list=(45,), similarity_filter=False)
+    stream = StreamEngine(tiny_engine, config)
     layout = next(iter(stream._prompt.layouts))
     before = stream._prompt.layouts[layout].kv_cache
     stream.update_params(guidance_scale=2.0)

@@ -7,10 +7,11 @@ import threading
 import pytest
 
 from benchmarks.clips import synthetic_clip
-from engine import EngineConfig
+from engine import StreamConfig
 from engine.backends import EagerRunner
 from engine.codec import encode_jpeg
-from engine.runtime import StreamRuntime
+from engine.config import RuntimeOptions
+from engine.runtime import FrameResult, StreamRuntime
 
 SIZE = 32
 FRAMES_PER_STREAM = 10
@@ -33,17 +34,17 @@ def frames():
     return [encode_jpeg(frame) for frame in synthetic_clip("fast_motion", FRAMES_PER_STREAM, SIZE, SIZE)]
 
 
-def test_max_batch_must_be_positive(tiny_models):
+def test_max_batch_must_be_positive():
     with pytest.raises(ValueError, match="max_batch"):
-        StreamRuntime(tiny_models, EngineConfig(width=SIZE, height=SIZE), max_batch=0)
+        RuntimeOptions(max_batch=0)
 
 
-def test_flooding_streams_are_served_fairly_in_shared_calls(tiny_models, frames):
-    config = EngineConfig(width=SIZE, height=SIZE, t_index_list=(32, 45), similarity_filter=False)
+def test_flooding_streams_are_served_fairly_in_shared_calls(tiny_models, tiny_engine, with_runner, frames):
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(32, 45), similarity_filter=False)
     runner = CountingRunner(tiny_models)
     order: list[int] = []
     order_lock = threading.Lock()
-    with StreamRuntime(tiny_models, config, runner=runner, max_batch=2) as runtime:
+    with StreamRuntime(with_runner(tiny_engine, runner), config, RuntimeOptions(max_batch=2)) as runtime:
         handles = []
         for index in range(3):
             def delivered(index=index):
@@ -52,11 +53,12 @@ def test_flooding_streams_are_served_fairly_in_shared_calls(tiny_models, frames)
             handles.append(runtime.open_stream(max_in_flight=FRAMES_PER_STREAM, notify=delivered))
         for frame in frames:  # interleaved, so every stream has frames waiting from the start
             for handle in handles:
-                assert runtime.submit(handle, frame)
+                handle.put(frame)
         for handle in handles:
             seqs = [handle.get(timeout=60) for _ in range(FRAMES_PER_STREAM)]
-            assert all(result is not None and result.error is None for result in seqs)
-            assert [result.seq for result in seqs] == sorted(result.seq for result in seqs)
+            # Every frame accepted (none dropped) and answered, in order.
+            assert all(isinstance(result, FrameResult) and result.error is None for result in seqs)
+            assert [result.seq for result in seqs] == list(range(FRAMES_PER_STREAM))
     assert len(order) == 3 * FRAMES_PER_STREAM
     # While every stream still floods (all but the last batches), output counts stay within one.
     counts = [0, 0, 0]
@@ -67,9 +69,9 @@ def test_flooding_streams_are_served_fairly_in_shared_calls(tiny_models, frames)
     assert runner.unet_rows.count(2 * 2) >= FRAMES_PER_STREAM
 
 
-def test_batch_wait_must_not_be_negative(tiny_models):
+def test_batch_wait_must_not_be_negative():
     with pytest.raises(ValueError, match="batch_wait_s"):
-        StreamRuntime(tiny_models, EngineConfig(width=SIZE, height=SIZE), batch_wait_s=-1)
+        RuntimeOptions(batch_wait_s=-1)
 
 
 def _slow_begin(engine, seconds: float) -> None:
@@ -84,23 +86,24 @@ def _slow_begin(engine, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(("batch_wait_s", "passes"), [(0.0, 2), (30.0, 1)])
-def test_a_partial_batch_waits_for_frames_still_in_the_input_stage(tiny_models, frames, batch_wait_s, passes):
-    config = EngineConfig(width=SIZE, height=SIZE, similarity_filter=False)
-    with StreamRuntime(tiny_models, config, max_batch=2, batch_wait_s=batch_wait_s) as runtime:
+def test_a_partial_batch_waits_for_frames_still_in_the_input_stage(tiny_engine, frames, batch_wait_s, passes):
+    config = StreamConfig(width=SIZE, height=SIZE, similarity_filter=False)
+    with StreamRuntime(tiny_engine, config, RuntimeOptions(max_batch=2, batch_wait_s=batch_wait_s)) as runtime:
         fast, slow = runtime.open_stream(), runtime.open_stream()
         _slow_begin(slow.engine, 0.5)
-        assert runtime.submit(fast, frames[0]) and runtime.submit(slow, frames[0])
+        assert fast.put(frames[0]) == 0 and slow.put(frames[0]) == 0
         results = [fast.get(timeout=60), slow.get(timeout=60)]
-        assert all(result is not None and result.error is None for result in results)
+        assert all(isinstance(result, FrameResult) and result.error is None for result in results)
         # Without a window the fast stream's frame goes alone; with one, both share a pass.
-        assert (runtime.health.batches, runtime.health.frames_inferred) == (passes, 2)
+        status = runtime.status()
+        assert (status.batches, status.frames_inferred) == (passes, 2)
 
 
-def test_the_window_does_not_hold_a_frame_when_nothing_else_is_coming(tiny_models, frames):
-    config = EngineConfig(width=SIZE, height=SIZE, similarity_filter=False)
-    with StreamRuntime(tiny_models, config, max_batch=4, batch_wait_s=600.0) as runtime:
+def test_the_window_does_not_hold_a_frame_when_nothing_else_is_coming(tiny_engine, frames):
+    config = StreamConfig(width=SIZE, height=SIZE, similarity_filter=False)
+    with StreamRuntime(tiny_engine, config, RuntimeOptions(max_batch=4, batch_wait_s=600.0)) as runtime:
         active, _idle = runtime.open_stream(), runtime.open_stream()
         for frame in frames[:3]:
-            assert runtime.submit(active, frame)
+            active.put(frame)
             result = active.get(timeout=60)  # would wait the whole 600 s window if it held the frame
-            assert result is not None and result.error is None
+            assert isinstance(result, FrameResult) and result.error is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import EngineConfig, StreamEngine
+from engine import StreamConfig, StreamEngine
 from engine.similarity import SimilarityFilter, frame_cosine, skip_probability
 
 
@@ -48,10 +48,10 @@ def test_skip_rate_follows_the_probability():
     assert abs(skips / 400 - probability) < 0.1
 
 
-def test_skipped_frame_returns_previous_output_and_does_not_advance_state(tiny_models):
-    config = EngineConfig(width=32, height=32, t_index_list=(32, 45), cfg_type="none", max_skip_frames=2)
-    filtered = StreamEngine(tiny_models, config)
-    unfiltered = StreamEngine(tiny_models, config.replace(similarity_filter=False))
+def test_skipped_frame_returns_previous_output_and_does_not_advance_state(tiny_engine):
+    config = StreamConfig(width=32, height=32, t_index_list=(32, 45), cfg_type="none", max_skip_frames=2)
+    filtered = StreamEngine(tiny_engine, config)
+    unfiltered = StreamEngine(tiny_engine, config.replace(similarity_filter=False))
     frame = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(4))
     other = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5))
     first = filtered.step(frame)

@@ -8,18 +8,18 @@ import pytest
 import torch
 
 from benchmarks.clips import synthetic_clip
-from engine import EngineConfig, StreamEngine
+from engine import StreamConfig, StreamEngine
 from engine.backends import EagerRunner
 from engine.batching import advance_batch
 from engine.codec import encode_jpeg
-from engine.runtime import StreamRuntime
+from engine.runtime import FrameResult, StreamRuntime
 
 SIZE = 32
 WAIT_S = 20.0
 
 
-def make_config(**changes) -> EngineConfig:
-    return EngineConfig(width=SIZE, height=SIZE, t_index_list=(32, 45), similarity_filter=False, **changes)
+def make_config(**changes) -> StreamConfig:
+    return StreamConfig(width=SIZE, height=SIZE, t_index_list=(32, 45), similarity_filter=False, **changes)
 
 
 class StageRecordingRunner(EagerRunner):
@@ -56,32 +56,34 @@ class StageRecordingRunner(EagerRunner):
         return super().decode(latents)
 
 
-def test_step_is_its_three_stages(tiny_models):
+def test_step_is_its_three_stages(tiny_engine):
     frames = [torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    whole, staged = StreamEngine(tiny_models, make_config()), StreamEngine(tiny_models, make_config())
+    whole, staged = StreamEngine(tiny_engine, make_config()), StreamEngine(tiny_engine, make_config())
     for frame in frames:
         expected = whole.step(frame)
         result = staged.finish(staged.advance(staged.begin(frame)))
         assert torch.equal(result.images, expected.images) and result.skipped == expected.skipped
 
 
-def test_runtime_runs_the_vae_beside_the_unet(tiny_models):
+def test_runtime_runs_the_vae_beside_the_unet(tiny_models, tiny_engine, with_runner):
     runner = StageRecordingRunner(tiny_models)
     clip = [encode_jpeg(frame) for frame in synthetic_clip("fast_motion", 3, SIZE, SIZE)]
-    with StreamRuntime(tiny_models, make_config(), runner=runner) as runtime:
+    with StreamRuntime(with_runner(tiny_engine, runner), make_config()) as runtime:
         handle = runtime.open_stream(max_in_flight=len(clip))
         for data in clip:
-            assert runtime.submit(handle, data)
+            handle.put(data)
         results = [handle.get(timeout=60) for _ in clip]
-    assert [result.seq for result in results] == sorted(result.seq for result in results)
+    # Every frame accepted and answered with an output, in order.
+    assert all(isinstance(result, FrameResult) for result in results)
+    assert [result.seq for result in results] == list(range(len(clip)))
     assert all(result.error is None and result.jpeg for result in results)
     assert runner.threads["encode"] <= {"stream-decode-0", "stream-decode-1"}
     assert runner.threads["unet"] == {"stream-inference"} and runner.threads["decode"] == {"stream-encode"}
     assert runner.overlapped is True  # a later frame was encoded while the UNet call was running
 
 
-def test_a_frame_encoded_before_a_size_change_is_refused_alone(tiny_models):
-    engine = StreamEngine(tiny_models, make_config())
+def test_a_frame_encoded_before_a_size_change_is_refused_alone(tiny_engine):
+    engine = StreamEngine(tiny_engine, make_config())
     engine.step(torch.rand(3, SIZE, SIZE))
     stale = engine.begin(torch.rand(3, SIZE, SIZE))
     engine.update_params(width=48, height=48)
@@ -90,9 +92,9 @@ def test_a_frame_encoded_before_a_size_change_is_refused_alone(tiny_models):
     assert engine.step(torch.rand(3, 48, 48)).images.shape == (3, 48, 48)
 
 
-def test_a_skipped_frame_without_an_earlier_output_is_an_error(tiny_models):
+def test_a_skipped_frame_without_an_earlier_output_is_an_error(tiny_engine):
     config = make_config().replace(similarity_filter=True, similarity_threshold=0.9, max_skip_frames=10)
-    engine, image = StreamEngine(tiny_models, config), torch.rand(3, SIZE, SIZE)
+    engine, image = StreamEngine(tiny_engine, config), torch.rand(3, SIZE, SIZE)
     first = engine.begin(image)
     repeat = engine.begin(image)  # identical input: the filter skips it with probability 1
     assert not first.skipped and repeat.skipped
@@ -102,8 +104,8 @@ def test_a_skipped_frame_without_an_earlier_output_is_an_error(tiny_models):
     assert torch.equal(engine.finish(engine.advance(engine.begin(image))).images, first.output[0])
 
 
-def test_a_failing_frame_in_a_batch_fails_only_itself(tiny_models):
-    engines = [StreamEngine(tiny_models, make_config(prompt=f"stream {i}")) for i in range(3)]
+def test_a_failing_frame_in_a_batch_fails_only_itself(tiny_engine):
+    engines = [StreamEngine(tiny_engine, make_config(prompt=f"stream {i}")) for i in range(3)]
     for engine in engines:
         engine.step(torch.rand(3, SIZE, SIZE))
     frames = [engine.begin(torch.rand(3, SIZE, SIZE)) for engine in engines]

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("skimage", reason="the demo model's training images come from scikit-image (extra `train`)")
 
-from engine import EngineConfig, StreamEngine, load_models  # noqa: E402
+from engine import Engine, LoadConfig, StreamConfig, StreamEngine, load_models  # noqa: E402
 from engine.codec import rgb_to_tensor  # noqa: E402
 from training.demo_model.__main__ import main  # noqa: E402
 from training.demo_model.data import TRAIN_IMAGES, CropSampler, load_images  # noqa: E402
@@ -34,7 +34,8 @@ def test_tiny_training_run_saves_a_model_the_engine_streams(tmp_path):
                                                      strict=True)]
     assert any(changed)
 
-    engine = StreamEngine(trained, EngineConfig(width=64, height=64, prompt="sepia photo"))
+    engine = StreamEngine(Engine.prepare(trained, LoadConfig(model=str(tmp_path / "demo"))),
+                          StreamConfig(width=64, height=64, prompt="sepia photo"))
     output = engine(rgb_to_tensor(np.full((64, 64, 3), 128, dtype=np.uint8)))
     assert output.shape == (3, 64, 64) and torch.isfinite(output).all()
 

@@ -20,8 +20,8 @@ import torch
 from benchmarks.quality import mse, psnr_of_mse, ssim
 from engine.backends import EagerRunner
 from engine.codec import rgb_to_tensor, tensor_to_rgb
-from engine.config import EngineConfig
-from engine.loading import load_bundle
+from engine.config import LoadConfig, StreamConfig
+from engine.loading import Engine, load_bundle
 from engine.models import ModelBundle
 from engine.stream import StreamEngine
 
@@ -77,9 +77,8 @@ def stream_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str) -
     shifted back so `result[i]` is the output of `frames[i]`. The similarity filter is off, so every frame runs.
     """
     size = frames[0].shape[0]
-    config = EngineConfig(model=models.name, width=size, height=size, prompt=prompt, similarity_filter=False,
-                          device="cpu")
-    engine = StreamEngine(models, config)
+    config = StreamConfig(width=size, height=size, prompt=prompt, similarity_filter=False)
+    engine = StreamEngine(Engine.prepare(models, LoadConfig(model=models.name, device="cpu")), config)
     lag = config.denoising_steps - 1
     outputs = [tensor_to_rgb(engine(rgb_to_tensor(frame))) for frame in [*frames, *[frames[-1]] * lag]]
     return [outputs[0], *outputs[1 + lag:]][: len(frames)] if lag else outputs
@@ -132,11 +131,12 @@ def write_grid(models: ModelBundle, images: dict[str, np.ndarray], path: Path, s
 
 def main(folder: Path, grid: Path, sizes: tuple[int, ...] = (128, 256)) -> None:
     """Print the evaluation of the model folder `folder` and write the grid image to `grid`."""
-    models = load_bundle(EngineConfig(model=str(folder), device="cpu", dtype="float32"))
+    models = load_bundle(LoadConfig(model=str(folder), device="cpu", dtype="float32"))
     models.name = "demo"
     images = load_images(HELD_OUT_IMAGES)
-    print(f"held-out images: {', '.join(images)}; engine defaults (t_index_list {EngineConfig().t_index_list}, "
-          f"cfg {EngineConfig().cfg_type} {EngineConfig().guidance_scale}), 4-frame pans")
+    defaults = StreamConfig()
+    print(f"held-out images: {', '.join(images)}; engine defaults (t_index_list {defaults.t_index_list}, "
+          f"cfg {defaults.cfg_type} {defaults.guidance_scale}), 4-frame pans")
     for size in sizes:
         print(f"\n{size}x{size}: {'style':<22} {'PSNR dB':>8} {'SSIM':>6} {'input PSNR':>11} {'VAE PSNR':>9}")
         scores = score_styles(models, images, size)

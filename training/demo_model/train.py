@@ -28,7 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from engine import guidance
 from engine.builtin_models import build_byte_level_tokenizer
-from engine.config import EngineConfig
+from engine.config import LoadConfig, StreamConfig
 from engine.loading import load_bundle
 from engine.models import ModelBundle
 from engine.schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
@@ -189,7 +189,7 @@ def train_vae(vae: AutoencoderTiny, sampler: CropSampler, settings: TrainSetting
 
 
 def _unrolled_x0(unet: UNet2DConditionModel, latents: torch.Tensor, text: torch.Tensor, schedule: SlotSchedule,
-                 config: EngineConfig) -> list[torch.Tensor]:
+                 config: StreamConfig) -> list[torch.Tensor]:
     """Every slot's x̂0 for one input latent, computed as the engine's sequential step computes it.
 
     Training through this exact computation (the default schedule, RCFG `self` guidance with its stock
@@ -227,7 +227,7 @@ def train_stylizer(bundle: ModelBundle, sampler: CropSampler, settings: TrainSet
     a transform of it — trains the quantity the engine decodes. At the engine's timesteps c_skip ≈ 0 and
     c_out ≈ 1, so the gradient reaches the UNet's ε output almost unscaled. Returns the last steps' mean loss.
     """
-    config = EngineConfig()  # the engine's defaults: what `demo` is served with
+    config = StreamConfig()  # the engine's defaults: what `demo` is served with
     schedule = slot_schedule(bundle.scheduler, config.num_inference_steps, config.t_index_list, 1,
                              torch.device("cpu"), torch.float32)
     scaling = float(bundle.vae.config.scaling_factor)
@@ -275,7 +275,7 @@ def train(settings: TrainSettings, out: Path, resume: Path | None = None) -> dic
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    bundle = (load_bundle(EngineConfig(model=str(resume), device="cpu", dtype="float32")) if resume is not None
+    bundle = (load_bundle(LoadConfig(model=str(resume), device="cpu", dtype="float32")) if resume is not None
               else build_demo_bundle(settings.seed))
     history = json.loads((resume / "training.json").read_text())["runs"] if resume is not None else []
     images = load_images(TRAIN_IMAGES)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from engine import EngineConfig
+from engine import StreamConfig
 from engine.backends.artifacts import GraphShape, OnnxCache
 from engine.backends.cache import (
     CacheKeyParts,
@@ -278,10 +278,10 @@ def test_onnxruntime_session_error_keeps_a_good_graph(tiny_models, tmp_path, mon
 
 
 def test_reopening_cached_graphs_rebuilds_nothing(tiny_models, tmp_path):
-    config = EngineConfig(width=64, height=64, cfg_type="none", device="cpu")
-    paths = OnnxRuntimeRunner(tiny_models, "none", tmp_path, exporter="torchscript").prepare(config)
+    config = StreamConfig(width=64, height=64, cfg_type="none")
+    paths = OnnxRuntimeRunner(tiny_models, "none", tmp_path, exporter="torchscript").prepare(config, kv_cache=True)
     # Recorded before the second runner opens them: a rebuild replaces each file (a new inode).
     before = {path: _identity(path) for path in paths}
-    reopened = OnnxRuntimeRunner(tiny_models, "none", tmp_path, exporter="torchscript").prepare(config)
+    reopened = OnnxRuntimeRunner(tiny_models, "none", tmp_path, exporter="torchscript").prepare(config, kv_cache=True)
     assert reopened == paths
     assert {path: _identity(path) for path in paths} == before

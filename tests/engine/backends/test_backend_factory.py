@@ -7,12 +7,14 @@ import logging
 import pytest
 import torch
 
-from engine import EngineConfig, StreamEngine
+from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 from engine.backends import EagerRunner, make_runner, resolve_backend
 from engine.backends.compiled import TorchCompileRunner
 from engine.backends.onnxruntime import onnxruntime_available
 from engine.backends.tensorrt import tensorrt_unavailable_reason
 from engine.build import main as build_main
+from engine.build import parse_args as build_args
+from engine.flags import configs_from
 
 
 def test_auto_picks_the_best_backend_that_runs_here_and_logs_it(tiny_models, caplog):
@@ -41,16 +43,18 @@ def test_auto_never_picks_a_cpu_only_onnxruntime_for_cuda_models(tiny_models, mo
 
 
 def test_eager_is_the_default_and_shared(tiny_models):
-    config = EngineConfig(width=64, height=64)
-    engine = StreamEngine(tiny_models, config)
+    load, config = LoadConfig(model="tiny"), StreamConfig(width=64, height=64)
+    assert load.backend == "eager"
+    engine = StreamEngine(Engine.prepare(tiny_models, load), config)
     assert isinstance(engine.runner, EagerRunner)
-    assert make_runner(tiny_models, config) is engine.runner
+    assert make_runner(tiny_models, load) is engine.runner
+    assert make_runner(tiny_models, load, config) is engine.runner
 
 
-def test_torch_compile_runner_matches_eager(tiny_models):
+def test_torch_compile_runner_matches_eager(tiny_models, tiny_engine):
     # The Inductor backend compiles for minutes on two CPU cores; TorchDynamo's `eager` backend
     # exercises the same capture of the UNet, its K/V cache kwargs and the VAE wrappers.
-    engine = StreamEngine(tiny_models, EngineConfig(width=64, height=64, cfg_type="none"))
+    engine = StreamEngine(tiny_engine, StreamConfig(width=64, height=64, cfg_type="none"))
     conditioning = engine._prompt.layouts[("none", 2)]
     runner, eager = TorchCompileRunner(tiny_models, compile_backend="eager"), EagerRunner(tiny_models)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -73,3 +77,16 @@ def test_build_cli_prebuilds_then_reuses_the_cache(tmp_path, capsys):
     mtimes = {path: path.stat().st_mtime_ns for path in files}
     assert build_main(argv) == 0
     assert {path: path.stat().st_mtime_ns for path in files} == mtimes
+
+
+def test_build_cli_takes_the_shared_engine_flags():
+    """`python -m engine.build` speaks the server's flag vocabulary (`engine.flags`): `--t-index-list 32,45`,
+    `--vae`, `--no-kv-cache`; its backend defaults to `auto`."""
+    load, stream, _ = configs_from(vars(build_args(["--t-index-list", "20,40", "--vae", "full", "--no-kv-cache",
+                                                   "--cfg-type", "full", "--frame-buffer-size", "2"])))
+    assert (load.vae, load.kv_cache, load.backend) == ("full", False, "auto")
+    assert (stream.t_index_list, stream.cfg_type, stream.frame_buffer_size) == ((20, 40), "full", 2)
+    load, stream, _ = configs_from(vars(build_args([])))
+    assert (load.vae, load.kv_cache, stream.t_index_list) == ("tiny", True, StreamConfig().t_index_list)
+    with pytest.raises(SystemExit):
+        build_args(["--t-index-list", "32", "45"])  # the old space-separated form

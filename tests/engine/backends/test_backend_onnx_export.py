@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from engine import EngineConfig, StreamEngine
+from engine import StreamConfig, StreamEngine
 from engine.backends import onnx_export
 from engine.backends.artifacts import GraphShape, OnnxCache, check_onnx_file, config_shapes, onnx_input_shapes
 from engine.backends.cache import CorruptArtifactError
@@ -21,8 +21,8 @@ TOLERANCE = 1e-4
 MATRIX_EXPORTER = "torchscript"
 
 
-def _conditioning(models, cfg_type: str, size: int):
-    engine = StreamEngine(models, EngineConfig(width=size, height=size, cfg_type=cfg_type))
+def _conditioning(engine, cfg_type: str, size: int):
+    engine = StreamEngine(engine, StreamConfig(width=size, height=size, cfg_type=cfg_type))
     return engine._prompt.layouts[(cfg_type, engine.config.denoising_steps)]
 
 
@@ -32,9 +32,9 @@ def _static_shapes(session) -> list[list]:
 
 @pytest.mark.parametrize("size", [64, 96])
 @pytest.mark.parametrize("cfg_type", ["self", "full"])
-def test_unet_export_takes_cached_kv_and_matches_eager(tiny_models, onnx_cache_dir, size, cfg_type):
+def test_unet_export_takes_cached_kv_and_matches_eager(tiny_models, tiny_engine, onnx_cache_dir, size, cfg_type):
     runner = OnnxRuntimeRunner(tiny_models, cfg_type, onnx_cache_dir, MATRIX_EXPORTER)
-    conditioning = _conditioning(tiny_models, cfg_type, size)
+    conditioning = _conditioning(tiny_engine, cfg_type, size)
     batch = unet_batch_size(cfg_type, 2)
     shape = GraphShape("unet", batch, size, size, True, tiny_models.tokenizer.model_max_length)
     session = runner.graph(shape)
@@ -75,13 +75,17 @@ def test_vae_export_matches_eager(tiny_models, onnx_cache_dir, size):
 
 
 def test_graph_shapes_follow_guidance_mode_and_frame_buffer(tiny_models):
-    config = EngineConfig(width=96, height=64, t_index_list=(10, 20, 30), cfg_type="initialize", frame_buffer_size=2)
-    shapes = {shape.network: shape for shape in config_shapes(tiny_models, config)}
+    config = StreamConfig(width=96, height=64, t_index_list=(10, 20, 30), cfg_type="initialize", frame_buffer_size=2)
+    shapes = {shape.network: shape for shape in config_shapes(tiny_models, config, kv_cache=True)}
     assert shapes["unet"].batch == (3 + 1) * 2
     assert (shapes["unet"].width, shapes["unet"].height) == (96, 64)
     assert shapes["vae_encoder"].batch == shapes["vae_decoder"].batch == 2
-    sequential = config_shapes(tiny_models, config.replace(stream_batch=False))
+    sequential = config_shapes(tiny_models, config.replace(stream_batch=False), kv_cache=True)
     assert sorted(shape.batch for shape in sequential if shape.network == "unet") == [2, 4]
+    # The K/V mode is the engine's (a load-time setting): the UNet graphs take K/V inputs only with the cache.
+    assert shapes["unet"].kv_cache and shapes["unet"].sequence_length == tiny_models.tokenizer.model_max_length
+    uncached = {shape.network: shape for shape in config_shapes(tiny_models, config, kv_cache=False)}
+    assert not uncached["unet"].kv_cache and uncached["unet"].batch == shapes["unet"].batch
 
 
 def test_onnx_paths_differ_by_resolution_batch_and_mode(tiny_models, tmp_path):

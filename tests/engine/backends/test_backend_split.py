@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.clips import synthetic_clip
-from engine import EngineConfig, StreamEngine
+from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 from engine.backends import EagerRunner, make_runner
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.backends.split import SplitRunner
@@ -20,19 +20,29 @@ def _frames(count: int, size: int, seed: int = 3) -> list[torch.Tensor]:
             for frame in synthetic_clip("slow_pan", count, size, size, seed=seed)]
 
 
+LOAD = LoadConfig(model="tiny", device="cpu")
+SPLIT = LOAD.replace(vae_backend="onnxruntime")
+
+
 @pytest.fixture(scope="module")
 def config():
-    return EngineConfig(width=64, height=64, cfg_type="self", similarity_filter=False, device="cpu")
+    return StreamConfig(width=64, height=64, cfg_type="self", similarity_filter=False)
 
 
-def test_split_engine_runs_the_unet_eagerly_and_the_vae_on_onnxruntime(tiny_models, config):
-    engine = StreamEngine(tiny_models, config.replace(vae_backend="onnxruntime"))
+@pytest.fixture(scope="module")
+def split_engine(tiny_models):
+    """The tiny models loaded with an eager UNet and the VAE on ONNX Runtime."""
+    return Engine.prepare(tiny_models, SPLIT)
+
+
+def test_split_engine_runs_the_unet_eagerly_and_the_vae_on_onnxruntime(tiny_engine, split_engine, config):
+    engine = StreamEngine(split_engine, config)
     runner = engine.runner
     assert isinstance(runner, SplitRunner) and runner.backend == "eager+onnxruntime"
     assert isinstance(runner.unet_runner, EagerRunner) and isinstance(runner.vae_runner, OnnxRuntimeRunner)
     # Only the VAE graphs were opened: the UNet never goes through ONNX Runtime.
     assert {shape.network for shape in runner.vae_runner._graphs} == {"vae_encoder", "vae_decoder"}
-    eager = StreamEngine(tiny_models, config)
+    eager = StreamEngine(tiny_engine, config)
     worst = 0.0
     for frame in _frames(8, 64):
         expected, actual = eager(frame), engine(frame)
@@ -40,13 +50,13 @@ def test_split_engine_runs_the_unet_eagerly_and_the_vae_on_onnxruntime(tiny_mode
     assert 0 < worst < TOLERANCE  # the VAE really ran elsewhere (not bit-identical) and agrees
 
 
-def test_split_runner_is_shared_and_sessions_still_batch(tiny_models, config):
-    split = config.replace(vae_backend="onnxruntime")
-    first = StreamEngine(tiny_models, split)
-    second = StreamEngine(tiny_models, split.replace(prompt="a neon city", seed=7))
-    assert first.runner is second.runner is make_runner(tiny_models, split)
+def test_split_runner_is_shared_and_sessions_still_batch(tiny_models, split_engine, config):
+    first = StreamEngine(split_engine, config)
+    second = StreamEngine(split_engine, config.replace(prompt="a neon city", seed=7))
+    assert first.runner is second.runner is make_runner(tiny_models, SPLIT, config)
     assert batch_key(first) is not None and batch_key(first) == batch_key(second)
-    alone = [StreamEngine(tiny_models, split), StreamEngine(tiny_models, split.replace(prompt="a neon city", seed=7))]
+    alone = [StreamEngine(split_engine, config),
+             StreamEngine(split_engine, config.replace(prompt="a neon city", seed=7))]
     calls = []
     unet = first.runner.unet_runner.unet
 
@@ -69,17 +79,18 @@ def test_split_runner_is_shared_and_sessions_still_batch(tiny_models, config):
     assert batched_calls == [4]
 
 
-def test_skip_policies_accept_an_eager_unet_with_another_vae(tiny_models, config):
-    engine = StreamEngine(tiny_models, config.replace(vae_backend="onnxruntime", skip_policy="rehash"))
+def test_skip_policies_accept_an_eager_unet_with_another_vae(tiny_models, split_engine, config):
+    engine = StreamEngine(split_engine, config.replace(skip_policy="rehash"))
     assert engine.skip_policy is not None
     engine(_frames(1, 64)[0])
+    onnx_unet = Engine.prepare(tiny_models, LOAD.replace(backend="onnxruntime", vae_backend="eager"))
     with pytest.raises(ValueError, match="needs the eager backend"):
-        StreamEngine(tiny_models, config.replace(backend="onnxruntime", vae_backend="eager", skip_policy="rehash"))
+        StreamEngine(onnx_unet, config.replace(skip_policy="rehash"))
 
 
 def test_vae_backend_validation():
     with pytest.raises(ValueError, match="`vae_backend`"):
-        EngineConfig(vae_backend="cuda")
+        LoadConfig(vae_backend="cuda")
     with pytest.raises(ValueError, match="`memory`"):
-        EngineConfig(memory="slice", vae_backend="onnxruntime")
-    assert EngineConfig(memory="slice", vae_backend="eager").vae_backend == "eager"
+        LoadConfig(memory="slice", vae_backend="onnxruntime")
+    assert LoadConfig(memory="slice", vae_backend="eager").vae_backend == "eager"

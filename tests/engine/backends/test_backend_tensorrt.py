@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.clips import synthetic_clip
-from engine import EngineConfig, StreamEngine, load_models
+from engine import Engine, LoadConfig, StreamConfig, StreamEngine, load_models
 from engine.backends import BackendUnavailableError, make_runner, resolve_backend
 from engine.backends import tensorrt as trt_backend
 from engine.backends.artifacts import GraphShape
@@ -40,12 +40,13 @@ needs_tensorrt = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"TensorRT c
 
 @pytest.mark.skipif(UNAVAILABLE is None, reason="CUDA and TensorRT are present: the backend runs")
 def test_tensorrt_without_cuda_or_package_fails_clearly(tiny_models):
-    config = EngineConfig(width=64, height=64, backend="tensorrt")
+    load, config = LoadConfig(model="tiny", backend="tensorrt"), StreamConfig(width=64, height=64)
     with pytest.raises(BackendUnavailableError, match="tensorrt backend needs") as error:
-        make_runner(tiny_models, config)
+        make_runner(tiny_models, load, config)
     assert "onnxruntime" in str(error.value)
+    # The backend is a load-time setting: loading the engine is what fails, before any stream opens.
     with pytest.raises(BackendUnavailableError, match="tensorrt backend needs"):
-        StreamEngine(tiny_models, config)
+        Engine.prepare(tiny_models, load)
     with pytest.raises(BackendUnavailableError):
         TensorRTRunner(tiny_models)
 
@@ -62,21 +63,29 @@ def _frames(count: int) -> list[torch.Tensor]:
             for frame in synthetic_clip("slow_pan", count, 64, 64, seed=3)]
 
 
+CUDA_LOAD = LoadConfig(model="tiny", device="cuda", dtype="float16")
+
+
 @pytest.fixture(scope="module")
 def cuda_models():
     return load_models("tiny").to(torch.device("cuda"), torch.float16)
 
 
+@pytest.fixture(scope="module")
+def cuda_engine(cuda_models):
+    return Engine.prepare(cuda_models, CUDA_LOAD)
+
+
 @pytest.mark.cuda
 @needs_tensorrt
-def test_tensorrt_engine_builds_loads_and_follows_eager(cuda_models, tmp_path):
-    config = EngineConfig(width=64, height=64, similarity_filter=False, device="cuda", dtype="float16")
+def test_tensorrt_engine_builds_loads_and_follows_eager(cuda_models, cuda_engine, with_runner, tmp_path):
+    config = StreamConfig(width=64, height=64, similarity_filter=False)
     runner = TensorRTRunner(cuda_models, config.cfg_type, tmp_path)
-    paths = runner.prepare(config)
+    paths = runner.prepare(config, CUDA_LOAD.kv_cache)
     assert all(path.suffix == ".engine" and path.is_file() for path in paths)
     assert (tmp_path / runner.timing_cache.name).is_file()
-    eager = StreamEngine(cuda_models, config)
-    compiled = StreamEngine(cuda_models, config, runner=runner)
+    eager = StreamEngine(cuda_engine, config)
+    compiled = StreamEngine(with_runner(cuda_engine, runner), config)
     for frame in _frames(5):
         expected, actual = eager(frame), compiled(frame)
         assert actual.dtype == expected.dtype and actual.shape == expected.shape
@@ -86,11 +95,12 @@ def test_tensorrt_engine_builds_loads_and_follows_eager(cuda_models, tmp_path):
 
 @pytest.mark.cuda
 @needs_tensorrt
-def test_tensorrt_buffers_are_allocated_once_and_engines_are_not_rebuilt(cuda_models, tmp_path):
-    config = EngineConfig(width=64, height=64, similarity_filter=False, device="cuda", dtype="float16")
+def test_tensorrt_buffers_are_allocated_once_and_engines_are_not_rebuilt(cuda_models, cuda_engine, with_runner,
+                                                                        tmp_path):
+    config = StreamConfig(width=64, height=64, similarity_filter=False)
     runner = TensorRTRunner(cuda_models, config.cfg_type, tmp_path)
-    paths = runner.prepare(config)
-    engine = StreamEngine(cuda_models, config, runner=runner)
+    paths = runner.prepare(config, CUDA_LOAD.kv_cache)
+    engine = StreamEngine(with_runner(cuda_engine, runner), config)
     engine(_frames(1)[0])
     graphs = list(runner._graphs.values())
     addresses = [{name: buffer.data_ptr() for name, buffer in graph.buffers.items()} for graph in graphs]
@@ -99,7 +109,7 @@ def test_tensorrt_buffers_are_allocated_once_and_engines_are_not_rebuilt(cuda_mo
     assert [{name: buffer.data_ptr() for name, buffer in graph.buffers.items()} for graph in graphs] == addresses
     # Recorded before the reload opens the files: a rebuild writes a new file (new inode, new mtime).
     before = {path: _identity(path) for path in paths}
-    assert TensorRTRunner(cuda_models, config.cfg_type, tmp_path).prepare(config) == paths
+    assert TensorRTRunner(cuda_models, config.cfg_type, tmp_path).prepare(config, CUDA_LOAD.kv_cache) == paths
     assert {path: _identity(path) for path in paths} == before
 
 
@@ -107,9 +117,9 @@ def test_tensorrt_buffers_are_allocated_once_and_engines_are_not_rebuilt(cuda_mo
 @needs_tensorrt
 def test_tensorrt_engines_follow_the_models_dtype_and_capture_at_prepare(tmp_path):
     models = load_models("tiny").to(torch.device("cuda"), torch.float32)
-    config = EngineConfig(width=64, height=64, similarity_filter=False, device="cuda", dtype="float32")
+    config = StreamConfig(width=64, height=64, similarity_filter=False)
     runner = TensorRTRunner(models, config.cfg_type, tmp_path)
-    paths = runner.prepare(config)
+    paths = runner.prepare(config, kv_cache=True)
     assert all("-float32-" in path.name for path in paths)
     for graph in runner._graphs.values():
         assert {tensor.dtype for tensor in graph.io if tensor.dtype.is_floating_point} == {torch.float32}

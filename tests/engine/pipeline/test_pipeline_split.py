@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.clips import synthetic_clip
-from engine import EngineConfig, StreamEngine
+from engine import StreamConfig, StreamEngine
 from engine.backends import EagerRunner
 from engine.pipeline_split import PipelineSplitRunner, PipelineSplitUNet, UNetCall
 from engine.prompt import Conditioning, install_kv_processors, precompute_kv
@@ -79,12 +79,12 @@ def test_a_failing_stage_is_reported(tiny_models):
         split.run_pipelined([good, bad, good])
 
 
-def test_engine_with_the_split_runner_equals_the_single_device_engine(tiny_models):
-    config = EngineConfig(width=64, height=64, similarity_filter=False)
+def test_engine_with_the_split_runner_equals_the_single_device_engine(tiny_models, tiny_engine, with_runner):
+    config = StreamConfig(width=64, height=64, similarity_filter=False)
     frames = torch.from_numpy(np.stack(synthetic_clip("slow_pan", 4, 64, 64, seed=0))).permute(0, 3, 1, 2).float() / 255
-    single = StreamEngine(tiny_models, config, runner=EagerRunner(tiny_models))
+    single = StreamEngine(with_runner(tiny_engine, EagerRunner(tiny_models)), config)
     runner = PipelineSplitRunner(tiny_models)
-    split = StreamEngine(tiny_models, config, runner=runner)
+    split = StreamEngine(with_runner(tiny_engine, runner), config)
     for frame in frames:
         assert torch.equal(split.step(frame).images, single.step(frame).images)
     assert runner._split is not None  # the engine's UNet calls did go through the two stages

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.clips import synthetic_clip
-from engine import EngineConfig, StreamEngine, load_models
+from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 from engine.codec import rgb_to_tensor
 
 SIZE = 64
@@ -15,14 +15,13 @@ CUT = FRAMES // 2  # synthetic_clip's hard cut
 
 
 @pytest.fixture(scope="module")
-def demo_models():
-    return load_models("demo")
+def demo_engine():
+    return Engine.load(LoadConfig(model="demo"))
 
 
-def slot_decisions(models, policy: str, kind: str) -> list[list[bool]]:
+def slot_decisions(demo: Engine, policy: str, kind: str) -> list[list[bool]]:
     """Per frame, which slots the policy computed in full, at the engine's default thresholds."""
-    engine = StreamEngine(models, EngineConfig(model="demo", width=SIZE, height=SIZE, similarity_filter=False,
-                                               skip_policy=policy))
+    engine = StreamEngine(demo, StreamConfig(width=SIZE, height=SIZE, similarity_filter=False, skip_policy=policy))
     decisions = []
     for frame in synthetic_clip(kind, FRAMES, SIZE, SIZE):
         engine(rgb_to_tensor(frame))
@@ -31,11 +30,11 @@ def slot_decisions(models, policy: str, kind: str) -> list[list[bool]]:
 
 
 @pytest.mark.parametrize("policy", ["rehash", "adacache"])
-def test_default_thresholds_on_the_trained_model(demo_models, policy):
-    static = [full for frame in slot_decisions(demo_models, policy, "static")[2:] for full in frame]
-    slow = [full for frame in slot_decisions(demo_models, policy, "slow_pan")[2:] for full in frame]
-    fast = [frame[0] for frame in slot_decisions(demo_models, policy, "fast_motion")[1:]]
-    cut = slot_decisions(demo_models, policy, "hard_cut")
+def test_default_thresholds_on_the_trained_model(demo_engine, policy):
+    static = [full for frame in slot_decisions(demo_engine, policy, "static")[2:] for full in frame]
+    slow = [full for frame in slot_decisions(demo_engine, policy, "slow_pan")[2:] for full in frame]
+    fast = [frame[0] for frame in slot_decisions(demo_engine, policy, "fast_motion")[1:]]
+    cut = slot_decisions(demo_engine, policy, "hard_cut")
     assert static.count(False) >= len(static) // 2, f"a still scene should mostly reuse: {static}"
     assert 4 <= slow.count(False) < len(slow) - 4, f"a slow pan should reuse some slot rows, not all: {slow}"
     # A frame whose motion happens to change its latent less than τ_cut may reuse, but most must not.

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import EngineConfig
+from engine.config import SkipSettings, StreamConfig
 from engine.prompt import Conditioning, install_kv_processors, precompute_kv
 from engine.schedule import slot_schedule
 from engine.skip.adacache import codebook_frames
-from engine.skip.base import ChangeGuard, SkipSettings, SlotFrame
+from engine.skip.base import ChangeGuard, SlotFrame
 from engine.skip.unet_split import split_unet_forward
 
 
@@ -43,8 +43,9 @@ def test_clean_latents_remove_the_known_noise(tiny_models):
 
 
 def test_guard_forces_on_cuts_drift_and_age_and_carries_a_cut_down_the_slots(tiny_models):
-    settings = SkipSettings.from_config(EngineConfig(skip_cut_threshold=0.1, skip_accumulated_threshold=0.15,
-                                                     skip_max_age=4))
+    # The settings a stream gets from its config's flat (wire) names.
+    settings = StreamConfig().updated(skip_cut_threshold=0.1, skip_accumulated_threshold=0.15, skip_max_age=4).skip
+    assert settings == SkipSettings(cut_threshold=0.1, accumulated_threshold=0.15, max_age=4)
     guard = ChangeGuard(settings)
     base = torch.ones(3, 4, 4, 4)
     assert guard.observe(_frame(tiny_models, base)).all()  # no reference yet
