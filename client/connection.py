@@ -1,9 +1,10 @@
 """The one protocol-facing piece of both clients: a WebSocket session with the server.
 
 `StreamConnection.open` connects and reads `hello`; `send_frame` waits for a free in-flight slot (so at most
-`max_in_flight` frames are ever unanswered and latency cannot pile up) and records the send time;
-`next_output` returns each output with the send time of its frame (outputs come in order). `connect_with_backoff`
-retries while the server is down, restarting or full.
+`max_in_flight` frames are ever unanswered and latency cannot pile up) and records the send time of the
+frame's sequence number; every answer names its frame (`wire`: `frame` + JPEG, `dropped`, `error` with `seq`),
+so `next_output` returns each output with its own frame's send time, and a dropped or failed frame frees its
+slot the moment its answer arrives. `connect_with_backoff` retries while the server is down, restarting or full.
 """
 
 from __future__ import annotations
@@ -11,32 +12,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from .protocol import (
-    CLOSE_SERVER_FULL,
+from wire import (
+    CLOSE_TRY_AGAIN_LATER,
+    DroppedEvent,
     ErrorEvent,
+    FrameEvent,
     Hello,
-    ProtocolError,
-    Stats,
-    backoff_delays,
+    StatsEvent,
+    WireError,
     close_is_fatal,
-    params_message,
     parse_event,
     prompt_message,
-    with_token,
 )
+
+from .protocol import backoff_delays, with_token
 
 logger = logging.getLogger(__name__)
 
-#: Error codes the server gives a frame it could not use; such a frame gets this event instead of an output.
-FRAME_ERROR_CODES = frozenset({"empty_frame", "unsupported_format", "bad_image", "image_too_large",
-                               "inference_failed"})
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 
@@ -51,33 +49,27 @@ class ConnectionFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Output:
-    """One output frame and the timing of the frame it answers."""
+    """One output frame, the frame it answers and its timing.
 
+    `sent_at`/`received_at` are this client's clock (send → receive, network included); `server_latency_ms`
+    is the server's own (frame received → answer sent); `skipped`: the server repeated its previous output.
+    """
+
+    seq: int
     jpeg: bytes
     sent_at: float
     received_at: float
+    server_latency_ms: float
+    skipped: bool
 
     @property
     def latency_s(self) -> float:
         return self.received_at - self.sent_at
 
 
-def discard_dropped(pending: deque[float], count: int) -> int:
-    """Forget `count` frames the server dropped; returns how many were forgotten.
-
-    Latest wins on the server replaces the oldest *waiting* frame, and the oldest unanswered one is being
-    processed, so the dropped ones are taken from just after the head of `pending`.
-    """
-    forgotten = 0
-    while forgotten < count and pending:
-        del pending[1 if len(pending) > 1 else 0]
-        forgotten += 1
-    return forgotten
-
-
 def closed_failure(code: int | None, reason: str = "") -> ConnectionFailed:
     """The failure for a session the server (or the network) closed with `code`."""
-    if code == CLOSE_SERVER_FULL:
+    if code == CLOSE_TRY_AGAIN_LATER:
         message = f"server is busy (close {code}: {reason or 'try again later'})"
     else:
         message = f"connection closed (code {code}{': ' + reason if reason else ''})"
@@ -104,8 +96,11 @@ class StreamConnection:
         self.clock = clock
         self.dropped = 0
         self.errors: list[ErrorEvent] = []
-        self.last_stats: Stats | None = None
-        self._pending: deque[float] = deque()
+        self.last_stats: StatsEvent | None = None
+        #: Send time of each frame not answered yet, by sequence number.
+        self._pending: dict[int, float] = {}
+        self._next_seq = 0
+        self._announced: FrameEvent | None = None
         self._received_untaken = 0
         self._outputs: asyncio.Queue[Output | None] = asyncio.Queue()  # None marks the end
         self._slot_freed = asyncio.Event()
@@ -136,13 +131,13 @@ class StreamConnection:
         try:
             first = await asyncio.wait_for(websocket.recv(), open_timeout)
             if isinstance(first, bytes):
-                raise ProtocolError("the server's first message must be a text hello, got binary")
+                raise WireError("the server's first message must be a text hello, got binary")
             hello = parse_event(first)
             if not isinstance(hello, Hello):
-                raise ProtocolError(f"the server's first message must be hello, got {first[:200]!r}")
+                raise WireError(f"the server's first message must be hello, got {first[:200]!r}")
         except ConnectionClosed as error:
             raise _from_closed(error) from error
-        except (ProtocolError, TimeoutError) as error:
+        except (WireError, TimeoutError) as error:
             await websocket.close()
             raise ConnectionFailed(f"no valid hello from {url}: {error or 'timed out'}", retryable=True) from error
         return cls(websocket, hello)
@@ -190,7 +185,8 @@ class StreamConnection:
         if not await self.wait_slot(timeout):
             return None
         sent_at = self.clock()
-        self._pending.append(sent_at)
+        self._pending[self._next_seq] = sent_at
+        self._next_seq += 1
         try:
             await self.websocket.send(data)
         except ConnectionClosed as error:
@@ -214,9 +210,6 @@ class StreamConnection:
 
     async def send_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
         await self._send_text(prompt_message(prompt, negative_prompt))
-
-    async def send_params(self, **params: object) -> None:
-        await self._send_text(params_message(**params))
 
     async def close(self) -> None:
         """Close the session and stop reading."""
@@ -258,38 +251,48 @@ class StreamConnection:
             self._fail(closed_failure(self.websocket.close_code, self.websocket.close_reason or ""))
         except ConnectionClosed as error:
             self._fail(_from_closed(error))
-        except ProtocolError as error:
+        except WireError as error:
             self._fail(ConnectionFailed(str(error), retryable=True))
             await self.websocket.close()
         finally:
             self._fail(ConnectionFailed("the session was closed by this client", retryable=False))
 
+    def _answered(self, seq: int) -> float:
+        """Forget frame `seq` (its answer came) and free its slot; its send time."""
+        sent_at = self._pending.pop(seq, None)
+        if sent_at is None:
+            raise WireError(f"the server answered frame {seq}, which is not in flight")
+        self._slot_freed.set()
+        return sent_at
+
     def _on_output(self, jpeg: bytes) -> None:
         received_at = self.clock()
-        if not self._pending:
-            raise ProtocolError("the server sent an output frame with no frame in flight")
-        sent_at = self._pending.popleft()
-        self._outputs.put_nowait(Output(jpeg, sent_at, received_at))
+        announced, self._announced = self._announced, None
+        if announced is None:
+            raise WireError("the server sent an output frame without a `frame` event before it")
+        sent_at = self._answered(announced.seq)
+        self._outputs.put_nowait(Output(announced.seq, jpeg, sent_at, received_at, announced.latency_ms,
+                                        announced.skipped))
         self._received_untaken += 1
-        self._slot_freed.set()
 
     def _on_event(self, text: str) -> None:
         event = parse_event(text)
-        if isinstance(event, Stats):
-            self.last_stats = event
-            if event.dropped > self.dropped:
-                # Those frames will never be answered: free their slots so sending does not stall.
-                discard_dropped(self._pending, event.dropped - self.dropped)
-                self.dropped = event.dropped
-                self._slot_freed.set()
+        if self._announced is not None:
+            raise WireError(f"expected frame {self._announced.seq}'s JPEG after its `frame` event, got {text[:200]!r}")
+        if isinstance(event, FrameEvent):
+            self._announced = event
+        elif isinstance(event, DroppedEvent):
+            self._answered(event.seq)
+            self.dropped += 1
         elif isinstance(event, ErrorEvent):
             self.errors.append(event)
             logger.warning("server error %s: %s", event.code, event.message)
-            if event.code in FRAME_ERROR_CODES and self._pending:
-                self._pending.popleft()
-                self._slot_freed.set()
+            if event.seq is not None:
+                self._answered(event.seq)
+        elif isinstance(event, StatsEvent):
+            self.last_stats = event
         elif isinstance(event, Hello):
-            raise ProtocolError("the server sent a second hello")
+            raise WireError("the server sent a second hello")
 
 
 async def connect_with_backoff(url: str, token: str | None = None, delays: Iterator[float] | None = None,

@@ -35,13 +35,6 @@ def delivered_fps(frames: int, seconds: float) -> float:
     return frames / seconds if seconds > 0 else 0.0
 
 
-def match_latencies(sent_at: Sequence[float], received_at: Sequence[float]) -> list[float]:
-    """Latency of each output: outputs come back in order, so the k-th output belongs to the k-th frame sent."""
-    if len(received_at) > len(sent_at):
-        raise ValueError(f"{len(received_at)} outputs for only {len(sent_at)} frames sent")
-    return [received - sent for sent, received in zip(sent_at, received_at, strict=False)]
-
-
 @dataclass
 class StreamReport:
     """What one stream measured.

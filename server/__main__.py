@@ -6,20 +6,26 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import uvicorn
-
-from .app import create_app
-from .serve import configure_logging, configure_threads, uvicorn_config
-from .settings import is_loopback, parse_settings
-
 logger = logging.getLogger("server")
+
+SERVER_EXTRA_HINT = "the server needs its extra: pip install 'streamdiff-server[server]' (or `make serve`)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and `STREAMDIFF_*` variables, load the model in the background and serve until stopped.
 
-    Returns 1 when the model cannot be loaded, else 0.
+    Returns 1 when the model cannot be loaded (or the server's dependencies are not installed), else 0.
     """
+    # Imported here so a clients-only install (`.[client]`) gets a clear message instead of a traceback.
+    try:
+        import uvicorn
+
+        from .app import create_app
+        from .serve import configure_logging, configure_threads, uvicorn_config
+        from .settings import is_loopback, parse_settings
+    except ImportError as error:
+        print(f"error: {error}; {SERVER_EXTRA_HINT}", file=sys.stderr)
+        return 1
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     logger.info("torch threads per model thread: %d", configure_threads(settings.threads))
@@ -35,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     state.on_load_failure = stop
     logger.info("serving on http://%s:%d (model %r loads in the background)", settings.host, settings.port,
-                settings.engine.model)
+                settings.load.model)
     server.run()
     return 1 if state.load_error is not None else 0
 

@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from engine import ModelBundle
+from engine.loading import Engine
 
 from .guard import EdgeGuard
 from .rest import find_session, router
@@ -22,15 +22,15 @@ from .ws import websocket_stream
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-def create_app(settings: ServerSettings, models: ModelBundle | None = None) -> FastAPI:
+def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
     """The app for `settings`.
 
     Args:
         settings (`ServerSettings`): limits, token, allowed hosts and origins, and the engine configuration.
-        models (`ModelBundle`, *optional*): already loaded models (tests, benchmarks); without them the
-            configured model loads in a background thread at startup and `/health` says `loading` meanwhile.
+        engine (`Engine`, *optional*): an already loaded engine (tests, benchmarks); without it the configured
+            model loads in a background thread at startup and `/health` says `loading` meanwhile.
     """
-    state = ServerState(settings, models)
+    state = ServerState(settings, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,37 +1,75 @@
-"""Prometheus metrics of one app, in a registry of its own (two apps in one process never collide)."""
+"""Prometheus metrics of one app, in a registry of its own (two apps in one process never collide).
+
+Each fact is counted once, where it happens. Frames in, out, dropped, skipped and failed are the engine
+runtime's counters, read when `/metrics` is scraped (`RuntimeCollector`); the server counts only what it
+alone sees: refused sessions, bad control messages, and the latency of the answers it sends.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from engine.runtime import RuntimeStatus
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class ServerMetrics:
-    """Counters, gauges and histograms the server updates as frames move.
+#: (metric, `RuntimeStatus` field, help) of each runtime counter.
+_RUNTIME_COUNTERS = (
+    ("streamdiff_frames_in", "frames_in", "Frames received from clients."),
+    ("streamdiff_frames_out", "frames_out", "Output frames answered."),
+    ("streamdiff_frames_dropped", "dropped", "Frames dropped because a newer frame replaced them."),
+    ("streamdiff_frames_skipped", "skipped", "Outputs the similarity filter repeated instead of computing."),
+)
 
-    `frames_in` counts binary messages received, `frames_out` JPEGs sent, `dropped` frames replaced by
-    newer ones (latest wins), `skipped` outputs the similarity filter answered with the previous output.
+
+class RuntimeCollector(Collector):
+    """The engine runtime's counters and the open sessions, as Prometheus metrics at scrape time.
+
+    `frames_in`: frames received; `frames_out`: output frames; `frames_dropped`: frames replaced by newer ones
+    (latest wins); `frames_skipped`: outputs the similarity filter repeated; `frame_errors{code}`: frames
+    answered with an error.
+    """
+
+    def __init__(self, status: Callable[[], RuntimeStatus | None], sessions: Callable[[], int]):
+        self.status = status
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status()
+        for name, field, documentation in _RUNTIME_COUNTERS:
+            yield CounterMetricFamily(name, documentation, value=0 if status is None else getattr(status, field))
+        errors = CounterMetricFamily("streamdiff_frame_errors", "Frames answered with an error event.",
+                                     labels=["code"])
+        for code, count in ({} if status is None else status.errors_by_code).items():
+            errors.add_metric([code], count)
+        yield errors
+        yield GaugeMetricFamily("streamdiff_sessions", "Open WebSocket sessions.", value=self.sessions())
+        yield GaugeMetricFamily("streamdiff_fps_out", "Output frames per second over the last seconds.",
+                                value=0.0 if status is None else status.fps_out)
+
+
+class ServerMetrics:
+    """The app's registry: the runtime's counters (collected) and the server's own metrics.
+
+    Args:
+        status: the runtime's status now, `None` while it is loading.
+        sessions: the number of open sessions now.
     """
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, status: Callable[[], RuntimeStatus | None], sessions: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.frames_in = Counter("streamdiff_frames_in", "Frames received from clients.", registry=self.registry)
-        self.frames_out = Counter("streamdiff_frames_out", "Output JPEG frames sent to clients.",
-                                  registry=self.registry)
-        self.dropped = Counter("streamdiff_frames_dropped", "Frames dropped because a newer frame replaced them.",
-                               registry=self.registry)
-        self.skipped = Counter("streamdiff_frames_skipped", "Outputs the similarity filter skipped.",
-                               registry=self.registry)
-        self.frame_errors = Counter("streamdiff_frame_errors", "Frames answered with an error event.", ["code"],
-                                    registry=self.registry)
+        self.registry.register(RuntimeCollector(status, sessions))
         self.message_errors = Counter("streamdiff_message_errors", "Bad control messages.", ["code"],
                                       registry=self.registry)
-        self.sessions = Gauge("streamdiff_sessions", "Open WebSocket sessions.", registry=self.registry)
         self.rejected = Counter("streamdiff_sessions_rejected", "WebSocket sessions refused.", ["reason"],
                                 registry=self.registry)
         self.latency = Histogram("streamdiff_latency_seconds", "End-to-end latency: frame received → answer sent.",

@@ -1,15 +1,16 @@
-"""The WebSocket and REST message contract (docs/server.md): pydantic models for every message.
+"""Validation of what clients send (docs/server.md): pydantic models of the `prompt` and `params` messages,
+shared by the WebSocket and the REST routes.
 
-Client → server text messages are `prompt` and `params`; server → client text events are `hello`,
-`stats` and `error`. Binary messages are encoded frames in and JPEG frames out and need no model.
-Incoming models forbid unknown fields and are strict about types, so `"1.5"` is not a float.
+The events the server sends, the close codes and the error codes live in `wire`, the dependency-free module
+the clients import too. Incoming models forbid unknown fields and are strict about types, so `"1.5"` is not a
+float; their fields are the engine's stream parameters (`engine.config.STREAM_PARAM_TYPES`).
 """
 
 from __future__ import annotations
 
 import json
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -25,33 +26,11 @@ from pydantic import (
     model_validator,
 )
 
-from engine import EngineConfig
-from engine.config import HOT_PARAMS
-
-#: Close codes (RFC 6455) the server uses.
-CLOSE_POLICY_VIOLATION = 1008  # missing or wrong token
-CLOSE_TOO_BIG = 1009  # a message over the size limit
-CLOSE_TRY_AGAIN_LATER = 1013  # server full, or the model is not loaded yet
-CLOSE_IDLE = 4408  # the session sent nothing for `idle_timeout_s` (an application code, after HTTP 408)
-
-#: Error codes of a frame that could not be used; each replaces that frame's JPEG answer.
-FRAME_ERROR_CODES = frozenset({"empty_frame", "unsupported_format", "bad_image", "image_too_large",
-                               "inference_failed"})
+import wire
+from engine.config import HOT_PARAMS, LOAD_SETTINGS, STREAM_PARAM_TYPES
 
 
-#: A close frame's reason may hold at most 123 bytes of UTF-8 (RFC 6455 §5.5).
-MAX_CLOSE_REASON_BYTES = 123
-
-
-def close_reason(text: str) -> str:
-    """`text` cut to fit a close frame, without splitting a UTF-8 character."""
-    data = text.encode()
-    if len(data) <= MAX_CLOSE_REASON_BYTES:
-        return text
-    return data[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
-
-
-class ProtocolError(ValueError):
+class MessageError(ValueError):
     """A client message the server cannot use; `code` is stable and machine-readable."""
 
     def __init__(self, code: str, message: str):
@@ -89,7 +68,7 @@ class PromptUpdate(_Incoming):
     negative_prompt: Text | None = None
 
     def engine_params(self) -> dict[str, object]:
-        """Keyword arguments for `StreamEngine.update_params`."""
+        """Keyword arguments for `StreamHandle.update`."""
         params: dict[str, object] = {"prompt": self.prompt}
         if self.negative_prompt is not None:
             params["negative_prompt"] = self.negative_prompt
@@ -121,21 +100,20 @@ class _ParamsBase(_Incoming):
         return self
 
     def engine_params(self) -> dict[str, object]:
-        """Keyword arguments for `StreamEngine.update_params` (only the fields given)."""
+        """Keyword arguments for `StreamHandle.update` (only the fields given)."""
         return self.model_dump(exclude_none=True, exclude={"type"})
 
 
 #: The parameters a session may change while streaming: the engine's hot set plus a clean re-prepare
 #: of the schedule (width/height stay fixed for a session because `hello` announced them).
 UPDATABLE_PARAMS: frozenset[str] = HOT_PARAMS | {"t_index_list"}
-_ENGINE_TYPES = get_type_hints(EngineConfig)
 
 #: Hot parameters of a live session (REST body of `PATCH /api/sessions/{id}/params`): every field of
-#: `UPDATABLE_PARAMS`, typed as in `EngineConfig`, optional, at least one given. Built from the engine's
+#: `UPDATABLE_PARAMS`, typed as in `engine.config.StreamConfig`, optional, at least one given. Built from the engine's
 #: own lists so a new hot parameter is updatable without touching the server.
 ParamsUpdate = create_model(
     "ParamsUpdate", __base__=_ParamsBase, __doc__=_ParamsBase.__doc__,
-    **{name: (_strict(_ENGINE_TYPES[name]) | None, None) for name in sorted(UPDATABLE_PARAMS)},
+    **{name: (_strict(STREAM_PARAM_TYPES[name]) | None, None) for name in sorted(UPDATABLE_PARAMS)},
 )
 
 
@@ -156,49 +134,12 @@ _CLIENT_MESSAGES: dict[str, type[PromptMessage] | type[ParamsMessage]] = {
     "prompt": PromptMessage, "params": ParamsMessage}
 
 
-class HelloEvent(BaseModel):
-    """First message of every session."""
-
-    type: Literal["hello"] = "hello"
-    session_id: str
-    width: int
-    height: int
-    max_in_flight: int
-
-
-class StatsEvent(BaseModel):
-    """Sent about every `stats_interval_s` while a session is active.
-
-    `fps` and `latency_ms` cover the session's recent outputs (latency is server-side: frame received →
-    answer sent); the counters are totals since the session began.
-    """
-
-    type: Literal["stats"] = "stats"
-    fps: float
-    latency_ms: float | None
-    inference_ms: float | None
-    frames_in: int
-    frames_out: int
-    dropped: int
-    skipped: int
-    errors: int
-    in_flight: int
-
-
-class ErrorEvent(BaseModel):
-    """Bad input; the stream goes on."""
-
-    type: Literal["error"] = "error"
-    code: str
-    message: str
-
-
 def check_prompt_length(update: PromptUpdate | _ParamsBase, max_chars: int) -> None:
-    """Raise `ProtocolError("prompt_too_long")` if a prompt or negative prompt exceeds `max_chars`."""
+    """Raise `MessageError(wire.PROMPT_TOO_LONG)` if a prompt or negative prompt exceeds `max_chars`."""
     for name in ("prompt", "negative_prompt"):
         text = getattr(update, name)
         if text is not None and len(text) > max_chars:
-            raise ProtocolError("prompt_too_long", f"`{name}` has {len(text)} characters; the limit is {max_chars}")
+            raise MessageError(wire.PROMPT_TOO_LONG, f"`{name}` has {len(text)} characters; the limit is {max_chars}")
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -211,25 +152,30 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def _json_object(text: str | bytes) -> dict:
-    """The JSON object in `text`; `ProtocolError` for anything else, however hostile."""
+    """The JSON object in `text`; `MessageError` for anything else, however hostile."""
     try:
         data = json.loads(text)
     except RecursionError as error:  # e.g. "[" * 100000
-        raise ProtocolError("invalid_json", "not valid JSON: nested too deeply") from error
+        raise MessageError(wire.INVALID_JSON, "not valid JSON: nested too deeply") from error
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
-        raise ProtocolError("invalid_json", f"not valid JSON: {error}") from error
+        raise MessageError(wire.INVALID_JSON, f"not valid JSON: {error}") from error
     if not isinstance(data, dict):
-        raise ProtocolError("invalid_message", f"a message must be a JSON object, got {type(data).__name__}")
+        raise MessageError(wire.INVALID_MESSAGE, f"a message must be a JSON object, got {type(data).__name__}")
     return data
 
 
 def _validated(model: type[_Incoming], data: dict, max_prompt_chars: int) -> Any:
+    load_time = sorted(LOAD_SETTINGS & set(data))
+    if load_time:
+        raise MessageError(wire.INVALID_MESSAGE, f"{', '.join(f'`{name}`' for name in load_time)} is a load-time "
+                           "setting of the server (a server flag): it is the same for every session and cannot "
+                           "change per session")
     try:
         message = model.model_validate(data)
     except ValidationError as error:
-        raise ProtocolError("invalid_message", describe_validation_error(error)) from error
+        raise MessageError(wire.INVALID_MESSAGE, describe_validation_error(error)) from error
     except RecursionError as error:  # a deeply nested value inside a valid object
-        raise ProtocolError("invalid_message", "a value is nested too deeply") from error
+        raise MessageError(wire.INVALID_MESSAGE, "a value is nested too deeply") from error
     check_prompt_length(message, max_prompt_chars)
     return message
 
@@ -238,14 +184,14 @@ def parse_client_message(text: str, max_prompt_chars: int) -> ClientMessage:
     """Parse one text message from a client.
 
     Raises:
-        ProtocolError: `invalid_json`, `unknown_message_type`, `invalid_message` (wrong types, unknown or
+        MessageError: `invalid_json`, `unknown_message_type`, `invalid_message` (wrong types, unknown or
             missing fields, non-finite numbers, invalid Unicode) or `prompt_too_long`.
     """
     data = _json_object(text)
     kind = data.get("type")
     model = _CLIENT_MESSAGES.get(kind) if isinstance(kind, str) else None
     if model is None:
-        raise ProtocolError("unknown_message_type",
+        raise MessageError(wire.UNKNOWN_MESSAGE_TYPE,
                             f"unknown message type {kind!r}; expected one of {sorted(_CLIENT_MESSAGES)}")
     return _validated(model, data, max_prompt_chars)
 
@@ -254,6 +200,6 @@ def parse_request_body(body: bytes, model: type[PromptUpdate] | type[_ParamsBase
     """Parse a REST request body as `model` (`PromptUpdate` or `ParamsUpdate`), with the WebSocket's rules.
 
     Raises:
-        ProtocolError: as `parse_client_message`.
+        MessageError: as `parse_client_message`.
     """
     return _validated(model, _json_object(body), max_prompt_chars)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .health import DEGRADED, READY
-from .protocol import ParamsUpdate, PromptUpdate, ProtocolError, parse_request_body
+from .protocol import MessageError, ParamsUpdate, PromptUpdate, parse_request_body
 from .sessions import Session
 from .state import ServerState
 
@@ -53,8 +53,8 @@ async def health(request: Request) -> JSONResponse:
         "sessions": len(state.sessions),
         "max_sessions": state.settings.max_sessions,
         "accepting": state.accepting and status in (READY, DEGRADED),
-        "width": state.settings.engine.width,
-        "height": state.settings.engine.height,
+        "width": state.settings.stream.width,
+        "height": state.settings.stream.height,
     }
     if state.failure is not None:
         body["error"] = state.failure
@@ -84,7 +84,7 @@ async def _apply(session_id: str, request: Request, model: type) -> dict:
     try:
         update = parse_request_body(await request.body(), model, state.settings.max_prompt_chars)
         await session.update(update.engine_params())
-    except ProtocolError as error:
+    except MessageError as error:
         raise HTTPException(status_code=422, detail={"code": error.code, "message": error.message}) from error
     except ValueError as error:
         raise HTTPException(status_code=422, detail={"code": "invalid_params", "message": str(error)}) from error

@@ -1,4 +1,4 @@
-"""Sessions: one WebSocket client's stream inside the shared `StreamRuntime`, and their registry.
+"""Sessions: one WebSocket client's stream (an engine `StreamHandle`) and their registry.
 
 The registry lives on the event loop; everything slow it triggers (opening a stream encodes the
 prompt, parameter updates may re-encode it) runs in a worker thread.
@@ -12,10 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine import StreamEngine
 from engine.runtime import StreamHandle, StreamRuntime
 
-from .metrics import ServerMetrics
 from .protocol import UPDATABLE_PARAMS
 
 #: Parameters `describe` lists under `params` (the prompts have their own keys).
@@ -72,15 +70,10 @@ class Session:
         self.latest_jpeg: bytes | None = None
         self.frame_number = 0
         self.waiting_since: float | None = None
-        self.reported_dropped = 0
         self.pending_updates = 0
         self.viewers = 0
         self._new_frame = asyncio.Event()
         self._update_lock = asyncio.Lock()
-
-    @property
-    def engine(self) -> StreamEngine:
-        return self.handle.engine
 
     async def update(self, params: dict[str, object]) -> None:
         """Apply engine parameters off the event loop, one update at a time in arrival order.
@@ -91,7 +84,7 @@ class Session:
         self.pending_updates += 1
         try:
             async with self._update_lock:
-                await asyncio.to_thread(self.handle.engine.update_params, **params)
+                await asyncio.to_thread(self.handle.update, **params)
         except ValueError:
             raise
         except Exception as error:  # e.g. the tokenizer choking on a prompt: the stream keeps its parameters
@@ -138,7 +131,8 @@ class Session:
 
     def describe(self) -> dict[str, object]:
         """The REST view of the session."""
-        config, stats = self.handle.engine.config, self.handle.stats
+        config, stats = self.handle.config, self.handle.stats
+        params = config.flat_params()
         latency = self.window.latency_s
         return {
             "id": self.id,
@@ -147,7 +141,7 @@ class Session:
             "negative_prompt": config.negative_prompt,
             "width": config.width,
             "height": config.height,
-            "params": {name: getattr(config, name) for name in _LISTED_PARAMS},
+            "params": {name: params[name] for name in _LISTED_PARAMS},
             "frames_in": stats.frames_in,
             "frames_out": stats.frames_out,
             "dropped": stats.dropped,
@@ -159,9 +153,9 @@ class Session:
         }
 
 
-def _close_opened(runtime: StreamRuntime, opening: asyncio.Future) -> None:
+def _close_opened(opening: asyncio.Future) -> None:
     if not opening.cancelled() and opening.exception() is None:
-        runtime.close_stream(opening.result())
+        opening.result().close()
 
 
 class SessionRegistry:
@@ -170,9 +164,8 @@ class SessionRegistry:
     With a `replica_id`, session ids are `<replica_id>-<stream id>` so a proxy can route on them.
     """
 
-    def __init__(self, max_sessions: int, metrics: ServerMetrics, replica_id: str = ""):
+    def __init__(self, max_sessions: int, replica_id: str = ""):
         self.max_sessions = max_sessions
-        self.metrics = metrics
         self.replica_id = replica_id
         self._sessions: dict[str, Session] = {}
         self._opening = 0
@@ -206,18 +199,16 @@ class SessionRegistry:
             handle = await asyncio.shield(opening)
         except asyncio.CancelledError:
             # The client left while its stream was being opened: close the stream once it exists.
-            opening.add_done_callback(lambda done: _close_opened(runtime, done))
+            opening.add_done_callback(_close_opened)
             raise
         finally:
             self._opening -= 1
         session = Session(handle, f"{self.replica_id}-{handle.id}" if self.replica_id else handle.id)
         self._sessions[session.id] = session
-        self.metrics.sessions.set(len(self._sessions))
         return session
 
-    def close(self, runtime: StreamRuntime, session: Session) -> None:
+    def close(self, session: Session) -> None:
         """Remove a session and its stream; its viewers see the end of the stream."""
-        runtime.close_stream(session.handle)
+        session.handle.close()
         session.end()
         self._sessions.pop(session.id, None)
-        self.metrics.sessions.set(len(self._sessions))

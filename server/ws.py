@@ -1,9 +1,9 @@
-"""`WS /ws`: the streaming WebSocket. It only moves bytes and calls the runtime.
+"""`WS /ws`: the streaming WebSocket. It only moves bytes and calls the engine's stream handle.
 
-Each connection runs a receive task (frames go to `StreamRuntime.submit`, control messages become
-parameter updates in worker threads) and a send task (answers, events and stats, in order). The
-runtime's worker threads wake the send task through `loop.call_soon_threadsafe`; inference never
-runs on the event loop.
+Each connection runs a receive task (frames go to `StreamHandle.put`, control messages become parameter
+updates in worker threads) and a send task (answers, events and stats). The runtime's threads wake the send
+task through `loop.call_soon_threadsafe`; inference never runs on the event loop. The messages themselves
+are `wire`'s.
 """
 
 from __future__ import annotations
@@ -19,21 +19,24 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from engine.runtime import FrameResult
-
-from .auth import token_matches, websocket_credentials
-from .protocol import (
+from engine.runtime import Answer, Dropped
+from wire import (
+    BUSY,
     CLOSE_IDLE,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN_LATER,
+    INVALID_PARAMS,
+    DroppedEvent,
     ErrorEvent,
-    HelloEvent,
-    ProtocolError,
+    FrameEvent,
+    Hello,
     StatsEvent,
     close_reason,
-    parse_client_message,
 )
+
+from .auth import token_matches, websocket_credentials
+from .protocol import MessageError, parse_client_message
 from .sessions import Session, SessionLimitError
 from .state import ServerState
 
@@ -68,7 +71,7 @@ async def websocket_stream(websocket: WebSocket) -> None:
         await websocket.close(CLOSE_POLICY_VIOLATION, "missing or invalid token")
         return
     runtime = state.runtime
-    if runtime is None:
+    if runtime is None or state.failure is not None:
         state.metrics.rejected.labels("not_ready").inc()
         await websocket.close(CLOSE_TRY_AGAIN_LATER, close_reason(state.not_ready_reason()))
         return
@@ -88,14 +91,14 @@ async def websocket_stream(websocket: WebSocket) -> None:
     logger.info("session %s opened (%d open)", session.id, len(state.sessions))
     close = None
     try:
-        config = session.engine.config
-        await websocket.send_text(HelloEvent(session_id=session.id, width=config.width, height=config.height,
-                                             max_in_flight=settings.max_in_flight).model_dump_json())
+        config = session.handle.config
+        await websocket.send_text(Hello(session_id=session.id, width=config.width, height=config.height,
+                                        max_in_flight=settings.max_in_flight, model=state.model_name).to_json())
         close = await Connection(websocket, session, state, wake).run()
     except (WebSocketDisconnect, ClientDisconnected):
         pass
     finally:
-        state.sessions.close(runtime, session)
+        state.sessions.close(session)
         logger.info("session %s closed (%d open)", session.id, len(state.sessions))
     if close is not None:
         # Bounded: a client that does not read may never let the close frame out.
@@ -163,21 +166,16 @@ class Connection:
         handle = self.session.handle
         if handle.in_flight == 0:
             self.session.waiting_since = time.monotonic()
-        self.runtime.submit(handle, data)
-        self.metrics.frames_in.inc()
-        dropped = handle.stats.dropped
-        if dropped > self.session.reported_dropped:
-            self.metrics.dropped.inc(dropped - self.session.reported_dropped)
-            self.session.reported_dropped = dropped
+        handle.put(data)
 
     def on_text(self, text: str) -> None:
         try:
             message = parse_client_message(text, self.settings.max_prompt_chars)
-        except ProtocolError as error:
+        except MessageError as error:
             self.send_error(error.code, error.message)
             return
         if self.session.pending_updates >= MAX_PENDING_UPDATES:
-            self.send_error("busy", f"{MAX_PENDING_UPDATES} updates are still being applied; send fewer")
+            self.send_error(BUSY, f"{MAX_PENDING_UPDATES} updates are still being applied; send fewer")
             return
         task = asyncio.create_task(self.apply(message.engine_params()))
         self.updates.add(task)
@@ -187,11 +185,11 @@ class Connection:
         try:
             await self.session.update(params)
         except ValueError as error:  # `Session.update` turns every failure into one
-            self.send_error("invalid_params", str(error))
+            self.send_error(INVALID_PARAMS, str(error))
 
     def send_error(self, code: str, message: str) -> None:
         self.metrics.message_errors.labels(code).inc()
-        self.events.append(ErrorEvent(code=code, message=message).model_dump_json())
+        self.events.append(ErrorEvent(code=code, message=message).to_json())
         self.wake.set()
 
     # ------------------------------------------------------------------ sending
@@ -207,34 +205,37 @@ class Connection:
             self.wake.clear()  # before draining, so a wake-up during the drain is not lost
             while self.events:
                 await self.websocket.send_text(self.events.popleft())
-            while (result := self.session.handle.get_nowait()) is not None:
-                await self.deliver(result)
+            while (answer := self.session.handle.get_nowait()) is not None:
+                await self.deliver(answer)
             if loop.time() >= next_stats:
                 next_stats = loop.time() + interval
                 stats = self.session.handle.stats
                 counts = (stats.frames_in, stats.frames_out, stats.errors, stats.dropped)
                 if counts != last_counts:  # idle sessions get no stats
                     last_counts = counts
-                    await self.websocket.send_text(self.stats_event().model_dump_json())
+                    await self.websocket.send_text(self.stats_event().to_json())
 
-    async def deliver(self, result: FrameResult) -> None:
-        """Send one frame's answer: its JPEG, or an error event for a frame that could not be used."""
+    async def deliver(self, answer: Answer) -> None:
+        """Send one answer: dropped frames, an error event for a frame that could not be used, or a `frame`
+        event followed by the frame's JPEG."""
         session = self.session
-        session.waiting_since = time.monotonic() if session.handle.in_flight else None
-        if result.error is not None:
-            self.metrics.frame_errors.labels(result.error.code).inc()
-            await self.websocket.send_text(ErrorEvent(code=result.error.code,
-                                                      message=result.error.message).model_dump_json())
+        if isinstance(answer, Dropped):
+            for seq in answer.seqs:
+                await self.websocket.send_text(DroppedEvent(seq=seq).to_json())
             return
-        await self.websocket.send_bytes(result.jpeg)
-        sent = time.monotonic()
-        latency = sent - result.arrival
-        session.window.record(sent, latency, result.inference_s)
-        session.publish(result.jpeg)
-        self.metrics.frames_out.inc()
-        self.metrics.skipped.inc(int(result.skipped))
+        session.waiting_since = time.monotonic() if session.handle.in_flight else None
+        if answer.error is not None:
+            await self.websocket.send_text(ErrorEvent(code=answer.error.code, message=answer.error.message,
+                                                      seq=answer.seq).to_json())
+            return
+        latency = time.monotonic() - answer.arrival
+        await self.websocket.send_text(FrameEvent(seq=answer.seq, latency_ms=round(latency * 1000, 3),
+                                                  skipped=answer.skipped).to_json())
+        await self.websocket.send_bytes(answer.jpeg)
+        session.window.record(time.monotonic(), latency, answer.inference_s)
+        session.publish(answer.jpeg)
         self.metrics.latency.observe(latency)
-        self.metrics.inference.observe(result.inference_s)
+        self.metrics.inference.observe(answer.inference_s)
 
     def stats_event(self) -> StatsEvent:
         stats, window = self.session.handle.stats, self.session.window

@@ -1,10 +1,9 @@
 "use strict";
 // Browser webcam filter: camera frames go to WS /ws as JPEGs, diffused JPEGs come back (docs/server.md).
-// At most `max_in_flight` frames (from the server's hello) are unanswered at any time.
+// At most `max_in_flight` frames (from the server's hello) are unanswered at any time. The k-th frame sent has
+// seq k; every frame is answered once: a `frame` event and its JPEG, a `dropped` event or an `error` with its seq.
 
-const FRAME_ERROR_CODES = new Set(["empty_frame", "unsupported_format", "bad_image", "image_too_large",
-  "inference_failed"]);
-const STALE_FRAME_MS = 15000;  // a frame unanswered this long is given up (the server never drops ours)
+const STALE_FRAME_MS = 15000;  // a frame unanswered this long is given up (only if the server broke the protocol)
 
 const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
@@ -12,8 +11,8 @@ const canvas = document.createElement("canvas");
 
 // Exposed for tests and the curious (e.g. window.streamdiff.framesReceived).
 const state = window.streamdiff = {
-  ws: null, hello: null, camera: null, running: true, capturing: false,
-  inFlight: [], framesReceived: 0, outputTimes: [], reconnectDelay: 1000, outputUrl: null,
+  ws: null, hello: null, camera: null, running: true, capturing: false, nextSeq: 0, announced: null,
+  inFlight: new Map(), framesReceived: 0, dropped: 0, outputTimes: [], reconnectDelay: 1000, outputUrl: null,
 };
 
 function showMessage(text) {
@@ -93,7 +92,9 @@ function connect() {
   ws.binaryType = "arraybuffer";
   state.ws = ws;
   state.hello = null;
-  state.inFlight = [];
+  state.inFlight = new Map();
+  state.nextSeq = 0;
+  state.announced = null;
   setStatus("connecting…");
   ws.onmessage = (event) => {
     if (typeof event.data === "string") handleEvent(JSON.parse(event.data));
@@ -122,17 +123,25 @@ function handleEvent(message) {
     $("viewer-link").href = token ? `${viewer}?token=${encodeURIComponent(token)}` : viewer;
     $("viewer-link").textContent = token ? `${viewer}?token=…` : viewer;
     pump();
-  } else if (message.type === "stats") {
-    $("dropped").textContent = String(message.dropped);
+  } else if (message.type === "frame") {
+    state.announced = message;  // its JPEG is the next binary message
+  } else if (message.type === "dropped") {
+    state.inFlight.delete(message.seq);
+    state.dropped += 1;
+    $("dropped").textContent = String(state.dropped);
+    pump();
   } else if (message.type === "error") {
-    if (FRAME_ERROR_CODES.has(message.code)) state.inFlight.shift();
+    if (message.seq !== undefined && message.seq !== null) state.inFlight.delete(message.seq);
     showMessage(`Server: ${message.message}`);
     pump();
   }
 }
 
 function handleFrame(buffer) {
-  const sentAt = state.inFlight.shift();
+  const seq = state.announced ? state.announced.seq : undefined;
+  state.announced = null;
+  const sentAt = state.inFlight.get(seq);
+  state.inFlight.delete(seq);
   const now = performance.now();
   state.framesReceived += 1;
   $("frames-received").textContent = String(state.framesReceived);
@@ -164,14 +173,15 @@ function pump() {
   const video = $("camera-view");
   const ws = state.ws;
   if (!state.running || state.capturing || !state.hello || !ws || ws.readyState !== WebSocket.OPEN) return;
-  if (state.inFlight.length >= state.hello.max_in_flight || !video.videoWidth) return;
+  if (state.inFlight.size >= state.hello.max_in_flight || !video.videoWidth) return;
   state.capturing = true;
   drawFrame(video, state.hello.width, state.hello.height);
   canvas.toBlob(async (blob) => {
     try {
       if (blob && ws.readyState === WebSocket.OPEN && state.ws === ws) {
         ws.send(await blob.arrayBuffer());
-        state.inFlight.push(performance.now());
+        state.inFlight.set(state.nextSeq, performance.now());
+        state.nextSeq += 1;
       }
     } finally {
       state.capturing = false;
@@ -201,7 +211,7 @@ $("camera-view").addEventListener("playing", pump);
 setInterval(() => {
   // Give up on frames that never came back so the stream cannot stall for good.
   const now = performance.now();
-  while (state.inFlight.length && now - state.inFlight[0] > STALE_FRAME_MS) state.inFlight.shift();
+  for (const [seq, sentAt] of state.inFlight) if (now - sentAt > STALE_FRAME_MS) state.inFlight.delete(seq);
   pump();
 }, 1000);
 

@@ -1,11 +1,9 @@
 import asyncio
 import io
-from collections import deque
 
 import numpy as np
 import pytest
 
-from client.connection import discard_dropped
 from client.frames import decode_jpeg, encode_jpeg, fit_frame
 from client.pacing import next_due
 from client.prompt_input import PromptEditor, follow_lines
@@ -28,14 +26,6 @@ def test_jpeg_round_trip_keeps_size_and_content():
     assert np.abs(decoded.astype(int) - image).max() <= 3
     with pytest.raises(ValueError):
         decode_jpeg(b"not a jpeg")
-
-
-def test_discard_dropped_keeps_the_frame_in_processing():
-    pending = deque([1.0, 2.0, 3.0, 4.0])
-    assert discard_dropped(pending, 2) == 2
-    assert list(pending) == [1.0, 4.0]
-    assert discard_dropped(pending, 5) == 2
-    assert not pending
 
 
 def test_pacing_keeps_cadence_but_never_bursts():
@@ -68,3 +58,14 @@ async def test_follow_lines_forwards_non_empty_lines():
     follow_lines(queue, asyncio.get_running_loop(), io.StringIO("a cat\n\n  a dog  \n"))
     received = [await asyncio.wait_for(queue.get(), 5), await asyncio.wait_for(queue.get(), 5)]
     assert received == ["a cat", "a dog"]
+
+
+def test_the_clients_import_no_model_stack():
+    """`pip install '.[client]'` installs no torch, diffusers or fastapi: the clients must not import them."""
+    import subprocess
+    import sys
+
+    check = ("import sys, client.webcam, client.loadtest, wire; "
+             "print(sorted({'torch', 'diffusers', 'transformers', 'fastapi', 'engine', 'server'} & set(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=120)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

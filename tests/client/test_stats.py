@@ -8,7 +8,6 @@ from client.stats import (
     StreamReport,
     delivered_fps,
     latency_summary_ms,
-    match_latencies,
     meets_target,
     percentile,
     ramp_result,
@@ -38,12 +37,6 @@ def test_delivered_fps():
     assert delivered_fps(5, 0.0) == 0.0
     with pytest.raises(ValueError):
         delivered_fps(-1, 1.0)
-
-
-def test_outputs_match_frames_in_order():
-    assert match_latencies([1.0, 2.0, 3.0], [1.5, 2.25]) == [0.5, 0.25]
-    with pytest.raises(ValueError, match="outputs"):
-        match_latencies([1.0], [1.1, 1.2])
 
 
 def _reports():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 from server_testkit import TEST_SETTINGS
 
-from engine import load_models
+from engine import Engine, load_models
 from server.app import create_app
 from server.serve import background_server
 from server.settings import ServerSettings
@@ -31,19 +31,19 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def server_models():
-    """The tiny model with its full VAE (see `TEST_ENGINE`)."""
-    return load_models("tiny", use_tiny_vae=False)
+def server_engine():
+    """The tiny model with its full VAE (see `TEST_LOAD`), loaded once for every test server."""
+    return Engine.prepare(load_models("tiny", use_tiny_vae=False), TEST_SETTINGS.load)
 
 
 @pytest.fixture(scope="session")
-def start_server(server_models):
+def start_server(server_engine):
     """A context manager factory: `with start_server(**setting_changes) as live: ...`."""
 
     @contextmanager
     def start(**changes) -> Iterator[LiveServer]:
         settings = TEST_SETTINGS.replace(**changes)
-        app = create_app(settings, models=server_models)
+        app = create_app(settings, engine=server_engine)
         with background_server(app, settings) as base_url:
             yield LiveServer(base_url, settings, app.state.server)
 

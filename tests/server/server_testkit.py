@@ -13,19 +13,20 @@ import websockets
 from PIL import Image
 
 from client.patterns import moving_pattern
-from engine import EngineConfig, ModelBundle, StreamEngine
+from engine import Engine, LoadConfig, RuntimeOptions, StreamConfig, StreamEngine
 from engine.codec import decode_image, encode_jpeg, rgb_to_tensor, tensor_to_rgb
 from server.settings import ServerSettings
 
 RECV_TIMEOUT_S = 60.0
 
+# The tiny model with the full (random) AutoencoderKL instead of the random TAESD: with TAESD the tiny model's
+# output barely depends on the input or prompt, so order, isolation and prompt changes would be invisible.
+TEST_LOAD = LoadConfig(model="tiny", vae="full")
 # 64x64, similarity filter off: every accepted frame is computed, so counts and outputs are deterministic.
-# The full (random) AutoencoderKL instead of the random TAESD: with TAESD the tiny model's output barely
-# depends on the input or prompt, so order, isolation and prompt changes would be invisible.
-TEST_ENGINE = EngineConfig(width=64, height=64, similarity_filter=False, use_tiny_vae=False)
+TEST_STREAM = StreamConfig(width=64, height=64, similarity_filter=False)
 TEST_SETTINGS = ServerSettings(
-    engine=TEST_ENGINE, port=0, max_sessions=3, max_in_flight=2, max_message_bytes=256 * 1024,
-    max_prompt_chars=200, max_pixels=256 * 256, stats_interval_s=0.2, log_level="warning",
+    load=TEST_LOAD, stream=TEST_STREAM, runtime=RuntimeOptions(max_pixels=256 * 256), port=0, max_sessions=3,
+    max_in_flight=2, max_message_bytes=256 * 1024, max_prompt_chars=200, stats_interval_s=0.2, log_level="warning",
 )
 
 
@@ -50,13 +51,13 @@ def decode(jpeg: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.int16)
 
 
-def reference_outputs(models: ModelBundle, config: EngineConfig, frames: list[bytes]) -> list[np.ndarray]:
+def reference_outputs(engine: Engine, config: StreamConfig, frames: list[bytes]) -> list[np.ndarray]:
     """What the server must answer for `frames` on a fresh stream: the engine run in-process, same codecs."""
-    engine = StreamEngine(models, config)
+    stream = StreamEngine(engine, config)
     outputs = []
     for data in frames:
         rgb = decode_image(data, config.width, config.height)
-        outputs.append(decode(encode_jpeg(tensor_to_rgb(engine.step(rgb_to_tensor(rgb)).images))))
+        outputs.append(decode(encode_jpeg(tensor_to_rgb(stream.step(rgb_to_tensor(rgb)).images))))
     return outputs
 
 
@@ -66,13 +67,18 @@ def max_difference(a: np.ndarray, b: np.ndarray) -> int:
 
 @dataclass
 class StreamLog:
-    """What a client received: output JPEGs in order and text events."""
+    """What a client received: output JPEGs in order with their `frame` events, and the other text events."""
 
     outputs: list[bytes] = field(default_factory=list)
+    frames: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
 
     def of_type(self, kind: str) -> list[dict]:
         return [event for event in self.events if event["type"] == kind]
+
+    def answered_seqs(self) -> list[int]:
+        """The seq of every answer received (frames, drops and frame errors)."""
+        return sorted(event["seq"] for event in self.events + self.frames if event.get("seq") is not None)
 
 
 async def hello(ws) -> dict:
@@ -82,23 +88,33 @@ async def hello(ws) -> dict:
 
 
 async def stream(ws, frames: list[bytes], max_in_flight: int, log: StreamLog | None = None) -> StreamLog:
-    """Send `frames` keeping at most `max_in_flight` unanswered; wait for one answer (JPEG or frame error) each."""
+    """Send `frames` keeping at most `max_in_flight` unanswered; wait for one answer each (a `frame` event and its
+    JPEG, a `dropped` event or an `error` event with the frame's seq). Every `frame` event must be followed by
+    its JPEG."""
     log = log if log is not None else StreamLog()
     answered, sent = 0, 0
     deadline = time.monotonic() + RECV_TIMEOUT_S * max(1, len(frames) // 4)
+    announced: dict | None = None
     while answered < len(frames):
         while sent < len(frames) and sent - answered < max_in_flight:
             await ws.send(frames[sent])
             sent += 1
         message = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
         if isinstance(message, bytes):
+            assert announced is not None, "a JPEG came without a `frame` event before it"
             log.outputs.append(message)
+            log.frames.append(announced)
+            announced = None
             answered += 1
-        else:
-            event = json.loads(message)
-            log.events.append(event)
-            if event["type"] == "error":
-                answered += 1
+            continue
+        assert announced is None, f"expected the JPEG of {announced}, got {message[:200]!r}"
+        event = json.loads(message)
+        if event["type"] == "frame":
+            announced = event
+            continue
+        log.events.append(event)
+        if event["type"] == "dropped" or (event["type"] == "error" and event.get("seq") is not None):
+            answered += 1
     return log
 
 

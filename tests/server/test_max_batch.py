@@ -5,35 +5,37 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import EngineConfig
+from engine import Engine, LoadConfig, StreamConfig
 from server.serve import configure_threads
 from server.settings import ServerSettings, parse_settings
 from server.state import ServerState
 
 
 def test_max_batch_flag_and_environment():
-    assert parse_settings([], environ={}).max_batch == ServerSettings().max_batch
-    assert parse_settings(["--max-batch", "3"], environ={}).max_batch == 3
-    assert parse_settings([], environ={"STREAMDIFF_MAX_BATCH": "2"}).max_batch == 2
+    assert parse_settings([], environ={}).runtime.max_batch == ServerSettings().runtime.max_batch
+    assert parse_settings(["--max-batch", "3"], environ={}).runtime.max_batch == 3
+    assert parse_settings([], environ={"STREAMDIFF_MAX_BATCH": "2"}).runtime.max_batch == 2
     with pytest.raises(SystemExit):
         parse_settings(["--max-batch", "0"], environ={})
 
 
 def test_batch_wait_flag_and_environment():
-    assert parse_settings([], environ={}).batch_wait_ms == ServerSettings().batch_wait_ms
-    assert parse_settings(["--batch-wait-ms", "7.5"], environ={}).batch_wait_ms == 7.5
-    assert parse_settings([], environ={"STREAMDIFF_BATCH_WAIT_MS": "3"}).batch_wait_ms == 3
+    assert parse_settings([], environ={}).runtime.batch_wait_s == ServerSettings().runtime.batch_wait_s
+    assert parse_settings(["--batch-wait-ms", "7.5"], environ={}).runtime.batch_wait_s == 0.0075
+    assert parse_settings([], environ={"STREAMDIFF_BATCH_WAIT_MS": "3"}).runtime.batch_wait_s == 0.003
     with pytest.raises(SystemExit):
         parse_settings(["--batch-wait-ms", "-1"], environ={})
 
 
 def test_the_runtime_batches_as_configured(tiny_models):
-    settings = ServerSettings(engine=EngineConfig(width=32, height=32), max_batch=3, batch_wait_ms=20,
-                              warmup=False)
-    state = ServerState(settings, models=tiny_models)
+    settings = parse_settings(["--model", "tiny", "--width", "32", "--height", "32", "--max-batch", "3",
+                               "--batch-wait-ms", "20", "--no-warmup"], environ={})
+    state = ServerState(settings, Engine.prepare(tiny_models, LoadConfig(model="tiny")))
     state.start()
     try:
-        assert (state.runtime.max_batch, state.runtime.batch_wait_s) == (3, 0.02)
+        options, defaults = state.runtime.options, state.runtime.defaults
+        assert (options.max_batch, options.batch_wait_s) == (3, 0.02)
+        assert (defaults.width, defaults.height) == (32, 32) and defaults == StreamConfig(width=32, height=32)
     finally:
         state.close()
 

@@ -71,11 +71,11 @@ async def test_bad_frame_gets_an_error_event_and_the_stream_goes_on(server, payl
 async def test_bad_control_message_gets_an_error_event_and_changes_nothing(server, text, code):
     async with connect(server.ws_url) as ws:
         session = server.state.sessions.get((await hello(ws))["session_id"])
-        config_before = session.engine.config
+        config_before = session.handle.config
         await ws.send(text)
         error = await next_event(ws, "error")
         assert error["code"] == code, error
-        assert session.engine.config == config_before
+        assert session.handle.config == config_before
         await assert_stream_goes_on(ws)
 
 

@@ -97,7 +97,7 @@ async def test_page_streams_the_fake_camera_and_updates_the_prompt(server, tmp_p
         await page.evaluate("document.getElementById('prompt').value = 'charcoal drawing';"
                             "document.getElementById('prompt-form').requestSubmit(); true")
         session = server.state.sessions.get(session_id)
-        await wait_until(lambda: session.engine.prompt == "charcoal drawing")
+        await wait_until(lambda: session.handle.config.prompt == "charcoal drawing")
         received = await page.evaluate("window.streamdiff.framesReceived")
         await page.wait_for(f"window.streamdiff.framesReceived > {received}")
         assert session.handle.stats.dropped == 0  # the page keeps to max_in_flight

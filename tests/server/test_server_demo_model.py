@@ -10,7 +10,7 @@ import numpy as np
 from server_testkit import TEST_SETTINGS, connect, decode, encode, hello, stream
 
 from benchmarks.clips import synthetic_clip
-from engine import load_models
+from engine import Engine, RuntimeOptions
 from server.app import create_app
 from server.serve import background_server
 
@@ -24,10 +24,10 @@ def test_make_serve_serves_the_demo_model():
 
 
 async def test_demo_style_follows_a_prompt_change_mid_stream():
-    engine = TEST_SETTINGS.engine.replace(model="demo", width=128, height=128, use_tiny_vae=True,
-                                          prompt="thermal camera")
-    settings = TEST_SETTINGS.replace(engine=engine, max_pixels=128 * 128)
-    app = create_app(settings, models=load_models("demo"))
+    load = TEST_SETTINGS.load.replace(model="demo", vae="tiny")
+    stream_config = TEST_SETTINGS.stream.replace(width=128, height=128, prompt="thermal camera")
+    settings = TEST_SETTINGS.replace(load=load, stream=stream_config, runtime=RuntimeOptions(max_pixels=128 * 128))
+    app = create_app(settings, engine=Engine.load(load))
     frame = encode(synthetic_clip("static", 1, 128, 128, seed=3)[0])
     with background_server(app, settings) as base_url:
         async with connect(base_url.replace("http://", "ws://") + "/ws") as ws:

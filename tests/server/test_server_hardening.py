@@ -86,7 +86,7 @@ async def test_an_unexpected_decoder_error_costs_one_frame(server, monkeypatch):
         error = await next_event(ws, "error")
         assert error["code"] == "bad_image" and "SyntaxError" in error["message"]
         await assert_stream_goes_on(ws)
-    assert server.state.runtime.failure is None
+    assert server.state.runtime.status().failure is None
 
 
 async def test_a_dead_runtime_thread_makes_health_say_error(start_server):
@@ -242,7 +242,7 @@ async def test_connections_past_the_limit_are_closed_at_once(start_server):
 
 
 def test_default_pixel_limit_is_a_webcam_frame():
-    assert ServerSettings().max_pixels == 1920 * 1080
+    assert ServerSettings().runtime.max_pixels == 1920 * 1080
 
 
 async def test_an_expensive_sender_does_not_starve_a_cheap_one(start_server, monkeypatch):
@@ -308,10 +308,10 @@ async def test_text_over_the_control_limit_closes_with_1009_but_frames_may_be_la
 async def test_list_parameters_are_bounded(server, params, code):
     async with connect(server.ws_url) as ws:
         session = server.state.sessions.get((await hello(ws))["session_id"])
-        before = session.engine.config
+        before = session.handle.config
         await ws.send(json.dumps({"type": "params", **params}))
         assert (await next_event(ws, "error"))["code"] == code
-        assert session.engine.config == before
+        assert session.handle.config == before
         await assert_stream_goes_on(ws)
 
 
@@ -342,7 +342,7 @@ async def test_hostile_json_gets_an_error_event(start_server, text):
 async def test_invalid_text_and_non_finite_numbers_are_refused(server, text):
     async with connect(server.ws_url) as ws, httpx.AsyncClient(base_url=server.base_url, timeout=30) as rest:
         session_id = (await hello(ws))["session_id"]
-        before = server.state.sessions.get(session_id).engine.config
+        before = server.state.sessions.get(session_id).handle.config
         await ws.send(text)
         assert (await next_event(ws, "error"))["code"] == "invalid_message"
         message = json.loads(text)
@@ -353,7 +353,7 @@ async def test_invalid_text_and_non_finite_numbers_are_refused(server, text):
                                     headers={"Content-Type": "application/json"})
         assert answer.status_code == 422, answer.text
         assert answer.json()["detail"]["code"] == "invalid_message"
-        assert server.state.sessions.get(session_id).engine.config == before
+        assert server.state.sessions.get(session_id).handle.config == before
         await assert_stream_goes_on(ws)
 
 

@@ -37,7 +37,7 @@ async def test_sessions_list_and_live_updates(server):
                                   json={"guidance_scale": 1.5, "similarity_filter": True, "max_skip_frames": 3})
         assert answer.status_code == 200, answer.text
         assert answer.json()["params"]["guidance_scale"] == 1.5
-        config = server.state.sessions.get(session_id).engine.config
+        config = server.state.sessions.get(session_id).handle.config
         assert (config.guidance_scale, config.similarity_filter, config.max_skip_frames) == (1.5, True, 3)
         answer = await rest.post(f"/api/sessions/{session_id}/prompt", json={"prompt": "pencil drawing"})
         assert answer.status_code == 200 and answer.json()["prompt"] == "pencil drawing"
@@ -59,10 +59,10 @@ async def test_sessions_list_and_live_updates(server):
 async def test_rest_rejects_unknown_sessions_and_bad_bodies(server, method, path, body, status):
     async with connect(server.ws_url) as ws, httpx.AsyncClient(base_url=server.base_url, timeout=30) as rest:
         session_id = (await hello(ws))["session_id"]
-        before = server.state.sessions.get(session_id).engine.config
+        before = server.state.sessions.get(session_id).handle.config
         answer = await getattr(rest, method)(path.format(id=session_id), json=body)
         assert answer.status_code == status, answer.text
-        assert server.state.sessions.get(session_id).engine.config == before
+        assert server.state.sessions.get(session_id).handle.config == before
 
 
 async def test_metrics_count_frames_sessions_and_latency(server):
@@ -139,7 +139,7 @@ async def test_cors_is_off_unless_configured(server, start_server):
 
 async def test_failed_model_load_reports_error_and_refuses_streams():
 
-    settings = TEST_SETTINGS.replace(engine=TEST_SETTINGS.engine.replace(model="/nonexistent/model/folder"))
+    settings = TEST_SETTINGS.replace(load=TEST_SETTINGS.load.replace(model="/nonexistent/model/folder"))
     app = create_app(settings)
     with background_server(app, settings) as base_url:
         async with httpx.AsyncClient(base_url=base_url, timeout=30) as rest:
@@ -155,7 +155,7 @@ async def test_failed_model_load_reports_error_and_refuses_streams():
 
 async def test_background_loading_goes_from_loading_to_ready():
 
-    settings = TEST_SETTINGS.replace(engine=TEST_SETTINGS.engine.replace(use_tiny_vae=True))
+    settings = TEST_SETTINGS.replace(load=TEST_SETTINGS.load.replace(vae="tiny"))
     app = create_app(settings)
     seen = []
     with background_server(app, settings) as base_url:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 from server_testkit import (
@@ -23,7 +24,7 @@ SAME_FRAME_TOLERANCE = 3
 DISTINCT = 4 * SAME_FRAME_TOLERANCE
 
 
-async def test_round_trip_answers_every_frame_once_in_order(server, server_models):
+async def test_round_trip_answers_every_frame_once_in_order(server, server_engine):
     frames = [random_frame(seed) for seed in range(6)]
     async with connect(server.ws_url) as ws:
         greeting = await hello(ws)
@@ -34,7 +35,10 @@ async def test_round_trip_answers_every_frame_once_in_order(server, server_model
         log = await stream(ws, frames, greeting["max_in_flight"])
     assert len(log.outputs) == len(frames)
     assert not log.of_type("error")
-    expected = reference_outputs(server_models, server.settings.engine, frames)
+    # Every frame is named: the k-th frame sent is seq k, answered by a `frame` event before its JPEG.
+    assert [event["seq"] for event in log.frames] == list(range(len(frames)))
+    assert all(event["latency_ms"] > 0 and event["skipped"] is False for event in log.frames)
+    expected = reference_outputs(server_engine, server.settings.stream, frames)
     for index, (jpeg, reference) in enumerate(zip(log.outputs, expected, strict=True)):
         assert max_difference(decode(jpeg), reference) <= SAME_FRAME_TOLERANCE, f"output {index} out of place"
     # The check has teeth: neighbouring outputs are far apart.
@@ -43,7 +47,7 @@ async def test_round_trip_answers_every_frame_once_in_order(server, server_model
     assert session.handle.stats.dropped == 0
 
 
-async def test_rest_prompt_update_mid_stream_changes_the_output(server, server_models):
+async def test_rest_prompt_update_mid_stream_changes_the_output(server, server_engine):
     still = [random_frame(7)] * 4
     async with connect(server.ws_url) as ws:
         session_id = (await hello(ws))["session_id"]
@@ -57,8 +61,8 @@ async def test_rest_prompt_update_mid_stream_changes_the_output(server, server_m
     # With a still input the stream settles to one output per prompt.
     assert max_difference(decode(before.outputs[-1]), decode(before.outputs[-2])) <= SAME_FRAME_TOLERANCE
     assert max_difference(decode(after.outputs[-1]), decode(before.outputs[-1])) > DISTINCT
-    changed = server.settings.engine.replace(prompt="a neon city at night", negative_prompt="dull")
-    settled = reference_outputs(server_models, changed, still)[-1]
+    changed = server.settings.stream.replace(prompt="a neon city at night", negative_prompt="dull")
+    settled = reference_outputs(server_engine, changed, still)[-1]
     assert max_difference(decode(after.outputs[-1]), settled) <= SAME_FRAME_TOLERANCE
 
 
@@ -67,15 +71,15 @@ async def test_ws_prompt_and_params_messages_apply_to_the_session(server):
         session = server.state.sessions.get((await hello(ws))["session_id"])
         await ws.send('{"type": "prompt", "prompt": "ink sketch", "negative_prompt": "colour"}')
         await ws.send('{"type": "params", "guidance_scale": 2, "seed": 5, "t_index_list": [20, 40]}')
-        await wait_until(lambda: session.engine.config.seed == 5)
-        config = session.engine.config
+        await wait_until(lambda: session.handle.config.seed == 5)
+        config = session.handle.config
         assert (config.prompt, config.negative_prompt) == ("ink sketch", "colour")
         assert (config.guidance_scale, config.t_index_list) == (2.0, (20, 40))
         log = await stream(ws, [random_frame(1), random_frame(2)], 2)
         assert len(log.outputs) == 2
 
 
-async def test_two_sessions_are_isolated(server, server_models):
+async def test_two_sessions_are_isolated(server, server_engine):
     frames_a = [random_frame(100 + i) for i in range(4)]
     frames_b = [random_frame(200 + i) for i in range(4)]
     async with connect(server.ws_url) as ws_a, connect(server.ws_url) as ws_b:
@@ -83,12 +87,12 @@ async def test_two_sessions_are_isolated(server, server_models):
         assert id_a != id_b
         await ws_b.send('{"type": "prompt", "prompt": "session b only"}')
         session_b = server.state.sessions.get(id_b)
-        await wait_until(lambda: session_b.engine.prompt == "session b only")
+        await wait_until(lambda: session_b.handle.config.prompt == "session b only")
         log_a, log_b = await asyncio.gather(stream(ws_a, frames_a, 2), stream(ws_b, frames_b, 2))
     # The server closes its side after the client's close frame: wait for it rather than race it.
     await wait_until(lambda: server.state.sessions.get(id_a) is None)
-    expected_a = reference_outputs(server_models, server.settings.engine, frames_a)
-    expected_b = reference_outputs(server_models, server.settings.engine.replace(prompt="session b only"), frames_b)
+    expected_a = reference_outputs(server_engine, server.settings.stream, frames_a)
+    expected_b = reference_outputs(server_engine, server.settings.stream.replace(prompt="session b only"), frames_b)
     for got, want in zip(log_a.outputs, expected_a, strict=True):
         assert max_difference(decode(got), want) <= SAME_FRAME_TOLERANCE
     for got, want in zip(log_b.outputs, expected_b, strict=True):
@@ -127,3 +131,31 @@ async def test_mjpeg_and_viewer_show_the_session_output(server):
     length = int(header.split(b"Content-Length: ")[1])
     assert decode(body[:length]).shape == (64, 64, 3)
     assert body[:length] in log.outputs
+
+
+async def test_a_flood_answers_every_frame_exactly_once(server):
+    """Latest wins: frames sent faster than the model gets `dropped` answers, the rest `frame` answers; each seq
+    is answered once, frame answers in seq order."""
+    frames = [random_frame(seed) for seed in range(12)]
+    async with connect(server.ws_url) as ws:
+        await hello(ws)
+        for data in frames:  # no flow control: all at once
+            await ws.send(data)
+        log = StreamLog()
+        announced = None
+        while len(log.answered_seqs()) < len(frames):
+            message = await asyncio.wait_for(ws.recv(), 60)
+            if isinstance(message, bytes):
+                log.outputs.append(message)
+                log.frames.append(announced)
+                continue
+            event = json.loads(message)
+            if event["type"] == "frame":
+                announced = event
+            else:
+                log.events.append(event)
+    assert log.answered_seqs() == list(range(len(frames)))
+    frame_seqs = [event["seq"] for event in log.frames]
+    assert frame_seqs == sorted(frame_seqs) and len(log.outputs) == len(frame_seqs)
+    assert log.of_type("dropped") and not log.of_type("error")
+    assert frame_seqs[-1] == len(frames) - 1  # the newest frame always gets an output

@@ -8,28 +8,28 @@ import sys
 
 import pytest
 
-from engine import EngineConfig
-from engine.config import HOT_PARAMS
+from engine.config import HOT_PARAMS, LoadConfig, RuntimeOptions, StreamConfig
 from server.auth import token_matches, websocket_credentials
 from server.health import DEGRADED, ERROR, LOADING, READY, ErrorClock, assess_health
 from server.protocol import (
     UPDATABLE_PARAMS,
+    MessageError,
     ParamsMessage,
     PromptMessage,
-    ProtocolError,
-    close_reason,
     parse_client_message,
 )
 from server.sessions import OutputWindow
 from server.settings import env_name, parse_settings
+from wire import close_reason
 
 # ---------------------------------------------------------------- settings
 
 
 def test_defaults_come_from_engine_config():
     settings = parse_settings([], environ={})
-    assert settings.engine == EngineConfig()
-    assert (settings.host, settings.port, settings.engine.model) == ("127.0.0.1", 8000, "tiny")
+    assert (settings.load, settings.stream, settings.runtime) == (LoadConfig(), StreamConfig(), RuntimeOptions())
+    # A user who names no model gets the trained demo stylizer (`tiny` is the random test model).
+    assert (settings.host, settings.port, settings.load.model) == ("127.0.0.1", 8000, "demo")
     assert settings.token is None and settings.cors_origins == ()
 
 
@@ -38,28 +38,28 @@ def test_flags_win_over_environment():
                "STREAMDIFF_TOKEN": "from-env",
                "STREAMDIFF_SIMILARITY_FILTER": "false", "STREAMDIFF_T_INDEX_LIST": "10,20,30"}
     settings = parse_settings(["--port", "9002", "--cfg-type", "full", "--width", "128", "--max-sessions", "7",
-                               "--no-tiny-vae", "--model-config", "/models/sd15"], environ=environ)
-    assert settings.engine.use_tiny_vae is False and settings.engine.model_config == "/models/sd15"
+                               "--vae", "full", "--model-config", "/models/sd15"], environ=environ)
+    assert settings.load.vae == "full" and settings.load.model_config == "/models/sd15"
     assert settings.port == 9002 and settings.max_sessions == 7 and settings.token == "from-env"
     assert settings.max_message_bytes == 1000
-    assert settings.engine.model == "small" and settings.engine.cfg_type == "full"
-    assert settings.engine.width == 128 and settings.engine.height == EngineConfig().height
-    assert settings.engine.t_index_list == (10, 20, 30) and settings.engine.similarity_filter is False
+    assert settings.load.model == "small" and settings.stream.cfg_type == "full"
+    assert settings.stream.width == 128 and settings.stream.height == StreamConfig().height
+    assert settings.stream.t_index_list == (10, 20, 30) and settings.stream.similarity_filter is False
 
 
 def test_vae_backend_flag_and_environment():
-    assert parse_settings([], environ={}).engine.vae_backend is None
-    assert parse_settings(["--vae-backend", "onnxruntime"], environ={}).engine.vae_backend == "onnxruntime"
-    assert parse_settings([], environ={"STREAMDIFF_VAE_BACKEND": "eager"}).engine.vae_backend == "eager"
+    assert parse_settings([], environ={}).load.vae_backend is None
+    assert parse_settings(["--vae-backend", "onnxruntime"], environ={}).load.vae_backend == "onnxruntime"
+    assert parse_settings([], environ={"STREAMDIFF_VAE_BACKEND": "eager"}).load.vae_backend == "eager"
     with pytest.raises(SystemExit):
         parse_settings(["--vae-backend", "gpu"], environ={})
 
 
 def test_skip_policy_and_memory_mode_flags():
     settings = parse_settings(["--skip-policy", "rehash", "--memory", "slice"], environ={})
-    assert (settings.engine.skip_policy, settings.engine.memory) == ("rehash", "slice")
+    assert (settings.stream.skip_policy, settings.load.memory) == ("rehash", "slice")
     settings = parse_settings([], environ={"STREAMDIFF_SKIP_POLICY": "adacache"})
-    assert settings.engine.skip_policy == "adacache" and settings.engine.memory == "off"
+    assert settings.stream.skip_policy == "adacache" and settings.load.memory == "off"
 
 
 @pytest.mark.parametrize(("argv", "environ"), [
@@ -71,6 +71,8 @@ def test_skip_policy_and_memory_mode_flags():
     ([], {"STREAMDIFF_BACKEND": "quantum"}),
     ([], {"STREAMDIFF_MAX_SESSIONS": "0"}),
     (["--t-index-list", "45,10"], {}),
+    (["--vae", "medium"], {}),
+    ([], {"STREAMDIFF_JPEG_QUALITY": "0"}),
 ])
 def test_invalid_settings_exit_with_a_message(argv, environ, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -92,10 +94,10 @@ def test_every_flag_has_an_environment_variable():
 
 def test_every_updatable_param_round_trips_its_engine_default_through_json():
     assert UPDATABLE_PARAMS == HOT_PARAMS | {"t_index_list"}
-    defaults = EngineConfig()
+    defaults = StreamConfig().flat_params()
     for name in UPDATABLE_PARAMS:
-        text = json.dumps({"type": "params", name: getattr(defaults, name)})
-        assert parse_client_message(text, 10_000).engine_params() == {name: getattr(defaults, name)}, name
+        text = json.dumps({"type": "params", name: defaults[name]})
+        assert parse_client_message(text, 10_000).engine_params() == {name: defaults[name]}, name
 
 
 def test_parse_prompt_and_params_messages():
@@ -115,7 +117,7 @@ def test_parse_prompt_and_params_messages():
     ('{"type": "prompt", "prompt": "abcdef"}', "prompt_too_long"),
 ])
 def test_parse_errors_have_stable_codes(text, code):
-    with pytest.raises(ProtocolError) as raised:
+    with pytest.raises(MessageError) as raised:
         parse_client_message(text, max_prompt_chars=5)
     assert raised.value.code == code and raised.value.message
 
@@ -170,3 +172,21 @@ def test_websocket_credentials_from_query_or_subprotocol():
     assert websocket_credentials(None, ["other"]) == (None, None)
     assert token_matches(None, None) and token_matches("t", "t")
     assert not token_matches("t", None) and not token_matches("t", "u")
+
+
+def test_a_load_time_setting_in_a_message_is_named_as_such():
+    with pytest.raises(MessageError) as raised:
+        parse_client_message('{"type": "params", "backend": "onnxruntime"}', 100)
+    assert raised.value.code == "invalid_message" and "`backend` is a load-time setting" in raised.value.message
+
+
+def test_one_flag_vocabulary_for_server_and_build():
+    """The server and `python -m engine.build` spell the engine's flags the same way (`engine.flags`)."""
+    server_help = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True,
+                                 timeout=120, check=True).stdout
+    build_help = subprocess.run([sys.executable, "-m", "engine.build", "--help"], capture_output=True, text=True,
+                                timeout=120, check=True).stdout
+    for flag in ("--model", "--vae", "--width", "--height", "--t-index-list", "--cfg-type", "--backend", "--dtype",
+                 "--no-kv-cache"):
+        assert flag in server_help and flag in build_help, flag
+    assert "--tiny-vae" not in server_help
