@@ -22,8 +22,9 @@ COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY server ./server
 COPY client ./client
+COPY wire ./wire
 # The onnx extra: the CPU profile runs the VAE on ONNX Runtime beside the eager UNet (--vae-backend).
-RUN pip install ".[onnx]"
+RUN pip install ".[server,onnx]"
 
 RUN useradd --create-home --uid 1000 streamdiff && mkdir -p /cache && chown streamdiff /cache
 USER streamdiff

@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev,onnx]"
+	$(PIP) install --quiet -e ".[server,dev,onnx]"
 	touch $@
 
 setup: $(VENV)/.installed
