@@ -231,4 +231,5 @@ class OnnxCache:
             self.onnx_path(shape),
             build=lambda temporary: export_onnx(self.graph_spec(shape), temporary, self.exporter, self.opset),
             load=checked,
+            key_parts=self.key_parts(shape),
         )

@@ -27,7 +27,15 @@ import torch
 
 from ..models import ModelBundle
 from .artifacts import GraphShape, onnx_input_shapes
-from .cache import cached_artifact, engine_cache_key, gpu_name, tensorrt_version, unloadable_file_error, write_digest
+from .cache import (
+    CacheKeyParts,
+    cached_artifact,
+    engine_cache_key,
+    gpu_name,
+    tensorrt_version,
+    unloadable_file_error,
+    write_digest,
+)
 from .errors import BackendUnavailableError
 from .onnx_export import DEFAULT_EXPORTER
 from .progress import heartbeat
@@ -511,9 +519,12 @@ class TensorRTRunner(StaticShapeRunner):
         self.gpu_name = gpu_name(self.device)
         self.timing_cache = self.onnx_cache.cache_dir / timing_cache_name(self.gpu_name, self.tensorrt_version)
 
+    def engine_key_parts(self, shape: GraphShape) -> CacheKeyParts:
+        """The cache key fields of `shape`'s engine: the ONNX graph's, plus this TensorRT version and GPU."""
+        return self.onnx_cache.key_parts(shape, self.tensorrt_version, self.gpu_name)
+
     def artifact_path(self, shape: GraphShape) -> Path:
-        parts = self.onnx_cache.key_parts(shape, self.tensorrt_version, self.gpu_name)
-        return self.onnx_cache.cache_dir / f"{engine_cache_key(parts)}.engine"
+        return self.onnx_cache.cache_dir / f"{engine_cache_key(self.engine_key_parts(shape))}.engine"
 
     def _build(self, shape: GraphShape, engine_path: Path) -> None:
         # Only now is the ONNX graph needed: a cached engine never exports or checks it.
@@ -530,4 +541,5 @@ class TensorRTRunner(StaticShapeRunner):
                 build=lambda temporary: self._build(shape, temporary),
                 load=lambda path: TensorRTEngine(path, self.device, self.onnx_cache.input_names(shape),
                                                  self.onnx_cache.output_name(shape), self.use_cuda_graph),
+                key_parts=self.engine_key_parts(shape),
             )

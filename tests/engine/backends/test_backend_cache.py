@@ -21,7 +21,9 @@ from engine.backends.cache import (
     digest_path,
     engine_cache_key,
     gpu_name,
+    key_parts_path,
     module_fingerprint,
+    read_key_parts,
     tensorrt_version,
     unloadable_file_error,
     write_digest,
@@ -285,3 +287,43 @@ def test_reopening_cached_graphs_rebuilds_nothing(tiny_models, tmp_path):
     reopened = OnnxRuntimeRunner(tiny_models, "none", tmp_path, exporter="torchscript").prepare(config)
     assert reopened == paths
     assert {path: _identity(path) for path in paths} == before
+
+
+def test_a_built_artifact_records_its_key_parts_beside_it(tmp_path):
+    target = tmp_path / f"{engine_cache_key(BASE)}.engine"
+    cached_artifact(target, lambda temporary: temporary.write_bytes(b"engine"), _strict_load_engine, BASE)
+    assert key_parts_path(target).name == target.name + ".json"
+    assert read_key_parts(target) == BASE
+    assert engine_cache_key(read_key_parts(target)) == target.name.removesuffix(".engine")
+
+
+def test_a_file_cached_before_key_parts_were_recorded_gets_them_when_it_loads(tmp_path):
+    target = tmp_path / "old.engine"
+    target.write_bytes(b"engine")
+    builds = []
+    cached_artifact(target, builds.append, _strict_load_engine, BASE)
+    assert builds == [] and read_key_parts(target) == BASE
+
+
+def test_a_corrupt_file_loses_its_key_parts_with_it(tmp_path):
+    target = tmp_path / "graph.engine"
+    target.write_bytes(b"garbage")
+    key_parts_path(target).write_text("{}")
+    cached_artifact(target, lambda temporary: temporary.write_bytes(b"engine"), _strict_load_engine, BASE)
+    assert read_key_parts(target) == BASE
+
+
+@pytest.mark.parametrize("text", ["not json", '{"network": "unet"}', '{"unknown_field": 1}', "[]"])
+def test_unreadable_key_parts_are_a_value_error(tmp_path, text):
+    target = tmp_path / "graph.onnx"
+    key_parts_path(target).write_text(text)
+    with pytest.raises(ValueError, match="does not hold cache key parts"):
+        read_key_parts(target)
+    with pytest.raises(FileNotFoundError):
+        read_key_parts(tmp_path / "other.onnx")
+
+
+def _strict_load_engine(path):
+    if path.read_bytes() != b"engine":
+        raise CorruptArtifactError("corrupt")
+    return path
