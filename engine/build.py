@@ -17,11 +17,19 @@ from .backends import BackendUnavailableError, resolve_backend
 from .backends.cache import default_cache_dir
 from .backends.factory import new_runner
 from .backends.onnx_export import DEFAULT_EXPORTER, EXPORTERS
+from .backends.resolution import RESOLUTION_RANGE_ENV, parse_resolution_range, resolution_range_from_env
 from .config import CFG_TYPES, EngineConfig
 from .loading import load_bundle
 from .models import ModelLoadError
 
 logger = logging.getLogger("engine.build")
+
+
+def _resolution_range_argument(text: str):
+    try:
+        return parse_resolution_range(text)
+    except ValueError as error:  # argparse prints an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("onnxruntime", "tensorrt", "auto"), default="auto",
                         help="what to prebuild: ONNX graphs (onnxruntime) or also TensorRT engines (tensorrt)")
     parser.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER)
+    parser.add_argument("--resolution-range", type=_resolution_range_argument, default=None, metavar="MIN-MAX[:OPT]",
+                        help="dynamic-shape graphs serving every size of this range, e.g. 256-1024 (opt 512); "
+                             f"default ${RESOLUTION_RANGE_ENV} or static graphs of --width x --height")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"cache folder (default: $STREAMDIFF_TRT_CACHE or {default_cache_dir()})")
     parser.add_argument("--device", default=defaults.device)
@@ -67,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: backend {backend!r} has nothing to prebuild (needs onnxruntime or tensorrt)",
                   file=sys.stderr)
             return 2
-        runner = new_runner(backend, models, config.cfg_type, args.cache_dir, args.exporter)
+        resolution_range = args.resolution_range or resolution_range_from_env()
+        runner = new_runner(backend, models, config.cfg_type, args.cache_dir, args.exporter, resolution_range)
         paths = runner.prepare(config)
-    except BackendUnavailableError as error:
+    except (BackendUnavailableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path in paths:

@@ -1,8 +1,8 @@
 """The on-disk cache of exported ONNX graphs and built TensorRT engines (`trt_cache/` by default).
 
 Every artifact is named by `engine_cache_key`: a hash of everything that changes the compiled
-graph (model config and weights, resolution, batch, text length, guidance mode, dtype, TensorRT
-version, GPU, exporter and opset). A changed part gives a new file, so a stale engine is never
+graph (model config and weights, resolution or resolution range, batch, text length, guidance mode,
+dtype, TensorRT version, GPU, exporter and opset). A changed part gives a new file, so a stale engine is never
 loaded. Files are written under a temporary name and renamed, so a crash mid-write leaves no half
 file under the real name. A file whose loader reports it unreadable (`CorruptArtifactError`) is
 deleted and rebuilt by `cached_artifact`; any other load error (out of memory, an unsupported
@@ -82,12 +82,23 @@ class CacheKeyParts:
     gpu_name: str = "cpu"
     # The text length fixes the K/V inputs' shape (0 for the VAE graphs, which take no text).
     sequence_length: int = 0
+    # (min, opt, max) pixels of a graph with dynamic height and width (`resolution.ResolutionRange`), whose
+    # width and height are then the opt size; None for a static graph.
+    resolution_range: tuple[int, int, int] | None = None
 
 
 def engine_cache_key(parts: CacheKeyParts) -> str:
     """A file-name-safe key: readable fields first (for people), then a hash of all parts."""
-    digest = hashlib.sha256(json.dumps(asdict(parts), sort_keys=True).encode()).hexdigest()[:20]
-    return f"{parts.network}-{parts.width}x{parts.height}-b{parts.batch}-{parts.cfg_type}-{parts.dtype}-{digest}"
+    fields = asdict(parts)
+    if parts.resolution_range is None:
+        # Static graphs hash the fields they always had, so caches built before ranges existed stay valid.
+        del fields["resolution_range"]
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    if parts.resolution_range is None:
+        size = f"{parts.width}x{parts.height}"
+    else:
+        size = f"{parts.resolution_range[0]}to{parts.resolution_range[2]}"
+    return f"{parts.network}-{size}-b{parts.batch}-{parts.cfg_type}-{parts.dtype}-{digest}"
 
 
 def tensorrt_version() -> str:

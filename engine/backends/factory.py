@@ -16,6 +16,7 @@ from .base import NetworkRunner
 from .eager import EagerRunner
 from .errors import BackendUnavailableError
 from .onnx_export import DEFAULT_EXPORTER
+from .resolution import ResolutionRange, resolution_range_from_env
 from .split import SplitRunner
 
 logger = logging.getLogger(__name__)
@@ -136,18 +137,19 @@ def resolve_backend(name: str, models: ModelBundle) -> str:
 
 
 def new_runner(backend: str, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
-               exporter: str = DEFAULT_EXPORTER) -> NetworkRunner:
-    """A new, unshared runner of a concrete backend (`make_runner` is what engines use)."""
+               exporter: str = DEFAULT_EXPORTER, resolution_range: ResolutionRange | None = None) -> NetworkRunner:
+    """A new, unshared runner of a concrete backend (`make_runner` is what engines use); `resolution_range`
+    gives the compiled backends dynamic-shape graphs (the others run any size anyway)."""
     if backend == "eager":
         return EagerRunner(models)
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(models, cfg_type, cache_dir, exporter)
+        return OnnxRuntimeRunner(models, cfg_type, cache_dir, exporter, resolution_range=resolution_range)
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
 
-        return TensorRTRunner(models, cfg_type, cache_dir, exporter)
+        return TensorRTRunner(models, cfg_type, cache_dir, exporter, resolution_range=resolution_range)
     if backend == "compile":
         from .compiled import TorchCompileRunner
 
@@ -156,23 +158,29 @@ def new_runner(backend: str, models: ModelBundle, cfg_type: str = "self", cache_
 
 
 def make_runner(models: ModelBundle, config: EngineConfig, cache_dir: Path | None = None,
-                exporter: str = DEFAULT_EXPORTER) -> NetworkRunner:
+                exporter: str = DEFAULT_EXPORTER, resolution_range: ResolutionRange | None = None) -> NetworkRunner:
     """The runner of `config.backend` (and `config.vae_backend`) for `models`, shared while any engine holds it.
 
-    Runners are kept per (models, backend, guidance mode, cache folder, exporter): streams of one
-    model set share one runner and its compiled graphs, whatever their size. With a `vae_backend`
-    other than the UNet's, a shared `SplitRunner` joins the two backends' shared runners. The graphs
-    `config` needs are opened (exported or built when not cached) before this returns.
+    Runners are kept per (models, backend, guidance mode, cache folder, exporter, resolution range):
+    streams of one model set share one runner and its compiled graphs, whatever their size. With a
+    `vae_backend` other than the UNet's, a shared `SplitRunner` joins the two backends' shared runners.
+    The graphs `config` needs are opened (exported or built when not cached) before this returns.
+    `resolution_range` (default `$STREAMDIFF_RESOLUTION_RANGE`, e.g. `256-1024`; unset: static graphs)
+    serves every size of the range from one dynamic-shape graph per network and batch.
 
     Raises:
         BackendUnavailableError: the backend cannot run here (e.g. `tensorrt` without CUDA).
+        ValueError: a resolution range that does not fit the model (see `resolution.check_range`).
     """
     backend = resolve_backend(config.backend, models)
     vae_backend = resolve_backend(config.vae_backend, models) if config.vae_backend is not None else backend
+    if resolution_range is None:
+        resolution_range = resolution_range_from_env()
+    compiled = (cache_dir, exporter, resolution_range)
     with _runners_lock:
-        runner = _shared_runner(models, backend, config, cache_dir, exporter)
+        runner = _shared_runner(models, backend, config, *compiled)
         if vae_backend != backend:
-            unet_runner, vae_runner = runner, _shared_runner(models, vae_backend, config, cache_dir, exporter)
+            unet_runner, vae_runner = runner, _shared_runner(models, vae_backend, config, *compiled)
             key = ("split", id(unet_runner), id(vae_runner))
             runner = _runners.get(key)
             if runner is None or runner.unet_runner is not unet_runner or runner.vae_runner is not vae_runner:
@@ -185,13 +193,14 @@ def make_runner(models: ModelBundle, config: EngineConfig, cache_dir: Path | Non
 
 
 def _shared_runner(models: ModelBundle, backend: str, config: EngineConfig, cache_dir: Path | None,
-                   exporter: str) -> NetworkRunner:
+                   exporter: str, resolution_range: ResolutionRange | None) -> NetworkRunner:
     """The shared runner of one concrete backend (made when none is alive); called with `_runners_lock` held."""
     static = backend in ("onnxruntime", "tensorrt")
     key = (id(models), backend, config.cfg_type if static else None,
-           str(cache_dir) if cache_dir is not None else None, exporter if static else None)
+           str(cache_dir) if cache_dir is not None else None, exporter if static else None,
+           resolution_range if static else None)
     runner = _runners.get(key)
     if runner is None or runner.models is not models:
-        runner = new_runner(backend, models, config.cfg_type, cache_dir, exporter)
+        runner = new_runner(backend, models, config.cfg_type, cache_dir, exporter, resolution_range)
         _runners[key] = runner
     return runner

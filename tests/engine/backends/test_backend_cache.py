@@ -37,7 +37,8 @@ BASE = CacheKeyParts(network="unet", model_hash="abc123", width=512, height=512,
                      gpu_name="NVIDIA GeForce RTX 4090", sequence_length=77)
 CHANGED = {"network": "vae_decoder", "model_hash": "abc124", "width": 768, "height": 768, "batch": 3,
            "cfg_type": "full", "dtype": "float32", "kv_cache": False, "exporter": "torchscript", "opset": 17,
-           "tensorrt_version": "10.4.0", "gpu_name": "NVIDIA A100", "sequence_length": 64}
+           "tensorrt_version": "10.4.0", "gpu_name": "NVIDIA A100", "sequence_length": 64,
+           "resolution_range": (256, 512, 1024)}
 
 
 def test_every_part_of_the_key_is_covered():
@@ -52,6 +53,18 @@ def test_key_changes_with_each_part(part):
 def test_key_is_stable_for_identical_parts():
     assert engine_cache_key(BASE) == engine_cache_key(dataclasses.replace(BASE))
     assert engine_cache_key(BASE).startswith("unet-512x512-b2-self-float16-")
+
+
+def test_static_keys_did_not_change_when_resolution_ranges_came():
+    # The key of BASE before `resolution_range` was a field: caches built then are still found.
+    assert engine_cache_key(BASE) == "unet-512x512-b2-self-float16-e178009373be7839cd59"
+
+
+def test_a_dynamic_graphs_key_holds_its_range():
+    dynamic = dataclasses.replace(BASE, resolution_range=(256, 512, 1024))
+    assert engine_cache_key(dynamic).startswith("unet-256to1024-b2-self-float16-")
+    for other in ((256, 512, 768), (256, 768, 1024)):
+        assert engine_cache_key(dynamic) != engine_cache_key(dataclasses.replace(dynamic, resolution_range=other))
 
 
 def test_resolution_alone_changes_the_key():
