@@ -352,6 +352,7 @@ def run_frames(model: str, backend: str, size: int, frames: int, warmup: int, de
     return {
         "ok": finite and shape_ok, "backend": runner_name(engine.runner), "model": model, "size": size,
         "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."), "frames": frames,
+        "threads": torch.get_num_threads(),
         "load_s": round(loaded - started, 2), "open_s": round(opened - loaded, 2),
         "fps": round(1.0 / statistics.median(seconds), 2) if seconds else None,
         "output_finite": finite, "output_shape": list(output.shape) if output is not None else None,
@@ -403,9 +404,9 @@ def format_report(report: Report) -> str:
     lines.append("")
     if report.run is not None:
         run = report.run
-        lines.append(f"frames: {run['backend']} on {run['device']} ({run['dtype']}), model {run['model']}, "
-                     f"{run['size']}x{run['size']}: {run['fps']} fps (median of {run['frames']} frames; model loaded "
-                     f"in {run['load_s']} s, graphs opened in {run['open_s']} s)")
+        lines.append(f"frames: {run['backend']} on {run['device']} ({run['dtype']}, torch threads: {run['threads']}), "
+                     f"model {run['model']}, {run['size']}x{run['size']}: {run['fps']} fps (median of {run['frames']} "
+                     f"frames; model loaded in {run['load_s']} s, graphs opened in {run['open_s']} s)")
         if not run["ok"]:
             lines.append(f"  the output is wrong: finite {run['output_finite']}, shape {run['output_shape']}")
     if report.failure is not None:
