@@ -206,3 +206,14 @@ def test_asking_for_tensorrt_where_it_cannot_run_exits_1_naming_the_install(tmp_
     code, out, report = _run(tmp_path, capsys, "--backend", "tensorrt", "--device", "cpu")
     assert code == 1 and "FAILED on tensorrt: BackendUnavailableError" in out
     assert "pip install -e '.[trt]'" in report["failure"]["fix"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(tensorrt_unavailable_reason() is not None,
+                    reason=f"TensorRT cannot run here: {tensorrt_unavailable_reason()}")
+def test_the_doctor_on_a_gpu_machine_picks_tensorrt_and_runs_frames(tmp_path, capsys):
+    code, out, report = _run(tmp_path, capsys)
+    assert code == 0 and report["run"]["backend"] == "tensorrt" and report["run"]["device"].startswith("cuda")
+    assert report["gpus"] and "--backend auto -> tensorrt" in out
+    engines = [entry for entry in report["cache"]["entries"] if entry["kind"] == "engine"]
+    assert len(engines) == 3 and all(entry["status"] == "ok" for entry in engines)

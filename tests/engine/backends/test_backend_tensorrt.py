@@ -59,9 +59,9 @@ def test_build_cli_reports_tensorrt_unavailable(tmp_path, capsys):
     assert "tensorrt backend needs" in capsys.readouterr().err
 
 
-def _frames(count: int) -> list[torch.Tensor]:
+def _frames(count: int, height: int = 64, width: int = 64) -> list[torch.Tensor]:
     return [torch.from_numpy(frame).permute(2, 0, 1).float() / 255
-            for frame in synthetic_clip("slow_pan", count, 64, 64, seed=3)]
+            for frame in synthetic_clip("slow_pan", count, width, height, seed=3)]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,25 @@ def test_tensorrt_engines_follow_the_models_dtype_and_capture_at_prepare(tmp_pat
     for graph in runner._graphs.values():
         assert {tensor.dtype for tensor in graph.io if tensor.dtype.is_floating_point} == {torch.float32}
         assert graph.uses_cuda_graph
+
+
+@pytest.mark.cuda
+@needs_tensorrt
+def test_one_dynamic_tensorrt_engine_serves_two_sizes_of_its_range(cuda_models, tmp_path):
+    config = EngineConfig(width=64, height=64, similarity_filter=False, device="cuda", dtype="float16")
+    resolution_range = ResolutionRange.between(32, 128, 64)
+    runner = TensorRTRunner(cuda_models, config.cfg_type, tmp_path, resolution_range=resolution_range)
+    paths = runner.prepare(config)
+    assert all("-32to128-" in path.name for path in paths)
+    eager, compiled = StreamEngine(cuda_models, config), StreamEngine(cuda_models, config, runner=runner)
+    for height, width in [(64, 64), (96, 48)]:
+        for engine in (eager, compiled):
+            engine.update_params(width=width, height=height)
+        for frame in _frames(3, height, width):
+            expected, actual = eager(frame), compiled(frame)
+            assert actual.shape == expected.shape == (3, height, width)
+            assert (actual.float() - expected.float()).abs().max().item() < 5e-2
+    assert sorted(tmp_path.glob("*.engine")) == sorted(paths)
 
 
 def _identity(path):
