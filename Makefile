@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The model `make serve` serves: the trained demo stylizer (engine/demo_model); `tiny` is the random-init test model.
 MODEL ?= demo
 
-.PHONY: setup serve demo test bench lint clean
+.PHONY: setup serve demo test bench doctor gpu-check lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.engine --json out/bench.json
+
+# What this machine can run (versions, backend choice, engine cache) and a few frames on the chosen backend.
+doctor: setup
+	$(PY) -m engine.doctor --json out/doctor.json
+
+# On a CUDA machine: the doctor, the cuda-marked tests and the TensorRT benchmark at 512x512 in one report;
+# on a CPU machine it stops at once, saying so.
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check --out out/gpu-check.json
 
 lint: setup
 	$(PY) -m ruff check engine server client tests benchmarks training

@@ -30,9 +30,23 @@ from .workload import bench_load, bench_stream
 logger = logging.getLogger(__name__)
 
 
+def synchronized(step: Callable, device: torch.device) -> Callable:
+    """`step` followed by a wait for `device`'s queued work: CUDA calls return before their kernels finish, so
+    a frame's time must include that wait (nothing to wait for on a CPU)."""
+    if device.type != "cuda":
+        return step
+
+    def run(item):
+        output = step(item)
+        torch.cuda.synchronize(device)
+        return output
+
+    return run
+
+
 def engine_fps(engine: Engine, config: StreamConfig, clip: list[torch.Tensor], frames: int, warmup: int) -> float:
     """Output fps of a `StreamEngine` on a moving clip."""
-    return median_fps(time_stream(StreamEngine(engine, config), clip, frames, warmup))
+    return median_fps(time_stream(synchronized(StreamEngine(engine, config), engine.device), clip, frames, warmup))
 
 
 @torch.no_grad()
@@ -43,13 +57,14 @@ def compute_limit_fps(engine: Engine, config: StreamConfig, frames: int, warmup:
     runner, n = stream.runner, config.denoising_steps
     conditioning = next(iter(stream._prompt.layouts.values()))
     rows = guidance.unet_batch_size(config.cfg_type, n, config.frame_buffer_size)
-    latents = torch.randn(rows, *stream.latent_shape(config))
-    timesteps = torch.full((rows,), 500, dtype=torch.long)
-    image = torch.rand(1, 3, config.height, config.width) * 2 - 1
-    unet = statistics.median(time_stream(lambda x: runner.unet(x, timesteps, conditioning), [latents], frames,
-                                         warmup))
-    encode = statistics.median(time_stream(runner.encode, [image], frames, warmup))
-    decode = statistics.median(time_stream(runner.decode, [latents[:1]], frames, warmup))
+    device, dtype = engine.device, engine.dtype
+    latents = torch.randn(rows, *stream.latent_shape(config)).to(device, dtype)
+    timesteps = torch.full((rows,), 500, dtype=torch.long, device=device)
+    image = (torch.rand(1, 3, config.height, config.width) * 2 - 1).to(device, dtype)
+    unet = statistics.median(time_stream(synchronized(lambda x: runner.unet(x, timesteps, conditioning), device),
+                                         [latents], frames, warmup))
+    encode = statistics.median(time_stream(synchronized(runner.encode, device), [image], frames, warmup))
+    decode = statistics.median(time_stream(synchronized(runner.decode, device), [latents[:1]], frames, warmup))
     return 1.0 / (unet + encode + decode)
 
 
@@ -64,6 +79,8 @@ def diffusers_fps(engine: Engine, config: StreamConfig, clip: list[torch.Tensor]
         pipe = AutoPipelineForImage2Image.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     # The same tiny VAE as the engine, so the rows compare the denoising loops.
     pipe.vae = models.vae
+    parameter = next(models.unet.parameters())
+    pipe.to(parameter.device, parameter.dtype)
     pipe.set_progress_bar_config(disable=True)
     steps = config.denoising_steps
     generator = torch.Generator().manual_seed(config.seed)
@@ -73,7 +90,7 @@ def diffusers_fps(engine: Engine, config: StreamConfig, clip: list[torch.Tensor]
              num_inference_steps=2 * steps, strength=0.5, guidance_scale=config.guidance_scale,
              generator=generator, output_type="pt")
 
-    return median_fps(time_stream(run, clip, frames, warmup))
+    return median_fps(time_stream(synchronized(run, parameter.device), clip, frames, warmup))
 
 
 def skip_rate(engine: Engine, config: StreamConfig, clip: list[torch.Tensor], count: int = 100) -> float:
@@ -85,21 +102,26 @@ def skip_rate(engine: Engine, config: StreamConfig, clip: list[torch.Tensor], co
 
 
 def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
-        backends: tuple[str, ...] = (), height: int | None = None) -> dict:
+        backends: tuple[str, ...] = (), height: int | None = None, device: str = "cpu",
+        dtype: str = "float32") -> dict:
     """Every benchmark row; returns the JSON-ready dict. Each of `backends` (other than eager) adds
     `<backend>_fps`: the same engine row with its networks on that backend. Frames are `size` wide and
-    `height` (default `size`) high."""
+    `height` (default `size`) high. Every row runs on `device` in `dtype` (by default the CPU in fp32, where
+    the diffusers baseline runs; `auto` is fp16 on CUDA)."""
     torch.manual_seed(0)
     height = size if height is None else height
-    load, config = bench_load(model), bench_stream(size, height)
+    load, config = bench_load(model).replace(device=device, dtype=dtype), bench_stream(size, height)
     engine = Engine.load(load)
     clip = tensor_clip("slow_pan", 60, size, height)
     results: dict = {
         "model": model, "size": size, "width": size, "height": height, "frames": frames,
         "t_index_list": list(config.t_index_list),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "device": str(engine.device),
+                    "dtype": str(engine.dtype).removeprefix("torch.")},
     }
+    if engine.device.type == "cuda":
+        results["machine"]["gpu"] = torch.cuda.get_device_name(engine.device)
     rows: list[tuple[str, Callable[[], float]]] = [
         ("engine_fps", lambda: engine_fps(engine, config, clip, frames, warmup)),
         ("compute_limit_fps", lambda: compute_limit_fps(engine, config, frames, warmup)),
@@ -153,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
                         "machine OpenMP threads that wait for a descheduled peer make 2 threads far slower than 1")
+    parser.add_argument("--device", default="cpu", help="where every row runs: cpu (default), cuda, cuda:1, auto")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), float16, bfloat16, or auto (fp16 on "
+                        "CUDA)")
     parser.add_argument("--backend", nargs="+", default=[], choices=BACKENDS,
                         help="also measure the engine on these backends (e.g. onnxruntime): adds <backend>_fps")
     parser.add_argument("--skip", help="instead of the fps rows: skip policies to measure, e.g. rehash,adacache "
@@ -177,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         print(skip.format_table(results["skip_policies"]))
     else:
         results = run(args.model, args.width or args.size, args.frames, args.warmup, tuple(args.backend),
-                      height=args.height or args.size)
+                      height=args.height or args.size, device=args.device, dtype=args.dtype)
         print(format_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

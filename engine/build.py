@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: backend {backend!r} has nothing to prebuild (needs onnxruntime or tensorrt)",
                   file=sys.stderr)
             return 2
-        runner = new_runner(backend, models, stream.cfg_type, args.cache_dir, args.exporter)
+        runner = new_runner(backend, models, stream.cfg_type, args.cache_dir, args.exporter, load.resolution_range)
         paths = runner.prepare(stream, load.kv_cache)
-    except BackendUnavailableError as error:
+    except (BackendUnavailableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path in paths:

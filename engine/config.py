@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_type_hints
 
@@ -30,6 +31,69 @@ MAX_CODEBOOK_ENTRIES = 16
 #: What a webcam or capture card sends (1920×1080 either way round): decoding cost grows with pixels, and a
 #: few input threads decode every stream's frames, so the limit also bounds what one frame costs the others.
 DEFAULT_MAX_PIXELS = 1920 * 1080
+
+
+# What TensorRT optimises for when no opt size is given: the size most sessions run (clamped into the range).
+DEFAULT_OPT_SIZE = 512
+
+_RANGE_TEXT = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
+
+
+@dataclass(frozen=True)
+class ResolutionRange:
+    """Frame sizes, each side from `min_size` to `max_size` pixels, served by one dynamic-shape graph.
+
+    Args:
+        min_size (`int`): the smallest height or width, in pixels.
+        max_size (`int`): the largest height or width, in pixels.
+        opt_size (`int`): the size TensorRT tunes its kernels for (the profile's opt) and the export's
+            sample size; it is part of the cache key.
+    """
+
+    min_size: int
+    max_size: int
+    opt_size: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_size <= self.opt_size <= self.max_size:
+            raise ValueError(f"a resolution range needs 0 < min <= opt <= max, got {self.min_size}-{self.max_size} "
+                             f"with opt {self.opt_size}")
+        if any(size % 8 for size in (self.min_size, self.max_size, self.opt_size)):
+            raise ValueError(f"resolution range sizes must be multiples of 8, got {self}")
+
+    @classmethod
+    def between(cls, min_size: int, max_size: int, opt_size: int | None = None) -> ResolutionRange:
+        """The range `min_size`–`max_size`; `opt_size` defaults to 512 clamped into the range."""
+        if opt_size is None:
+            opt_size = min(max(DEFAULT_OPT_SIZE, min_size), max_size)
+        return cls(int(min_size), int(max_size), int(opt_size))
+
+    def covers(self, height: int, width: int, multiple: int) -> bool:
+        """Whether a `height`×`width` frame runs on this range's graphs (both sides inside, multiples of `multiple`)."""
+        return all(self.min_size <= size <= self.max_size and size % multiple == 0 for size in (height, width))
+
+    def key(self) -> tuple[int, int, int]:
+        """(min, opt, max): the range's part of a cache key."""
+        return self.min_size, self.opt_size, self.max_size
+
+    def __str__(self) -> str:
+        default_opt = min(max(DEFAULT_OPT_SIZE, self.min_size), self.max_size)
+        suffix = "" if self.opt_size == default_opt else f":{self.opt_size}"
+        return f"{self.min_size}-{self.max_size}{suffix}"
+
+
+def parse_resolution_range(text: str) -> ResolutionRange:
+    """`"256-1024"` (opt 512) or `"256-1024:768"` (opt 768) as a `ResolutionRange`.
+
+    Raises:
+        ValueError: text of another form, or sizes that do not make a range.
+    """
+    match = _RANGE_TEXT.match(text)
+    if match is None:
+        raise ValueError(f"a resolution range is MIN-MAX or MIN-MAX:OPT in pixels (e.g. 256-1024), got {text!r}")
+    low, high, opt = match.groups()
+    return ResolutionRange.between(int(low), int(high), int(opt) if opt is not None else None)
+
 
 
 def _check_finite(config: object) -> None:
@@ -65,6 +129,9 @@ class LoadConfig:
         kv_cache (`bool`, defaults to True): serve cross-attention K/V precomputed once per prompt.
         memory (`str`, defaults to `"off"`): peak-memory mode of the shared models (`engine.memory`),
             `off|slice|group`: feature slicer or operator grouping over the batch and, at large sizes, space.
+        resolution_range (`ResolutionRange | None`, defaults to None): compiled backends serve every frame
+            size inside it from one dynamic-shape graph (`--resolution-range 256-1024`); None: one static
+            graph per size, the faster choice for a server that keeps one size (docs/backends.md).
     """
 
     model: str = "demo"
@@ -77,8 +144,11 @@ class LoadConfig:
     vae_backend: str | None = None
     kv_cache: bool = True
     memory: str = "off"
+    resolution_range: ResolutionRange | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.resolution_range, str):
+            object.__setattr__(self, "resolution_range", parse_resolution_range(self.resolution_range))
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"`model` must name a model, got {self.model!r}")
         _check_choice("vae", self.vae, VAES)

@@ -12,7 +12,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import BACKENDS, CFG_TYPES, DTYPES, MEMORY_MODES, SKIP_POLICIES, VAES, LoadConfig, StreamConfig
+from .config import (
+    BACKENDS,
+    CFG_TYPES,
+    DTYPES,
+    MEMORY_MODES,
+    SKIP_POLICIES,
+    VAES,
+    LoadConfig,
+    StreamConfig,
+    parse_resolution_range,
+)
 
 Owner = Literal["load", "stream", "runtime"]
 
@@ -38,6 +48,14 @@ def boolean(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def resolution_range(text: str):
+    """`"256-1024[:512]"` → a `ResolutionRange` (argparse shows the parser's own message when it is wrong)."""
+    try:
+        return parse_resolution_range(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def milliseconds(text: str) -> float:
@@ -84,6 +102,8 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--kv-cache",), "kv_cache", "load", boolean, "precompute cross-attention K/V once per prompt",
          boolean=True),
     Flag(("--memory",), "memory", "load", str, "peak-memory mode for large frames (docs/memory.md)", MEMORY_MODES),
+    Flag(("--resolution-range",), "resolution_range", "load", resolution_range,
+         "MIN-MAX[:OPT] pixels: compiled backends serve every size inside from one dynamic-shape graph"),
     Flag(("--width",), "width", "stream", int, "frame width in pixels (multiple of 8)"),
     Flag(("--height",), "height", "stream", int, "frame height in pixels (multiple of 8)"),
     Flag(("--t-index-list",), "t_index_list", "stream", int_list, "denoising steps as schedule indices, e.g. 32,45"),

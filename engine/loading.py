@@ -76,6 +76,7 @@ class Engine:
     # The runners handed out, by guidance mode: `make_runner` shares a runner only while someone holds it, and
     # a static backend's runner holds its opened graphs, which must outlive the streams that opened them.
     _runners: dict[str | None, NetworkRunner] = field(default_factory=dict, repr=False)
+    _fixed_runner: NetworkRunner | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, config: LoadConfig) -> Engine:
@@ -96,8 +97,18 @@ class Engine:
         logger.info("backend %s ready in %.1f s", runner_name(runner), time.perf_counter() - started)
         return engine
 
+    def with_runner(self, runner: NetworkRunner) -> Engine:
+        """This engine (same models, config, device, dtype; nothing prepared again) with every stream on `runner`,
+        e.g. a runner of another cache folder or exporter, or one that records its calls."""
+        return Engine(self.config, self.models, self.device, self.dtype, _fixed_runner=runner)
+
     def runner(self, stream: StreamConfig | None = None) -> NetworkRunner:
         """The shared runner of this engine's backend; with `stream`, the graphs it needs are opened first."""
+        if self._fixed_runner is not None:
+            prepare = getattr(self._fixed_runner, "prepare", None)
+            if prepare is not None and stream is not None:
+                prepare(stream, self.config.kv_cache)
+            return self._fixed_runner
         runner = make_runner(self.models, self.config, stream)
         self._runners[None if stream is None else stream.cfg_type] = runner
         return runner

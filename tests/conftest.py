@@ -35,9 +35,4 @@ def with_runner():
     share the runner and batch together (`engine.batching.batch_key`), as streams of one loaded engine do.
     """
 
-    def make(engine: Engine, runner) -> Engine:
-        custom = Engine(engine.config, engine.models, engine.device, engine.dtype)
-        custom.runner = lambda stream=None: runner
-        return custom
-
-    return make
+    return Engine.with_runner

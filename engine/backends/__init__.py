@@ -3,6 +3,7 @@
 from .base import NetworkRunner, runner_name
 from .eager import EagerRunner
 from .errors import BackendUnavailableError
-from .factory import make_runner, resolve_backend
+from .factory import BackendChoice, choose_backend, make_runner, resolve_backend, resolve_backend_choice
 
-__all__ = ["BackendUnavailableError", "EagerRunner", "NetworkRunner", "make_runner", "resolve_backend", "runner_name"]
+__all__ = ["BackendChoice", "BackendUnavailableError", "EagerRunner", "NetworkRunner", "choose_backend", "make_runner",
+           "resolve_backend", "resolve_backend_choice", "runner_name"]

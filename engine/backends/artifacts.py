@@ -1,7 +1,9 @@
-"""Which static-shape graphs an engine configuration needs, and their ONNX files in the cache."""
+"""Which graphs an engine configuration needs (static, or dynamic over a resolution range), and their ONNX
+files in the cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from .onnx_export import (
     DEFAULT_EXPORTER,
     DEFAULT_OPSETS,
     GRAPH_OUTPUT_NAMES,
+    DynamicAxes,
     GraphSpec,
     export_onnx,
     graph_input_names,
@@ -33,6 +36,7 @@ from .onnx_export import (
     vae_decoder_graph,
     vae_encoder_graph,
 )
+from .resolution import ResolutionRange, size_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +48,11 @@ ANY_GUIDANCE = "any"
 
 @dataclass(frozen=True)
 class GraphShape:
-    """One static-shape graph: the network, its batch and the image size in pixels."""
+    """One graph: the network, its batch and the image size in pixels.
+
+    With a `resolution_range` it is the dynamic-shape graph serving every size of that range, and
+    `height` and `width` are the range's opt size (the export's sample and TensorRT's opt).
+    """
 
     network: str
     batch: int
@@ -52,6 +60,12 @@ class GraphShape:
     width: int
     kv_cache: bool = False
     sequence_length: int = 0
+    resolution_range: ResolutionRange | None = None
+
+    def in_range(self, resolution_range: ResolutionRange) -> GraphShape:
+        """The dynamic graph of `resolution_range` that serves this shape's network, batch and text."""
+        return dataclasses.replace(self, height=resolution_range.opt_size, width=resolution_range.opt_size,
+                                   resolution_range=resolution_range)
 
 
 def config_shapes(models: ModelBundle, config: StreamConfig, kv_cache: bool) -> list[GraphShape]:
@@ -192,6 +206,7 @@ class OnnxCache:
             tensorrt_version=tensorrt_version,
             gpu_name=gpu_name,
             sequence_length=shape.sequence_length,
+            resolution_range=shape.resolution_range.key() if shape.resolution_range is not None else None,
         )
 
     def onnx_path(self, shape: GraphShape) -> Path:
@@ -208,16 +223,35 @@ class OnnxCache:
         return GRAPH_OUTPUT_NAMES[shape.network]
 
     def graph_spec(self, shape: GraphShape) -> GraphSpec:
-        """The module and sample inputs that export `shape`."""
+        """The module and sample inputs that export `shape` (with dynamic height and width for a range)."""
         factor = self.models.vae_scale_factor
         latent_height, latent_width = shape.height // factor, shape.width // factor
         if shape.network == "unet":
-            return unet_graph(self.models, shape.batch, latent_height, latent_width, shape.kv_cache,
+            spec = unet_graph(self.models, shape.batch, latent_height, latent_width, shape.kv_cache,
                               shape.sequence_length or None)
+        elif shape.network == "vae_encoder":
+            spec = vae_encoder_graph(self.models, shape.batch, shape.height, shape.width)
+        elif shape.network == "vae_decoder":
+            spec = vae_decoder_graph(self.models, shape.batch, latent_height, latent_width)
+        else:
+            raise ValueError(f"unknown network {shape.network!r}")
+        if shape.resolution_range is not None:
+            # The encoder's first input is pixels, the UNet's and the decoder's latents.
+            scale = 1 if shape.network == "vae_encoder" else factor
+            spec.dynamic = DynamicAxes(size_multiple(self.models) // scale, shape.resolution_range.min_size // scale,
+                                       shape.resolution_range.max_size // scale)
+        return spec
+
+    def output_shape(self, shape: GraphShape) -> tuple[int, ...]:
+        """The output shape of a call of `shape`'s size (a dynamic graph's output follows its input)."""
+        factor = self.models.vae_scale_factor
+        latent = (shape.height // factor, shape.width // factor)
+        if shape.network == "unet":
+            return (shape.batch, int(self.models.unet.config.out_channels), *latent)
         if shape.network == "vae_encoder":
-            return vae_encoder_graph(self.models, shape.batch, shape.height, shape.width)
+            return (shape.batch, int(self.models.vae.config.latent_channels), *latent)
         if shape.network == "vae_decoder":
-            return vae_decoder_graph(self.models, shape.batch, latent_height, latent_width)
+            return (shape.batch, int(self.models.vae.config.out_channels), shape.height, shape.width)
         raise ValueError(f"unknown network {shape.network!r}")
 
     def load(self, shape: GraphShape, load: Callable[[Path], T] | None = None) -> T | Path:
@@ -232,4 +266,5 @@ class OnnxCache:
             self.onnx_path(shape),
             build=lambda temporary: export_onnx(self.graph_spec(shape), temporary, self.exporter, self.opset),
             load=checked,
+            key_parts=self.key_parts(shape),
         )

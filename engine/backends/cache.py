@@ -1,8 +1,8 @@
 """The on-disk cache of exported ONNX graphs and built TensorRT engines (`trt_cache/` by default).
 
 Every artifact is named by `engine_cache_key`: a hash of everything that changes the compiled
-graph (model config and weights, resolution, batch, text length, guidance mode, dtype, TensorRT
-version, GPU, exporter and opset). A changed part gives a new file, so a stale engine is never
+graph (model config and weights, resolution or resolution range, batch, text length, guidance mode,
+dtype, TensorRT version, GPU, exporter and opset). A changed part gives a new file, so a stale engine is never
 loaded. Files are written under a temporary name and renamed, so a crash mid-write leaves no half
 file under the real name. A file whose loader reports it unreadable (`CorruptArtifactError`) is
 deleted and rebuilt by `cached_artifact`; any other load error (out of memory, an unsupported
@@ -32,6 +32,8 @@ CACHE_DIR_ENV = "STREAMDIFF_TRT_CACHE"
 T = TypeVar("T")
 
 DIGEST_SUFFIX = ".sha256"
+# The key parts of an artifact, beside it: its name holds only a hash of most of them.
+KEY_PARTS_SUFFIX = ".json"
 
 
 class CorruptArtifactError(RuntimeError):
@@ -80,12 +82,23 @@ class CacheKeyParts:
     gpu_name: str = "cpu"
     # The text length fixes the K/V inputs' shape (0 for the VAE graphs, which take no text).
     sequence_length: int = 0
+    # (min, opt, max) pixels of a graph with dynamic height and width (`resolution.ResolutionRange`), whose
+    # width and height are then the opt size; None for a static graph.
+    resolution_range: tuple[int, int, int] | None = None
 
 
 def engine_cache_key(parts: CacheKeyParts) -> str:
     """A file-name-safe key: readable fields first (for people), then a hash of all parts."""
-    digest = hashlib.sha256(json.dumps(asdict(parts), sort_keys=True).encode()).hexdigest()[:20]
-    return f"{parts.network}-{parts.width}x{parts.height}-b{parts.batch}-{parts.cfg_type}-{parts.dtype}-{digest}"
+    fields = asdict(parts)
+    if parts.resolution_range is None:
+        # Static graphs hash the fields they always had, so caches built before ranges existed stay valid.
+        del fields["resolution_range"]
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    if parts.resolution_range is None:
+        size = f"{parts.width}x{parts.height}"
+    else:
+        size = f"{parts.resolution_range[0]}to{parts.resolution_range[2]}"
+    return f"{parts.network}-{size}-b{parts.batch}-{parts.cfg_type}-{parts.dtype}-{digest}"
 
 
 def tensorrt_version() -> str:
@@ -124,6 +137,35 @@ def matches_digest(path: Path) -> bool:
     if not path.is_file() or not recorded.is_file():
         return False
     return recorded.read_text().strip() == _file_sha256(path)
+
+
+def key_parts_path(path: Path) -> Path:
+    """Where the key parts of the artifact at `path` are recorded (`<name>.json`, a companion of `path`)."""
+    return path.with_name(path.name + KEY_PARTS_SUFFIX)
+
+
+def write_key_parts(path: Path, parts: CacheKeyParts) -> Path:
+    """Record `parts` beside the artifact at `path`, so `python -m engine.doctor` can say what it was built for."""
+    target = key_parts_path(path)
+    target.write_text(json.dumps(asdict(parts), indent=1, sort_keys=True) + "\n")
+    return target
+
+
+def read_key_parts(path: Path) -> CacheKeyParts:
+    """The key parts recorded beside the artifact at `path`.
+
+    Raises:
+        FileNotFoundError: none are recorded (the artifact was written before key parts were).
+        ValueError: the record is not JSON or not the fields of `CacheKeyParts`.
+    """
+    text = key_parts_path(path).read_text()
+    try:
+        data = json.loads(text)
+        if isinstance(data.get("resolution_range"), list):
+            data["resolution_range"] = tuple(data["resolution_range"])
+        return CacheKeyParts(**data)
+    except (json.JSONDecodeError, TypeError, AttributeError) as error:
+        raise ValueError(f"{key_parts_path(path).name} does not hold cache key parts: {error}") from error
 
 
 def _file_sha256(path: Path) -> str:
@@ -174,17 +216,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def cached_artifact(path: Path, build: Callable[[Path], None], load: Callable[[Path], T]) -> T:
+def cached_artifact(path: Path, build: Callable[[Path], None], load: Callable[[Path], T],
+                    key_parts: CacheKeyParts | None = None) -> T:
     """Load `path`, building it first when it is missing; a corrupt file is deleted and rebuilt once.
 
     `build(temporary_path)` writes the artifact. `load(path)` raises `CorruptArtifactError` when the
     file itself is unreadable (truncated, garbage, missing companion); only then is it deleted and
     rebuilt. Any other error (out of memory, a device or dtype the runtime refuses) propagates and
-    the file stays: a rebuild takes minutes and would fail the same way.
+    the file stays: a rebuild takes minutes and would fail the same way. `key_parts` (the parts of
+    `path`'s key) are recorded beside the artifact when it is built, or when a file cached before
+    key parts were recorded loads.
     """
     if path.is_file():
         try:
-            return load(path)
+            loaded = load(path)
         except CorruptArtifactError as error:
             logger.warning("cached %s is unreadable (%s); deleting and rebuilding it", path.name, error)
             _remove_artifact(path)
@@ -192,6 +237,25 @@ def cached_artifact(path: Path, build: Callable[[Path], None], load: Callable[[P
             logger.error("loading cached %s failed (%s: %s); the file was kept, it is not a corrupt file",
                          path.name, type(error).__name__, error)
             raise
+        else:
+            if key_parts is not None and not key_parts_path(path).is_file():
+                _record_key_parts_of_old_file(path, key_parts)
+            return loaded
     logger.info("building %s", path)
-    atomic_write(path, build)
+
+    def build_with_key_parts(temporary: Path) -> None:
+        build(temporary)
+        if key_parts is not None:
+            write_key_parts(temporary, key_parts)
+
+    atomic_write(path, build_with_key_parts)
     return load(path)
+
+
+def _record_key_parts_of_old_file(path: Path, key_parts: CacheKeyParts) -> None:
+    # Only a file whose key is `key_parts`' was looked up and loaded, so they are its parts; a read-only
+    # cache folder is no reason to fail a load.
+    try:
+        write_key_parts(path, key_parts)
+    except OSError as error:
+        logger.debug("could not record the key parts of %s: %s", path.name, error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from .base import NetworkRunner
 from .eager import EagerRunner
 from .errors import BackendUnavailableError
 from .onnx_export import DEFAULT_EXPORTER
+from .resolution import ResolutionRange
 from .split import SplitRunner
 
 logger = logging.getLogger(__name__)
@@ -27,42 +29,127 @@ def _models_device(models: ModelBundle) -> torch.device:
     return next(models.unet.parameters()).device
 
 
-def resolve_backend(name: str, models: ModelBundle) -> str:
-    """The concrete backend of `name`; `auto` is TensorRT with CUDA and tensorrt, else ONNX Runtime where it can run
-    on the models' device, else eager."""
+def _models_dtype(models: ModelBundle) -> str:
+    return str(next(models.unet.parameters()).dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What this machine offers the backends: the input of `choose_backend`, probed by `probe_availability`.
+
+    Args:
+        device_type (`str`): the models' device type (`cpu`, `cuda`, ...).
+        tensorrt_reason (`str | None`): why TensorRT cannot run here (with the command that fixes it), None
+            when it can.
+        onnxruntime_providers (`tuple[str, ...] | None`): ONNX Runtime's execution providers, None when the
+            package does not import.
+        onnxruntime_error (`str | None`): why `onnxruntime` does not import, when it does not.
+        dtype (`str`): the models' dtype (ONNX Runtime runs float32 and float16 graphs only).
+    """
+
+    device_type: str
+    tensorrt_reason: str | None
+    onnxruntime_providers: tuple[str, ...] | None
+    onnxruntime_error: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """A concrete backend and why it was chosen."""
+
+    backend: str
+    reason: str
+
+
+def probe_availability(device: torch.device, dtype: str = "float32") -> Availability:
+    """Probe what the backends need for `dtype` models on `device`; never raises (a broken install is a reason)."""
+    from .tensorrt import tensorrt_unavailable_reason
+
+    try:
+        import onnxruntime
+
+        providers: tuple[str, ...] | None = tuple(onnxruntime.get_available_providers())
+        onnxruntime_error = None
+    except Exception as error:  # a broken install raises more than ImportError (a missing shared library)
+        providers, onnxruntime_error = None, f"{type(error).__name__}: {error}"
+    return Availability(device.type, tensorrt_unavailable_reason(), providers, onnxruntime_error, dtype)
+
+
+def unavailable_reason(backend: str, available: Availability) -> str | None:
+    """Why concrete `backend` cannot run the models here, naming the command that fixes it; None when it can."""
+    if backend in ("eager", "compile"):
+        return None
+    if backend == "onnxruntime":
+        if available.onnxruntime_providers is None:
+            detail = f" ({available.onnxruntime_error})" if available.onnxruntime_error else ""
+            return f"onnxruntime does not import{detail}: pip install -e '.[onnx]'"
+        if available.dtype not in ("float32", "float16"):
+            return f"the onnxruntime backend runs float32 or float16 models, these are {available.dtype}"
+        if available.device_type == "cuda" and "CUDAExecutionProvider" not in available.onnxruntime_providers:
+            return ("the models are on CUDA and this onnxruntime has no CUDA execution provider: "
+                    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+        return None
+    if backend == "tensorrt":
+        if available.tensorrt_reason is not None:
+            return available.tensorrt_reason
+        if available.device_type != "cuda":
+            return f"the models are on {available.device_type}, TensorRT runs CUDA models: use --device cuda"
+        return None
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def choose_backend(name: str, available: Availability | None) -> BackendChoice:
+    """The concrete backend of `name` and why: a pure function of what `available` says this machine has.
+
+    `auto` is TensorRT where it can run the models, else ONNX Runtime where it has a provider for their
+    device (a CPU-only onnxruntime never serves CUDA models), else eager. A concrete name is taken as asked
+    (its runner raises `BackendUnavailableError` when it cannot run), so `available` may then be None.
+    """
     if name not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}")
     if name != "auto":
-        return name
-    from .onnxruntime import onnxruntime_available
-    from .tensorrt import tensorrt_unavailable_reason
+        return BackendChoice(name, "asked for by name")
+    if available is None:
+        raise ValueError("`auto` needs the probed availability")
+    tensorrt_reason = unavailable_reason("tensorrt", available)
+    if tensorrt_reason is None:
+        return BackendChoice("tensorrt", "CUDA and TensorRT are present")
+    onnxruntime_reason = unavailable_reason("onnxruntime", available)
+    if onnxruntime_reason is None:
+        return BackendChoice("onnxruntime", f"no TensorRT ({tensorrt_reason})")
+    return BackendChoice("eager", f"neither TensorRT ({tensorrt_reason}) nor an onnxruntime for "
+                                  f"{available.device_type} ({onnxruntime_reason}) can run here")
 
-    trt_reason = tensorrt_unavailable_reason()
-    device = _models_device(models)
-    if trt_reason is None and device.type == "cuda":
-        chosen, why = "tensorrt", "CUDA and TensorRT are present"
-    elif onnxruntime_available(device):
-        chosen, why = "onnxruntime", f"no TensorRT ({trt_reason or 'the models are not on CUDA'})"
-    else:
-        # With models on CUDA, a CPU-only onnxruntime (what the `onnx` extra installs) cannot serve them.
-        chosen, why = "eager", f"neither TensorRT nor an onnxruntime for {device.type} can run here"
-    logger.info("--backend auto chose %s: %s", chosen, why)
-    return chosen
+
+def resolve_backend_choice(name: str, models: ModelBundle) -> BackendChoice:
+    """`choose_backend` for `models` on this machine; an `auto` choice is logged with its reason."""
+    if name != "auto":
+        return choose_backend(name, None)
+    choice = choose_backend(name, probe_availability(_models_device(models), _models_dtype(models)))
+    logger.info("--backend auto chose %s: %s", choice.backend, choice.reason)
+    return choice
+
+
+def resolve_backend(name: str, models: ModelBundle) -> str:
+    """The concrete backend of `name` for `models` (see `choose_backend`)."""
+    return resolve_backend_choice(name, models).backend
 
 
 def new_runner(backend: str, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
-               exporter: str = DEFAULT_EXPORTER) -> NetworkRunner:
-    """A new, unshared runner of a concrete backend (`make_runner` is what engines use)."""
+               exporter: str = DEFAULT_EXPORTER, resolution_range: ResolutionRange | None = None) -> NetworkRunner:
+    """A new, unshared runner of a concrete backend (`make_runner` is what engines use); `resolution_range`
+    gives the compiled backends dynamic-shape graphs (the others run any size anyway)."""
     if backend == "eager":
         return EagerRunner(models)
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(models, cfg_type, cache_dir, exporter)
+        return OnnxRuntimeRunner(models, cfg_type, cache_dir, exporter, resolution_range=resolution_range)
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
 
-        return TensorRTRunner(models, cfg_type, cache_dir, exporter)
+        return TensorRTRunner(models, cfg_type, cache_dir, exporter, resolution_range=resolution_range)
     if backend == "compile":
         from .compiled import TorchCompileRunner
 
@@ -74,21 +161,25 @@ def make_runner(models: ModelBundle, config: LoadConfig, stream: StreamConfig | 
                 cache_dir: Path | None = None, exporter: str = DEFAULT_EXPORTER) -> NetworkRunner:
     """The runner of `config.backend` (and `config.vae_backend`) for `models`, shared while any engine holds it.
 
-    Runners are kept per (models, backend, guidance mode, cache folder, exporter): streams of one
-    model set share one runner and its compiled graphs, whatever their size. With a `vae_backend`
-    other than the UNet's, a shared `SplitRunner` joins the two backends' shared runners. With `stream`,
-    the graphs a stream under it needs are opened (exported or built when not cached) before this returns.
+    Runners are kept per (models, backend, guidance mode, cache folder, exporter, resolution range):
+    streams of one model set share one runner and its compiled graphs, whatever their size. With a
+    `vae_backend` other than the UNet's, a shared `SplitRunner` joins the two backends' shared runners. With
+    `stream`, the graphs a stream under it needs are opened (exported or built when not cached) before this
+    returns. With `config.resolution_range`, compiled backends serve every size of the range from one
+    dynamic-shape graph per network and batch.
 
     Raises:
         BackendUnavailableError: the backend cannot run here (e.g. `tensorrt` without CUDA).
+        ValueError: a resolution range that does not fit the model (see `resolution.check_range`).
     """
     backend = resolve_backend(config.backend, models)
     vae_backend = resolve_backend(config.vae_backend, models) if config.vae_backend is not None else backend
     cfg_type = stream.cfg_type if stream is not None else "self"
+    compiled = (cache_dir, exporter, config.resolution_range)
     with _runners_lock:
-        runner = _shared_runner(models, backend, cfg_type, cache_dir, exporter)
+        runner = _shared_runner(models, backend, cfg_type, *compiled)
         if vae_backend != backend:
-            unet_runner, vae_runner = runner, _shared_runner(models, vae_backend, cfg_type, cache_dir, exporter)
+            unet_runner, vae_runner = runner, _shared_runner(models, vae_backend, cfg_type, *compiled)
             key = ("split", id(unet_runner), id(vae_runner))
             runner = _runners.get(key)
             if runner is None or runner.unet_runner is not unet_runner or runner.vae_runner is not vae_runner:
@@ -101,13 +192,14 @@ def make_runner(models: ModelBundle, config: LoadConfig, stream: StreamConfig | 
 
 
 def _shared_runner(models: ModelBundle, backend: str, cfg_type: str, cache_dir: Path | None,
-                   exporter: str) -> NetworkRunner:
+                   exporter: str, resolution_range: ResolutionRange | None) -> NetworkRunner:
     """The shared runner of one concrete backend (made when none is alive); called with `_runners_lock` held."""
     static = backend in ("onnxruntime", "tensorrt")
     key = (id(models), backend, cfg_type if static else None,
-           str(cache_dir) if cache_dir is not None else None, exporter if static else None)
+           str(cache_dir) if cache_dir is not None else None, exporter if static else None,
+           resolution_range if static else None)
     runner = _runners.get(key)
     if runner is None or runner.models is not models:
-        runner = new_runner(backend, models, cfg_type, cache_dir, exporter)
+        runner = new_runner(backend, models, cfg_type, cache_dir, exporter, resolution_range)
         _runners[key] = runner
     return runner

@@ -1,4 +1,5 @@
-"""Export the UNet, the VAE encoder and the VAE decoder to ONNX graphs with static shapes.
+"""Export the UNet, the VAE encoder and the VAE decoder to ONNX graphs with static shapes, or with a
+dynamic height and width (`DynamicAxes`) for a resolution range.
 
 The UNet graph takes the prompt's cached cross-attention K/V as inputs (one key and one value per
 cross-attention layer), so a compiled UNet never re-projects the text and stays exactly equal to
@@ -11,6 +12,12 @@ graphs and match eager within 2e-6 here; the dynamo one is torch's supported pat
 is deprecated since torch 2.9 and warns on every diffusers shape assert), while the TorchScript one
 exports about five times faster. Both are selectable; the exporter and opset are part of the cache key.
 
+Dynamic height and width: the dynamo exporter takes `torch.export` dims stated as multiples
+(`multiple * Dim("height_blocks", min, max)`): a plain `Dim` fails, because the diffusers UNet checks
+`size % 2**num_upsamplers` and its down/up-sampled sizes must match, guards that hold only for
+multiples. The TorchScript exporter takes `dynamic_axes` (it records shape arithmetic as it traces).
+Both give graphs whose first input's axes 2 and 3 are named `height` and `width`.
+
 Saving: whatever the exporter wrote (the dynamo one puts weights in `<file>.data`, the TorchScript one
 over 2 GiB writes one file per tensor, named after the tensor) is re-saved as one `<name>.onnx` with
 inline weights, or, over protobuf's 2 GiB limit, with all weights in one `<name>.onnx.data` beside it:
@@ -20,6 +27,7 @@ named after the graph's own cache key, so graphs never share or overwrite weight
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import tempfile
 import time
@@ -43,6 +51,8 @@ DEFAULT_OPSETS: dict[str, int] = {"dynamo": 18, "torchscript": 17}
 # Protobuf cannot serialise a message of 2 GiB or more: past this, weights go to the external file.
 MAX_INLINE_BYTES = (1 << 31) - 1
 GRAPH_OUTPUT_NAMES: dict[str, str] = {"unet": "eps", "vae_encoder": "latents", "vae_decoder": "images"}
+# The names of a dynamic graph's height and width axes (of its first input): what TensorRT profiles are keyed by.
+HEIGHT_AXIS, WIDTH_AXIS = "height", "width"
 
 
 def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache: bool = False) -> list[str]:
@@ -144,14 +154,39 @@ def _quiet_loggers(*names: str):
             each.setLevel(level)
 
 
+@dataclass(frozen=True)
+class DynamicAxes:
+    """A graph's first input with a dynamic height and width (axes 2 and 3), in that input's own units
+    (latent rows and columns for the UNet and the decoder, pixels for the encoder).
+
+    Args:
+        multiple (`int`): every height and width is a multiple of this.
+        min_size (`int`): the smallest height or width, a multiple of `multiple`.
+        max_size (`int`): the largest height or width, a multiple of `multiple`.
+    """
+
+    multiple: int
+    min_size: int
+    max_size: int
+
+    def __post_init__(self) -> None:
+        if self.multiple < 1 or self.min_size % self.multiple or self.max_size % self.multiple \
+                or not 0 < self.min_size <= self.max_size:
+            raise ValueError(f"dynamic axes need 0 < min <= max, both multiples of {self.multiple}, got {self}")
+
+
 @dataclass
 class GraphSpec:
-    """One network to export: the module, its named sample inputs (which fix the static shapes) and output."""
+    """One network to export: the module, its named sample inputs (which fix the static shapes) and output.
+
+    With `dynamic` the first input's height and width are left dynamic (the samples must lie in its range).
+    """
 
     network: str
     module: torch.nn.Module
     inputs: dict[str, torch.Tensor]
     output_name: str
+    dynamic: DynamicAxes | None = None
 
     @property
     def batch(self) -> int:
@@ -222,18 +257,59 @@ def save_onnx(model, path: Path, max_inline_bytes: int | None = None) -> Path:
     return path
 
 
+def dynamo_dynamic_shapes(spec: GraphSpec) -> tuple | None:
+    """`torch.export`'s `dynamic_shapes` for `spec`: its first input's height and width as multiples of
+    `spec.dynamic.multiple`, every other input static; None for a static spec.
+
+    The structure follows `forward`'s signature: one entry per parameter, and for `*key_values` a tuple
+    with an empty dict (all axes static) per tensor. A tuple of None there would be read as one input's
+    axes by `torch.onnx.export` and fail to match.
+    """
+    if spec.dynamic is None:
+        return None
+    from torch.export import Dim
+
+    dynamic = spec.dynamic
+    blocks = {axis: Dim(f"{axis}_blocks", min=dynamic.min_size // dynamic.multiple,
+                        max=dynamic.max_size // dynamic.multiple) for axis in (HEIGHT_AXIS, WIDTH_AXIS)}
+    first = {2: dynamic.multiple * blocks[HEIGHT_AXIS], 3: dynamic.multiple * blocks[WIDTH_AXIS]}
+    shapes: list = []
+    for index, parameter in enumerate(inspect.signature(spec.module.forward).parameters.values()):
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes.append(tuple({} for _ in range(len(spec.inputs) - index)))
+            break
+        shapes.append(first if index == 0 else None)
+    return tuple(shapes)
+
+
+def name_spatial_axes(model, input_name: str) -> None:
+    """Rename the symbolic axes 2 and 3 of `model`'s input `input_name` to `HEIGHT_AXIS` and `WIDTH_AXIS`,
+    everywhere in the graph (the dynamo exporter names them after its symbols, e.g. `8*height_blocks`)."""
+    graph_input = next(value for value in model.graph.input if value.name == input_name)
+    dims = graph_input.type.tensor_type.shape.dim
+    renames = {dims[axis].dim_param: name for axis, name in ((2, HEIGHT_AXIS), (3, WIDTH_AXIS)) if dims[axis].dim_param}
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+
+
 def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, opset: int | None = None,
                 max_inline_bytes: int | None = None) -> Path:
-    """Write `spec` to `path` as ONNX with static shapes; over `max_inline_bytes` its weights go to
-    one `<name>.data` beside it (see `save_onnx`), and no other file is left behind."""
+    """Write `spec` to `path` as ONNX, with static shapes or `spec.dynamic`'s height and width; over
+    `max_inline_bytes` its weights go to one `<name>.data` beside it (see `save_onnx`), and no other file
+    is left behind."""
     import onnx
 
     if exporter not in EXPORTERS:
         raise ValueError(f"`exporter` must be one of {EXPORTERS}, got {exporter!r}")
     opset = opset or DEFAULT_OPSETS[exporter]
     shapes = ", ".join(f"{name}{list(tensor.shape)}" for name, tensor in list(spec.inputs.items())[:2])
-    logger.info("exporting %s to ONNX (%s exporter, opset %d; %s%s)", spec.network, exporter, opset, shapes,
-                f", +{len(spec.inputs) - 2} K/V inputs" if len(spec.inputs) > 3 else "")
+    first_input = next(iter(spec.inputs))
+    dynamic = "" if spec.dynamic is None else \
+        f"; {first_input} height and width dynamic, {spec.dynamic.min_size}-{spec.dynamic.max_size}"
+    logger.info("exporting %s to ONNX (%s exporter, opset %d; %s%s%s)", spec.network, exporter, opset, shapes,
+                f", +{len(spec.inputs) - 2} K/V inputs" if len(spec.inputs) > 3 else "", dynamic)
     started = time.perf_counter()
     # The exporter writes into a private folder (its weight files are named after the tensors, so they
     # must not land beside other graphs); only the re-saved graph reaches `path`.
@@ -241,8 +317,14 @@ def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, o
             heartbeat(logger, f"exporting {spec.network}"):
         raw = Path(folder) / path.name
         with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers(*_CHATTY_LOGGERS):
-            # Both exporters warn about every shape assert they freeze; static shapes are the point here.
+            # Both exporters warn about every shape assert they freeze: static shapes are the point of a static
+            # graph, and a dynamic one is checked against eager at two sizes in the tests.
             warnings.simplefilter("ignore")
+            dynamic_arguments = {}
+            if spec.dynamic is not None and exporter == "dynamo":
+                dynamic_arguments["dynamic_shapes"] = dynamo_dynamic_shapes(spec)
+            elif spec.dynamic is not None:
+                dynamic_arguments["dynamic_axes"] = {first_input: {2: HEIGHT_AXIS, 3: WIDTH_AXIS}}
             torch.onnx.export(
                 spec.module,
                 tuple(spec.inputs.values()),
@@ -252,7 +334,11 @@ def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, o
                 opset_version=opset,
                 dynamo=exporter == "dynamo",
                 verbose=False,
+                **dynamic_arguments,
             )
-        save_onnx(onnx.load(str(raw)), path, max_inline_bytes)
+        model = onnx.load(str(raw))
+        if spec.dynamic is not None:
+            name_spatial_axes(model, first_input)
+        save_onnx(model, path, max_inline_bytes)
     logger.info("exported %s in %.1f s", spec.network, time.perf_counter() - started)
     return path

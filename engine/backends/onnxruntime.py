@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: the exported static-shape graphs on the CPU (or CUDA) execution provider."""
+"""ONNX Runtime backend: the exported graphs (static-shape, or dynamic over a resolution range) on the CPU (or
+CUDA) execution provider."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..models import ModelBundle
 from .artifacts import GraphShape
 from .errors import BackendUnavailableError
 from .onnx_export import DEFAULT_EXPORTER
+from .resolution import ResolutionRange
 from .static import StaticShapeRunner
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ def onnxruntime_available(device: torch.device | None = None) -> bool:
 
 
 class OnnxRuntimeSession:
-    """One ONNX Runtime session of a static-shape graph, run through I/O binding on torch memory."""
+    """One ONNX Runtime session of a static- or dynamic-shape graph, run through I/O binding on torch memory."""
 
     def __init__(self, session, device: torch.device):
         self.session = session
@@ -49,27 +51,28 @@ class OnnxRuntimeSession:
         self.input_names = [graph_input.name for graph_input in session.get_inputs()]
         graph_output = session.get_outputs()[0]
         self.output_name = graph_output.name
-        self.output_shape = tuple(int(size) for size in graph_output.shape)
         self.output_dtype = torch.float16 if graph_output.type == "tensor(float16)" else torch.float32
         self._device_type = "cuda" if device.type == "cuda" else "cpu"
         self._device_id = device.index or 0
 
-    def run(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+    def run(self, inputs: list[torch.Tensor], output_shape: tuple[int, ...]) -> torch.Tensor:
+        """The graph's output, of `output_shape`, for `inputs` in the graph's input order."""
         # Inputs are bound by address (no copy); the output lands in a fresh torch tensor each call,
         # because callers keep outputs across calls and streams share the session.
         binding = self.session.io_binding()
         for name, tensor in zip(self.input_names, inputs, strict=True):
             binding.bind_input(name, self._device_type, self._device_id, _NUMPY_DTYPES[tensor.dtype],
                                tuple(tensor.shape), tensor.data_ptr())
-        output = torch.empty(self.output_shape, dtype=self.output_dtype, device=self.device)
+        output = torch.empty(output_shape, dtype=self.output_dtype, device=self.device)
         binding.bind_output(self.output_name, self._device_type, self._device_id, _NUMPY_DTYPES[output.dtype],
-                            self.output_shape, output.data_ptr())
+                            tuple(output_shape), output.data_ptr())
         self.session.run_with_iobinding(binding)
         return output
 
 
 class OnnxRuntimeRunner(StaticShapeRunner):
-    """`NetworkRunner` on ONNX Runtime: one session per static shape, created once and reused.
+    """`NetworkRunner` on ONNX Runtime: one session per graph (per static shape, or per resolution range),
+    created once and reused.
 
     Args:
         models (`ModelBundle`): the models, on the device and dtype to run in.
@@ -78,14 +81,17 @@ class OnnxRuntimeRunner(StaticShapeRunner):
         exporter (`str`): `dynamo` (default) or `torchscript`.
         intra_op_threads (`int`, *optional*): threads per operator; `$ORT_INTRA_OP_THREADS`, else
             torch's thread count (one per physical core).
+        resolution_range (`ResolutionRange`, *optional*): one dynamic-shape graph for the sizes of this range
+            (see `StaticShapeRunner`); None for static graphs.
     """
 
     backend = "onnxruntime"
 
     def __init__(self, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
-                 exporter: str = DEFAULT_EXPORTER, intra_op_threads: int | None = None):
+                 exporter: str = DEFAULT_EXPORTER, intra_op_threads: int | None = None,
+                 resolution_range: ResolutionRange | None = None):
         self._ort = _import_onnxruntime()
-        super().__init__(models, cfg_type, cache_dir, exporter)
+        super().__init__(models, cfg_type, cache_dir, exporter, resolution_range)
         parameter = next(models.unet.parameters())
         if parameter.dtype not in (torch.float32, torch.float16):
             raise BackendUnavailableError(

@@ -1,4 +1,5 @@
-"""The part every compiled backend shares: one static-shape graph per call shape, opened once."""
+"""The part every compiled backend shares: one graph per call shape (or one dynamic-resolution graph for
+every size in a range), opened once."""
 
 from __future__ import annotations
 
@@ -15,59 +16,83 @@ from ..models import ModelBundle
 from ..prompt import Conditioning
 from .artifacts import GraphShape, OnnxCache, config_shapes
 from .onnx_export import DEFAULT_EXPORTER, flat_key_values
+from .resolution import ResolutionRange, check_range, size_multiple
 
 logger = logging.getLogger(__name__)
 
 
 class CompiledGraph(Protocol):
-    """A loaded static-shape graph: inputs in the graph's order, one output."""
+    """A loaded graph: inputs in the graph's order, one output."""
 
-    def run(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """The graph's output for `inputs` (a tensor the caller may keep)."""
+    def run(self, inputs: list[torch.Tensor], output_shape: tuple[int, ...]) -> torch.Tensor:
+        """The graph's output for `inputs`, of `output_shape` (a tensor the caller may keep)."""
 
 
 class StaticShapeRunner:
-    """`NetworkRunner` over static-shape graphs, looked up by the shapes of each call's tensors.
+    """`NetworkRunner` over compiled graphs, looked up by the shapes of each call's tensors.
 
     One runner serves every stream of a model set and guidance mode at any size: a new shape opens
-    its graph once (exporting or building it when the cache has none) and keeps it. Subclasses say
-    how a graph is opened (`_open`).
+    its graph once (exporting or building it when the cache has none) and keeps it. With a
+    `resolution_range`, every size inside the range runs on one dynamic-shape graph per network and
+    batch, so a stream changing size inside it opens nothing new; a size outside it gets a static graph
+    of its own. Subclasses say how a graph is opened (`_open`).
 
     Args:
         models (`ModelBundle`): the models, on the device and dtype to run in.
         cfg_type (`str`): guidance mode (part of the UNet graphs' cache key).
         cache_dir (`Path`, *optional*): the cache folder (`trt_cache/` by default).
         exporter (`str`): ONNX exporter, `dynamo` (default) or `torchscript`.
+        resolution_range (`ResolutionRange`, *optional*): serve the sizes of this range from dynamic-shape
+            graphs; None (default) gives static graphs, the faster choice for a server that keeps one size.
+
+    Raises:
+        ValueError: a range whose sizes are not multiples of the model's `size_multiple`.
     """
 
     backend = "static"
 
     def __init__(self, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
-                 exporter: str = DEFAULT_EXPORTER):
+                 exporter: str = DEFAULT_EXPORTER, resolution_range: ResolutionRange | None = None):
         self.models = models
         self.onnx_cache = OnnxCache(models, cfg_type, cache_dir, exporter)
+        self.size_multiple = size_multiple(models)
+        self.resolution_range = check_range(resolution_range, self.size_multiple) if resolution_range else None
         self._graphs: dict[GraphShape, CompiledGraph] = {}
         self._lock = threading.Lock()
         # Contiguous K/V lists per live `Conditioning`, dropped when the conditioning is collected.
         self._key_values: dict[int, list[torch.Tensor]] = {}
 
+    def graph_shape(self, shape: GraphShape) -> GraphShape:
+        """The graph a call of `shape` runs on: the range's dynamic graph when the range covers its size,
+        else the static graph of `shape` itself."""
+        if self.resolution_range is not None and self.resolution_range.covers(shape.height, shape.width,
+                                                                              self.size_multiple):
+            return shape.in_range(self.resolution_range)
+        return shape
+
     def _open(self, shape: GraphShape) -> CompiledGraph:
         raise NotImplementedError
 
     def artifact_path(self, shape: GraphShape) -> Path:
-        """The cache file that `shape` runs from."""
+        """The cache file of graph `shape` (a `graph_shape`)."""
         return self.onnx_cache.onnx_path(shape)
 
     def graph(self, shape: GraphShape) -> CompiledGraph:
-        """The graph of `shape`, opened on first use."""
+        """The graph a call of `shape` runs on (see `graph_shape`), opened on first use."""
+        shape = self.graph_shape(shape)
         graph = self._graphs.get(shape)
         if graph is None:
             with self._lock:
                 graph = self._graphs.get(shape)
                 if graph is None:
                     graph = self._open(shape)
-                    logger.info("%s graph ready: %s batch %d at %dx%d", self.backend, shape.network, shape.batch,
-                                shape.width, shape.height)
+                    if shape.resolution_range is not None:
+                        size = f"any size in {shape.resolution_range.min_size}-{shape.resolution_range.max_size}"
+                    else:
+                        size = f"{shape.width}x{shape.height}"
+                        if self.resolution_range is not None:
+                            size += f" (a static graph: outside resolution range {self.resolution_range})"
+                    logger.info("%s graph ready: %s batch %d at %s", self.backend, shape.network, shape.batch, size)
                     self._graphs[shape] = graph
         return graph
 
@@ -81,7 +106,7 @@ class StaticShapeRunner:
             if networks is not None and shape.network not in networks:
                 continue
             self.graph(shape)
-            paths.append(self.artifact_path(shape))
+            paths.append(self.artifact_path(self.graph_shape(shape)))
         return paths
 
     # ------------------------------------------------------------------ NetworkRunner
@@ -109,13 +134,16 @@ class StaticShapeRunner:
             sequence_length = text_inputs[0].shape[1]
         shape = GraphShape("unet", latents.shape[0], height, width, conditioning.kv_cache is not None,
                            sequence_length)
-        return self.graph(shape).run([latents.contiguous(), timesteps.to(torch.long).contiguous(), *text_inputs])
+        return self._run(shape, [latents.contiguous(), timesteps.to(torch.long).contiguous(), *text_inputs])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         shape = GraphShape("vae_encoder", images.shape[0], images.shape[-2], images.shape[-1])
-        return self.graph(shape).run([images.contiguous()])
+        return self._run(shape, [images.contiguous()])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         height, width = self._pixels(latents)
         shape = GraphShape("vae_decoder", latents.shape[0], height, width)
-        return self.graph(shape).run([latents.contiguous()])
+        return self._run(shape, [latents.contiguous()])
+
+    def _run(self, shape: GraphShape, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return self.graph(shape).run(inputs, self.onnx_cache.output_shape(shape))

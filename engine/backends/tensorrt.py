@@ -1,12 +1,14 @@
 """TensorRT backend: strongly typed engines built with polygraphy from the cached ONNX graphs.
 
-Each static shape gets one engine, built once on the models' GPU (with a timing cache kept beside
-the engines so later builds are fast) and deserialised once. Its precision is the ONNX graph's, that
+Each static shape gets one engine (or, with a resolution range, each network and batch one engine
+whose optimisation profile spans the range), built once on the models' GPU (with a timing cache kept
+beside the engines so later builds are fast) and deserialised once. Its precision is the ONNX graph's, that
 is the models' dtype: the network is parsed strongly typed, so no precision flag is set (TensorRT 11
 removed `BuilderFlag.FP16`; strong typing works on 10 and 11). Every I/O buffer is allocated once on
 the GPU and bound by name (`set_tensor_address`); each frame maps its inputs to the engine's inputs
 by name, checking every shape and dtype, copies them in, runs `execute_async_v3` (or replays a CUDA
-graph captured and verified when the engine was opened) and copies the output out.
+graph captured and verified when the engine was opened) and copies the output out. A dynamic-shape
+engine instead binds each call's own tensors and shapes, and runs without a CUDA graph.
 
 Everything that needs no GPU (version probe, builder arguments, profile shapes, I/O binding, the
 replay check) is a plain function tested on CPU. Needs CUDA, TensorRT 10+ and polygraphy; without
@@ -27,10 +29,19 @@ import torch
 
 from ..models import ModelBundle
 from .artifacts import GraphShape, onnx_input_shapes
-from .cache import cached_artifact, engine_cache_key, gpu_name, tensorrt_version, unloadable_file_error, write_digest
+from .cache import (
+    CacheKeyParts,
+    cached_artifact,
+    engine_cache_key,
+    gpu_name,
+    tensorrt_version,
+    unloadable_file_error,
+    write_digest,
+)
 from .errors import BackendUnavailableError
 from .onnx_export import DEFAULT_EXPORTER
 from .progress import heartbeat
+from .resolution import ResolutionRange, dynamic_axis_ranges
 from .static import StaticShapeRunner
 
 logger = logging.getLogger(__name__)
@@ -129,8 +140,9 @@ def profile_shapes(input_shapes: Mapping[str, Sequence[int | str]],
     """The optimisation profile: (min, opt, max) shapes of every input.
 
     A fixed dimension is the same in all three. A named (dynamic) dimension takes its
-    (min, opt, max) from `ranges[name]`, so a graph exported with dynamic height and width only needs
-    those ranges here; today's graphs are static and give min = opt = max, as TensorRT requires.
+    (min, opt, max) from `ranges[name]`: a graph exported for a resolution range names its first input's
+    `height` and `width`, whose ranges `resolution.dynamic_axis_ranges` gives. A static graph has no
+    named dimension and gets min = opt = max.
 
     Raises:
         ValueError: a dynamic dimension without a range, or a range not ordered min <= opt <= max.
@@ -210,8 +222,10 @@ def build_engine(onnx_path: Path, engine_path: Path, arguments: BuilderArguments
     }
     network = NetworkFromOnnxPath(str(onnx_path), **arguments.network)
     config = CreateConfig(profiles=[profile], **config_arguments)
-    logger.info("building TensorRT engine %s from %s on %s (strongly typed, workspace %d MiB); this takes minutes",
-                engine_path.name, onnx_path.name, gpu_name(), arguments.config["memory_pool_limits"]["WORKSPACE"] >> 20)
+    dynamic = [f"{name} {list(low)}..{list(high)}" for name, (low, _, high) in arguments.profile.items() if low != high]
+    logger.info("building TensorRT engine %s from %s on %s (strongly typed, workspace %d MiB, %s); this takes minutes",
+                engine_path.name, onnx_path.name, gpu_name(), arguments.config["memory_pool_limits"]["WORKSPACE"] >> 20,
+                "profile " + ", ".join(dynamic) if dynamic else "static shapes")
     started = time.perf_counter()
     with heartbeat(logger, f"building {engine_path.name}"):
         serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
@@ -247,11 +261,13 @@ def torch_dtype(tensorrt_dtype_name: str) -> torch.dtype:
     return _TORCH_DTYPES[tensorrt_dtype_name]
 
 
-def check_engine_io(io: Sequence[TensorIO], input_names: Sequence[str], output_name: str) -> TensorIO:
-    """Check that an engine has exactly the graph's inputs and its output, all static; returns the output.
+def check_engine_io(io: Sequence[TensorIO], input_names: Sequence[str], output_name: str,
+                    dynamic: bool = False) -> TensorIO:
+    """Check that an engine has exactly the graph's inputs and its output, all static unless the graph is
+    `dynamic` (built for a resolution range); returns the output.
 
     Raises:
-        ValueError: names missing or extra, or a dynamic dimension (this backend builds static engines).
+        ValueError: names missing or extra, or a dynamic dimension in an engine of a static graph.
     """
     inputs = [tensor.name for tensor in io if tensor.is_input]
     missing, extra = sorted(set(input_names) - set(inputs)), sorted(set(inputs) - set(input_names))
@@ -260,10 +276,16 @@ def check_engine_io(io: Sequence[TensorIO], input_names: Sequence[str], output_n
     outputs = {tensor.name: tensor for tensor in io if not tensor.is_input}
     if output_name not in outputs:
         raise ValueError(f"engine has no output {output_name!r} (it has {sorted(outputs)})")
-    dynamic = [tensor.name for tensor in io if any(dim < 0 for dim in tensor.shape)]
-    if dynamic:
-        raise ValueError(f"engine tensors {dynamic} have dynamic shapes; this backend runs static-shape engines")
+    dynamic_tensors = [tensor.name for tensor in io if any(dim < 0 for dim in tensor.shape)]
+    if dynamic_tensors and not dynamic:
+        raise ValueError(f"engine tensors {dynamic_tensors} have dynamic shapes, but its graph is static")
     return outputs[output_name]
+
+
+def dims_match(shape: Sequence[int], engine_shape: Sequence[int]) -> bool:
+    """Whether a tensor of `shape` fits an engine tensor of `engine_shape`, whose -1 dimensions are dynamic."""
+    return len(shape) == len(engine_shape) and all(dim == want or want < 0
+                                                   for dim, want in zip(shape, engine_shape, strict=True))
 
 
 def bind_inputs(io: Sequence[TensorIO], input_names: Sequence[str],
@@ -272,7 +294,8 @@ def bind_inputs(io: Sequence[TensorIO], input_names: Sequence[str],
 
     TensorRT's I/O order need not be the graph's, and the K/V inputs all share one shape, so binding
     by position could feed one layer's K/V to another without any error: every tensor is matched by
-    name, and its shape and dtype must be exactly the engine input's.
+    name, and its shape and dtype must be exactly the engine input's (a dynamic dimension, -1, takes any
+    size; TensorRT checks it against the profile when the shape is set).
 
     Raises:
         ValueError: a count, name, shape or dtype that does not match the engine.
@@ -285,7 +308,7 @@ def bind_inputs(io: Sequence[TensorIO], input_names: Sequence[str],
         expected = inputs.get(name)
         if expected is None:
             raise ValueError(f"the engine has no input {name!r}")
-        if tuple(tensor.shape) != expected.shape:
+        if not dims_match(tuple(tensor.shape), expected.shape):
             raise ValueError(f"input {name!r} has shape {tuple(tensor.shape)}, the engine takes {expected.shape}")
         if tensor.dtype != expected.dtype:
             raise ValueError(f"input {name!r} is {tensor.dtype}, the engine takes {expected.dtype}")
@@ -332,16 +355,23 @@ class TensorRTEngine:
     resources on the first run), then the run is captured into a CUDA graph, and the graph is kept only
     if one replay reproduces an uncaptured run.
 
+    A `dynamic` engine (built for a resolution range) warms up at its profile's opt shapes, then binds
+    each call's own tensors and shapes; it runs without a CUDA graph, because a graph replays fixed
+    addresses and shapes (one graph per size would be captured on a frame, which is what capturing at
+    open time avoids).
+
     Args:
         path (`Path`): the serialized engine.
         device (`torch.device`): the CUDA device (with index) the engine was built for.
         input_names (`Sequence[str]`): the graph's input names, in the order `run` receives tensors.
         output_name (`str`): the graph's output.
-        use_cuda_graph (`bool`): capture the execution into a CUDA graph and replay it every frame.
+        use_cuda_graph (`bool`): capture the execution into a CUDA graph and replay it every frame
+            (static engines only).
+        dynamic (`bool`): the engine's graph has a dynamic height and width.
     """
 
     def __init__(self, path: Path, device: torch.device, input_names: Sequence[str], output_name: str,
-                 use_cuda_graph: bool = True):
+                 use_cuda_graph: bool = True, dynamic: bool = False):
         require_tensorrt()
         import tensorrt as trt
 
@@ -349,6 +379,7 @@ class TensorRTEngine:
         self.device = device
         self.input_names = list(input_names)
         self.output_name = output_name
+        self.dynamic = dynamic
         self._lock = threading.Lock()
         self._graph: torch.cuda.CUDAGraph | None = None
         with torch.cuda.device(device):
@@ -363,17 +394,23 @@ class TensorRTEngine:
                          engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
                 for name in (engine.get_tensor_name(index) for index in range(engine.num_io_tensors))
             ]
-            check_engine_io(self.io, self.input_names, output_name)
+            check_engine_io(self.io, self.input_names, output_name, dynamic)
             self.context = engine.create_execution_context()
             if self.context is None:
                 raise RuntimeError(f"TensorRT could not create an execution context for {path.name} on {device} "
                                    "(usually out of GPU memory; its error is logged above)")
             self.stream = torch.cuda.Stream(device=device)
             self.buffers: dict[str, torch.Tensor] = {}
-            for tensor in self.io:
-                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-                if tensor.is_input and not self.context.set_input_shape(tensor.name, tensor.shape):
-                    raise RuntimeError(f"TensorRT refused input shape {tensor.shape} for {tensor.name!r}")
+            # Inputs first: a dynamic engine's output shape is known once its input shapes are set.
+            for tensor in sorted(self.io, key=lambda each: not each.is_input):
+                if tensor.is_input:
+                    # A dynamic engine warms up at its profile's opt shapes (profile 0, the only one).
+                    shape = tuple(engine.get_tensor_profile_shape(tensor.name, 0)[1]) if dynamic else tensor.shape
+                    if not self.context.set_input_shape(tensor.name, shape):
+                        raise RuntimeError(f"TensorRT refused input shape {shape} for {tensor.name!r}")
+                else:
+                    shape = tuple(self.context.get_tensor_shape(tensor.name))
+                buffer = torch.empty(shape, dtype=tensor.dtype, device=device)
                 if not self.context.set_tensor_address(tensor.name, buffer.data_ptr()):
                     raise RuntimeError(f"TensorRT refused the buffer address of {tensor.name!r}")
                 self.buffers[tensor.name] = buffer
@@ -384,7 +421,7 @@ class TensorRTEngine:
                         _fill_sample(self.buffers[tensor.name], generator)
                 self._execute_uncaptured()
             self.stream.synchronize()
-            if use_cuda_graph:
+            if use_cuda_graph and not dynamic:
                 self._graph = self._capture()
 
     @property
@@ -430,24 +467,47 @@ class TensorRTEngine:
         logger.info("%s: CUDA graph captured and verified", self.path.name)
         return graph
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Copy `inputs` (in `input_names` order) into the buffers bound to those names, execute, and
-        return a copy of the output."""
+    def run(self, inputs: Sequence[torch.Tensor], output_shape: tuple[int, ...]) -> torch.Tensor:
+        """Run on `inputs` (in `input_names` order) and return an output of `output_shape` the caller may keep.
+
+        A static engine copies the inputs into the buffers bound to their names and returns a copy of its
+        output buffer; a dynamic one binds the inputs' own memory and a new output tensor.
+        """
         bound = bind_inputs(self.io, self.input_names, inputs)
         caller = torch.cuda.current_stream(self.device)
         with self._lock, torch.cuda.device(self.device):
             self.stream.wait_stream(caller)
             with torch.cuda.stream(self.stream):
-                for name, tensor in bound.items():
-                    self.buffers[name].copy_(tensor, non_blocking=True)
-                if self._graph is not None:
-                    self._graph.replay()
+                if self.dynamic:
+                    output = self._run_dynamic(bound, tuple(output_shape))
                 else:
-                    self._execute_uncaptured()
-                # A copy: the buffer is overwritten by the next frame, the caller may keep this one.
-                output = self.buffers[self.output_name].clone()
+                    for name, tensor in bound.items():
+                        self.buffers[name].copy_(tensor, non_blocking=True)
+                    if self._graph is not None:
+                        self._graph.replay()
+                    else:
+                        self._execute_uncaptured()
+                    # A copy: the buffer is overwritten by the next frame, the caller may keep this one.
+                    output = self.buffers[self.output_name].clone()
             caller.wait_stream(self.stream)
             output.record_stream(caller)
+        return output
+
+    def _run_dynamic(self, bound: Mapping[str, torch.Tensor], output_shape: tuple[int, ...]) -> torch.Tensor:
+        """Bind this call's shapes and tensors and execute on the engine's stream (the caller holds the lock)."""
+        for name, tensor in bound.items():
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise RuntimeError(f"TensorRT refused shape {tuple(tensor.shape)} for {name!r} of {self.path.name}: "
+                                   "outside the engine's resolution range")
+            self.context.set_tensor_address(name, tensor.data_ptr())
+            # The engine's stream reads the caller's tensor: its memory must not be reused before that.
+            tensor.record_stream(self.stream)
+        shape = tuple(self.context.get_tensor_shape(self.output_name))
+        if shape != output_shape:
+            raise RuntimeError(f"{self.path.name} gives {self.output_name!r} of shape {shape}, expected {output_shape}")
+        output = torch.empty(shape, dtype=self.buffers[self.output_name].dtype, device=self.device)
+        self.context.set_tensor_address(self.output_name, output.data_ptr())
+        self._execute_uncaptured()
         return output
 
 
@@ -471,7 +531,8 @@ def cuda_device(device: torch.device) -> torch.device:
 
 
 class TensorRTRunner(StaticShapeRunner):
-    """`NetworkRunner` on TensorRT engines, one per static shape, built from the cached ONNX graphs.
+    """`NetworkRunner` on TensorRT engines, one per static shape (or per resolution range), built from the
+    cached ONNX graphs.
 
     The engines run in the models' dtype (strongly typed from the graph exported in that dtype) on
     the models' GPU, which is also the GPU named in their cache key.
@@ -482,7 +543,9 @@ class TensorRTRunner(StaticShapeRunner):
         cache_dir (`Path`, *optional*): the cache folder (`trt_cache/` by default).
         exporter (`str`): ONNX exporter, `dynamo` (default) or `torchscript`.
         workspace_bytes (`int`): the builder's workspace memory limit.
-        use_cuda_graph (`bool`): replay each engine from a CUDA graph captured when it is opened.
+        use_cuda_graph (`bool`): replay each static engine from a CUDA graph captured when it is opened.
+        resolution_range (`ResolutionRange`, *optional*): one engine per network and batch for every size of
+            this range, its optimisation profile (min, opt, max) taken from the range; None for static engines.
 
     Raises:
         BackendUnavailableError: without CUDA, TensorRT 10+ and polygraphy, or with models off CUDA.
@@ -492,9 +555,9 @@ class TensorRTRunner(StaticShapeRunner):
 
     def __init__(self, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
                  exporter: str = DEFAULT_EXPORTER, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-                 use_cuda_graph: bool = True):
+                 use_cuda_graph: bool = True, resolution_range: ResolutionRange | None = None):
         require_tensorrt()
-        super().__init__(models, cfg_type, cache_dir, exporter)
+        super().__init__(models, cfg_type, cache_dir, exporter, resolution_range)
         parameter = next(models.unet.parameters())
         if parameter.device.type != "cuda":
             raise BackendUnavailableError(
@@ -511,15 +574,20 @@ class TensorRTRunner(StaticShapeRunner):
         self.gpu_name = gpu_name(self.device)
         self.timing_cache = self.onnx_cache.cache_dir / timing_cache_name(self.gpu_name, self.tensorrt_version)
 
+    def engine_key_parts(self, shape: GraphShape) -> CacheKeyParts:
+        """The cache key fields of `shape`'s engine: the ONNX graph's, plus this TensorRT version and GPU."""
+        return self.onnx_cache.key_parts(shape, self.tensorrt_version, self.gpu_name)
+
     def artifact_path(self, shape: GraphShape) -> Path:
-        parts = self.onnx_cache.key_parts(shape, self.tensorrt_version, self.gpu_name)
-        return self.onnx_cache.cache_dir / f"{engine_cache_key(parts)}.engine"
+        return self.onnx_cache.cache_dir / f"{engine_cache_key(self.engine_key_parts(shape))}.engine"
 
     def _build(self, shape: GraphShape, engine_path: Path) -> None:
         # Only now is the ONNX graph needed: a cached engine never exports or checks it.
         onnx_path = self.onnx_cache.load(shape)
+        ranges = None if shape.resolution_range is None else \
+            dynamic_axis_ranges(shape.network, shape.resolution_range, self.models.vae_scale_factor)
         arguments = builder_arguments(self.dtype, onnx_input_shapes(onnx_path), self.workspace_bytes,
-                                      self.timing_cache if self.timing_cache.is_file() else None)
+                                      self.timing_cache if self.timing_cache.is_file() else None, ranges)
         with torch.cuda.device(self.device):
             build_engine(onnx_path, engine_path, arguments, self.timing_cache)
 
@@ -529,5 +597,7 @@ class TensorRTRunner(StaticShapeRunner):
                 self.artifact_path(shape),
                 build=lambda temporary: self._build(shape, temporary),
                 load=lambda path: TensorRTEngine(path, self.device, self.onnx_cache.input_names(shape),
-                                                 self.onnx_cache.output_name(shape), self.use_cuda_graph),
+                                                 self.onnx_cache.output_name(shape), self.use_cuda_graph,
+                                                 dynamic=shape.resolution_range is not None),
+                key_parts=self.engine_key_parts(shape),
             )

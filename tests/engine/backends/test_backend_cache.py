@@ -21,7 +21,9 @@ from engine.backends.cache import (
     digest_path,
     engine_cache_key,
     gpu_name,
+    key_parts_path,
     module_fingerprint,
+    read_key_parts,
     tensorrt_version,
     unloadable_file_error,
     write_digest,
@@ -35,7 +37,8 @@ BASE = CacheKeyParts(network="unet", model_hash="abc123", width=512, height=512,
                      gpu_name="NVIDIA GeForce RTX 4090", sequence_length=77)
 CHANGED = {"network": "vae_decoder", "model_hash": "abc124", "width": 768, "height": 768, "batch": 3,
            "cfg_type": "full", "dtype": "float32", "kv_cache": False, "exporter": "torchscript", "opset": 17,
-           "tensorrt_version": "10.4.0", "gpu_name": "NVIDIA A100", "sequence_length": 64}
+           "tensorrt_version": "10.4.0", "gpu_name": "NVIDIA A100", "sequence_length": 64,
+           "resolution_range": (256, 512, 1024)}
 
 
 def test_every_part_of_the_key_is_covered():
@@ -50,6 +53,18 @@ def test_key_changes_with_each_part(part):
 def test_key_is_stable_for_identical_parts():
     assert engine_cache_key(BASE) == engine_cache_key(dataclasses.replace(BASE))
     assert engine_cache_key(BASE).startswith("unet-512x512-b2-self-float16-")
+
+
+def test_static_keys_did_not_change_when_resolution_ranges_came():
+    # The key of BASE before `resolution_range` was a field: caches built then are still found.
+    assert engine_cache_key(BASE) == "unet-512x512-b2-self-float16-e178009373be7839cd59"
+
+
+def test_a_dynamic_graphs_key_holds_its_range():
+    dynamic = dataclasses.replace(BASE, resolution_range=(256, 512, 1024))
+    assert engine_cache_key(dynamic).startswith("unet-256to1024-b2-self-float16-")
+    for other in ((256, 512, 768), (256, 768, 1024)):
+        assert engine_cache_key(dynamic) != engine_cache_key(dataclasses.replace(dynamic, resolution_range=other))
 
 
 def test_resolution_alone_changes_the_key():
@@ -285,3 +300,43 @@ def test_reopening_cached_graphs_rebuilds_nothing(tiny_models, tmp_path):
     reopened = OnnxRuntimeRunner(tiny_models, "none", tmp_path, exporter="torchscript").prepare(config, kv_cache=True)
     assert reopened == paths
     assert {path: _identity(path) for path in paths} == before
+
+
+def test_a_built_artifact_records_its_key_parts_beside_it(tmp_path):
+    target = tmp_path / f"{engine_cache_key(BASE)}.engine"
+    cached_artifact(target, lambda temporary: temporary.write_bytes(b"engine"), _strict_load_engine, BASE)
+    assert key_parts_path(target).name == target.name + ".json"
+    assert read_key_parts(target) == BASE
+    assert engine_cache_key(read_key_parts(target)) == target.name.removesuffix(".engine")
+
+
+def test_a_file_cached_before_key_parts_were_recorded_gets_them_when_it_loads(tmp_path):
+    target = tmp_path / "old.engine"
+    target.write_bytes(b"engine")
+    builds = []
+    cached_artifact(target, builds.append, _strict_load_engine, BASE)
+    assert builds == [] and read_key_parts(target) == BASE
+
+
+def test_a_corrupt_file_loses_its_key_parts_with_it(tmp_path):
+    target = tmp_path / "graph.engine"
+    target.write_bytes(b"garbage")
+    key_parts_path(target).write_text("{}")
+    cached_artifact(target, lambda temporary: temporary.write_bytes(b"engine"), _strict_load_engine, BASE)
+    assert read_key_parts(target) == BASE
+
+
+@pytest.mark.parametrize("text", ["not json", '{"network": "unet"}', '{"unknown_field": 1}', "[]"])
+def test_unreadable_key_parts_are_a_value_error(tmp_path, text):
+    target = tmp_path / "graph.onnx"
+    key_parts_path(target).write_text(text)
+    with pytest.raises(ValueError, match="does not hold cache key parts"):
+        read_key_parts(target)
+    with pytest.raises(FileNotFoundError):
+        read_key_parts(tmp_path / "other.onnx")
+
+
+def _strict_load_engine(path):
+    if path.read_bytes() != b"engine":
+        raise CorruptArtifactError("corrupt")
+    return path

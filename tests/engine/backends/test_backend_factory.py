@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from engine import Engine, LoadConfig, StreamConfig, StreamEngine
-from engine.backends import EagerRunner, make_runner, resolve_backend
+from engine.backends import (
+    BackendChoice,
+    EagerRunner,
+    choose_backend,
+    make_runner,
+    resolve_backend,
+    resolve_backend_choice,
+)
 from engine.backends.compiled import TorchCompileRunner
+from engine.backends.factory import Availability, unavailable_reason
 from engine.backends.onnxruntime import onnxruntime_available
 from engine.backends.tensorrt import tensorrt_unavailable_reason
 from engine.build import main as build_main
@@ -90,3 +98,54 @@ def test_build_cli_takes_the_shared_engine_flags():
     assert (load.vae, load.kv_cache, stream.t_index_list) == ("tiny", True, StreamConfig().t_index_list)
     with pytest.raises(SystemExit):
         build_args(["--t-index-list", "32", "45"])  # the old space-separated form
+
+
+# ---------------------------------------------------------------------------------------------- the pure decision
+
+CPU_ORT = ("CPUExecutionProvider",)
+CUDA_ORT = ("CUDAExecutionProvider", "CPUExecutionProvider")
+NO_TRT = "the tensorrt backend needs the `tensorrt` (10+) and `polygraphy` packages: pip install '.[trt]'"
+
+
+@pytest.mark.parametrize("available, backend, needle", [
+    (Availability("cuda", None, CUDA_ORT, dtype="float16"), "tensorrt", "CUDA and TensorRT"),
+    (Availability("cuda", NO_TRT, CUDA_ORT, dtype="float16"), "onnxruntime", "pip install '.[trt]'"),
+    (Availability("cuda", NO_TRT, CPU_ORT, dtype="float16"), "eager", "onnxruntime-gpu"),
+    (Availability("cpu", "torch sees no CUDA GPU", CPU_ORT), "onnxruntime", "no CUDA GPU"),
+    (Availability("cpu", "torch sees no CUDA GPU", None, "ModuleNotFoundError: onnxruntime"), "eager",
+     "pip install -e '.[onnx]'"),
+    (Availability("cpu", "torch sees no CUDA GPU", CPU_ORT, dtype="bfloat16"), "eager", "bfloat16"),
+    # TensorRT installed and CUDA present, but the models were put on the CPU.
+    (Availability("cpu", None, CPU_ORT), "onnxruntime", "--device cuda"),
+])
+def test_auto_is_a_pure_function_of_what_is_available(available, backend, needle):
+    choice = choose_backend("auto", available)
+    assert choice.backend == backend
+    assert needle in choice.reason
+
+
+def test_a_named_backend_is_taken_as_asked_and_a_wrong_name_refused():
+    assert choose_backend("compile", None) == BackendChoice("compile", "asked for by name")
+    with pytest.raises(ValueError, match="must be one of"):
+        choose_backend("fastest", None)
+
+
+@pytest.mark.parametrize("backend, available, needle", [
+    ("eager", Availability("cpu", "no CUDA", None), None),
+    ("onnxruntime", Availability("cpu", "no CUDA", None), "pip install -e '.[onnx]'"),
+    ("onnxruntime", Availability("cuda", None, CPU_ORT), "onnxruntime-gpu"),
+    ("onnxruntime", Availability("cuda", None, CUDA_ORT), None),
+    ("tensorrt", Availability("cpu", NO_TRT, CPU_ORT), "pip install '.[trt]'"),
+    ("tensorrt", Availability("cuda", None, None, dtype="bfloat16"), None),
+])
+def test_each_missing_piece_names_its_fix(backend, available, needle):
+    reason = unavailable_reason(backend, available)
+    assert reason is None if needle is None else needle in reason
+
+
+def test_resolve_backend_choice_returns_the_reason_it_logs(tiny_models, caplog):
+    with caplog.at_level(logging.INFO, logger="engine.backends.factory"):
+        choice = resolve_backend_choice("auto", tiny_models)
+    assert choice.backend == resolve_backend("auto", tiny_models)
+    assert f"--backend auto chose {choice.backend}: {choice.reason}" in caplog.text
+    assert resolve_backend_choice("eager", tiny_models) == BackendChoice("eager", "asked for by name")

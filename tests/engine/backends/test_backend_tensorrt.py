@@ -18,6 +18,7 @@ from engine.backends import tensorrt as trt_backend
 from engine.backends.artifacts import GraphShape
 from engine.backends.cache import write_digest
 from engine.backends.progress import heartbeat
+from engine.backends.resolution import ResolutionRange
 from engine.backends.static import StaticShapeRunner
 from engine.backends.tensorrt import (
     TensorIO,
@@ -26,6 +27,7 @@ from engine.backends.tensorrt import (
     builder_arguments,
     check_engine_io,
     cuda_device,
+    dims_match,
     profile_shapes,
     replay_matches,
     tensorrt_unavailable_reason,
@@ -58,9 +60,9 @@ def test_build_cli_reports_tensorrt_unavailable(tmp_path, capsys):
     assert "tensorrt backend needs" in capsys.readouterr().err
 
 
-def _frames(count: int) -> list[torch.Tensor]:
+def _frames(count: int, height: int = 64, width: int = 64) -> list[torch.Tensor]:
     return [torch.from_numpy(frame).permute(2, 0, 1).float() / 255
-            for frame in synthetic_clip("slow_pan", count, 64, 64, seed=3)]
+            for frame in synthetic_clip("slow_pan", count, width, height, seed=3)]
 
 
 CUDA_LOAD = LoadConfig(model="tiny", device="cuda", dtype="float16")
@@ -124,6 +126,25 @@ def test_tensorrt_engines_follow_the_models_dtype_and_capture_at_prepare(tmp_pat
     for graph in runner._graphs.values():
         assert {tensor.dtype for tensor in graph.io if tensor.dtype.is_floating_point} == {torch.float32}
         assert graph.uses_cuda_graph
+
+
+@pytest.mark.cuda
+@needs_tensorrt
+def test_one_dynamic_tensorrt_engine_serves_two_sizes_of_its_range(cuda_models, cuda_engine, tmp_path):
+    config = StreamConfig(width=64, height=64, similarity_filter=False)
+    resolution_range = ResolutionRange.between(32, 128, 64)
+    runner = TensorRTRunner(cuda_models, config.cfg_type, tmp_path, resolution_range=resolution_range)
+    paths = runner.prepare(config, CUDA_LOAD.kv_cache)
+    assert all("-32to128-" in path.name for path in paths)
+    eager, compiled = StreamEngine(cuda_engine, config), StreamEngine(cuda_engine.with_runner(runner), config)
+    for height, width in [(64, 64), (96, 48)]:
+        for engine in (eager, compiled):
+            engine.update_params(width=width, height=height)
+        for frame in _frames(3, height, width):
+            expected, actual = eager(frame), compiled(frame)
+            assert actual.shape == expected.shape == (3, height, width)
+            assert (actual.float() - expected.float()).abs().max().item() < 5e-2
+    assert sorted(tmp_path.glob("*.engine")) == sorted(paths)
 
 
 def _identity(path):
@@ -304,8 +325,20 @@ def test_engine_io_must_be_the_graphs():
     with pytest.raises(ValueError, match="no output 'images'"):
         check_engine_io(ENGINE_IO, NAMES, "images")
     dynamic = [TensorIO("latents", (-1, 4, 8, 8), torch.float16, True), ENGINE_IO[1]]
-    with pytest.raises(ValueError, match="dynamic shapes"):
+    with pytest.raises(ValueError, match="dynamic shapes, but its graph is static"):
         check_engine_io(dynamic, ["latents"], "eps")
+
+
+def test_a_dynamic_engine_takes_any_size_on_its_dynamic_axes_only():
+    # A dynamic-resolution engine reports -1 for height and width; TensorRT checks the profile itself.
+    dynamic_io = [TensorIO("latents", (2, 4, -1, -1), torch.float16, True),
+                  TensorIO("eps", (2, 4, -1, -1), torch.float16, False)]
+    assert check_engine_io(dynamic_io, ["latents"], "eps", dynamic=True).name == "eps"
+    for size in ((2, 4, 32, 32), (2, 4, 64, 96)):
+        assert bind_inputs(dynamic_io, ["latents"], [torch.zeros(size, dtype=torch.float16)])["latents"].shape == size
+    with pytest.raises(ValueError, match="has shape"):
+        bind_inputs(dynamic_io, ["latents"], [torch.zeros(3, 4, 32, 32, dtype=torch.float16)])
+    assert dims_match((2, 4, 8, 8), (2, 4, -1, -1)) and not dims_match((2, 4, 8), (2, 4, -1, -1))
 
 
 def test_tensorrt_types_map_to_buffer_types():
@@ -355,8 +388,8 @@ def test_heartbeat_logs_while_work_runs(caplog):
 
 
 class _FakeEngine:
-    def __init__(self, path, device, input_names, output_name, use_cuda_graph):
-        self.path, self.input_names, self.output_name = path, input_names, output_name
+    def __init__(self, path, device, input_names, output_name, use_cuda_graph, dynamic=False):
+        self.path, self.input_names, self.output_name, self.dynamic = path, input_names, output_name, dynamic
 
 
 @pytest.fixture
@@ -412,3 +445,22 @@ def test_engine_key_names_the_gpu_tensorrt_and_text_length(cpu_runner):
     assert cpu_runner.artifact_path(shape) != path
     cpu_runner.gpu_name, cpu_runner.tensorrt_version = "NVIDIA GeForce RTX 4090", "10.4.0"
     assert cpu_runner.artifact_path(shape) != path
+
+
+def test_a_resolution_range_builds_one_engine_whose_profile_spans_it(cpu_runner):
+    cpu_runner.resolution_range = ResolutionRange.between(32, 128, 64)
+    paths = {cpu_runner.artifact_path(cpu_runner.graph_shape(GraphShape("unet", 2, size, size, True, 77)))
+             for size in (32, 64, 96, 128)}
+    assert len(paths) == 1 and next(iter(paths)).name.startswith("unet-32to128-b2-self-float32-")
+    engine = cpu_runner.graph(GraphShape("unet", 2, 96, 96, True, 77))
+    assert cpu_runner.graph(GraphShape("unet", 2, 48, 112, True, 77)) is engine and engine.dynamic
+    (onnx_path, arguments), = cpu_runner.builds
+    assert "-32to128-" in onnx_path.name
+    # Latents 4..16 (32..128 pixels over the VAE's factor 8), optimised for 8 (64 pixels); the batch stays fixed.
+    assert arguments.profile["latents"] == ((2, 4, 4, 4), (2, 4, 8, 8), (2, 4, 16, 16))
+    assert arguments.profile["timesteps"] == ((2,),) * 3
+    parts = cpu_runner.engine_key_parts(cpu_runner.graph_shape(GraphShape("unet", 2, 64, 64, True, 77)))
+    assert parts.resolution_range == (32, 64, 128) and parts.gpu_name == "NVIDIA GeForce RTX 4090"
+    # Outside the range: a static engine of that size.
+    outside = cpu_runner.graph(GraphShape("vae_decoder", 1, 144, 144))
+    assert not outside.dynamic and cpu_runner.builds[-1][1].profile["latents"] == ((1, 4, 18, 18),) * 3
