@@ -136,7 +136,7 @@ def test_server_outputs_are_paired_with_their_frames(tiny_models):
               for frame in clip.frames[:bench.WARMUP_FRAMES]]
     # ... and its outputs through the server's JPEG encoder: paired in order the two agree within rounding.
     quality = bench.server_settings("tiny", 64, 64, 2, bench.DEFAULT_PROMPT).jpeg_quality
-    local = [decode_image(encode_jpeg(step(frame), quality), 64, 64)
+    local = [decode_image(encode_jpeg(np.clip(step(frame), 0, 255).round().astype(np.uint8), quality), 64, 64)
              for frame in warmup + run.inputs][bench.WARMUP_FRAMES:]
     remote = run.outputs["off"]
     assert len(remote) == len(local) == len(run.inputs) == 12 - bench.WARMUP_FRAMES
