@@ -26,7 +26,8 @@ FLOW_METHODS: tuple[str, ...] = ("farneback", "dis")
 CONSISTENCY_RELATIVE = 0.01
 CONSISTENCY_ABSOLUTE = 0.5
 #: `cut_frames`: the output counts as recovered from a cut once its mean distance from the method-off output
-#: exceeds its steady distance by at most this fraction of the distance between the two scenes (`cut_bound`).
+#: exceeds its steady distance by at most this fraction of the distance between the two scenes (`cut_bound`)
+#: and the old scene's weight in it (`ghost_weights`) is at most this fraction too.
 CUT_BOUND_FRACTION = 0.1
 
 
@@ -172,32 +173,66 @@ def mean_l1(frames: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> fl
                           for a, b in zip(frames, reference, strict=True)]))
 
 
-def cut_bound(frames: Sequence[np.ndarray], reference: Sequence[np.ndarray], cut: int,
-              fraction: float = CUT_BOUND_FRACTION) -> float:
-    """The distance from the method-off `reference` within which `cut_frames` counts an output as recovered.
-
-    It is the output's own steady distance from the reference before the cut (the median over the frames
-    before `cut`: what the method changes by design, which `ref_l1` and `detail` judge) plus `fraction` of the
-    distance between the two scenes' reference outputs (the last frame before the cut and the last frame of
-    the clip). What a cut adds beyond the steady distance is a ghost of the old scene: blended in at weight
-    w it adds about w times the scenes' distance, so 0.1 lets through a ghost too faint to see.
-    """
+def _scene_change(reference: Sequence[np.ndarray], cut: int) -> float:
+    """Mean |reference[-1] − reference[cut − 1]|: how far apart the method-off outputs of the two scenes are
+    (the last frame of the clip against the last frame before the cut)."""
     if not 0 < cut < len(reference) - 1:
         raise ValueError(f"the cut must leave frames on both sides (1..{len(reference) - 2}), got {cut}")
-    steady = float(np.median([mean_l1([a], [b]) for a, b in zip(frames[:cut], reference[:cut], strict=True)]))
-    return steady + fraction * mean_l1([reference[-1]], [reference[cut - 1]])
+    return mean_l1([reference[-1]], [reference[cut - 1]])
+
+
+def cut_bound(frames: Sequence[np.ndarray], reference: Sequence[np.ndarray], cut: int,
+              fraction: float = CUT_BOUND_FRACTION) -> float:
+    """The distance from the method-off `reference` within which `cut_frames` counts an output as recovered:
+    the output's own steady distance from the reference on the new scene (the median over the second half of
+    the frames after the cut: what the method changes by design, which `ref_l1` and `detail` judge) plus
+    `fraction` of the distance between the two scenes' reference outputs.
+
+    A ghost of the old scene blended in at weight w adds about w times the scenes' distance, so 0.1 lets
+    through a ghost too faint to see; a ghost that never fades, which this steady distance would absorb, is
+    caught by `ghost_weights`.
+    """
+    change = _scene_change(reference, cut)
+    settled = (cut + len(reference)) // 2
+    steady = float(np.median([mean_l1([a], [b]) for a, b in zip(frames[settled:], reference[settled:],
+                                                                 strict=True)]))
+    return steady + fraction * change
+
+
+def ghost_weights(frames: Sequence[np.ndarray], reference: Sequence[np.ndarray], cut: int) -> list[float | None]:
+    """Per frame from `cut` on, the weight w of the old scene in the output: the least-squares fit of
+    `frame − reference ≈ w · (old − reference)`, `old` being the reference's last frame before the cut.
+
+    None while the reference itself still shows the old scene (closer to `old` than half the scenes'
+    distance): a stream batch shows a cut a frame or more late, and the output is not asked to be faster.
+    """
+    old = np.asarray(reference[cut - 1], np.float64)
+    change = _scene_change(reference, cut)
+    weights: list[float | None] = []
+    for frame, target in zip(frames[cut:], reference[cut:], strict=True):
+        target = np.asarray(target, np.float64)
+        direction = old - target
+        if np.abs(direction).mean() < change / 2:
+            weights.append(None)
+        else:
+            weights.append(float(((np.asarray(frame, np.float64) - target) * direction).sum()
+                                 / (direction ** 2).sum()))
+    return weights
 
 
 def cut_frames(frames: Sequence[np.ndarray], reference: Sequence[np.ndarray], cut: int,
                fraction: float = CUT_BOUND_FRACTION) -> int:
-    """Frames from the cut until the output stays within `cut_bound` of the method-off `reference`.
+    """Frames from the cut until the output stays recovered: within `cut_bound` of the method-off `reference`
+    and with a ghost of the old scene (`ghost_weights`) of at most `fraction`.
 
-    The smallest k such that every frame from `cut + k` to the end is within the bound: 0 when the output
-    follows the new scene as fast as the method off does. The output must *stay* within the bound because a
-    stream batch shows the new scene a frame or more late, while both outputs still show the old one; an
-    output that never settles scores the number of frames from the cut to the end.
+    The smallest k such that every frame from `cut + k` to the end is recovered: 0 when the output follows
+    the new scene as fast as the method off does. The output must *stay* recovered, so a frame that happens
+    to pass in the middle of a fading ghost does not end the count; one that never recovers (a frozen
+    picture) scores the number of frames from the cut to the end.
     """
     bound = cut_bound(frames, reference, cut, fraction)
     distances = [mean_l1([a], [b]) for a, b in zip(frames[cut:], reference[cut:], strict=True)]
-    outside = [k for k, distance in enumerate(distances) if distance > bound]
+    ghosts = ghost_weights(frames, reference, cut)
+    outside = [k for k, (distance, ghost) in enumerate(zip(distances, ghosts, strict=True))
+               if distance > bound or (ghost is not None and ghost > fraction)]
     return outside[-1] + 1 if outside else 0

@@ -188,29 +188,52 @@ def ghosted(weights: list[float], offset: float = 2.0, cut: int = 4) -> list[np.
     return [constant(OLD + offset)] * cut + [constant(NEW + offset + w * (OLD - NEW)) for w in weights]
 
 
-def test_cut_bound_is_the_steady_distance_plus_a_tenth_of_the_scene_change():
-    # Steady distance 2 before the cut; the scenes' reference outputs are 100 apart.
-    assert tm.cut_bound(ghosted([0] * 6), reference_clip(), 4) == pytest.approx(2 + 0.1 * 100)
+def test_cut_bound_is_the_steady_distance_on_the_new_scene_plus_a_tenth_of_the_scene_change():
+    # Steady distance 2 once settled; the scenes' reference outputs are 100 apart.
+    assert tm.cut_bound(ghosted([0.6, 0.3, 0, 0, 0, 0]), reference_clip(), 4) == pytest.approx(2 + 0.1 * 100)
     assert tm.cut_bound(reference_clip(), reference_clip(), 4) == pytest.approx(10)
+
+
+def test_ghost_weight_is_the_old_scenes_share_in_the_output():
+    weights = tm.ghost_weights(ghosted([0.6, 0.3, 0, 0, 0, 0], offset=0), reference_clip(), 4)
+    assert weights == pytest.approx([0.6, 0.3, 0, 0, 0, 0])
+    # While the reference still shows the old scene (a stream batch's delay) no weight is asked for.
+    late = [constant(OLD)] * 5 + [constant(NEW)] * 5
+    assert tm.ghost_weights(late, late, 4)[0] is None
 
 
 def test_cut_frames_counts_the_frames_a_ghost_stays_visible():
     reference = reference_clip()
     assert tm.cut_frames(reference, reference, 4) == 0
-    # Distances 58, 28, 13, 3, 2, 2 against a bound of 12: three frames outside.
+    # Distances 58, 28, 13, 3, 2, 2 against a bound of 12, ghosts 0.58, 0.28, 0.13, 0.03, ...: three frames out.
     assert tm.cut_frames(ghosted([0.6, 0.3, 0.15, 0.05, 0, 0]), reference, 4) == 3
     assert tm.cut_frames(ghosted([0.05, 0, 0, 0, 0, 0]), reference, 4) == 0
 
 
 def test_cut_frames_waits_until_the_output_stays_recovered():
     reference = reference_clip()
-    # Inside the bound once (3), outside again (28): recovered only from the fourth frame on.
+    # Recovered once (0.05), then a ghost again (0.3): recovered only from the fourth frame on.
     assert tm.cut_frames(ghosted([0.6, 0.05, 0.3, 0, 0, 0]), reference, 4) == 3
 
 
-def test_a_frozen_output_never_recovers_from_a_cut():
-    frozen = [constant(OLD)] * 10
-    assert tm.cut_frames(frozen, reference_clip(), 4) == 6
+def test_a_frozen_output_or_a_ghost_that_never_fades_never_recovers():
+    assert tm.cut_frames([constant(OLD)] * 10, reference_clip(), 4) == 6
+    # A third of the old scene for good: its distance is steady, but the ghost is there.
+    assert tm.cut_frames(ghosted([0.3] * 6), reference_clip(), 4) == 6
+
+
+def test_a_new_steady_distance_on_the_new_scene_is_no_ghost():
+    # 2 levels from the reference before the cut, 5 after it (the new scene has more detail to differ on).
+    frames = [constant(OLD + 2)] * 4 + [constant(NEW + 5)] * 6
+    assert tm.cut_frames(frames, reference_clip(), 4) == 0
+
+
+def test_a_disturbance_that_is_no_ghost_counts_too():
+    # Two frames of a ±50 checkerboard on the new scene: nothing of the old scene in them, yet far from it.
+    checker = np.indices((8, 8)).sum(0)[..., None] % 2 * 100.0 - 50
+    frames = [constant(OLD)] * 4 + [constant(NEW) + checker] * 2 + [constant(NEW)] * 4
+    assert tm.ghost_weights(frames, reference_clip(), 4)[:2] == pytest.approx([0, 0])
+    assert tm.cut_frames(frames, reference_clip(), 4) == 2
 
 
 def test_a_stream_batch_delay_shared_with_the_reference_costs_nothing():
