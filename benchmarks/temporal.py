@@ -412,6 +412,7 @@ def run(model: str = "demo", width: int = 256, height: int = 256, frames: int = 
         raise RequestError(f"need at least {2 * (MAX_CUT_FRAMES + 1)} frames per clip, got {frames}")
     if any(not 0 <= alpha < 1 for alpha in blends):
         raise RequestError(f"blend weights must lie in [0, 1), got {list(blends)}")
+    blends = list(dict.fromkeys(blends))  # a weight named twice would be one method measured twice
     models = load_model(model)
     accepted = engine_methods(models, model, width, height)
     wanted = list(accepted) if methods is None else ["off", *(name for name in methods if name != "off")]
