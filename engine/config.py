@@ -96,6 +96,53 @@ def parse_resolution_range(text: str) -> ResolutionRange:
 
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA fused into the shared UNet (and text encoders, where it has weights for them) at load time.
+
+    Args:
+        source (`str`): a hub id, a folder holding one LoRA `.safetensors` file, or a `.safetensors` file, in the
+            diffusers or the kohya (A1111) format.
+        scale (`float`, defaults to 1.0): the LoRA's strength: W + scale·ΔW is what the model runs.
+    """
+
+    source: str
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError(f"`loras` entries must name a LoRA (hub id, folder or .safetensors), got {self.source!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+        if not math.isfinite(self.scale):
+            raise ValueError(f"`loras` scale of {self.source!r} must be a finite number, got {self.scale}")
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.scale:g}"
+
+
+def parse_lora_spec(text: str) -> LoraSpec:
+    """`"SPEC"` or `"SPEC:SCALE"` as a `LoraSpec`: a hub id, folder or `.safetensors` file and its scale (default 1).
+
+    Only a number after the last colon is a scale, so `C:\\loras\\style.safetensors` stays a path.
+
+    Raises:
+        ValueError: an empty spec or a non-finite scale.
+    """
+    text = text.strip()
+    source, colon, scale = text.rpartition(":")
+    if colon and source.strip() and _is_number(scale):
+        return LoraSpec(source.strip(), float(scale))
+    return LoraSpec(text)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_finite(config: object) -> None:
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
@@ -132,6 +179,9 @@ class LoadConfig:
         resolution_range (`ResolutionRange | None`, defaults to None): compiled backends serve every frame
             size inside it from one dynamic-shape graph (`--resolution-range 256-1024`); None: one static
             graph per size, the faster choice for a server that keeps one size (docs/backends.md).
+        loras (`tuple[LoraSpec, ...]`, defaults to none): LoRAs fused into the shared UNet and text encoders at
+            load, in order, before any backend compiles them (`engine.lora`; `--lora SPEC[:SCALE]`, repeatable);
+            `"SPEC[:SCALE]"` strings are parsed.
     """
 
     model: str = "demo"
@@ -145,8 +195,11 @@ class LoadConfig:
     kv_cache: bool = True
     memory: str = "off"
     resolution_range: ResolutionRange | None = None
+    loras: tuple[LoraSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", tuple(
+            lora if isinstance(lora, LoraSpec) else parse_lora_spec(lora) for lora in self.loras))
         if isinstance(self.resolution_range, str):
             object.__setattr__(self, "resolution_range", parse_resolution_range(self.resolution_range))
         if not isinstance(self.model, str) or not self.model.strip():

@@ -207,6 +207,8 @@ def describe_parts(parts: CacheKeyParts) -> str:
     inputs = (" K/V inputs" if parts.kv_cache else " text inputs") if parts.network == "unet" else ""
     text = (f"{parts.network} {size} batch {parts.batch} {parts.cfg_type} {parts.dtype}{inputs}, "
             f"{parts.exporter} opset {parts.opset}, model {parts.model_hash[:12]}")
+    if parts.loras:
+        text += f", LoRA {' + '.join(parts.loras)}"
     if parts.tensorrt_version != "none":
         text += f", TensorRT {parts.tensorrt_version} on {parts.gpu_name}"
     return text

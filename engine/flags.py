@@ -21,6 +21,7 @@ from .config import (
     VAES,
     LoadConfig,
     StreamConfig,
+    parse_lora_spec,
     parse_resolution_range,
 )
 
@@ -58,6 +59,20 @@ def resolution_range(text: str):
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
+def lora_spec(text: str):
+    """`"SPEC[:SCALE]"` → a `LoraSpec` (hub id, folder or `.safetensors` file, scale 1 by default)."""
+    try:
+        return parse_lora_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def split_repeated(text: str) -> list[str]:
+    """The values of a repeatable flag given once, e.g. in an environment variable: `"a:0.5;b"` → `["a:0.5", "b"]`
+    (`;` or `,` separate them)."""
+    return [part.strip() for part in text.replace(";", ",").split(",") if part.strip()]
+
+
 def milliseconds(text: str) -> float:
     """Milliseconds on the command line → seconds in the config."""
     return float(text) / 1000
@@ -75,6 +90,8 @@ class Flag:
         help (`str`): one line.
         choices (`Sequence[str] | None`): allowed values.
         boolean (`bool`): a `--flag/--no-flag` pair instead of a value.
+        repeatable (`bool`): may be given several times; the values make a list (`split_repeated` reads one
+            text holding several).
     """
 
     flags: tuple[str, ...]
@@ -84,6 +101,7 @@ class Flag:
     help: str
     choices: Sequence[str] | None = None
     boolean: bool = False
+    repeatable: bool = False
 
 
 ENGINE_FLAGS: tuple[Flag, ...] = (
@@ -104,6 +122,9 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--memory",), "memory", "load", str, "peak-memory mode for large frames (docs/memory.md)", MEMORY_MODES),
     Flag(("--resolution-range",), "resolution_range", "load", resolution_range,
          "MIN-MAX[:OPT] pixels: compiled backends serve every size inside from one dynamic-shape graph"),
+    Flag(("--lora",), "loras", "load", lora_spec,
+         "SPEC[:SCALE]: a LoRA (hub id, folder or .safetensors) fused into the model at load; repeatable",
+         repeatable=True),
     Flag(("--width",), "width", "stream", int, "frame width in pixels (multiple of 8)"),
     Flag(("--height",), "height", "stream", int, "frame height in pixels (multiple of 8)"),
     Flag(("--t-index-list",), "t_index_list", "stream", int_list, "denoising steps as schedule indices, e.g. 32,45"),
@@ -140,6 +161,9 @@ def add_flags(parser: argparse.ArgumentParser, flags: Iterable[Flag],
         if flag.boolean:
             parser.add_argument(*flag.flags, dest=flag.dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
+        elif flag.repeatable:
+            parser.add_argument(*flag.flags, dest=flag.dest, type=flag.type, choices=flag.choices, default=None,
+                                action="append", help=help_text)
         else:
             parser.add_argument(*flag.flags, dest=flag.dest, type=flag.type, choices=flag.choices, default=None,
                                 help=help_text)

@@ -15,6 +15,7 @@ import torch
 
 from .backends import NetworkRunner, make_runner, runner_name
 from .config import LoadConfig, StreamConfig
+from .lora import apply_loras
 from .memory import apply_memory_mode
 from .models import ModelBundle, load_models
 from .prompt import install_kv_processors
@@ -39,7 +40,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_bundle(config: LoadConfig) -> ModelBundle:
-    """The `ModelBundle` of `config.model`, on `config.device` in `config.dtype`, in eval mode.
+    """The `ModelBundle` of `config.model` with `config.loras` fused, on `config.device` in `config.dtype`, in eval
+    mode. LoRAs are fused in the precision the model was read in (float32), before the cast.
 
     Raises:
         ModelLoadError: naming what was tried and what to do instead.
@@ -48,6 +50,7 @@ def load_bundle(config: LoadConfig) -> ModelBundle:
     logger.info("loading model %r (VAE: %s)", config.model, config.vae)
     models = load_models(config.model, use_tiny_vae=config.use_tiny_vae, taesd=config.taesd,
                          config=config.model_config)
+    apply_loras(models, config.loras)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     logger.info("model %r loaded in %.1f s; moving to %s (%s)", models.name, time.perf_counter() - started,
@@ -86,7 +89,14 @@ class Engine:
     @classmethod
     def prepare(cls, models: ModelBundle, config: LoadConfig) -> Engine:
         """Prepare `models` (already on their device and dtype) for streaming under `config`: the K/V-cache
-        attention processors, the memory mode and the backend's runner are set up once, here."""
+        attention processors, the memory mode and the backend's runner are set up once, here.
+
+        Raises:
+            ValueError: the LoRAs fused into `models` are not `config.loras` (`load_bundle` fuses them).
+        """
+        if tuple(models.loras) != config.loras:
+            raise ValueError(f"`loras`: the models have {list(map(str, models.loras)) or 'no LoRA'} fused but the "
+                             f"config names {list(map(str, config.loras)) or 'none'}; load them with `load_bundle`")
         parameter = next(models.unet.parameters())
         if config.kv_cache:
             install_kv_processors(models.unet)

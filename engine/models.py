@@ -16,9 +16,10 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .builtin_models import BUILTIN_MODELS, build_byte_level_tokenizer, build_modules
+from .config import LoraSpec
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ class ModelBundle:
         vae (`AutoencoderTiny | AutoencoderKL`): the VAE the engine runs (TAESD by default).
         scheduler (`LCMScheduler`): the noise schedule and LCM boundary scalings.
         full_vae (`AutoencoderKL | None`, defaults to None): the model's own VAE, when it has one.
+        tokenizer_2 (`CLIPTokenizer | None`, defaults to None): SDXL's second tokenizer.
+        text_encoder_2 (`CLIPTextModelWithProjection | None`, defaults to None): SDXL's second text encoder
+            (penultimate hidden states beside the first encoder's, and the pooled text embedding).
+        loras (`tuple[LoraSpec, ...]`, defaults to none): the LoRAs fused into these modules (`engine.lora`).
     """
 
     name: str
@@ -64,15 +69,30 @@ class ModelBundle:
     vae: AutoencoderTiny | AutoencoderKL
     scheduler: LCMScheduler
     full_vae: AutoencoderKL | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    loras: tuple[LoraSpec, ...] = ()
+
+    @property
+    def family(self) -> str:
+        """`sdxl` for a model with two text encoders and SDXL's added conditioning, else `sd` (SD 1.x/2.x)."""
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
 
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along one side."""
         return 8
 
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by their diffusers component name (`text_encoder`, and `text_encoder_2` for SDXL)."""
+        encoders = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            encoders["text_encoder_2"] = self.text_encoder_2
+        return encoders
+
     def to(self, device: torch.device, dtype: torch.dtype) -> ModelBundle:
         """Move every module to `device`/`dtype` in place and put it in eval mode."""
-        for module in (self.text_encoder, self.unet, self.vae):
+        for module in (*self.text_encoders().values(), self.unet, self.vae):
             module.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return self
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.config import LoadConfig, RuntimeOptions, StreamConfig
-from engine.flags import ENGINE_FLAGS, Flag, add_flags, boolean, configs_from, str_list
+from engine.flags import ENGINE_FLAGS, Flag, add_flags, boolean, configs_from, split_repeated, str_list
 
 ENV_PREFIX = "STREAMDIFF_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -226,7 +226,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         if value is None and variable in environ:
             raw = environ[variable]
             try:
-                value = flag.type(raw)
+                value = [flag.type(part) for part in split_repeated(raw)] if flag.repeatable else flag.type(raw)
             except (argparse.ArgumentTypeError, ValueError) as error:
                 parser.error(f"{variable}={raw!r}: {error}")
             if flag.choices is not None and value not in flag.choices:

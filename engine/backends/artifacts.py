@@ -207,6 +207,8 @@ class OnnxCache:
             gpu_name=gpu_name,
             sequence_length=shape.sequence_length,
             resolution_range=shape.resolution_range.key() if shape.resolution_range is not None else None,
+            # A LoRA changes the UNet (and text encoders), never the VAE.
+            loras=tuple(map(str, self.models.loras)) if shape.network == "unet" else (),
         )
 
     def onnx_path(self, shape: GraphShape) -> Path:

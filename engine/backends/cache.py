@@ -85,6 +85,8 @@ class CacheKeyParts:
     # (min, opt, max) pixels of a graph with dynamic height and width (`resolution.ResolutionRange`), whose
     # width and height are then the opt size; None for a static graph.
     resolution_range: tuple[int, int, int] | None = None
+    # The LoRAs fused into the network (`SPEC:SCALE`), for people: `model_hash` already hashes the fused weights.
+    loras: tuple[str, ...] = ()
 
 
 def engine_cache_key(parts: CacheKeyParts) -> str:
@@ -93,6 +95,9 @@ def engine_cache_key(parts: CacheKeyParts) -> str:
     if parts.resolution_range is None:
         # Static graphs hash the fields they always had, so caches built before ranges existed stay valid.
         del fields["resolution_range"]
+    if not parts.loras:
+        # Likewise, graphs without LoRAs keep the keys they had before LoRAs existed.
+        del fields["loras"]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
     if parts.resolution_range is None:
         size = f"{parts.width}x{parts.height}"
@@ -163,6 +168,8 @@ def read_key_parts(path: Path) -> CacheKeyParts:
         data = json.loads(text)
         if isinstance(data.get("resolution_range"), list):
             data["resolution_range"] = tuple(data["resolution_range"])
+        if isinstance(data.get("loras"), list):
+            data["loras"] = tuple(data["loras"])
         return CacheKeyParts(**data)
     except (json.JSONDecodeError, TypeError, AttributeError) as error:
         raise ValueError(f"{key_parts_path(path).name} does not hold cache key parts: {error}") from error

@@ -62,8 +62,17 @@ def test_skip_policy_and_memory_mode_flags():
     assert settings.stream.skip_policy == "adacache" and settings.load.memory == "off"
 
 
+def test_lora_flag_repeats_and_its_variable_lists_several():
+    assert parse_settings([], environ={}).load.loras == ()
+    settings = parse_settings(["--lora", "a/b", "--lora", "./c.safetensors:0.5"], environ={"STREAMDIFF_LORA": "x/y"})
+    assert [str(spec) for spec in settings.load.loras] == ["a/b:1", "./c.safetensors:0.5"]
+    settings = parse_settings([], environ={"STREAMDIFF_LORA": "latent-consistency/lcm-lora-sdv1-5; ./style:0.8"})
+    assert [str(spec) for spec in settings.load.loras] == ["latent-consistency/lcm-lora-sdv1-5:1", "./style:0.8"]
+
+
 @pytest.mark.parametrize(("argv", "environ"), [
     (["--width", "65"], {}),
+    ([], {"STREAMDIFF_LORA": "style:nan"}),
     (["--skip-policy", "sometimes"], {}),
     ([], {"STREAMDIFF_MEMORY": "tiles"}),
     (["--cfg-type", "sometimes"], {}),
