@@ -32,15 +32,19 @@ def batch_key(engine: StreamEngine) -> Hashable | None:
 
 
 def concat_conditioning(conditionings: Sequence[Conditioning]) -> Conditioning:
-    """One `Conditioning` for the concatenated rows: embeddings and each layer's K/V joined along the batch."""
+    """One `Conditioning` for the concatenated rows: embeddings, each layer's K/V and SDXL's added inputs joined
+    along the batch."""
     states = torch.cat([c.encoder_hidden_states for c in conditionings])
-    first = conditionings[0].kv_cache
-    if first is None:
-        return Conditioning(states, None)
-    kv_cache = {name: (torch.cat([c.kv_cache[name][0] for c in conditionings]),
-                       torch.cat([c.kv_cache[name][1] for c in conditionings]))
-                for name in first}
-    return Conditioning(states, kv_cache)
+    first = conditionings[0]
+    kv_cache = None
+    if first.kv_cache is not None:
+        kv_cache = {name: (torch.cat([c.kv_cache[name][0] for c in conditionings]),
+                           torch.cat([c.kv_cache[name][1] for c in conditionings]))
+                    for name in first.kv_cache}
+    added = None
+    if first.added_cond is not None:
+        added = {name: torch.cat([c.added_cond[name] for c in conditionings]) for name in first.added_cond}
+    return Conditioning(states, kv_cache, added)
 
 
 @torch.no_grad()

@@ -1,9 +1,12 @@
 """The built-in models: seeded, randomly initialised sets of the real classes, built offline.
 
 `tiny` (about a million UNet parameters) builds in well under a second and is what tests and the
-offline demo run; `small` (tens of millions of UNet parameters) is compute-bound for benchmarks.
-Both are identical on every call and machine for a given seed: a fixed seed and a fixed
-construction order, and a tokenizer built from an in-memory byte vocabulary (no files).
+offline demo run; `small` (tens of millions of UNet parameters) is compute-bound for benchmarks;
+`tiny-sdxl` is `tiny`'s size in SDXL's architecture: two text encoders (the second with a projection)
+whose penultimate hidden states are concatenated, and a UNet with SDXL's added text/time conditioning
+(`addition_embed_type="text_time"`, as diffusers' own SDXL tests build it).
+All are identical on every call and machine for a given seed: a fixed seed and a fixed
+construction order, and tokenizers built from an in-memory byte vocabulary (no files).
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-BUILTIN_MODELS: tuple[str, ...] = ("tiny", "small")
+BUILTIN_MODELS: tuple[str, ...] = ("tiny", "small", "tiny-sdxl")
+#: SDXL's time ids are six numbers (original size, crop corner, target size), each embedded in this many dims.
+_SDXL_TIME_IDS = 6
+#: The real SDXL VAE's latent scaling (SD 1.x/2.x: 0.18215).
+_SDXL_VAE_SCALING = 0.13025
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,8 @@ class _Preset:
     attention_head_dim: int
     taesd_channels: int
     taesd_blocks: tuple[int, ...]
+    #: SDXL's added conditioning: the dims of each time id's embedding; 0 for the SD family.
+    addition_time_embed_dim: int = 0
 
 
 _PRESETS: dict[str, _Preset] = {
@@ -37,6 +46,9 @@ _PRESETS: dict[str, _Preset] = {
     # Tens of millions of UNet parameters: compute-bound benchmarks.
     "small": _Preset(128, 4, (128, 256, 256), ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                      ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), 32, 32, (1, 2, 2, 2)),
+    # `tiny` in SDXL's architecture: two 32-wide text encoders, so the UNet cross-attends to 64-wide states.
+    "tiny-sdxl": _Preset(32, 2, (32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"),
+                         ("CrossAttnUpBlock2D", "UpBlock2D"), 8, 16, (1, 1, 1, 1), addition_time_embed_dim=8),
 }
 
 
@@ -50,6 +62,8 @@ class BuiltinModules:
     tiny_vae: AutoencoderTiny
     full_vae: AutoencoderKL
     scheduler: LCMScheduler
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
 
 
 def build_byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
@@ -88,24 +102,33 @@ def _signal_preserving_init(vae: AutoencoderTiny) -> None:
 def build_modules(name: str, seed: int = 0) -> BuiltinModules:
     """Build the seeded modules of built-in model `name` (a key of `BUILTIN_MODELS`)."""
     preset = _PRESETS[name]
+    sdxl = preset.addition_time_embed_dim > 0
     tokenizer = build_byte_level_tokenizer()
     vocab_size = len(tokenizer.get_vocab())
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=preset.text_hidden, intermediate_size=preset.text_hidden * 4,
+        num_hidden_layers=preset.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        projection_dim=preset.text_hidden, bos_token_id=vocab_size - 2, eos_token_id=eos, pad_token_id=eos,
+    )
+    # SDXL's UNet reads both encoders' hidden states side by side, and the pooled one with the time ids.
+    cross_attention_dim = preset.text_hidden * (2 if sdxl else 1)
+    sdxl_unet = {} if not sdxl else {
+        "addition_embed_type": "text_time", "addition_time_embed_dim": preset.addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": _SDXL_TIME_IDS * preset.addition_time_embed_dim + preset.text_hidden,
+        "use_linear_projection": True,
+    }
     # A fixed seed and a fixed construction order make the weights identical on every machine; the
     # caller's global RNG state is restored so building a model never perturbs anyone's randomness.
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=preset.text_hidden, intermediate_size=preset.text_hidden * 4,
-            num_hidden_layers=preset.text_layers, num_attention_heads=4, max_position_embeddings=77,
-            projection_dim=preset.text_hidden, bos_token_id=vocab_size - 2, eos_token_id=eos, pad_token_id=eos,
-        ))
+        text_encoder = CLIPTextModel(text_config)
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=preset.unet_channels, down_block_types=preset.unet_down,
-            up_block_types=preset.unet_up, cross_attention_dim=preset.text_hidden,
-            attention_head_dim=preset.attention_head_dim, norm_num_groups=32,
+            up_block_types=preset.unet_up, cross_attention_dim=cross_attention_dim,
+            attention_head_dim=preset.attention_head_dim, norm_num_groups=32, **sdxl_unet,
         )
         channels = (preset.taesd_channels,) * 4
         tiny_vae = AutoencoderTiny(
@@ -116,8 +139,12 @@ def build_modules(name: str, seed: int = 0) -> BuiltinModules:
         full_vae = AutoencoderKL(
             block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+            **({"scaling_factor": _SDXL_VAE_SCALING} if sdxl else {}),
         )
+        # Built last, so the SD-family built-ins keep the weights they always had.
+        text_encoder_2 = CLIPTextModelWithProjection(text_config) if sdxl else None
     finally:
         torch.random.set_rng_state(generator_state)
     return BuiltinModules(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, tiny_vae=tiny_vae,
-                          full_vae=full_vae, scheduler=LCMScheduler())
+                          full_vae=full_vae, scheduler=LCMScheduler(),
+                          tokenizer_2=build_byte_level_tokenizer() if sdxl else None, text_encoder_2=text_encoder_2)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_type_hints
 
 CfgType = Literal["none", "self", "initialize", "full"]
+PromptBlend = Literal["linear", "slerp"]
+PROMPT_BLENDS: tuple[str, ...] = ("linear", "slerp")
 CFG_TYPES: tuple[str, ...] = ("none", "self", "initialize", "full")
 BACKENDS: tuple[str, ...] = ("eager", "onnxruntime", "tensorrt", "compile", "auto")
 SKIP_POLICIES: tuple[str, ...] = ("off", "rehash", "adacache")
@@ -28,6 +30,10 @@ VAES: tuple[str, ...] = ("tiny", "full")
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 #: Most entries of `adacache_codebook`.
 MAX_CODEBOOK_ENTRIES = 16
+#: Most entries of a weighted `prompts` or `seeds` list (each prompt is encoded and cached per stream).
+MAX_BLEND_ITEMS = 8
+#: Longest prompt or seed transition, in frames (20 s at 30 fps).
+MAX_TRANSITION_FRAMES = 600
 #: What a webcam or capture card sends (1920×1080 either way round): decoding cost grows with pixels, and a
 #: few input threads decode every stream's frames, so the limit also bounds what one frame costs the others.
 DEFAULT_MAX_PIXELS = 1920 * 1080
@@ -153,6 +159,26 @@ def _check_finite(config: object) -> None:
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {'|'.join(choices)}, got {value!r}")
+
+
+def _weighted(name: str, pairs: object, kind: type) -> tuple[tuple, ...]:
+    """`pairs` as ((value, weight), ...) with weights finite, >= 0 and normalised to sum 1 (empty stays empty)."""
+    what = "prompt" if kind is str else "seed"
+    try:
+        items = [(value, float(weight)) for value, weight in pairs]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`{name}` must be a list of [{what}, weight] pairs, got {pairs!r}") from error
+    if len(items) > MAX_BLEND_ITEMS:
+        raise ValueError(f"`{name}` may hold at most {MAX_BLEND_ITEMS} entries, got {len(items)}")
+    for value, weight in items:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"`{name}` entries must be [{what}, weight] pairs, got {value!r} as the {what}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"`{name}` weights must be finite and >= 0, got {weight} for {value!r}")
+    total = sum(weight for _, weight in items)
+    if items and not total > 0:
+        raise ValueError(f"`{name}` weights must not all be 0")
+    return tuple((value, weight / total) for value, weight in items)
 
 
 @dataclass(frozen=True)
@@ -304,6 +330,18 @@ class StreamConfig:
         seed (`int`, defaults to 2): seed of the fixed per-slot noise.
         prompt (`str`): the prompt the stream starts with.
         negative_prompt (`str`): the negative prompt (used by `full` and `initialize`).
+        prompts (`tuple[tuple[str, float], ...]`, defaults to none): a weighted prompt blend (at most
+            `MAX_BLEND_ITEMS`; weights finite, >= 0, normalised to sum 1); when given it is rendered instead of
+            `prompt`, and an update naming `prompt` alone clears it.
+        prompt_blend (`str`, defaults to `"linear"`): how `prompts` blend: `linear` (of the embeddings, so of
+            the cached K/V) or `slerp` (spherical, per token; its K/V are projected from the blend).
+        prompt_transition_frames (`int`, defaults to 0): a prompt change fades in over this many frames
+            (linearly, embeddings and K/V alike); 0 switches at once.
+        seeds (`tuple[tuple[int, float], ...]`, defaults to none): a weighted seed blend: the fixed noise is
+            Σ w_i·ε_i / ‖w‖₂ (unit variance); when given it replaces `seed`, and an update naming `seed` alone
+            clears it.
+        seed_transition_frames (`int`, defaults to 0): a seed change fades over this many frames (the noise
+            moves along ((1 − t)·ε_a + t·ε_b) / √((1 − t)² + t²)); 0 switches at once.
         similarity_filter (`bool`, defaults to True): stochastic similarity filter on input frames.
         similarity_threshold (`float`, defaults to 0.98): η of the similarity filter.
         max_skip_frames (`int`, defaults to 10): most consecutive frames the filter may skip.
@@ -324,6 +362,11 @@ class StreamConfig:
     seed: int = 2
     prompt: str = "a watercolor painting, soft light"
     negative_prompt: str = "low quality, blurry"
+    prompts: tuple[tuple[str, float], ...] = ()
+    prompt_blend: PromptBlend = "linear"
+    prompt_transition_frames: int = 0
+    seeds: tuple[tuple[int, float], ...] = ()
+    seed_transition_frames: int = 0
     similarity_filter: bool = True
     similarity_threshold: float = 0.98
     max_skip_frames: int = 10
@@ -332,6 +375,8 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
+        object.__setattr__(self, "prompts", _weighted("prompts", self.prompts, str))
+        object.__setattr__(self, "seeds", _weighted("seeds", self.seeds, int))
         _check_finite(self)
         if self.width <= 0 or self.width % 8 or self.height <= 0 or self.height % 8:
             raise ValueError(f"`width` and `height` must be positive multiples of 8, got {self.width}x{self.height}")
@@ -353,11 +398,27 @@ class StreamConfig:
         _check_choice("skip_policy", self.skip_policy, SKIP_POLICIES)
         if self.skip_policy != "off" and not self.stream_batch:
             raise ValueError("`skip_policy` works on the stream batch: it needs `stream_batch=True`")
+        _check_choice("prompt_blend", self.prompt_blend, PROMPT_BLENDS)
+        if len({seed for seed, _ in self.seeds}) != len(self.seeds):
+            raise ValueError(f"`seeds` must name each seed once, got {[seed for seed, _ in self.seeds]}")
+        for name in ("prompt_transition_frames", "seed_transition_frames"):
+            if not 0 <= getattr(self, name) <= MAX_TRANSITION_FRAMES:
+                raise ValueError(f"`{name}` must lie in [0, {MAX_TRANSITION_FRAMES}], got {getattr(self, name)}")
 
     @property
     def denoising_steps(self) -> int:
         """Number of stream-batch slots n."""
         return len(self.t_index_list)
+
+    @property
+    def weighted_prompts(self) -> tuple[tuple[str, float], ...]:
+        """What the stream renders: `prompts`, or `prompt` alone with weight 1."""
+        return self.prompts or ((self.prompt, 1.0),)
+
+    @property
+    def weighted_seeds(self) -> tuple[tuple[int, float], ...]:
+        """Where the fixed noise comes from: `seeds`, or `seed` alone with weight 1."""
+        return self.seeds or ((self.seed, 1.0),)
 
     def replace(self, **changes) -> StreamConfig:
         """A copy with `changes` applied (validated like the constructor); `skip` replaces the settings whole."""
@@ -378,6 +439,10 @@ class StreamConfig:
             raise ValueError(f"unknown stream parameter(s) {sorted(unknown)}; known: {sorted(STREAM_PARAM_TYPES)}")
         skip = {SKIP_PARAMS[name]: value for name, value in params.items() if name in SKIP_PARAMS}
         own = {name: value for name, value in params.items() if name not in SKIP_PARAMS}
+        # A plain prompt (or seed) replaces a blend: a client that knows nothing of blends stays in control.
+        for single, blend in (("prompt", "prompts"), ("seed", "seeds")):
+            if single in own and blend not in own:
+                own[blend] = ()
         if skip:
             own["skip"] = dataclasses.replace(self.skip, **skip)
         return dataclasses.replace(self, **own)
@@ -404,7 +469,8 @@ LOAD_SETTINGS: frozenset[str] = frozenset(item.name for item in dataclasses.fiel
 #: Parameters that can change between two frames without re-preparing the stream.
 HOT_PARAMS: frozenset[str] = frozenset(
     {"prompt", "negative_prompt", "guidance_scale", "delta", "seed", "similarity_filter", "similarity_threshold",
-     "max_skip_frames", "skip_policy", *SKIP_PARAMS}
+     "max_skip_frames", "skip_policy", *SKIP_PARAMS, "prompts", "prompt_blend", "prompt_transition_frames", "seeds",
+     "seed_transition_frames"}
 )
 #: Parameters whose change rebuilds schedule, noise and buffer (a clean re-prepare).
 REPREPARE_PARAMS: frozenset[str] = frozenset({"t_index_list", "width", "height"})

@@ -1,5 +1,9 @@
 """Model loading: one `ModelBundle` from a hub id, a local diffusers folder, a single file, or a
-built-in seeded random model of the real architecture (`tiny`, `small`).
+built-in seeded random model of the real architecture (`tiny`, `small`, `tiny-sdxl`).
+
+Two families: SD 1.x/2.x (one CLIP text encoder) and SDXL (two, with pooled text embeddings and time ids as
+added conditioning; sdxl-turbo, SDXL + LCM-LoRA). A folder or hub model with `text_encoder_2/`, and a single
+file with SDXL's second text encoder (`conditioner.embedders.1.*`), load as SDXL.
 
 Every failure is a `ModelLoadError` whose message says what was tried and what to do instead.
 """
@@ -24,13 +28,15 @@ from .config import LoraSpec
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BUILTIN_MODELS", "DEFAULT_HUB_MODEL", "DEFAULT_TAESD", "DEMO_MODEL_DIR", "TINY_VAE_SUBFOLDER", "ModelBundle",
-    "ModelLoadError",
+    "BUILTIN_MODELS", "DEFAULT_HUB_MODEL", "DEFAULT_TAESD", "DEFAULT_TAESDXL", "DEMO_MODEL_DIR", "TINY_VAE_SUBFOLDER",
+    "ModelBundle", "ModelLoadError",
     "build_builtin", "build_byte_level_tokenizer", "load_models",
 ]
 
 DEFAULT_HUB_MODEL = "stabilityai/sd-turbo"
 DEFAULT_TAESD = "madebyollin/taesd"
+#: SDXL's latents differ from SD's: its tiny VAE is TAESDXL.
+DEFAULT_TAESDXL = "madebyollin/taesdxl"
 # Our convention for a TAESD shipped inside a saved model folder (real hub models keep it apart).
 TINY_VAE_SUBFOLDER = "vae_tiny"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -106,6 +112,9 @@ class ModelBundle:
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         self.text_encoder.save_pretrained(folder / "text_encoder")
+        if self.family == "sdxl":
+            self.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+            self.text_encoder_2.save_pretrained(folder / "text_encoder_2")
         self.unet.save_pretrained(folder / "unet")
         self.scheduler.save_pretrained(folder / "scheduler")
         full_vae = self.full_vae if self.full_vae is not None else self.vae
@@ -127,17 +136,27 @@ class ModelBundle:
             "unet": ["diffusers", type(self.unet).__name__],
             "vae": ["diffusers", "AutoencoderKL"] if has_full_vae else [None, None],
         }
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+        if self.family == "sdxl":
+            for sd_only in ("requires_safety_checker", "safety_checker"):
+                del index[sd_only]
+            index.update({
+                "_class_name": "StableDiffusionXLPipeline",
+                "force_zeros_for_empty_prompt": True,
+                "text_encoder_2": ["transformers", type(self.text_encoder_2).__name__],
+                "tokenizer_2": ["transformers", type(self.tokenizer_2).__name__],
+            })
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
 def build_builtin(name: str, seed: int = 0) -> ModelBundle:
-    """Build the seeded, randomly initialised `tiny` or `small` model of the real classes."""
+    """Build the seeded, randomly initialised `tiny`, `small` or `tiny-sdxl` model of the real classes."""
     if name not in BUILTIN_MODELS:
         raise ModelLoadError(f"unknown built-in model {name!r}; built-ins are {', '.join(BUILTIN_MODELS)}")
     modules = build_modules(name, seed=seed)
     return ModelBundle(name=name, tokenizer=modules.tokenizer, text_encoder=modules.text_encoder,
                        unet=modules.unet, vae=modules.tiny_vae, scheduler=modules.scheduler,
-                       full_vae=modules.full_vae)
+                       full_vae=modules.full_vae, tokenizer_2=modules.tokenizer_2,
+                       text_encoder_2=modules.text_encoder_2)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -231,7 +250,8 @@ def _load_tiny_vae(source: str, why: str) -> AutoencoderTiny:
 
 
 def _choose_vae(
-    name: str, full_vae: AutoencoderKL | None, use_tiny_vae: bool, taesd: str | None, folder: Path | None
+    name: str, full_vae: AutoencoderKL | None, use_tiny_vae: bool, taesd: str | None, folder: Path | None,
+    family: str = "sd",
 ) -> AutoencoderTiny | AutoencoderKL:
     if not use_tiny_vae:
         if full_vae is None:
@@ -241,8 +261,9 @@ def _choose_vae(
         return _load_tiny_vae(taesd, why="")
     if folder is not None and (folder / TINY_VAE_SUBFOLDER).is_dir():
         return _load_tiny_vae(str(folder / TINY_VAE_SUBFOLDER), why="")
-    logger.info("model %s has no %s/; loading the tiny VAE from %s", name, TINY_VAE_SUBFOLDER, DEFAULT_TAESD)
-    return _load_tiny_vae(DEFAULT_TAESD, why=f" because {name!r} has no {TINY_VAE_SUBFOLDER}/ folder")
+    default = DEFAULT_TAESDXL if family == "sdxl" else DEFAULT_TAESD
+    logger.info("model %s has no %s/; loading the tiny VAE from %s", name, TINY_VAE_SUBFOLDER, default)
+    return _load_tiny_vae(default, why=f" because {name!r} has no {TINY_VAE_SUBFOLDER}/ folder")
 
 
 # --------------------------------------------------------------------------- sources
@@ -250,9 +271,12 @@ def _choose_vae(
 
 def _load_folder(folder: Path, use_tiny_vae: bool, taesd: str | None, name: str) -> ModelBundle:
     _require_diffusers_folder(folder, "model")
+    sdxl = (folder / "text_encoder_2").is_dir()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if sdxl else None
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2") if sdxl else None
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         scheduler_config = LCMScheduler.load_config(folder / "scheduler")
         # Only read the full VAE when it runs: a real one is hundreds of MB.
@@ -261,19 +285,22 @@ def _load_folder(folder: Path, use_tiny_vae: bool, taesd: str | None, name: str)
     except (OSError, ValueError, TypeError) as error:
         raise ModelLoadError(
             f"could not load the diffusers folder {str(folder)!r}: {_reason(error)}. It needs tokenizer/, "
-            "text_encoder/, unet/ and scheduler/ (and vae/ for `--vae full`) as written by `save_pretrained`."
+            "text_encoder/, unet/ and scheduler/ (SDXL: also tokenizer_2/ and text_encoder_2/; and vae/ for "
+            "`--vae full`) as written by `save_pretrained`."
         ) from error
     scheduler = _to_lcm(scheduler_config, name)
-    vae = _choose_vae(name, full_vae, use_tiny_vae, taesd, folder)
+    vae = _choose_vae(name, full_vae, use_tiny_vae, taesd, folder, "sdxl" if sdxl else "sd")
     return ModelBundle(name=name, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
-                       scheduler=scheduler, full_vae=full_vae)
+                       scheduler=scheduler, full_vae=full_vae, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
 
 
 def _load_hub(repo_id: str, use_tiny_vae: bool, taesd: str | None) -> ModelBundle:
     from huggingface_hub import snapshot_download
 
     logger.info("fetching %s from the model hub (or its local cache)", repo_id)
-    parts = ["model_index.json", "tokenizer/*", "text_encoder/*", "unet/*", "scheduler/*"]
+    # SDXL's second encoder: SD repos have no such folders, so these patterns fetch nothing there.
+    parts = ["model_index.json", "tokenizer/*", "text_encoder/*", "tokenizer_2/*", "text_encoder_2/*", "unet/*",
+             "scheduler/*"]
     try:
         folder = snapshot_download(
             repo_id,
@@ -299,8 +326,9 @@ def _inferred_config_name(path: Path) -> str:
         return "a hub config"
 
 
-def _check_checkpoint_layout(path: Path) -> None:
-    """Read a `.safetensors` header (not its tensors) to reject what is not an SD checkpoint early."""
+def _check_checkpoint_layout(path: Path) -> str:
+    """Read a `.safetensors` header (not its tensors) to reject what is not an SD checkpoint early; returns its
+    family: `sdxl` when it holds SDXL's second text encoder (`conditioner.embedders.1.*`), else `sd`."""
     from safetensors import safe_open
 
     try:
@@ -316,14 +344,17 @@ def _check_checkpoint_layout(path: Path) -> None:
             f"`model.diffusion_model.*` weights among its {len(keys)} tensors). For a diffusers-layout model pass "
             f"its folder instead. {_WHAT_TO_PASS}"
         )
+    return "sdxl" if any(key.startswith("conditioner.embedders.1.") for key in keys) else "sd"
 
 
 def _load_single_file(path: Path, use_tiny_vae: bool, taesd: str | None, config: str | None) -> ModelBundle:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if path.suffix == ".safetensors":
-        _check_checkpoint_layout(path)
     config_folder = Path(config).expanduser() if config is not None and Path(config).expanduser().exists() else None
+    if path.suffix == ".safetensors":
+        family = _check_checkpoint_layout(path)
+    else:  # a pickled `.ckpt` is not opened before diffusers reads it: its config folder says what it is
+        family = "sdxl" if config_folder is not None and (config_folder / "text_encoder_2").is_dir() else "sd"
     if config_folder is not None:
         _require_diffusers_folder(config_folder, "model config")
     elif config is not None and not _is_hub_id(config):
@@ -331,11 +362,14 @@ def _load_single_file(path: Path, use_tiny_vae: bool, taesd: str | None, config:
             f"model config {config!r} is neither an existing diffusers folder nor a hub id: pass "
             "`--model-config` a local diffusers folder of the checkpoint's architecture."
         )
+    pipeline_class, extra = StableDiffusionPipeline, {"safety_checker": None, "feature_extractor": None,
+                                                      "requires_safety_checker": False}
+    if family == "sdxl":
+        pipeline_class, extra = StableDiffusionXLPipeline, {}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
+        pipe = pipeline_class.from_single_file(
             str(path), config=str(config_folder) if config_folder is not None else config,
-            local_files_only=config_folder is not None, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
+            local_files_only=config_folder is not None, **extra,
         )
     except Exception as error:  # diffusers raises many types here: bad file, hub errors, key errors
         if config is None:
@@ -352,15 +386,19 @@ def _load_single_file(path: Path, use_tiny_vae: bool, taesd: str | None, config:
             f"could not load the single-file checkpoint {str(path)!r} {tried}: {_reason(error)}. "
             f"{todo}"
         ) from error
-    _check_weights_loaded(str(path), {"unet": pipe.unet, "text encoder": pipe.text_encoder, "VAE": pipe.vae})
+    encoders = {"text encoder": pipe.text_encoder}
+    if family == "sdxl":
+        encoders["second text encoder"] = pipe.text_encoder_2
+    _check_weights_loaded(str(path), {"unet": pipe.unet, **encoders, "VAE": pipe.vae})
     # The pipeline rewrites outdated scheduler configs in place; read the config's own file when we have it.
     scheduler_config = (LCMScheduler.load_config(config_folder / "scheduler") if config_folder is not None
                         else dict(pipe.scheduler.config))
     scheduler = _to_lcm(scheduler_config, str(path))
-    vae = _choose_vae(path.name, pipe.vae, use_tiny_vae, taesd, config_folder)
+    vae = _choose_vae(path.name, pipe.vae, use_tiny_vae, taesd, config_folder, family)
     # Like a folder load, keep the full VAE only when it runs (SD 1.x's is ~320 MB in fp32).
+    second = {"tokenizer_2": pipe.tokenizer_2, "text_encoder_2": pipe.text_encoder_2} if family == "sdxl" else {}
     return ModelBundle(name=str(path), tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet,
-                       vae=vae, scheduler=scheduler, full_vae=None if use_tiny_vae else pipe.vae)
+                       vae=vae, scheduler=scheduler, full_vae=None if use_tiny_vae else pipe.vae, **second)
 
 
 def load_models(
@@ -374,13 +412,14 @@ def load_models(
     """Load a model set from `spec`.
 
     Args:
-        spec (`str`, defaults to `"tiny"`): `tiny` or `small` (built-in seeded random models), `demo` (the
+        spec (`str`, defaults to `"tiny"`): `tiny`, `small` or `tiny-sdxl` (built-in seeded random models), `demo` (the
             trained offline stylizer in `engine/demo_model/`), a local
             diffusers folder, a single `.safetensors`/`.ckpt` checkpoint in the original SD layout, or a
             hub id such as `stabilityai/sd-turbo`.
         use_tiny_vae (`bool`, defaults to True): use `AutoencoderTiny` (TAESD); else the model's `AutoencoderKL`.
         taesd (`str | None`, defaults to None): hub id or folder of a TAESD; by default the model folder's
-            (or, for a single file, the config folder's) `vae_tiny/`, else `madebyollin/taesd`.
+            (or, for a single file, the config folder's) `vae_tiny/`, else `madebyollin/taesd` (SDXL:
+            `madebyollin/taesdxl`).
         config (`str | None`, defaults to None): for single files, a local diffusers folder (or hub id) of the
             same architecture; without it diffusers infers a hub config, which needs the hub.
         seed (`int`, defaults to 0): seed of the built-in models' weights.

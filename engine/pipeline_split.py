@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 #: Seconds a pipelined run waits for one stage to hand over a micro-batch before giving up.
 STAGE_TIMEOUT_S = 300.0
 
-_STAGE1_ONLY = ("conv_in", "time_proj", "time_embedding", "time_embed_act", "down_blocks")
+# SDXL's added-conditioning embedding (`add_time_proj`, `add_embedding`) belongs to the time embedding.
+_STAGE1_ONLY = ("conv_in", "time_proj", "time_embedding", "time_embed_act", "add_time_proj", "add_embedding",
+                "down_blocks")
 _STAGE2_ONLY = ("mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out")
 
 
@@ -51,7 +53,10 @@ def _conditioning_to(conditioning: Conditioning, device: torch.device) -> Condit
     kv_cache = None
     if conditioning.kv_cache is not None:
         kv_cache = {name: (key.to(device), value.to(device)) for name, (key, value) in conditioning.kv_cache.items()}
-    return Conditioning(conditioning.encoder_hidden_states.to(device), kv_cache)
+    added = None
+    if conditioning.added_cond is not None:
+        added = {name: value.to(device) for name, value in conditioning.added_cond.items()}
+    return Conditioning(conditioning.encoder_hidden_states.to(device), kv_cache, added)
 
 
 def _boundary_to(boundary: HeadOutput, device: torch.device) -> HeadOutput:
@@ -61,7 +66,7 @@ def _boundary_to(boundary: HeadOutput, device: torch.device) -> HeadOutput:
 
 def _stage_copy(unet: UNet2DConditionModel, drop: Sequence[str], device: torch.device) -> UNet2DConditionModel:
     """A copy of `unet` without the modules of the other stage, on `device`."""
-    dropped = {name: getattr(unet, name) for name in drop}
+    dropped = {name: getattr(unet, name) for name in drop if hasattr(unet, name)}
     try:
         for name, module in dropped.items():
             # Empty stand-ins during the copy, so the other stage's weights are never duplicated.

@@ -130,10 +130,21 @@ def precompute_kv(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tenso
 @dataclass(frozen=True)
 class Conditioning:
     """The text conditioning of one UNet batch layout: its embeddings and, when cached, each
-    cross-attention layer's K/V computed from exactly those embeddings."""
+    cross-attention layer's K/V computed from exactly those embeddings; for SDXL also the added conditioning
+    (`text_embeds`, `time_ids`: one row per UNet row)."""
 
     encoder_hidden_states: torch.Tensor
     kv_cache: KVCache | None
+    added_cond: dict[str, torch.Tensor] | None = None
+
+    def unet_kwargs(self) -> dict:
+        """Keyword arguments of `UNet2DConditionModel.forward` (besides sample and timestep) for these rows."""
+        kwargs: dict = {"encoder_hidden_states": self.encoder_hidden_states}
+        if self.kv_cache is not None:
+            kwargs["cross_attention_kwargs"] = {"kv_cache": self.kv_cache}
+        if self.added_cond is not None:
+            kwargs["added_cond_kwargs"] = self.added_cond
+        return kwargs
 
 
 @dataclass(frozen=True)

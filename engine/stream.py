@@ -9,9 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from . import guidance
+from .conditioning import PromptEncoder, mix_prompt_states
 from .config import HOT_PARAMS, REPREPARE_PARAMS, StreamConfig, check_compatible
+from .fade import Fade
 from .loading import Engine
-from .prompt import Conditioning, PromptState, encode_prompt, precompute_kv
+from .noise import mix_noise, weighted_seed_noise
+from .prompt import Conditioning, PromptState
 from .schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
 from .similarity import SimilarityFilter
 from .skip import SkipPolicy, SlotFrame, make_skip_policy, update_skip_policy
@@ -103,7 +106,11 @@ class StreamEngine:
         self.frames_processed = 0
         self.frames_skipped = 0
         self._filter = SimilarityFilter(config.similarity_threshold, config.max_skip_frames, seed=config.seed)
-        self._prompt = self._encode_prompt(config, config.prompt, config.negative_prompt)
+        self._prompts = PromptEncoder(self.models, self.kv_cache)
+        self._prompt = self._encode_prompt(config)
+        # Running transitions (`prompt_transition_frames`, `seed_transition_frames`), stepped once per frame.
+        self._prompt_fade: Fade[PromptState] | None = None
+        self._noise_fade: Fade[torch.Tensor] | None = None
         self._state = self._new_state(config)
         # Per-stream feature caches of the optional skip policy (None when `skip_policy="off"`).
         self.skip_policy: SkipPolicy | None = make_skip_policy(self.models, config, self.runner)
@@ -124,22 +131,12 @@ class StreamEngine:
             layouts.append(("self", f))
         return layouts
 
-    def _encode_prompt(self, config: StreamConfig, prompt: str, negative_prompt: str) -> PromptState:
-        tokenizer, text_encoder = self.models.tokenizer, self.models.text_encoder
-        cond = encode_prompt(tokenizer, text_encoder, prompt)
-        uncond = encode_prompt(tokenizer, text_encoder, negative_prompt) \
-            if guidance.needs_negative_prompt(config.cfg_type) else cond
-        layouts = {}
-        for cfg_type, rows in self._layouts(config):
-            states = guidance.expand_prompt_embeds(cfg_type, cond, uncond, rows, config.frame_buffer_size)
-            kv = precompute_kv(self.models.unet, states) if self.kv_cache else None
-            layouts[(cfg_type, rows)] = Conditioning(states, kv)
-        return PromptState(prompt, negative_prompt, layouts)
+    def _encode_prompt(self, config: StreamConfig) -> PromptState:
+        return self._prompts.state(config, self._layouts(config))
 
     def _new_noise(self, config: StreamConfig) -> torch.Tensor:
         rows = config.denoising_steps * config.frame_buffer_size
-        generator = torch.Generator().manual_seed(config.seed)
-        noise = torch.randn((rows, *self.latent_shape(config)), generator=generator)
+        noise = weighted_seed_noise(config.weighted_seeds, (rows, *self.latent_shape(config)))
         return noise.to(device=self.device, dtype=self.dtype)
 
     def _new_state(self, config: StreamConfig) -> _StreamState:
@@ -164,6 +161,8 @@ class StreamEngine:
 
         Hot parameters (`HOT_PARAMS`) keep the stream going; `t_index_list`, `width` and `height`
         re-prepare it (new schedule, noise and buffer, primed again). Anything else raises `ValueError`.
+        A prompt or seed change fades in over `prompt_transition_frames` / `seed_transition_frames` frames
+        when those are set (a re-prepare switches at once).
         """
         config = self.config.updated(**params)  # validates, names load-time settings as such
         fixed = set(params) - HOT_PARAMS - REPREPARE_PARAMS
@@ -173,31 +172,44 @@ class StreamEngine:
         check_compatible(self.engine.config, config)
         reprepare = any(getattr(config, name) != getattr(self.config, name) for name in REPREPARE_PARAMS)
         runner = self.engine.runner(config) if reprepare else self.runner
-        prompt_changed = (config.prompt, config.negative_prompt) != (self.config.prompt, self.config.negative_prompt)
-        prompt = self._encode_prompt(config, config.prompt, config.negative_prompt) \
-            if prompt_changed or reprepare else self._prompt
+        prompt_changed = any(getattr(config, name) != getattr(self.config, name)
+                             for name in ("weighted_prompts", "negative_prompt", "prompt_blend"))
+        prompt = self._encode_prompt(config) if prompt_changed or reprepare else self._prompt
         state = self._new_state(config) if reprepare else None
-        noise = self._new_noise(config) if config.seed != self.config.seed and not reprepare else None
-        clear_skip_caches = prompt_changed or reprepare or config.seed != self.config.seed
+        noise_changed = config.weighted_seeds != self.config.weighted_seeds
+        noise = self._new_noise(config) if noise_changed and not reprepare else None
+        clear_skip_caches = prompt_changed or reprepare or noise_changed
         with self._lock, self._input_lock:
             self.skip_policy = update_skip_policy(self.skip_policy, self.models, self.config, config, runner,
                                                   clear_skip_caches)
             self.runner = runner
             self.config = config
-            self._prompt = prompt
+            if prompt is not self._prompt:
+                fade = prompt_changed and not reprepare and config.prompt_transition_frames > 0
+                self._prompt_fade = Fade(self._prompt, prompt, config.prompt_transition_frames) if fade else None
+                if not fade:
+                    self._prompt = prompt
             self._filter.threshold = config.similarity_threshold
             self._filter.max_skip_frames = config.max_skip_frames
             if state is not None:
                 self._state = state
+                self._noise_fade = None
                 self._filter.reset()
+            elif noise is not None and config.seed_transition_frames > 0:
+                # The stock noise is not reset: it follows the fixed noise frame by frame (`next_stock_noise`).
+                self._noise_fade = Fade(self._state.fixed_noise, noise, config.seed_transition_frames)
             elif noise is not None:
+                self._noise_fade = None
                 self._state.fixed_noise = noise
                 if self._state.stock_noise is not None:
                     self._state.stock_noise = noise.clone()
 
     def reset(self) -> None:
-        """Forget every frame seen: the next call primes the buffer again."""
+        """Forget every frame seen: the next call primes the buffer again (a running fade ends at its target)."""
         with self._lock, self._input_lock:
+            if self._prompt_fade is not None:
+                self._prompt, self._prompt_fade = self._prompt_fade.target, None
+            self._noise_fade = None
             self._state = self._new_state(self.config)
             self._filter.reset()
             if self.skip_policy is not None:
@@ -301,6 +313,22 @@ class StreamEngine:
             raise ValueError(f"the frame was encoded as latents {tuple(frame.latents.shape)}, but the stream is now "
                              f"{self.config.width}x{self.config.height} (its size changed in between)")
         frame.state = self._state
+        self._step_fades(frame.state)
+
+    def _step_fades(self, state: _StreamState) -> None:
+        """One frame of each running prompt or seed fade: the frame about to run sees its next mix."""
+        fade = self._prompt_fade
+        if fade is not None:
+            t = fade.advance()
+            self._prompt = fade.target if fade.finished else mix_prompt_states(fade.source, fade.target, t)
+            if fade.finished:
+                self._prompt_fade = None
+        fade = self._noise_fade
+        if fade is not None:
+            t = fade.advance()
+            state.fixed_noise = fade.target if fade.finished else mix_noise(fade.source, fade.target, t)
+            if fade.finished:
+                self._noise_fade = None
 
     def _prime(self, state: _StreamState, latents: torch.Tensor) -> None:
         """Fill the buffer from the first frame so no output ever comes from the empty buffer."""

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model is built once per test session."""
+"""Shared fixtures: the tiny models (SD and SDXL architectures) are built once per test session."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def tiny_models():
 def tiny_engine(tiny_models):
     """The tiny model prepared for streaming with the default load-time settings (eager, K/V cache, memory off)."""
     return Engine.prepare(tiny_models, LoadConfig(model="tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_models():
+    """The seeded random model of SDXL's architecture (`tiny-sdxl`), shared read-only by every test."""
+    return load_models("tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_engine(tiny_sdxl_models):
+    """`tiny-sdxl` prepared for streaming with the default load-time settings."""
+    return Engine.prepare(tiny_sdxl_models, LoadConfig(model="tiny-sdxl"))
 
 
 @pytest.fixture(scope="session")

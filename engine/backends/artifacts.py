@@ -30,6 +30,7 @@ from .onnx_export import (
     GRAPH_OUTPUT_NAMES,
     DynamicAxes,
     GraphSpec,
+    added_cond_inputs,
     export_onnx,
     graph_input_names,
     unet_graph,
@@ -217,7 +218,8 @@ class OnnxCache:
 
     def input_names(self, shape: GraphShape) -> list[str]:
         """The graph's input names in the order `StaticShapeRunner` passes the tensors."""
-        return graph_input_names(shape.network, list(cross_attention_layers(self.models.unet)), shape.kv_cache)
+        return graph_input_names(shape.network, list(cross_attention_layers(self.models.unet)), shape.kv_cache,
+                                 added_cond_inputs(self.models.unet))
 
     @staticmethod
     def output_name(shape: GraphShape) -> str:

@@ -36,11 +36,7 @@ class TorchCompileRunner:
 
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        kwargs = {}
-        if conditioning.kv_cache is not None:
-            kwargs["cross_attention_kwargs"] = {"kv_cache": conditioning.kv_cache}
-        return self._unet(latents, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states,
-                          return_dict=False, **kwargs)[0]
+        return self._unet(latents, timesteps, return_dict=False, **conditioning.unet_kwargs())[0]
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

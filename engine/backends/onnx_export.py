@@ -4,7 +4,7 @@ dynamic height and width (`DynamicAxes`) for a resolution range.
 The UNet graph takes the prompt's cached cross-attention K/V as inputs (one key and one value per
 cross-attention layer), so a compiled UNet never re-projects the text and stays exactly equal to
 the eager UNet served by `CachedKVAttnProcessor`. Without the K/V cache the graph takes the text
-embeddings instead.
+embeddings instead. An SDXL UNet also takes its added conditioning, `text_embeds` and `time_ids`.
 
 Exporter: `torch.onnx.export(..., dynamo=True)` (the `torch.export`-based exporter, opset 18) is the
 default. With torch 2.13 both it and the legacy TorchScript exporter (`dynamo=False`) export these
@@ -53,19 +53,29 @@ MAX_INLINE_BYTES = (1 << 31) - 1
 GRAPH_OUTPUT_NAMES: dict[str, str] = {"unet": "eps", "vae_encoder": "latents", "vae_decoder": "images"}
 # The names of a dynamic graph's height and width axes (of its first input): what TensorRT profiles are keyed by.
 HEIGHT_AXIS, WIDTH_AXIS = "height", "width"
+#: SDXL's added conditioning, in the order the UNet graph takes it (`Conditioning.added_cond` keys).
+ADDED_COND_INPUTS: tuple[str, ...] = ("text_embeds", "time_ids")
 
 
-def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache: bool = False) -> list[str]:
+def added_cond_inputs(unet: UNet2DConditionModel) -> tuple[str, ...]:
+    """The added-conditioning inputs `unet` takes: `ADDED_COND_INPUTS` for SDXL's `text_time`, else none."""
+    return ADDED_COND_INPUTS if getattr(unet.config, "addition_embed_type", None) == "text_time" else ()
+
+
+def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache: bool = False,
+                      added_cond: Sequence[str] = ()) -> list[str]:
     """The input names of a network's graph, in the order its tensors are passed.
 
-    The UNet takes `latents`, `timesteps`, then `<layer>.key` and `<layer>.value` of each layer in
-    `kv_layers` (with the K/V cache) or `encoder_hidden_states` (without); the VAE halves take
-    `images` (encoder) or `latents` (decoder). Both the exporter and the TensorRT binding use these.
+    The UNet takes `latents`, `timesteps`, its `added_cond` inputs (SDXL: `text_embeds`, `time_ids`), then
+    `<layer>.key` and `<layer>.value` of each layer in `kv_layers` (with the K/V cache) or
+    `encoder_hidden_states` (without); the VAE halves take `images` (encoder) or `latents` (decoder). Both the
+    exporter and the TensorRT binding use these.
     """
     if network == "unet":
         if use_kv_cache:
-            return ["latents", "timesteps", *(f"{layer}.{part}" for layer in kv_layers for part in ("key", "value"))]
-        return ["latents", "timesteps", "encoder_hidden_states"]
+            return ["latents", "timesteps", *added_cond,
+                    *(f"{layer}.{part}" for layer in kv_layers for part in ("key", "value"))]
+        return ["latents", "timesteps", *added_cond, "encoder_hidden_states"]
     if network == "vae_encoder":
         return ["images"]
     if network == "vae_decoder":
@@ -73,8 +83,13 @@ def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache:
     raise ValueError(f"unknown network {network!r}")
 
 
+def _added_cond_kwargs(names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict:
+    return {"added_cond_kwargs": dict(zip(names, inputs, strict=True))} if names else {}
+
+
 class UNetWithCachedKV(torch.nn.Module):
-    """The UNet as a function of (latents, timesteps, K₀, V₀, K₁, V₁, …) in `layer_names` order.
+    """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], K₀, V₀, K₁, V₁, …) in
+    `layer_names` order (SDXL's added inputs only for an SDXL UNet).
 
     The K/V tensors become the graph's inputs: the attention processors read them from
     `cross_attention_kwargs["kv_cache"]`, so the text projections are not in the graph at all.
@@ -86,8 +101,10 @@ class UNetWithCachedKV(torch.nn.Module):
         self.unet = unet
         self.layer_names = list(cross_attention_layers(unet))
         self.cross_attention_dim = int(unet.config.cross_attention_dim)
+        self.added_cond = added_cond_inputs(unet)
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *key_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        added, key_values = inputs[:len(self.added_cond)], inputs[len(self.added_cond):]
         if len(key_values) != 2 * len(self.layer_names):
             raise ValueError(f"expected {2 * len(self.layer_names)} K/V tensors, got {len(key_values)}")
         kv_cache = {name: (key_values[2 * i], key_values[2 * i + 1]) for i, name in enumerate(self.layer_names)}
@@ -95,18 +112,23 @@ class UNetWithCachedKV(torch.nn.Module):
         # read: a one-token placeholder satisfies the UNet's signature.
         placeholder = latents.new_zeros(latents.shape[0], 1, self.cross_attention_dim)
         return self.unet(latents, timesteps, encoder_hidden_states=placeholder,
-                         cross_attention_kwargs={"kv_cache": kv_cache}, return_dict=False)[0]
+                         cross_attention_kwargs={"kv_cache": kv_cache}, return_dict=False,
+                         **_added_cond_kwargs(self.added_cond, added))[0]
 
 
 class UNetWithText(torch.nn.Module):
-    """The UNet as a function of (latents, timesteps, encoder_hidden_states), for runs without K/V cache."""
+    """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], encoder_hidden_states), for runs
+    without K/V cache."""
 
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()
         self.unet = unet
+        self.added_cond = added_cond_inputs(unet)
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor):
+        *added, encoder_hidden_states = inputs
+        return self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         **_added_cond_kwargs(self.added_cond, added))[0]
 
 
 class VaeEncoder(torch.nn.Module):
@@ -194,8 +216,8 @@ class GraphSpec:
 
 
 def _graph_spec(network: str, module: torch.nn.Module, tensors: list[torch.Tensor], kv_layers: Sequence[str] = (),
-                use_kv_cache: bool = False) -> GraphSpec:
-    names = graph_input_names(network, kv_layers, use_kv_cache)
+                use_kv_cache: bool = False, added_cond: Sequence[str] = ()) -> GraphSpec:
+    names = graph_input_names(network, kv_layers, use_kv_cache, added_cond)
     return GraphSpec(network, module.eval(), dict(zip(names, tensors, strict=True)), GRAPH_OUTPUT_NAMES[network])
 
 
@@ -215,11 +237,22 @@ def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width
     timesteps = torch.arange(batch, device=parameter.device, dtype=torch.long) * 100 + 99
     text = torch.randn(batch, sequence_length, unet.config.cross_attention_dim,
                        device=parameter.device, dtype=parameter.dtype)
+    added_names = added_cond_inputs(unet)
+    added = []
+    if added_names:
+        # SDXL: the pooled embedding (what `projection_class_embeddings_input_dim` leaves beside the six time ids)
+        # and the time ids of this latent size in pixels.
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        height, width = latent_height * 8, latent_width * 8
+        added = [torch.randn(batch, pooled, device=parameter.device, dtype=parameter.dtype),
+                 torch.tensor([[height, width, 0, 0, height, width]], device=parameter.device,
+                              dtype=parameter.dtype).expand(batch, -1).contiguous()]
     if use_kv_cache:
         module = UNetWithCachedKV(unet)
-        return _graph_spec("unet", module, [latents, timesteps, *flat_key_values(unet, precompute_kv(unet, text))],
-                           module.layer_names, use_kv_cache=True)
-    return _graph_spec("unet", UNetWithText(unet), [latents, timesteps, text])
+        key_values = flat_key_values(unet, precompute_kv(unet, text))
+        return _graph_spec("unet", module, [latents, timesteps, *added, *key_values], module.layer_names,
+                           use_kv_cache=True, added_cond=added_names)
+    return _graph_spec("unet", UNetWithText(unet), [latents, timesteps, *added, text], added_cond=added_names)
 
 
 def vae_encoder_graph(models: ModelBundle, batch: int, height: int, width: int) -> GraphSpec:
@@ -309,7 +342,7 @@ def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, o
     dynamic = "" if spec.dynamic is None else \
         f"; {first_input} height and width dynamic, {spec.dynamic.min_size}-{spec.dynamic.max_size}"
     logger.info("exporting %s to ONNX (%s exporter, opset %d; %s%s%s)", spec.network, exporter, opset, shapes,
-                f", +{len(spec.inputs) - 2} K/V inputs" if len(spec.inputs) > 3 else "", dynamic)
+                f", +{len(spec.inputs) - 2} text inputs" if len(spec.inputs) > 3 else "", dynamic)
     started = time.perf_counter()
     # The exporter writes into a private folder (its weight files are named after the tensors, so they
     # must not land beside other graphs); only the re-saved graph reaches `path`.

@@ -15,7 +15,7 @@ from ..config import StreamConfig
 from ..models import ModelBundle
 from ..prompt import Conditioning
 from .artifacts import GraphShape, OnnxCache, config_shapes
-from .onnx_export import DEFAULT_EXPORTER, flat_key_values
+from .onnx_export import ADDED_COND_INPUTS, DEFAULT_EXPORTER, flat_key_values
 from .resolution import ResolutionRange, check_range, size_multiple
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,9 @@ class StaticShapeRunner:
             sequence_length = text_inputs[0].shape[1]
         shape = GraphShape("unet", latents.shape[0], height, width, conditioning.kv_cache is not None,
                            sequence_length)
-        return self._run(shape, [latents.contiguous(), timesteps.to(torch.long).contiguous(), *text_inputs])
+        added = [] if conditioning.added_cond is None else \
+            [conditioning.added_cond[name].contiguous() for name in ADDED_COND_INPUTS]
+        return self._run(shape, [latents.contiguous(), timesteps.to(torch.long).contiguous(), *added, *text_inputs])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         shape = GraphShape("vae_encoder", images.shape[0], images.shape[-2], images.shape[-1])

@@ -88,11 +88,8 @@ class AdaCachePolicy(SkipPolicy):
             cross = torch.ones_like(cross)
         slot_of_row = frame.unet_rows_to_slot_rows(unet_rows)
         context = ResidualPass({MAIN: main[slot_of_row], CROSS: cross[slot_of_row]}, self.caches, self.stats)
-        kv_cache = conditioning.kv_cache
-        kwargs = {} if kv_cache is None else {"cross_attention_kwargs": {"kv_cache": kv_cache}}
         with wrapped_units(self.unet_module, self.units, context):
-            output = self.unet_module(latents, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states,
-                                      return_dict=False, **kwargs)[0]
+            output = self.unet_module(latents, timesteps, return_dict=False, **conditioning.unet_kwargs())[0]
         self._schedule_next(context.mid_residual, main, slot_of_row, motion)
         self.guard.computed(main)
         self.last_full, self.last_cross = main, cross

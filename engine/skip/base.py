@@ -130,11 +130,14 @@ class ChangeGuard:
 
 
 def gather_conditioning(conditioning: Conditioning, rows: torch.Tensor) -> Conditioning:
-    """The conditioning of the UNet rows `rows` (indices): embeddings and every cached K/V."""
+    """The conditioning of the UNet rows `rows` (indices): embeddings, every cached K/V and SDXL's added inputs."""
     kv: KVCache | None = None
     if conditioning.kv_cache is not None:
         kv = {name: (key[rows], value[rows]) for name, (key, value) in conditioning.kv_cache.items()}
-    return Conditioning(conditioning.encoder_hidden_states[rows], kv)
+    added = None
+    if conditioning.added_cond is not None:
+        added = {name: value[rows] for name, value in conditioning.added_cond.items()}
+    return Conditioning(conditioning.encoder_hidden_states[rows], kv, added)
 
 
 class SkipPolicy(ABC):

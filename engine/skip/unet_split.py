@@ -3,8 +3,9 @@
 Head: time embedding, `conv_in` and the first down block. Deep: the other down blocks, the mid block and
 every up block but the last. Tail: the last up block and the output convolution. The deep part can run
 on a subset of rows (DeepCache's cut: the tail needs the head's skip connections and the deep output).
-Only the plain text-conditioned UNet is supported (no class, addition or ControlNet inputs); `split_unet_forward`
-with every row deep equals `unet(...)` exactly (tested).
+Supported: the text-conditioned UNet, with SDXL's added text/time conditioning (`addition_embed_type="text_time"`,
+folded into the time embedding by the head); no class or ControlNet inputs. `split_unet_forward` with every row
+deep equals `unet(...)` exactly (tested).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def check_supported(unet: UNet2DConditionModel) -> None:
     config = unet.config
     unsupported = [name for name in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type")
                    if getattr(config, name, None) is not None]
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        unsupported.remove("addition_embed_type")
     if config.center_input_sample or unsupported or len(unet.down_blocks) < 2:
         raise ValueError(f"skip policies need a plain text-conditioned UNet with >= 2 down blocks; "
                          f"unsupported: {unsupported or 'center_input_sample or too few blocks'}")
@@ -57,6 +60,11 @@ def run_head(unet: UNet2DConditionModel, sample: torch.Tensor, timesteps: torch.
     factor = 2 ** unet.num_upsamplers
     forward_upsample_size = any(dim % factor for dim in sample.shape[-2:])
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timesteps), None)
+    # SDXL's pooled text and time ids join the time embedding, as in `UNet2DConditionModel.forward`.
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=conditioning.encoder_hidden_states,
+                                 added_cond_kwargs=conditioning.added_cond or {})
+    if aug_emb is not None:
+        emb = emb + aug_emb
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     sample = unet.conv_in(sample)

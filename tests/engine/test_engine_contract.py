@@ -19,24 +19,31 @@ from engine.memory import memory_mode
 from engine.runtime import FrameResult, StreamRuntime
 
 SIZE = 32
-NETWORKS = ("unet", "vae", "text_encoder")
 
 # Two streams that differ in every per-stream parameter that touches the shared models: prompt, schedule
 # (steps and their count), guidance mode and scale, skip policy (rehash runs the UNet piecewise, off does not).
 FIRST = dict(prompt="a red fox in the snow", t_index_list=(32, 45), cfg_type="self", guidance_scale=1.2,
-             skip_policy="rehash", rehash_interval=2)
+             skip_policy="rehash", rehash_interval=2, prompt_transition_frames=2)
 SECOND = dict(prompt="a city at night", negative_prompt="dark, blurry", t_index_list=(0, 16, 32),
-              num_inference_steps=40, cfg_type="full", guidance_scale=2.0, skip_policy="off", seed=7)
+              num_inference_steps=40, cfg_type="full", guidance_scale=2.0, skip_policy="off", seed=7,
+              seed_transition_frames=2)
+# Hot updates that fade: a blend of prompts (K/V blended from each prompt's cache), a blend of seeds.
+FIRST_FADE = dict(prompts=(("a red fox", 0.6), ("snow", 0.4)))
+SECOND_FADE = dict(seeds=((3, 0.5), (9, 0.5)), prompts=(("a city", 0.5), ("night", 0.5)), prompt_blend="slerp")
 # Updates mid-way: a new prompt and schedule (re-prepare), a new guidance scale, a policy switched on or off.
 FIRST_UPDATE = dict(prompt="a pencil sketch", t_index_list=(20, 40), guidance_scale=1.6, skip_policy="off")
 SECOND_UPDATE = dict(t_index_list=(10, 30), guidance_scale=1.4, skip_policy="rehash", seed=3)
 
 
-@pytest.fixture
-def engine():
-    """A private tiny model set, loaded as a server loads it: nothing else touches it, so its scheduler is as
-    loading left it (no `set_timesteps` yet) and any change a stream makes shows."""
-    return Engine.prepare(load_models("tiny"), LoadConfig(model="tiny"))
+@pytest.fixture(params=["tiny", "tiny-sdxl"])
+def engine(request):
+    """A private tiny model set (of each family), loaded as a server loads it: nothing else touches it, so its
+    scheduler is as loading left it (no `set_timesteps` yet) and any change a stream makes shows."""
+    return Engine.prepare(load_models(request.param), LoadConfig(model=request.param))
+
+
+def networks(engine: Engine) -> tuple[str, ...]:
+    return ("unet", "vae", *engine.models.text_encoders())
 
 
 def stream_config(**params) -> StreamConfig:
@@ -53,12 +60,12 @@ def snapshot(engine: Engine) -> dict:
     scheduler = models.scheduler
     return {
         "weights": {name: {key: tensor.clone() for key, tensor in getattr(models, name).state_dict().items()}
-                    for name in NETWORKS},
+                    for name in networks(engine)},
         "processors": dict(models.unet.attn_processors),
         "modules": {name: [(path, type(module)) for path, module in getattr(models, name).named_modules()]
-                    for name in NETWORKS},
+                    for name in networks(engine)},
         "patched": {name: [path for path, module in getattr(models, name).named_modules() if "forward" in vars(module)]
-                    for name in NETWORKS},
+                    for name in networks(engine)},
         "memory": memory_mode(models),
         "scheduler_config": dict(scheduler.config),
         "timesteps": _copy(scheduler.timesteps),
@@ -77,7 +84,7 @@ def assert_unchanged(engine: Engine, before: dict) -> None:
     # Only locals appear in these asserts: pytest's explanation of a failing `scheduler.x` would call
     # `repr(scheduler)`, and diffusers' `ConfigMixin.__repr__` writes `_class_name` into the config it prints.
     after = snapshot(engine)
-    for name in NETWORKS:
+    for name in networks(engine):
         state, reference = after["weights"][name], before["weights"][name]
         assert state.keys() == reference.keys(), name
         changed = [key for key, tensor in reference.items() if not torch.equal(state[key], tensor)]
@@ -108,6 +115,9 @@ def test_streams_never_change_the_shared_models_or_scheduler(engine):
     first_frames, second_frames = clip(6, seed=1), clip(6, seed=2)
     outputs = []
     for index, (a, b) in enumerate(zip(first_frames, second_frames, strict=True)):
+        if index == 1:
+            first.update_params(**FIRST_FADE)
+            second.update_params(**SECOND_FADE)
         if index == 3:
             first.update_params(**FIRST_UPDATE)
             second.update_params(**SECOND_UPDATE)
@@ -127,6 +137,9 @@ def test_runtime_streams_never_change_the_shared_models_or_scheduler(engine):
         handles = [runtime.open_stream(max_in_flight=6, **FIRST), runtime.open_stream(max_in_flight=6, **SECOND),
                    runtime.open_stream(max_in_flight=6, prompt="a third stream", cfg_type="initialize")]
         for index, data in enumerate(frames):
+            if index == 1:
+                handles[0].update(**FIRST_FADE)
+                handles[1].update(**SECOND_FADE)
             if index == 3:
                 handles[0].update(**FIRST_UPDATE)
                 handles[1].update(**SECOND_UPDATE)

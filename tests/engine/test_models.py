@@ -161,7 +161,7 @@ def test_small_has_tens_of_millions_of_unet_parameters():
 
 
 def test_builtin_names_and_vae_choice():
-    assert set(BUILTIN_MODELS) == {"tiny", "small"}
+    assert set(BUILTIN_MODELS) == {"tiny", "small", "tiny-sdxl"}
     assert isinstance(load_models("tiny").vae, AutoencoderTiny)
     full = load_models("tiny", use_tiny_vae=False)
     assert isinstance(full.vae, AutoencoderKL) and full.vae is full.full_vae
@@ -320,7 +320,7 @@ def _write(path, content: bytes):
         (lambda tmp: _write(tmp / "junk.safetensors", b"not a checkpoint"), r"not a readable safetensors"),
         (lambda tmp: _write(tmp / "notes.txt", b"hello"), r"is a file but not a checkpoint"),
         (lambda tmp: "", r"empty model spec"),
-        (lambda tmp: "not a model!", r"neither a built-in \(tiny, small\), an existing path, nor a hub id"),
+        (lambda tmp: "not a model!", r"neither a built-in \(tiny, small, tiny-sdxl\), an existing path, nor a hub id"),
     ],
     ids=["missing-folder", "missing-relative", "missing-file", "not-diffusers", "junk-file", "not-checkpoint",
          "empty", "malformed"],
