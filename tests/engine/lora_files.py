@@ -71,7 +71,9 @@ def make_lora(folder: Path, model: str = "tiny", fmt: str = "diffusers", rank: i
         return folder / "pytorch_lora_weights.safetensors", models
     peft_format = {f"unet.{key}": value for key, value in layers["unet"].items()}
     for name in ("text_encoder", "text_encoder_2"):
-        peft_format.update({f"{name}.text_model.{key}": value for key, value in layers.get(name, {}).items()})
+        # Real files name every text-encoder layer under `text_model.` (recent transformers flatten CLIPTextModel).
+        peft_format.update({f"{name}.{key if key.startswith('text_model.') else 'text_model.' + key}": value
+                            for key, value in layers.get(name, {}).items()})
     kohya = convert_state_dict_to_kohya(peft_format)
     kohya.update({key: torch.tensor(float(alpha)) for key in kohya if key.endswith(".alpha")})
     path = folder / "lora_kohya.safetensors"

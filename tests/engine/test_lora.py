@@ -216,3 +216,33 @@ def test_the_lora_flag_repeats():
     load, _, _ = configs_from(vars(args))
     assert load.loras == (LoraSpec("a/b"), LoraSpec("./c.safetensors", 0.5))
     assert configs_from(vars(parser.parse_args([])))[0].loras == ()
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_an_sdxl_lora_fuses_into_the_unet_and_both_text_encoders(tmp_path, fmt):
+    path, reference = make_lora(tmp_path / fmt, model="tiny-sdxl", fmt=fmt)
+    set_reference_scale(reference, 0.8)
+    models, loras = fused(path, 0.8, model="tiny-sdxl")
+    assert_no_adapter_layers(models)
+    plain = outputs(load_models("tiny-sdxl"))
+    for got, want, base in zip(outputs(models, loras), outputs(reference), plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert (got - base).abs().max() > 1e-2
+    base = load_models("tiny-sdxl")
+    for name in ("text_encoder", "text_encoder_2"):
+        weight = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+        keys = [key for key in getattr(models, name).state_dict() if key.endswith(weight.removeprefix("text_model."))]
+        fused_weight, base_weight = (getattr(each, name).state_dict()[keys[0]] for each in (models, base))
+        assert not torch.equal(fused_weight, base_weight), name
+
+
+def test_a_lora_of_the_other_family_fails_by_name(tmp_path):
+    sdxl_lora, _ = make_lora(tmp_path / "xl", model="tiny-sdxl")
+    with pytest.raises(ModelLoadError, match=rf"LoRA '{sdxl_lora}' has 16 weights for no part of this SD model "
+                                             r"\(e\.g\. 'text_encoder_2\..*another model family"):
+        fused(sdxl_lora)
+    sd_lora, _ = make_lora(tmp_path / "sd", text=False)
+    models = load_models("tiny-sdxl")
+    with pytest.raises(ModelLoadError, match=rf"LoRA '{sd_lora}' does not fit this SDXL model .*size mismatch"):
+        apply_loras(models, (LoraSpec(str(sd_lora)),))
+    assert_no_adapter_layers(models)
