@@ -61,20 +61,6 @@ class _Incoming(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class PromptUpdate(_Incoming):
-    """New prompt for a live session (REST body of `POST /api/sessions/{id}/prompt`)."""
-
-    prompt: Text
-    negative_prompt: Text | None = None
-
-    def engine_params(self) -> dict[str, object]:
-        """Keyword arguments for `StreamHandle.update`."""
-        params: dict[str, object] = {"prompt": self.prompt}
-        if self.negative_prompt is not None:
-            params["negative_prompt"] = self.negative_prompt
-        return params
-
-
 _STRICT = {str: Text, int: StrictInt, float: StrictFloat, bool: StrictBool}
 
 
@@ -90,6 +76,26 @@ def _strict(hint: Any) -> Any:
         strict = tuple[tuple(arg if arg is Ellipsis else _strict(arg) for arg in args)]
         return Annotated[strict, Field(max_length=MAX_LIST_ITEMS)] if Ellipsis in args else strict
     return hint
+
+
+class PromptUpdate(_Incoming):
+    """New prompt for a live session (REST body of `POST /api/sessions/{id}/prompt`): a `prompt`, a weighted
+    `prompts` blend (`[["a fox", 0.7], ["watercolor", 0.3]]`, blended by the session's `prompt_blend`), or both
+    (the blend is rendered), and optionally a `negative_prompt`."""
+
+    prompt: Text | None = None
+    prompts: _strict(STREAM_PARAM_TYPES["prompts"]) | None = None
+    negative_prompt: Text | None = None
+
+    @model_validator(mode="after")
+    def _names_a_prompt(self) -> PromptUpdate:
+        if self.prompt is None and self.prompts is None:
+            raise ValueError("name a `prompt` or a weighted `prompts` list")
+        return self
+
+    def engine_params(self) -> dict[str, object]:
+        """Keyword arguments for `StreamHandle.update` (only the fields given)."""
+        return self.model_dump(exclude_none=True, exclude={"type"})
 
 
 class _ParamsBase(_Incoming):
@@ -118,7 +124,8 @@ ParamsUpdate = create_model(
 
 
 class PromptMessage(PromptUpdate):
-    """`{"type": "prompt", "prompt": "...", "negative_prompt": "..."}`."""
+    """`{"type": "prompt", "prompt": "...", "negative_prompt": "..."}` or `{"type": "prompt", "prompts": [["a fox",
+    0.7], ["watercolor", 0.3]]}`."""
 
     type: Literal["prompt"]
 
@@ -135,9 +142,11 @@ _CLIENT_MESSAGES: dict[str, type[PromptMessage] | type[ParamsMessage]] = {
 
 
 def check_prompt_length(update: PromptUpdate | _ParamsBase, max_chars: int) -> None:
-    """Raise `MessageError(wire.PROMPT_TOO_LONG)` if a prompt or negative prompt exceeds `max_chars`."""
-    for name in ("prompt", "negative_prompt"):
-        text = getattr(update, name)
+    """Raise `MessageError(wire.PROMPT_TOO_LONG)` if a prompt, negative prompt or prompt of a blend exceeds
+    `max_chars`."""
+    texts = [(name, getattr(update, name)) for name in ("prompt", "negative_prompt")]
+    texts += [(f"prompts[{index}]", text) for index, (text, _) in enumerate(update.prompts or ())]
+    for name, text in texts:
         if text is not None and len(text) > max_chars:
             raise MessageError(wire.PROMPT_TOO_LONG, f"`{name}` has {len(text)} characters; the limit is {max_chars}")
 

@@ -14,6 +14,7 @@ A session, from the client's side (docs/server.md):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -172,6 +173,15 @@ def parse_event(text: str) -> ServerEvent | None:
 def prompt_message(prompt: str, negative_prompt: str | None = None) -> str:
     """A `prompt` control message (the negative prompt only when given)."""
     message: dict[str, Any] = {"type": "prompt", "prompt": prompt}
+    if negative_prompt is not None:
+        message["negative_prompt"] = negative_prompt
+    return json.dumps(message)
+
+
+def blend_message(prompts: Sequence[tuple[str, float]], negative_prompt: str | None = None) -> str:
+    """A `prompt` control message with a weighted prompt blend, `[[prompt, weight], ...]` (the server normalises
+    the weights; the session's `prompt_blend` says how they blend)."""
+    message: dict[str, Any] = {"type": "prompt", "prompts": [[text, weight] for text, weight in prompts]}
     if negative_prompt is not None:
         message["negative_prompt"] = negative_prompt
     return json.dumps(message)

@@ -43,6 +43,20 @@ async def test_sessions_list_and_live_updates(server):
         assert answer.status_code == 200 and answer.json()["prompt"] == "pencil drawing"
         log = await stream(ws, [random_frame(1)], 2)
         assert len(log.outputs) == 1
+        answer = await rest.post(f"/api/sessions/{session_id}/prompt",
+                                 json={"prompts": [["pencil drawing", 3], ["neon edges", 1]]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["params"]["prompts"] == [["pencil drawing", 0.75], ["neon edges", 0.25]]
+        answer = await rest.patch(f"/api/sessions/{session_id}/params",
+                                  json={"prompt_blend": "slerp", "prompt_transition_frames": 4,
+                                        "seeds": [[2, 1], [9, 1]], "seed_transition_frames": 2})
+        assert answer.status_code == 200, answer.text
+        config = server.state.sessions.get(session_id).handle.config
+        assert (config.prompt_blend, config.seeds) == ("slerp", ((2, 0.5), (9, 0.5)))
+        log = await stream(ws, [random_frame(2), random_frame(3)], 4)
+        assert len(log.outputs) == 2
+        answer = await rest.post(f"/api/sessions/{session_id}/prompt", json={"prompt": "sepia"})
+        assert answer.json()["params"]["prompts"] == [] and answer.json()["prompt"] == "sepia"
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), [
@@ -55,6 +69,11 @@ async def test_sessions_list_and_live_updates(server):
     ("patch", "/api/sessions/{id}/params", {"seed": "1"}, 422),
     ("patch", "/api/sessions/{id}/params", {"width": 128}, 422),
     ("patch", "/api/sessions/{id}/params", {"similarity_threshold": 5.0}, 422),
+    ("post", "/api/sessions/{id}/prompt", {"prompts": [["a", 1.0]] * 9}, 422),
+    ("post", "/api/sessions/{id}/prompt", {"prompts": [["a", 0], ["b", 0]]}, 422),
+    ("post", "/api/sessions/{id}/prompt", {"prompts": [["x" * 201, 1.0]]}, 422),
+    ("patch", "/api/sessions/{id}/params", {"seeds": [[1, 1], [1, 2]]}, 422),
+    ("patch", "/api/sessions/{id}/params", {"prompt_transition_frames": 601}, 422),
 ])
 async def test_rest_rejects_unknown_sessions_and_bad_bodies(server, method, path, body, status):
     async with connect(server.ws_url) as ws, httpx.AsyncClient(base_url=server.base_url, timeout=30) as rest:

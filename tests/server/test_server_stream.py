@@ -19,6 +19,8 @@ from server_testkit import (
     wait_until,
 )
 
+from wire import blend_message
+
 # JPEG round-off only: a swapped or foreign frame differs by far more.
 SAME_FRAME_TOLERANCE = 3
 DISTINCT = 4 * SAME_FRAME_TOLERANCE
@@ -77,6 +79,20 @@ async def test_ws_prompt_and_params_messages_apply_to_the_session(server):
         assert (config.guidance_scale, config.t_index_list) == (2.0, (20, 40))
         log = await stream(ws, [random_frame(1), random_frame(2)], 2)
         assert len(log.outputs) == 2
+
+
+async def test_ws_prompt_blend_message_and_an_engine_refusal(server):
+    async with connect(server.ws_url) as ws:
+        session = server.state.sessions.get((await hello(ws))["session_id"])
+        await ws.send(blend_message([("ink sketch", 0.25), ("neon", 0.75)]))
+        await wait_until(lambda: session.handle.config.prompts == (("ink sketch", 0.25), ("neon", 0.75)))
+        # Nine prompts pass the protocol's list bound but not the engine's: an error event, the blend stays.
+        await ws.send(blend_message([(f"p{index}", 1.0) for index in range(9)]))
+        error = await next_event(ws, "error")
+        assert error["code"] == "invalid_params" and "`prompts` may hold at most 8" in error["message"]
+        assert session.handle.config.prompts == (("ink sketch", 0.25), ("neon", 0.75))
+        log = await stream(ws, [random_frame(1)], 2)
+        assert len(log.outputs) == 1
 
 
 async def test_two_sessions_are_isolated(server, server_engine):

@@ -20,7 +20,7 @@ from server.protocol import (
 )
 from server.sessions import OutputWindow
 from server.settings import env_name, parse_settings
-from wire import close_reason
+from wire import blend_message, close_reason, prompt_message
 
 # ---------------------------------------------------------------- settings
 
@@ -118,12 +118,36 @@ def test_parse_prompt_and_params_messages():
     assert params.engine_params() == {"guidance_scale": 2.0, "t_index_list": (20, 40)}
 
 
+def test_parse_prompt_blends_seed_blends_and_transitions():
+    blend = parse_client_message(blend_message([("a fox", 0.7), ("watercolor", 0.3)], negative_prompt="blur"), 100)
+    assert isinstance(blend, PromptMessage)
+    assert blend.engine_params() == {"prompts": (("a fox", 0.7), ("watercolor", 0.3)), "negative_prompt": "blur"}
+    # A plain prompt stays valid and names only itself; integer weights are numbers too.
+    assert parse_client_message(prompt_message("a fox"), 100).engine_params() == {"prompt": "a fox"}
+    assert parse_client_message('{"type": "prompt", "prompts": [["a", 1], ["b", 3]]}', 100).engine_params() == \
+        {"prompts": (("a", 1.0), ("b", 3.0))}
+    params = parse_client_message(json.dumps({
+        "type": "params", "seeds": [[2, 0.5], [7, 0.5]], "prompt_blend": "slerp", "prompt_transition_frames": 12,
+        "seed_transition_frames": 6}), 100)
+    assert params.engine_params() == {"seeds": ((2, 0.5), (7, 0.5)), "prompt_blend": "slerp",
+                                      "prompt_transition_frames": 12, "seed_transition_frames": 6}
+
+
 @pytest.mark.parametrize(("text", "code"), [
     ("", "invalid_json"),
     ("null", "invalid_message"),
     ('{"type": 3}', "unknown_message_type"),
     ('{"type": "params", "delta": true}', "invalid_message"),
     ('{"type": "prompt", "prompt": "abcdef"}', "prompt_too_long"),
+    ('{"type": "prompt", "prompts": [["ok", 1], ["abcdef", 1]]}', "prompt_too_long"),
+    ('{"type": "prompt", "negative_prompt": "x"}', "invalid_message"),
+    ('{"type": "prompt", "prompts": [["a", "heavy"]]}', "invalid_message"),
+    ('{"type": "prompt", "prompts": [["a", 1, 2]]}', "invalid_message"),
+    ('{"type": "prompt", "prompts": [[3, 1]]}', "invalid_message"),
+    ('{"type": "prompt", "prompts": [["a", NaN]]}', "invalid_message"),
+    ('{"type": "params", "seeds": [[1.5, 1]]}', "invalid_message"),
+    ('{"type": "params", "prompt_blend": "cubic"}', "invalid_message"),
+    (json.dumps({"type": "prompt", "prompts": [["a", 1]] * 65}), "invalid_message"),
 ])
 def test_parse_errors_have_stable_codes(text, code):
     with pytest.raises(MessageError) as raised:
