@@ -4,6 +4,7 @@
 // seq k; every frame is answered once: a `frame` event and its JPEG, a `dropped` event or an `error` with its seq.
 
 const STALE_FRAME_MS = 15000;  // a frame unanswered this long is given up (only if the server broke the protocol)
+const BLEND_SEND_MS = 150;  // while the blend slider moves, at most one prompt message per this many ms
 
 const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
@@ -190,12 +191,35 @@ function pump() {
   }, "image/jpeg", 0.85);
 }
 
+function promptMessage() {
+  // One prompt, or a weighted blend of two when the second is filled in: the slider is the second one's weight.
+  const first = $("prompt").value.trim();
+  const second = $("prompt-2").value.trim();
+  if (!first) return null;
+  if (!second) return { type: "prompt", prompt: first };
+  const weight = Number($("blend").value) / 100;
+  return { type: "prompt", prompts: [[first, 1 - weight], [second, weight]] };
+}
+
+function sendPrompt() {
+  const message = promptMessage();
+  if (message && state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify(message));
+}
+
 $("prompt-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  const prompt = $("prompt").value.trim();
-  if (prompt && state.ws && state.ws.readyState === WebSocket.OPEN) {
-    state.ws.send(JSON.stringify({ type: "prompt", prompt }));
-  }
+  sendPrompt();
+});
+
+// Moving the slider re-blends live (the server re-encodes nothing: each prompt's K/V is cached), throttled.
+let blendTimer = null;
+$("blend").addEventListener("input", () => {
+  $("blend-value").textContent = `${$("blend").value}%`;
+  if (!$("prompt-2").value.trim() || blendTimer !== null) return;
+  blendTimer = setTimeout(() => {
+    blendTimer = null;
+    sendPrompt();
+  }, BLEND_SEND_MS);
 });
 
 $("camera").addEventListener("change", (event) => startCamera(event.target.value));

@@ -101,6 +101,17 @@ async def test_page_streams_the_fake_camera_and_updates_the_prompt(server, tmp_p
         received = await page.evaluate("window.streamdiff.framesReceived")
         await page.wait_for(f"window.streamdiff.framesReceived > {received}")
         assert session.handle.stats.dropped == 0  # the page keeps to max_in_flight
+        # A second prompt blends with the first; the slider (the second's weight) re-blends as it moves.
+        await page.evaluate("document.getElementById('prompt-2').value = 'neon edges';"
+                            "document.getElementById('blend').value = '25';"
+                            "document.getElementById('prompt-form').requestSubmit(); true")
+        await wait_until(lambda: session.handle.config.prompts == (("charcoal drawing", 0.75), ("neon edges", 0.25)))
+        await page.evaluate("const slider = document.getElementById('blend'); slider.value = '60';"
+                            "slider.dispatchEvent(new Event('input')); true")
+        await wait_until(lambda: session.handle.config.prompts == (("charcoal drawing", 0.4), ("neon edges", 0.6)))
+        assert await page.evaluate("document.getElementById('blend-value').textContent") == "60%"
+        received = await page.evaluate("window.streamdiff.framesReceived")
+        await page.wait_for(f"window.streamdiff.framesReceived > {received}")
     await wait_until(lambda: len(server.state.sessions) == 0)
 
 
