@@ -70,13 +70,15 @@ def compute_limit_fps(engine: Engine, config: StreamConfig, frames: int, warmup:
 
 def diffusers_fps(engine: Engine, config: StreamConfig, clip: list[torch.Tensor], frames: int,
                   warmup: int) -> float:
-    """diffusers `AutoPipelineForImage2Image` on the same model folder: 4 steps, its CFG at 1.2."""
+    """diffusers `AutoPipelineForImage2Image` on the same model folder (SD or SDXL img2img): 4 steps, its CFG at 1.2."""
     from diffusers import AutoPipelineForImage2Image
 
     models = engine.models
+    # SD pipelines have a safety checker to turn off; SDXL's have none.
+    extra = {"safety_checker": None, "requires_safety_checker": False} if models.family == "sd" else {}
     with tempfile.TemporaryDirectory() as folder:
         models.save_pretrained(folder)
-        pipe = AutoPipelineForImage2Image.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        pipe = AutoPipelineForImage2Image.from_pretrained(folder, **extra)
     # The same tiny VAE as the engine, so the rows compare the denoising loops.
     pipe.vae = models.vae
     parameter = next(models.unet.parameters())
@@ -166,7 +168,8 @@ def format_table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Measure the fps rows (or `--skip` / `--memory` instead), print a table and optionally write JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__)
-    parser.add_argument("--model", default="tiny", help="tiny (default) or small (compute-bound)")
+    parser.add_argument("--model", default="tiny", help="tiny (default), small (compute-bound), tiny-sdxl (SDXL's "
+                                                        "architecture) or any model spec")
     parser.add_argument("--size", type=int, default=128, help="square frame size in pixels")
     parser.add_argument("--width", type=int, help="frame width in pixels (default: --size)")
     parser.add_argument("--height", type=int, help="frame height in pixels (default: --size)")

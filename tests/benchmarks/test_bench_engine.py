@@ -1,22 +1,25 @@
-"""`python -m benchmarks.engine`: every row and ratio on the tiny model, a few frames."""
+"""`python -m benchmarks.engine`: every row and ratio on the tiny models (SD and SDXL architectures), a few frames."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import pytest
+
 from benchmarks.engine import main
 
 
-def test_rows_and_ratios_in_the_json(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_rows_and_ratios_in_the_json(tmp_path, capsys, model):
     started = time.perf_counter()
-    main(["--size", "32", "--frames", "2", "--warmup", "1", "--json", str(tmp_path / "bench.json")])
+    main(["--model", model, "--size", "32", "--frames", "2", "--warmup", "1", "--json", str(tmp_path / "bench.json")])
     elapsed = time.perf_counter() - started
     results = json.loads((tmp_path / "bench.json").read_text())
     rows = ("engine_fps", "compute_limit_fps", "sequential_fps", "full_cfg_fps", "diffusers_fps")
     assert set(results) == {"model", "size", "width", "height", "frames", "t_index_list", "machine", "ratios", *rows,
                             "ssf_static_skip_rate"}
-    assert (results["model"], results["size"], results["frames"]) == ("tiny", 32, 2)
+    assert (results["model"], results["size"], results["frames"]) == (model, 32, 2)
     assert (results["width"], results["height"]) == (32, 32)
     # A median frame lasts less than the whole run.
     assert all(results[row] > 1 / elapsed for row in rows)
