@@ -37,6 +37,9 @@ class _Preset:
     taesd_blocks: tuple[int, ...]
     #: SDXL's added conditioning: the dims of each time id's embedding; 0 for the SD family.
     addition_time_embed_dim: int = 0
+    #: SDXL's second text encoder's width (and pooled projection); wider than the first, as in SDXL (1280 vs 768),
+    #: so nothing that tells them apart by width (diffusers' single-file loader does) can mix them up.
+    text_hidden_2: int = 0
 
 
 _PRESETS: dict[str, _Preset] = {
@@ -46,9 +49,10 @@ _PRESETS: dict[str, _Preset] = {
     # Tens of millions of UNet parameters: compute-bound benchmarks.
     "small": _Preset(128, 4, (128, 256, 256), ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                      ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), 32, 32, (1, 2, 2, 2)),
-    # `tiny` in SDXL's architecture: two 32-wide text encoders, so the UNet cross-attends to 64-wide states.
+    # `tiny` in SDXL's architecture: text encoders 32 and 48 wide, so the UNet cross-attends to 80-wide states.
     "tiny-sdxl": _Preset(32, 2, (32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"),
-                         ("CrossAttnUpBlock2D", "UpBlock2D"), 8, 16, (1, 1, 1, 1), addition_time_embed_dim=8),
+                         ("CrossAttnUpBlock2D", "UpBlock2D"), 8, 16, (1, 1, 1, 1), addition_time_embed_dim=8,
+                         text_hidden_2=48),
 }
 
 
@@ -106,16 +110,19 @@ def build_modules(name: str, seed: int = 0) -> BuiltinModules:
     tokenizer = build_byte_level_tokenizer()
     vocab_size = len(tokenizer.get_vocab())
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=preset.text_hidden, intermediate_size=preset.text_hidden * 4,
-        num_hidden_layers=preset.text_layers, num_attention_heads=4, max_position_embeddings=77,
-        projection_dim=preset.text_hidden, bos_token_id=vocab_size - 2, eos_token_id=eos, pad_token_id=eos,
-    )
+
+    def text_config(width: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 4,
+            num_hidden_layers=preset.text_layers, num_attention_heads=4, max_position_embeddings=77,
+            projection_dim=width, bos_token_id=vocab_size - 2, eos_token_id=eos, pad_token_id=eos,
+        )
+
     # SDXL's UNet reads both encoders' hidden states side by side, and the pooled one with the time ids.
-    cross_attention_dim = preset.text_hidden * (2 if sdxl else 1)
+    cross_attention_dim = preset.text_hidden + preset.text_hidden_2
     sdxl_unet = {} if not sdxl else {
         "addition_embed_type": "text_time", "addition_time_embed_dim": preset.addition_time_embed_dim,
-        "projection_class_embeddings_input_dim": _SDXL_TIME_IDS * preset.addition_time_embed_dim + preset.text_hidden,
+        "projection_class_embeddings_input_dim": _SDXL_TIME_IDS * preset.addition_time_embed_dim + preset.text_hidden_2,
         "use_linear_projection": True,
     }
     # A fixed seed and a fixed construction order make the weights identical on every machine; the
@@ -123,7 +130,7 @@ def build_modules(name: str, seed: int = 0) -> BuiltinModules:
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = CLIPTextModel(text_config(preset.text_hidden))
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=preset.unet_channels, down_block_types=preset.unet_down,
@@ -142,7 +149,7 @@ def build_modules(name: str, seed: int = 0) -> BuiltinModules:
             **({"scaling_factor": _SDXL_VAE_SCALING} if sdxl else {}),
         )
         # Built last, so the SD-family built-ins keep the weights they always had.
-        text_encoder_2 = CLIPTextModelWithProjection(text_config) if sdxl else None
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(preset.text_hidden_2)) if sdxl else None
     finally:
         torch.random.set_rng_state(generator_state)
     return BuiltinModules(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, tiny_vae=tiny_vae,

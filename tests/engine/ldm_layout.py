@@ -2,10 +2,13 @@
 
 Real single-file checkpoints (`v1-5-pruned-emaonly.safetensors`, community fine-tunes) keep the
 layout of the original CompVis code: `model.diffusion_model.*` (UNet), `first_stage_model.*`
-(VAE) and `cond_stage_model.transformer.*` (CLIP text encoder). No such file can be downloaded
-here, so the tests build one from the tiny model by inverting diffusers' own conversion
-(`diffusers.loaders.single_file_utils.convert_ldm_{unet,vae,clip}_checkpoint`); the tests check
-that converting back with diffusers gives every original tensor exactly.
+(VAE) and `cond_stage_model.transformer.*` (CLIP text encoder). SDXL files (Stability's SGM code) keep
+the same UNet and VAE names and put the text encoders under `conditioner.embedders.0.transformer.*`
+(CLIP, in the transformers layout) and `conditioner.embedders.1.model.*` (OpenCLIP: one fused q/k/v
+projection per layer, `resblocks`, `ln_final`, a transposed `text_projection`). No such file can be
+downloaded here, so the tests build one from the tiny models by inverting diffusers' own conversion
+(`diffusers.loaders.single_file_utils.convert_ldm_{unet,vae,clip}_checkpoint`, `convert_open_clip_checkpoint`);
+the tests check that converting back with diffusers gives every original tensor exactly.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import re
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # diffusers name -> LDM name of the parts that are not inside a numbered block.
 _UNET_FIXED = {
@@ -27,7 +32,18 @@ _UNET_FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's added text/time embedding.
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
+_OPEN_CLIP_FIXED = {
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
 _UNET_RESNET = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -111,13 +127,38 @@ def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     return converted
 
 
-def clip_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
-    """The text encoder's weights under `cond_stage_model.transformer.text_model.*` names."""
+def clip_to_ldm(text_encoder: CLIPTextModel, prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """The text encoder's weights under `<prefix>text_model.*` names (`cond_stage_model.transformer.` by default)."""
     converted: dict[str, torch.Tensor] = {}
     for name, tensor in text_encoder.state_dict().items():
         # transformers ≥ 5.6 flattened CLIPTextModel; checkpoints keep the `text_model.` level.
         inner = name if name.startswith("text_model.") else "text_model." + name
-        converted[CLIP_PREFIX + inner] = tensor
+        converted[prefix + inner] = tensor
+    return converted
+
+
+def open_clip_to_ldm(text_encoder: CLIPTextModelWithProjection,
+                     prefix: str = SDXL_OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder under OpenCLIP names: q, k and v fused into `in_proj_*` per layer."""
+    state = text_encoder.state_dict()
+    converted: dict[str, torch.Tensor] = {}
+    layers = {int(match[1]) for name in state if (match := re.match(r"text_model\.encoder\.layers\.(\d+)\.", name))}
+    for name, tensor in state.items():
+        if name in _OPEN_CLIP_FIXED:
+            converted[prefix + _OPEN_CLIP_FIXED[name]] = tensor
+        elif name == "text_projection.weight":
+            converted[prefix + "text_projection"] = tensor.T
+        elif match := re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)", name):
+            if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+                continue  # fused below
+            converted[f"{prefix}transformer.resblocks.{match[1]}.{_rename_head(match[2], _OPEN_CLIP_LAYER)}"] = tensor
+        elif not name.endswith("position_ids"):
+            raise ValueError(f"no OpenCLIP name for text encoder weight {name!r}")
+    for layer in sorted(layers):
+        attention = f"text_model.encoder.layers.{layer}.self_attn"
+        for part in ("weight", "bias"):
+            fused = torch.cat([state[f"{attention}.{projection}_proj.{part}"] for projection in "qkv"])
+            converted[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{part}"] = fused
     return converted
 
 
@@ -126,4 +167,12 @@ def bundle_to_ldm(
 ) -> dict[str, torch.Tensor]:
     """One LDM-layout state dict of all three networks, contiguous and ready for `safetensors`."""
     state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **clip_to_ldm(text_encoder)}
+    return {name: tensor.detach().contiguous().clone() for name, tensor in state.items()}
+
+
+def sdxl_bundle_to_ldm(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                       text_encoder_2: CLIPTextModelWithProjection) -> dict[str, torch.Tensor]:
+    """One SDXL (SGM-layout) state dict of the four networks, contiguous and ready for `safetensors`."""
+    state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **clip_to_ldm(text_encoder, SDXL_CLIP_PREFIX),
+             **open_clip_to_ldm(text_encoder_2)}
     return {name: tensor.detach().contiguous().clone() for name, tensor in state.items()}

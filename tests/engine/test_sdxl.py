@@ -9,6 +9,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import AutoPipelineForImage2Image, StableDiffusionXLPipeline
+from ldm_layout import sdxl_bundle_to_ldm
+from safetensors.torch import save_file
 from test_batching import CountingRunner
 from test_models import add_to_hub_cache
 from test_stream import RecordingRunner
@@ -22,6 +24,14 @@ from engine.prompt import Conditioning, install_kv_processors, precompute_kv
 from engine.skip.unet_split import split_unet_forward
 
 SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path, monkeypatch):
+    """No test here may reach the network: offline mode and an empty hub cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
 
 def make_config(**changes) -> StreamConfig:
@@ -141,14 +151,15 @@ def test_split_forward_passes_the_added_conditioning(tiny_sdxl_models, use_kv_ca
     latents = torch.randn(3, 4, 6, 10, generator=generator)
     timesteps = torch.tensor([999, 500, 20])
     states = torch.randn(3, 77, unet.config.cross_attention_dim, generator=generator)
-    added = {"text_embeds": torch.randn(3, 32, generator=generator),
+    pooled = tiny_sdxl_models.text_encoder_2.config.projection_dim
+    added = {"text_embeds": torch.randn(3, pooled, generator=generator),
              "time_ids": torch.tensor([[48.0, 80, 0, 0, 48, 80]]).expand(3, -1)}
     conditioning = Conditioning(states, precompute_kv(unet, states) if use_kv_cache else None, added)
     with torch.no_grad():
         expected = unet(latents, timesteps, return_dict=False, **conditioning.unet_kwargs())[0]
         assert torch.equal(split_unet_forward(unet, latents, timesteps, conditioning), expected)
         without = unet(latents, timesteps, encoder_hidden_states=states, return_dict=False,
-                       added_cond_kwargs={**added, "text_embeds": torch.zeros(3, 32)})[0]
+                       added_cond_kwargs={**added, "text_embeds": torch.zeros(3, pooled)})[0]
     assert (expected - without).abs().max() > 1e-4  # the pooled embedding really reaches the output
 
 
@@ -207,10 +218,7 @@ def test_saved_folder_loads_as_sdxl_here_and_in_diffusers(tiny_sdxl_models, tmp_
     assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
 
 
-def test_sdxl_defaults_to_taesdxl_and_loads_from_the_hub_cache(tiny_sdxl_models, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+def test_sdxl_defaults_to_taesdxl_and_loads_from_the_hub_cache(tiny_sdxl_models, tmp_path):
     folder = tmp_path / "sdxl-turbo"
     tiny_sdxl_models.save_pretrained(folder)
     taesdxl = tmp_path / "taesdxl"
@@ -231,3 +239,22 @@ def test_sdxl_defaults_to_taesdxl_and_loads_from_the_hub_cache(tiny_sdxl_models,
     for a, b in zip(loaded.text_encoder_2.state_dict().values(), tiny_sdxl_models.text_encoder_2.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
+
+
+def test_an_sdxl_single_file_loads_like_its_folder(tiny_sdxl_models, tmp_path):
+    """An SGM-layout checkpoint (`conditioner.embedders.1.*` holds the second encoder) loads as SDXL through
+    `StableDiffusionXLPipeline.from_single_file`, with a saved folder as its config, offline."""
+    folder = tmp_path / "config"
+    tiny_sdxl_models.save_pretrained(folder)
+    path = tmp_path / "tiny-sdxl.safetensors"
+    models = tiny_sdxl_models
+    save_file(sdxl_bundle_to_ldm(models.unet, models.full_vae, models.text_encoder, models.text_encoder_2), str(path))
+    loaded = load_models(str(path), config=str(folder), use_tiny_vae=False)
+    assert loaded.family == "sdxl"
+    for name, expected in (("unet", models.unet), ("text_encoder", models.text_encoder),
+                           ("text_encoder_2", models.text_encoder_2), ("vae", models.full_vae)):
+        state, reference = getattr(loaded, name).state_dict(), expected.state_dict()
+        assert state.keys() == reference.keys(), name
+        assert all(torch.equal(state[key], tensor) for key, tensor in reference.items()), name
+    with pytest.raises(ModelLoadError, match="without a config.*offline mode is on"):
+        load_models(str(path))
