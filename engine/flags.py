@@ -106,7 +106,7 @@ class Flag:
 
 ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--model",), "model", "load", str,
-         "model spec: demo, tiny, small, a hub id, a diffusers folder or a .safetensors file"),
+         "model spec: demo, tiny, small, tiny-sdxl, a hub id, a diffusers folder or a .safetensors file (SD or SDXL)"),
     Flag(("--model-config",), "model_config", "load", str,
          "for a single-file --model: a diffusers folder or hub id of the same architecture"),
     Flag(("--vae",), "vae", "load", str, "which VAE runs: the tiny VAE (TAESD) or the model's own", VAES),

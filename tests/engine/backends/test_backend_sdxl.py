@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from engine import Engine, LoadConfig, StreamConfig, StreamEngine
+from engine.backends.artifacts import onnx_input_shapes
 from engine.backends.onnxruntime import OnnxRuntimeRunner
+from engine.backends.tensorrt import profile_shapes
 
 TOLERANCE = 1e-4
 SIZE = 64
@@ -39,3 +41,7 @@ def test_sdxl_on_onnxruntime_equals_eager(tiny_sdxl_models, kv_cache):
         assert len(names) > 4 and all(name.endswith((".key", ".value")) for name in names[4:])
     else:
         assert names[4:] == ["encoder_hidden_states"]
+    # TensorRT builds from the same graph: its profile pins the added inputs (full guidance: 2 × 2 slots).
+    profile = profile_shapes(onnx_input_shapes(path))
+    pooled = tiny_sdxl_models.text_encoder_2.config.projection_dim
+    assert profile["text_embeds"] == ((4, pooled),) * 3 and profile["time_ids"] == ((4, 6),) * 3
