@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -183,6 +184,8 @@ class PromptEncoder:
         self.capacity = capacity
         self._linear_kv = kv_is_linear(models.unet)
         self._encoded: OrderedDict[str, _Encoded] = OrderedDict()
+        # Updates encode on their callers' threads; two at once must not interleave on the cache.
+        self._lock = threading.Lock()
 
     def _get(self, text: str) -> _Encoded:
         encoded = self._encoded.get(text)
@@ -200,10 +203,14 @@ class PromptEncoder:
             encoded.kv = precompute_kv(self.models.unet, encoded.embedding.hidden_states)
         return encoded.kv
 
-    @torch.no_grad()
     def state(self, config: StreamConfig, layouts: Sequence[LayoutKey]) -> PromptState:
         """The conditioning of `config`'s prompts (blended by `config.prompt_blend`) and negative prompt for each
         UNet batch layout in `layouts`."""
+        with self._lock:
+            return self._state(config, layouts)
+
+    @torch.no_grad()
+    def _state(self, config: StreamConfig, layouts: Sequence[LayoutKey]) -> PromptState:
         weighted = config.weighted_prompts
         texts, weights = [text for text, _ in weighted], [weight for _, weight in weighted]
         needs_negative = guidance.needs_negative_prompt(config.cfg_type)

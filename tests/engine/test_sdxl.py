@@ -258,3 +258,15 @@ def test_an_sdxl_single_file_loads_like_its_folder(tiny_sdxl_models, tmp_path):
         assert all(torch.equal(state[key], tensor) for key, tensor in reference.items()), name
     with pytest.raises(ModelLoadError, match="without a config.*offline mode is on"):
         load_models(str(path))
+
+
+@pytest.mark.parametrize("memory", ["slice", "group"])
+def test_memory_modes_run_sdxl_like_off(memory):
+    config = make_config(cfg_type="full", width=64, height=64)
+    outputs = []
+    for mode in ("off", memory):
+        models = load_models("tiny-sdxl")
+        stream = StreamEngine(Engine.prepare(models, LoadConfig(model="tiny-sdxl", memory=mode)), config)
+        outputs.append([stream(frame) for frame in frames(3, size=64)])
+    for sliced, whole in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5)
