@@ -85,11 +85,13 @@ class Engine:
 
     @classmethod
     def prepare(cls, models: ModelBundle, config: LoadConfig) -> Engine:
-        """Prepare `models` (already on their device and dtype) for streaming under `config`: the K/V-cache
-        attention processors, the memory mode and the backend's runner are set up once, here."""
+        """Prepare `models` (already on their device and dtype) for streaming under `config`: the attention
+        processors (`engine.prompt.CachedKVAttnProcessor`), the memory mode and the backend's runner are set
+        up once, here."""
         parameter = next(models.unet.parameters())
-        if config.kv_cache:
-            install_kv_processors(models.unet)
+        # Always ours: without a K/V cache it attends exactly as diffusers' own, and streams' attention banks
+        # (`temporal="bank"`) reach it the same way as the cache.
+        install_kv_processors(models.unet)
         apply_memory_mode(models, config.memory)
         engine = cls(config, models, parameter.device, parameter.dtype)
         started = time.perf_counter()

@@ -26,9 +26,8 @@ class EagerRunner:
 
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        kwargs = {}
-        if conditioning.kv_cache is not None:
-            kwargs["cross_attention_kwargs"] = {"kv_cache": conditioning.kv_cache}
+        attention = conditioning.attention_kwargs()
+        kwargs = {"cross_attention_kwargs": attention} if attention else {}
         return self.models.unet(latents, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states,
                                 return_dict=False, **kwargs)[0]
 

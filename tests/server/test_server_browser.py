@@ -101,6 +101,11 @@ async def test_page_streams_the_fake_camera_and_updates_the_prompt(server, tmp_p
         received = await page.evaluate("window.streamdiff.framesReceived")
         await page.wait_for(f"window.streamdiff.framesReceived > {received}")
         assert session.handle.stats.dropped == 0  # the page keeps to max_in_flight
+        await page.evaluate("const pick = document.getElementById('temporal'); pick.value = 'flow';"
+                            "pick.dispatchEvent(new Event('change')); true")
+        await wait_until(lambda: session.handle.config.temporal == "flow")
+        received = await page.evaluate("window.streamdiff.framesReceived")
+        await page.wait_for(f"window.streamdiff.framesReceived > {received}")
     await wait_until(lambda: len(server.state.sessions) == 0)
 
 
