@@ -35,6 +35,7 @@ import websockets
 
 from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 from engine.codec import decode_image, encode_jpeg, rgb_to_tensor
+from engine.motion import FLOW_METHODS, warp
 from server.app import create_app
 from server.serve import background_server
 from server.settings import ServerSettings
@@ -42,7 +43,6 @@ from server.settings import ServerSettings
 from .temporal_clips import CLIPS, Clip, make_clip
 from .temporal_metrics import (
     CUT_BOUND_FRACTION,
-    FLOW_METHODS,
     Motion,
     clip_motion,
     consecutive_l1,
@@ -51,7 +51,6 @@ from .temporal_metrics import (
     detail,
     mean_l1,
     pair_motion,
-    warp,
     warp_error,
 )
 from .timing import time_streams
@@ -59,7 +58,7 @@ from .timing import time_streams
 logger = logging.getLogger(__name__)
 
 #: Values of the per-stream parameter `temporal` the benchmark knows; the ones the engine accepts run.
-ENGINE_METHODS: tuple[str, ...] = ("off", "feedback", "bank")
+ENGINE_METHODS: tuple[str, ...] = ("off", "feedback", "bank", "flow")
 #: The reference method's name prefix: `blend_0.5` blends at a = 0.5.
 BLEND_PREFIX = "blend_"
 #: A method counts only where its outputs keep this share of the method-off detail ...

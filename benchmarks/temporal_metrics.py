@@ -4,7 +4,8 @@ The central measure is the flow warping error of Lai et al. (ECCV 2018, "Learnin
 Consistency"): the output frame t is carried along the optical flow of the *input* to frame t+1 and compared
 with output frame t+1 wherever the flow is trustworthy. What the camera did is known from the input, so
 whatever else changes between two outputs is flicker or drift the model added. Flow is estimated with
-OpenCV (Farneback by default, DIS on request); pixels without a trustworthy flow (occluded or uncovered in
+OpenCV (Farneback by default, DIS on request; the primitives are the engine's own, `engine.motion`, which its
+`flow` mechanism uses too); pixels without a trustworthy flow (occluded or uncovered in
 the next frame, or carried out of the picture) are masked by the forward-backward consistency test of
 Sundaram et al. (ECCV 2010), as Ruder et al. use it for video style transfer (GCPR 2016).
 
@@ -19,12 +20,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-#: Flow estimators: OpenCV's Farneback (dense polynomial expansion) and DIS (dense inverse search, faster).
-FLOW_METHODS: tuple[str, ...] = ("farneback", "dis")
-#: Forward-backward consistency (Sundaram et al. 2010): a round trip p -> p + b(p) -> + f(p + b(p)) may miss p
-#: by at most `CONSISTENCY_RELATIVE` of the two vectors' squared lengths plus `CONSISTENCY_ABSOLUTE` px².
-CONSISTENCY_RELATIVE = 0.01
-CONSISTENCY_ABSOLUTE = 0.5
+from engine.motion import occlusion_mask, optical_flow, warp
+
 #: `cut_frames`: the output counts as recovered from a cut once its mean distance from the method-off output
 #: exceeds its steady distance by at most this fraction of the distance between the two scenes (`cut_bound`)
 #: and the old scene's weight in it (`ghost_weights`) is at most this fraction too.
@@ -43,64 +40,6 @@ class Motion:
 
     flow: np.ndarray
     mask: np.ndarray
-
-
-def gray(frame: np.ndarray) -> np.ndarray:
-    """The uint8 luminance of an RGB frame (what the flow estimators take)."""
-    rgb = np.clip(np.asarray(frame, np.float32), 0, 255).round().astype(np.uint8)
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-
-
-def optical_flow(source: np.ndarray, target: np.ndarray, method: str = "farneback") -> np.ndarray:
-    """Dense flow from `source` to `target`: per pixel p of `source`, `source(p) ≈ target(p + flow(p))`.
-
-    Args:
-        source (`np.ndarray`): RGB frame (H, W, 3).
-        target (`np.ndarray`): RGB frame of the same size.
-        method (`str`, defaults to `"farneback"`): one of `FLOW_METHODS`.
-
-    Returns:
-        `np.ndarray`: (H, W, 2) float32 offsets (dx, dy) in pixels.
-    """
-    a, b = gray(source), gray(target)
-    if method == "farneback":
-        # OpenCV's documented example settings: 3 pyramid levels halving, 15 px windows, 3 iterations.
-        return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-    if method == "dis":
-        return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM).calc(a, b, None)
-    raise ValueError(f"`method` must be one of {FLOW_METHODS}, got {method!r}")
-
-
-def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    return xs, ys
-
-
-def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """`image` resampled along `flow`: `out(p) = image(p + flow(p))`, bilinear, as float32.
-
-    Samples outside `image` repeat its border; `occlusion_mask` marks them untrustworthy.
-    """
-    xs, ys = _grid(*flow.shape[:2])
-    return cv2.remap(np.asarray(image, np.float32), xs + flow[..., 0], ys + flow[..., 1], cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_REPLICATE)
-
-
-def occlusion_mask(flow: np.ndarray, reverse: np.ndarray) -> np.ndarray:
-    """Where `flow` (frame B to frame A) is trustworthy, given `reverse` (A to B).
-
-    A pixel p of B passes when p + flow(p) lies inside A and going back along `reverse` from there returns
-    to p within the consistency tolerance. Pixels uncovered in B (disocclusions, including what enters at
-    the borders) and occluded ones fail the round trip or leave the picture.
-    """
-    height, width = flow.shape[:2]
-    xs, ys = _grid(height, width)
-    tx, ty = xs + flow[..., 0], ys + flow[..., 1]
-    inside = (tx >= 0) & (tx <= width - 1) & (ty >= 0) & (ty <= height - 1)
-    back = warp(reverse, flow)
-    miss = ((flow + back) ** 2).sum(-1)
-    tolerance = CONSISTENCY_RELATIVE * ((flow ** 2).sum(-1) + (back ** 2).sum(-1)) + CONSISTENCY_ABSOLUTE
-    return inside & (miss <= tolerance)
 
 
 def pair_motion(previous: np.ndarray, current: np.ndarray, method: str = "farneback") -> Motion:

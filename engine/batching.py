@@ -25,7 +25,9 @@ from .stream import FrameWork, StepResult, StreamEngine
 def batch_key(engine: StreamEngine) -> Hashable | None:
     """What must match for engines to share network calls; `None` when the engine must run alone."""
     config = engine.config
+    # A `bank` stream's UNet call carries its own attention bank: it runs alone.
     if not getattr(engine.runner, "dynamic_batch", False) or engine.skip_policy is not None \
+            or engine.temporal.bank is not None \
             or not config.stream_batch:
         return None
     return (id(engine.runner), id(engine.engine), config.width, config.height)

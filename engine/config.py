@@ -25,6 +25,9 @@ PROMPT_BLENDS: tuple[str, ...] = ("linear", "slerp")
 CFG_TYPES: tuple[str, ...] = ("none", "self", "initialize", "full")
 BACKENDS: tuple[str, ...] = ("eager", "onnxruntime", "tensorrt", "compile", "auto")
 SKIP_POLICIES: tuple[str, ...] = ("off", "rehash", "adacache")
+TEMPORAL_MODES: tuple[str, ...] = ("off", "feedback", "bank", "flow")
+#: Most frames a `bank` stream keeps.
+MAX_BANK_SIZE = 8
 MEMORY_MODES: tuple[str, ...] = ("off", "slice", "group")
 VAES: tuple[str, ...] = ("tiny", "full")
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
@@ -312,6 +315,55 @@ SKIP_PARAMS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
+class TemporalSettings:
+    """The tunables of the temporal-steadiness mechanisms (`StreamConfig.temporal`; docs/temporal.md).
+
+    Args:
+        strength (`float`, defaults to 0.7): `flow`: weight of the previous output carried along the input's
+            optical flow, where that flow is trusted; `feedback`: weight of the previous x̂0 latent in the next
+            input latent where the input is still. In [0, 1). 0.7 is the `flow` setting measured to keep
+            detail ≥ 0.9 of off on slow pans while cutting their flicker (docs/temporal.md).
+        motion_scale (`float`, defaults to 0.05): `feedback`: the weight falls as exp(−motion / this), motion
+            being each latent cell's change from the previous input latent relative to the latent's mean size
+            (so moving regions do not ghost).
+        cut_threshold (`float`, defaults to 0.3): a frame whose input latent changed by more than this
+            relative L1 from the previous one is a cut: every mechanism starts over (no ghost of the old scene).
+        bank_size (`int`, defaults to 2): `bank`: frames whose self-attention keys/values are kept.
+        bank_interval (`int`, defaults to 1): `bank`: a frame enters the bank every this many frames.
+        injection_threshold (`float`, defaults to 0.9): `bank`: a token whose self-attention output has cosine
+            similarity above this with a banked token takes part of that token's feature (feature injection).
+        injection_strength (`float`, defaults to 0.5): `bank`: the banked feature's share in an injected token.
+    """
+
+    strength: float = 0.7
+    motion_scale: float = 0.05
+    cut_threshold: float = 0.3
+    bank_size: int = 2
+    bank_interval: int = 1
+    injection_threshold: float = 0.9
+    injection_strength: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        if not 0 <= self.strength < 1:
+            raise ValueError(f"`temporal_strength` must lie in [0, 1), got {self.strength}")
+        if self.motion_scale <= 0 or self.cut_threshold <= 0:
+            raise ValueError("`temporal_motion_scale` and `temporal_cut_threshold` must be > 0")
+        if not 1 <= self.bank_size <= MAX_BANK_SIZE or self.bank_interval < 1:
+            raise ValueError(f"`temporal_bank_size` must lie in [1, {MAX_BANK_SIZE}] and `temporal_bank_interval` "
+                             f"be >= 1, got {self.bank_size}, {self.bank_interval}")
+        if not 0 < self.injection_threshold <= 1 or not 0 <= self.injection_strength <= 1:
+            raise ValueError("`temporal_injection_threshold` must lie in (0, 1] and `temporal_injection_strength` "
+                             "in [0, 1]")
+
+
+#: Flat (wire) names of `TemporalSettings` fields.
+TEMPORAL_PARAMS: dict[str, str] = {f"temporal_{item.name}": item.name for item in dataclasses.fields(TemporalSettings)}
+#: Nested settings of a `StreamConfig`: field → {flat name: attribute}.
+NESTED_PARAMS: dict[str, dict[str, str]] = {"skip": SKIP_PARAMS, "temporal_settings": TEMPORAL_PARAMS}
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     """One stream's parameters.
 
@@ -348,6 +400,9 @@ class StreamConfig:
         skip_policy (`str`, defaults to `"off"`): per-frame skip policy of the stream batch (`engine.skip`),
             one of `off|rehash|adacache`; needs an eager UNet and `stream_batch`.
         skip (`SkipSettings`): the skip policies' tunables (flat names on the wire: `SKIP_PARAMS`).
+        temporal (`str`, defaults to `"off"`): temporal steadiness mechanism (`engine.temporal`), one of
+            `off|feedback|bank|flow`; `off` is exactly the stream without one.
+        temporal_settings (`TemporalSettings`): its tunables (flat names on the wire: `TEMPORAL_PARAMS`).
     """
 
     width: int = 256
@@ -372,6 +427,8 @@ class StreamConfig:
     max_skip_frames: int = 10
     skip_policy: str = "off"
     skip: SkipSettings = field(default_factory=SkipSettings)
+    temporal: str = "off"
+    temporal_settings: TemporalSettings = field(default_factory=TemporalSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
@@ -404,6 +461,7 @@ class StreamConfig:
         for name in ("prompt_transition_frames", "seed_transition_frames"):
             if not 0 <= getattr(self, name) <= MAX_TRANSITION_FRAMES:
                 raise ValueError(f"`{name}` must lie in [0, {MAX_TRANSITION_FRAMES}], got {getattr(self, name)}")
+        _check_choice("temporal", self.temporal, TEMPORAL_MODES)
 
     @property
     def denoising_steps(self) -> int:
@@ -425,7 +483,7 @@ class StreamConfig:
         return dataclasses.replace(self, **changes)
 
     def updated(self, **params) -> StreamConfig:
-        """A copy with parameters given by their flat (wire) names, `skip_*`/`adacache_*` included.
+        """A copy with parameters given by their flat (wire) names, the nested settings' (`NESTED_PARAMS`) included.
 
         Raises:
             ValueError: an unknown name (load-time settings are named as such), or an invalid value.
@@ -437,28 +495,33 @@ class StreamConfig:
                 raise ValueError(f"{', '.join(f'`{name}`' for name in load_time)} is a load-time setting of the "
                                  "server: it is fixed for every stream and cannot change per session")
             raise ValueError(f"unknown stream parameter(s) {sorted(unknown)}; known: {sorted(STREAM_PARAM_TYPES)}")
-        skip = {SKIP_PARAMS[name]: value for name, value in params.items() if name in SKIP_PARAMS}
-        own = {name: value for name, value in params.items() if name not in SKIP_PARAMS}
+        own = {name: value for name, value in params.items()
+               if not any(name in names for names in NESTED_PARAMS.values())}
+        for group, names in NESTED_PARAMS.items():
+            nested = {names[name]: value for name, value in params.items() if name in names}
+            if nested:
+                own[group] = dataclasses.replace(getattr(self, group), **nested)
         # A plain prompt (or seed) replaces a blend: a client that knows nothing of blends stays in control.
         for single, blend in (("prompt", "prompts"), ("seed", "seeds")):
             if single in own and blend not in own:
                 own[blend] = ()
-        if skip:
-            own["skip"] = dataclasses.replace(self.skip, **skip)
         return dataclasses.replace(self, **own)
 
     def flat_params(self) -> dict[str, Any]:
         """Every parameter by its flat (wire) name."""
-        params = {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if item.name != "skip"}
-        params.update({name: getattr(self.skip, attribute) for name, attribute in SKIP_PARAMS.items()})
+        params = {item.name: getattr(self, item.name) for item in dataclasses.fields(self)
+                  if item.name not in NESTED_PARAMS}
+        for group, names in NESTED_PARAMS.items():
+            params.update({name: getattr(getattr(self, group), attribute) for name, attribute in names.items()})
         return params
 
 
 def _flat_types() -> dict[str, Any]:
     stream = get_type_hints(StreamConfig)
-    skip = get_type_hints(SkipSettings)
-    types = {name: hint for name, hint in stream.items() if name != "skip"}
-    types.update({name: skip[attribute] for name, attribute in SKIP_PARAMS.items()})
+    types = {name: hint for name, hint in stream.items() if name not in NESTED_PARAMS}
+    for group, names in NESTED_PARAMS.items():
+        hints = get_type_hints(stream[group])
+        types.update({name: hints[attribute] for name, attribute in names.items()})
     return types
 
 
@@ -469,8 +532,8 @@ LOAD_SETTINGS: frozenset[str] = frozenset(item.name for item in dataclasses.fiel
 #: Parameters that can change between two frames without re-preparing the stream.
 HOT_PARAMS: frozenset[str] = frozenset(
     {"prompt", "negative_prompt", "guidance_scale", "delta", "seed", "similarity_filter", "similarity_threshold",
-     "max_skip_frames", "skip_policy", *SKIP_PARAMS, "prompts", "prompt_blend", "prompt_transition_frames", "seeds",
-     "seed_transition_frames"}
+     "max_skip_frames", "skip_policy", *SKIP_PARAMS, "temporal", *TEMPORAL_PARAMS, "prompts", "prompt_blend",
+     "prompt_transition_frames", "seeds", "seed_transition_frames"}
 )
 #: Parameters whose change rebuilds schedule, noise and buffer (a clean re-prepare).
 REPREPARE_PARAMS: frozenset[str] = frozenset({"t_index_list", "width", "height"})
@@ -510,3 +573,6 @@ def check_compatible(load: LoadConfig, stream: StreamConfig) -> None:
     if load.memory == "group" and stream.skip_policy != "off":
         raise ValueError("`memory='group'` runs whole blocks per row, which the skip policies' per-row caches do "
                          "not follow: use `memory='slice'` or `skip_policy='off'`")
+    if load.memory != "off" and stream.temporal == "bank":
+        raise ValueError("`temporal='bank'` extends the self-attention that the memory modes slice: use "
+                         "`memory='off'` or another `temporal` mechanism")

@@ -88,8 +88,9 @@ class Engine:
 
     @classmethod
     def prepare(cls, models: ModelBundle, config: LoadConfig) -> Engine:
-        """Prepare `models` (already on their device and dtype) for streaming under `config`: the K/V-cache
-        attention processors, the memory mode and the backend's runner are set up once, here.
+        """Prepare `models` (already on their device and dtype) for streaming under `config`: the attention
+        processors (`engine.prompt.CachedKVAttnProcessor`), the memory mode and the backend's runner are set
+        up once, here.
 
         Raises:
             ValueError: the LoRAs fused into `models` are not `config.loras` (`load_bundle` fuses them).
@@ -98,8 +99,9 @@ class Engine:
             raise ValueError(f"`loras`: the models have {list(map(str, models.loras)) or 'no LoRA'} fused but the "
                              f"config names {list(map(str, config.loras)) or 'none'}; load them with `load_bundle`")
         parameter = next(models.unet.parameters())
-        if config.kv_cache:
-            install_kv_processors(models.unet)
+        # Always ours: without a K/V cache it attends exactly as diffusers' own, and streams' attention banks
+        # (`temporal="bank"`) reach it the same way as the cache.
+        install_kv_processors(models.unet)
         apply_memory_mode(models, config.memory)
         engine = cls(config, models, parameter.device, parameter.dtype)
         started = time.perf_counter()

@@ -9,12 +9,16 @@ so many streams can share one UNet, each with its own cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextModel, CLIPTokenizer
+
+if TYPE_CHECKING:
+    from .temporal import AttentionBank
 
 KVCache = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,7 +52,11 @@ def _project_key_value(
 
 class CachedKVAttnProcessor:
     """Scaled-dot-product attention (as diffusers' `AttnProcessor2_0`) that takes cross-attention K/V
-    from `kv_cache[name]` when given one, and projects them itself otherwise."""
+    from `kv_cache[name]` when given one, and projects them itself otherwise.
+
+    With a `temporal_bank` (`engine.temporal.AttentionBank`), self-attention also attends to the banked
+    frames' keys and values and injects their closely matching features (the stream's `bank` mechanism).
+    """
 
     def __init__(self, name: str):
         self.name = name
@@ -61,6 +69,7 @@ class CachedKVAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        temporal_bank: AttentionBank | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -89,6 +98,8 @@ class CachedKVAttnProcessor:
             key, value = cached
         elif encoder_hidden_states is None:
             key, value = _project_key_value(attn, hidden_states, is_cross=False)
+            if temporal_bank is not None:
+                key, value = temporal_bank.extend(self.name, key, value)
         else:
             key, value = _project_key_value(attn, encoder_hidden_states)
 
@@ -98,6 +109,8 @@ class CachedKVAttnProcessor:
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * query.shape[-1])
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if temporal_bank is not None and encoder_hidden_states is None and not attn.is_cross_attention:
+            hidden_states = temporal_bank.inject(self.name, hidden_states)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
@@ -131,17 +144,29 @@ def precompute_kv(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tenso
 class Conditioning:
     """The text conditioning of one UNet batch layout: its embeddings and, when cached, each
     cross-attention layer's K/V computed from exactly those embeddings; for SDXL also the added conditioning
-    (`text_embeds`, `time_ids`: one row per UNet row)."""
+    (`text_embeds`, `time_ids`: one row per UNet row); `temporal_bank` is the stream's self-attention bank when
+    its `temporal` mechanism is `bank` (set per call, never shared)."""
 
     encoder_hidden_states: torch.Tensor
     kv_cache: KVCache | None
     added_cond: dict[str, torch.Tensor] | None = None
+    temporal_bank: AttentionBank | None = None
+
+    def attention_kwargs(self) -> dict:
+        """The `cross_attention_kwargs` that carry this conditioning's K/V cache and bank to the processors."""
+        kwargs: dict = {}
+        if self.kv_cache is not None:
+            kwargs["kv_cache"] = self.kv_cache
+        if self.temporal_bank is not None:
+            kwargs["temporal_bank"] = self.temporal_bank
+        return kwargs
 
     def unet_kwargs(self) -> dict:
         """Keyword arguments of `UNet2DConditionModel.forward` (besides sample and timestep) for these rows."""
         kwargs: dict = {"encoder_hidden_states": self.encoder_hidden_states}
-        if self.kv_cache is not None:
-            kwargs["cross_attention_kwargs"] = {"kv_cache": self.kv_cache}
+        attention = self.attention_kwargs()
+        if attention:
+            kwargs["cross_attention_kwargs"] = attention
         if self.added_cond is not None:
             kwargs["added_cond_kwargs"] = self.added_cond
         return kwargs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from .prompt import Conditioning, PromptState
 from .schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
 from .similarity import SimilarityFilter
 from .skip import SkipPolicy, SlotFrame, make_skip_policy, update_skip_policy
+from .temporal import Motion, TemporalFilter
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class FrameWork:
     latents: torch.Tensor | None = None
     denoised: torch.Tensor | None = None
     output: torch.Tensor | None = None
+    #: `temporal="flow"`: this frame's input motion (`begin`), then that of the frame it outputs (`advance`).
+    motion: Motion | None = None
 
     def result(self) -> StepResult:
         """The frame's `StepResult`, one image for a single-image input."""
@@ -114,8 +118,28 @@ class StreamEngine:
         self._state = self._new_state(config)
         # Per-stream feature caches of the optional skip policy (None when `skip_policy="off"`).
         self.skip_policy: SkipPolicy | None = make_skip_policy(self.models, config, self.runner)
+        self._check_temporal(config, self.runner)
+        self.temporal = TemporalFilter(config, self.device, self.dtype)
 
     # ------------------------------------------------------------------ preparation
+
+    def _check_temporal(self, config: StreamConfig, runner) -> None:
+        """Refuse what a temporal mechanism cannot run with, at once rather than on the first frame."""
+        if config.temporal == "off":
+            return
+        if not config.stream_batch or config.frame_buffer_size != 1:
+            raise ValueError(f"`temporal={config.temporal!r}` works on the stream batch of one frame per call: "
+                             "it needs `stream_batch=True` and `frame_buffer_size=1`")
+        if config.temporal == "bank":
+            from .backends.eager import EagerRunner
+            from .backends.split import unet_runner_of
+
+            if not isinstance(unet_runner_of(runner), EagerRunner):
+                raise ValueError("`temporal='bank'` extends the UNet's self-attention per stream: it needs the eager "
+                                 f"UNet backend (this engine's is {type(unet_runner_of(runner)).__name__}); use "
+                                 "`temporal='flow'` on compiled backends")
+            if config.skip_policy != "off":
+                raise ValueError("`temporal='bank'` and a skip policy both reuse attention across frames: use one")
 
     def latent_shape(self, config: StreamConfig) -> tuple[int, int, int]:
         """(channels, height, width) of one latent at `config`'s size."""
@@ -172,6 +196,7 @@ class StreamEngine:
         check_compatible(self.engine.config, config)
         reprepare = any(getattr(config, name) != getattr(self.config, name) for name in REPREPARE_PARAMS)
         runner = self.engine.runner(config) if reprepare else self.runner
+        self._check_temporal(config, runner)
         prompt_changed = any(getattr(config, name) != getattr(self.config, name)
                              for name in ("weighted_prompts", "negative_prompt", "prompt_blend"))
         prompt = self._encode_prompt(config) if prompt_changed or reprepare else self._prompt
@@ -182,6 +207,12 @@ class StreamEngine:
         with self._lock, self._input_lock:
             self.skip_policy = update_skip_policy(self.skip_policy, self.models, self.config, config, runner,
                                                   clear_skip_caches)
+            if config.temporal != self.config.temporal:
+                self.temporal = TemporalFilter(config, self.device, self.dtype)
+            else:
+                self.temporal.update(config)
+                if clear_skip_caches:
+                    self.temporal.reset()
             self.runner = runner
             self.config = config
             if prompt is not self._prompt:
@@ -212,6 +243,7 @@ class StreamEngine:
             self._noise_fade = None
             self._state = self._new_state(self.config)
             self._filter.reset()
+            self.temporal.reset()
             if self.skip_policy is not None:
                 self.skip_policy.reset()
 
@@ -256,6 +288,7 @@ class StreamEngine:
             state.has_frames = state.has_frames or not skipped
         frame = FrameWork(skipped=skipped, single=images.dim() == 3, state=state if skipped else None)
         if not skipped:
+            frame.motion = self.temporal.observe_input(batch)
             frame.latents = self.runner.encode(batch)
         return frame
 
@@ -286,7 +319,8 @@ class StreamEngine:
             frame.output = frame.state.last_output
             self.frames_skipped += 1
         else:
-            frame.output = (self.runner.decode(frame.denoised) / 2 + 0.5).clamp(0, 1)
+            output = (self.runner.decode(frame.denoised) / 2 + 0.5).clamp(0, 1)
+            frame.output = self.temporal.blend_output(output, frame.motion)
             frame.state.last_output = frame.output
             self.frames_processed += 1
         return frame.result()
@@ -297,7 +331,9 @@ class StreamEngine:
         self._bind(frame)
         if frame.state.buffer is None:
             self._prime(frame.state, frame.latents)
-        return self._stream_inputs(frame.state, self.config, frame.latents)
+            self.temporal.restart(self.config.denoising_steps)
+        latents, frame.motion = self.temporal.enter(frame.latents, frame.motion)
+        return self._stream_inputs(frame.state, self.config, latents)
 
     def complete_denoise(self, frame: FrameWork, call: UnetCall, model_output: torch.Tensor) -> None:
         """Guide, predict x̂0, carry stock noise and shift the buffer; the oldest slot's x̂0 is the frame's."""
@@ -353,7 +389,10 @@ class StreamEngine:
         newest = add_noise(latents, noise[:f], schedule.alpha[:f], schedule.beta[:f])
         x_t = torch.cat([newest, state.buffer])
         unet_latents, unet_timesteps = guidance.expand_unet_inputs(config.cfg_type, x_t, schedule.timesteps, f)
-        return UnetCall(x_t, unet_latents, unet_timesteps, self._prompt.layouts[(config.cfg_type, x_t.shape[0])])
+        conditioning = self._prompt.layouts[(config.cfg_type, x_t.shape[0])]
+        if self.temporal.bank is not None:
+            conditioning = dataclasses.replace(conditioning, temporal_bank=self.temporal.bank)
+        return UnetCall(x_t, unet_latents, unet_timesteps, conditioning)
 
     def _stream_finish(self, state: _StreamState, config: StreamConfig, call: UnetCall,
                        model_output: torch.Tensor) -> torch.Tensor:
@@ -361,6 +400,7 @@ class StreamEngine:
         eps, stock = guidance.guide(config.cfg_type, model_output, state.stock_noise, config.guidance_scale,
                                     config.delta, f)
         x0 = predict_x0(call.x_t, eps, schedule)
+        self.temporal.after_call(x0, f)
         if stock is not None:
             state.stock_noise = guidance.next_stock_noise(eps, stock, noise, schedule)
         state.buffer = add_noise(x0[:-f], noise[f:], schedule.alpha[f:], schedule.beta[f:])

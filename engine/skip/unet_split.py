@@ -49,8 +49,9 @@ def _block_kwargs(block: torch.nn.Module, conditioning: Conditioning) -> dict:
     if not getattr(block, "has_cross_attention", False):
         return {}
     kwargs = {"encoder_hidden_states": conditioning.encoder_hidden_states}
-    if conditioning.kv_cache is not None:
-        kwargs["cross_attention_kwargs"] = {"kv_cache": conditioning.kv_cache}
+    attention = conditioning.attention_kwargs()
+    if attention:
+        kwargs["cross_attention_kwargs"] = attention
     return kwargs
 
 

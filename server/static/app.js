@@ -224,6 +224,12 @@ $("blend").addEventListener("input", () => {
 
 $("camera").addEventListener("change", (event) => startCamera(event.target.value));
 
+$("temporal").addEventListener("change", (event) => {
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) {
+    state.ws.send(JSON.stringify({ type: "params", temporal: event.target.value }));
+  }
+});
+
 $("toggle").addEventListener("click", () => {
   state.running = !state.running;
   $("toggle").textContent = state.running ? "Stop" : "Start";

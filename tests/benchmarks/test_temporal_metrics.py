@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import temporal_metrics as tm
+from engine import motion
 
 SIZE = 96
 
@@ -36,14 +37,14 @@ def test_warp_along_a_whole_pixel_flow_is_an_exact_shift():
     flow = np.zeros((32, 32, 2), np.float32)
     flow[..., 0], flow[..., 1] = 2, 1
     # out(p) = image(p + (2, 1)): row y, column x shows image[y + 1, x + 2].
-    assert np.allclose(tm.warp(image, flow)[:-1, :-2], image[1:, 2:], atol=1e-3)
+    assert np.allclose(motion.warp(image, flow)[:-1, :-2], image[1:, 2:], atol=1e-3)
 
 
 def test_occlusion_mask_drops_what_a_consistent_flow_carries_out_of_the_picture():
     flow = np.zeros((16, 20, 2), np.float32)
     flow[..., 0] = 3
     reverse = -flow
-    mask = tm.occlusion_mask(flow, reverse)
+    mask = motion.occlusion_mask(flow, reverse)
     # Columns 17-19 would come from x + 3 > 19, outside the frame: uncovered at the border.
     assert mask[:, :17].all() and not mask[:, 17:].any()
 
@@ -53,7 +54,7 @@ def test_occlusion_mask_drops_pixels_whose_round_trip_misses():
     flow[..., 0] = 2
     reverse = -flow
     reverse[4:8, 6:10, 0] = 2  # where these pixels land, the way back points elsewhere (an occluder)
-    mask = tm.occlusion_mask(flow, reverse)
+    mask = motion.occlusion_mask(flow, reverse)
     expected = np.ones((16, 16), bool)
     expected[:, 14:] = False  # carried out of the picture
     expected[4:8, 4:8] = False  # x + 2 lands in columns 6-9: a round trip of 4 px, far beyond the tolerance
@@ -66,15 +67,15 @@ def test_round_trip_tolerance_grows_with_the_motion():
     flow = np.zeros((4, 64, 2), np.float32)
     reverse = np.zeros_like(flow)
     reverse[..., 0] = -0.8
-    assert not tm.occlusion_mask(flow, reverse)[:, :60].any()
+    assert not motion.occlusion_mask(flow, reverse)[:, :60].any()
     flow[..., 0] = 20
     reverse[..., 0] = -20.8
-    assert tm.occlusion_mask(flow, reverse)[:, :44].all()
+    assert motion.occlusion_mask(flow, reverse)[:, :44].all()
 
 
 # ---------------------------------------------------------------- flow on real motion, bounded
 
-@pytest.mark.parametrize("method", tm.FLOW_METHODS)
+@pytest.mark.parametrize("method", motion.FLOW_METHODS)
 @pytest.mark.parametrize("shift", [(3, 0), (2, 1)])
 def test_a_pure_translation_is_found_and_its_input_warps_onto_itself(method, shift):
     frames = panned(*shift)
@@ -148,7 +149,7 @@ def test_a_pair_without_trustworthy_flow_is_left_out():
 
 def test_unknown_flow_method_is_refused():
     with pytest.raises(ValueError, match="farneback"):
-        tm.optical_flow(constant(0), constant(0), "raft")
+        motion.optical_flow(constant(0), constant(0), "raft")
 
 
 # ---------------------------------------------------------------- detail and distances

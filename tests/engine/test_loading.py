@@ -46,7 +46,8 @@ def test_auto_is_cuda_in_fp16_when_present_else_cpu_in_fp32(monkeypatch, cuda):
 
 def test_engine_load_prepares_the_bundle_it_loads(monkeypatch):
     """`Engine.load` is `load_bundle` then `Engine.prepare`: device and dtype are the loaded models', the
-    K/V-cache processors are installed when `kv_cache`, and the load config is kept as given."""
+    attention processors are ours (with or without a K/V cache: streams' banks reach them too), and the load
+    config is kept as given."""
     from engine.prompt import CachedKVAttnProcessor
 
     config = LoadConfig(model="tiny", device="cpu", dtype="bfloat16", vae="full")
@@ -56,5 +57,6 @@ def test_engine_load_prepares_the_bundle_it_loads(monkeypatch):
     assert type(engine.models.vae).__name__ == "AutoencoderKL"
     assert all(isinstance(p, CachedKVAttnProcessor) for p in engine.models.unet.attn_processors.values())
     uncached = Engine.load(config.replace(kv_cache=False, vae="tiny"))
-    assert not any(isinstance(p, CachedKVAttnProcessor) for p in uncached.models.unet.attn_processors.values())
+    assert all(isinstance(p, CachedKVAttnProcessor) for p in uncached.models.unet.attn_processors.values())
+    assert uncached.config.kv_cache is False
     assert type(uncached.models.vae).__name__ == "AutoencoderTiny"

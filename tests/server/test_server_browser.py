@@ -110,6 +110,9 @@ async def test_page_streams_the_fake_camera_and_updates_the_prompt(server, tmp_p
                             "slider.dispatchEvent(new Event('input')); true")
         await wait_until(lambda: session.handle.config.prompts == (("charcoal drawing", 0.4), ("neon edges", 0.6)))
         assert await page.evaluate("document.getElementById('blend-value').textContent") == "60%"
+        await page.evaluate("const pick = document.getElementById('temporal'); pick.value = 'flow';"
+                            "pick.dispatchEvent(new Event('change')); true")
+        await wait_until(lambda: session.handle.config.temporal == "flow")
         received = await page.evaluate("window.streamdiff.framesReceived")
         await page.wait_for(f"window.streamdiff.framesReceived > {received}")
     await wait_until(lambda: len(server.state.sessions) == 0)
