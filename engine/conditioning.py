@@ -23,7 +23,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from . import guidance
-from .config import StreamConfig
+from .config import MAX_BLEND_ITEMS, StreamConfig
 from .models import ModelBundle
 from .prompt import Conditioning, KVCache, PromptState, cross_attention_layers, encode_prompt, precompute_kv
 
@@ -175,10 +175,11 @@ class PromptEncoder:
     Args:
         models (`ModelBundle`): the shared models (text encoders and UNet are only read).
         kv_cache (`bool`): whether the layouts carry precomputed cross-attention K/V.
-        capacity (`int`, defaults to 9): prompts kept (a blend of the most prompts and its negative prompt).
+        capacity (`int`, defaults to `MAX_BLEND_ITEMS + 1`): prompts kept: a blend of the most prompts and its
+            negative prompt.
     """
 
-    def __init__(self, models: ModelBundle, kv_cache: bool, capacity: int = 9):
+    def __init__(self, models: ModelBundle, kv_cache: bool, capacity: int = MAX_BLEND_ITEMS + 1):
         self.models = models
         self.kv_cache = kv_cache
         self.capacity = capacity
