@@ -172,13 +172,16 @@ def test_a_skip_policy_that_skips_nothing_equals_off_exactly(tiny_sdxl_engine, p
     stream = StreamEngine(tiny_sdxl_engine, make_config(t_index_list=(16, 32, 45), skip_policy=policy, **never_reuse))
     for frame, expected in zip(inputs, reference, strict=True):
         assert torch.equal(stream(frame), expected)
-    still = StreamEngine(tiny_sdxl_engine, make_config(t_index_list=(16, 32, 45), skip_policy=policy,
-                                                       skip_cut_threshold=1e6, skip_accumulated_threshold=1e6,
-                                                       skip_max_age=1000, rehash_interval=1000,
-                                                       adacache_codebook=((1e9, 1000),)))
-    for _ in range(4):
-        still(inputs[0])
-    assert still.skip_policy.stats.skip_rate > 0.2  # and it does reuse on a still input
+    # On a still input the default settings reuse rows (gathered subsets of the batch, added inputs included)
+    # with no error beyond float rounding.
+    config = make_config(t_index_list=(16, 32, 45), cfg_type="full")
+    still = [inputs[0]] * 6
+    reference_stream = StreamEngine(tiny_sdxl_engine, config)
+    reference = [reference_stream(frame) for frame in still]
+    reusing = StreamEngine(tiny_sdxl_engine, config.replace(skip_policy=policy))
+    for frame, expected in zip(still, reference, strict=True):
+        torch.testing.assert_close(reusing(frame), expected, rtol=0, atol=1e-5)
+    assert reusing.skip_policy.stats.skip_rate > 0.4
 
 
 def test_sessions_batch_and_each_equals_itself_alone(tiny_sdxl_models, tiny_sdxl_engine, with_runner):
