@@ -319,10 +319,14 @@ class TemporalSettings:
     """The tunables of the temporal-steadiness mechanisms (`StreamConfig.temporal`; docs/temporal.md).
 
     Args:
-        strength (`float`, defaults to 0.7): `flow`: weight of the previous output carried along the input's
+        strength (`float`, defaults to 0.9): `flow`: weight of the previous output carried along the input's
             optical flow, where that flow is trusted; `feedback`: weight of the previous x̂0 latent in the next
-            input latent where the input is still. In [0, 1). 0.7 is the `flow` setting measured to keep
-            detail ≥ 0.9 of off on slow pans while cutting their flicker (docs/temporal.md).
+            input latent where the input is still. In [0, 1). The `flow` default was measured to keep detail
+            ≥ 0.9 of off on slow pans while cutting their flicker (docs/temporal.md).
+        tolerance (`float`, defaults to 0.2): `flow`: the carried output's weight falls as
+            exp(−(d / tolerance)²), d being its mean difference from the fresh output (0-1 scale): flicker is
+            a small difference and is smoothed; a large one is new structure or a misaligned edge and is kept
+            sharp.
         motion_scale (`float`, defaults to 0.05): `feedback`: the weight falls as exp(−motion / this), motion
             being each latent cell's change from the previous input latent relative to the latent's mean size
             (so moving regions do not ghost).
@@ -335,7 +339,8 @@ class TemporalSettings:
         injection_strength (`float`, defaults to 0.5): `bank`: the banked feature's share in an injected token.
     """
 
-    strength: float = 0.7
+    strength: float = 0.9
+    tolerance: float = 0.2
     motion_scale: float = 0.05
     cut_threshold: float = 0.3
     bank_size: int = 2
@@ -347,8 +352,8 @@ class TemporalSettings:
         _check_finite(self)
         if not 0 <= self.strength < 1:
             raise ValueError(f"`temporal_strength` must lie in [0, 1), got {self.strength}")
-        if self.motion_scale <= 0 or self.cut_threshold <= 0:
-            raise ValueError("`temporal_motion_scale` and `temporal_cut_threshold` must be > 0")
+        if self.motion_scale <= 0 or self.cut_threshold <= 0 or self.tolerance <= 0:
+            raise ValueError("`temporal_motion_scale`, `temporal_cut_threshold` and `temporal_tolerance` must be > 0")
         if not 1 <= self.bank_size <= MAX_BANK_SIZE or self.bank_interval < 1:
             raise ValueError(f"`temporal_bank_size` must lie in [1, {MAX_BANK_SIZE}] and `temporal_bank_interval` "
                              f"be >= 1, got {self.bank_size}, {self.bank_interval}")

@@ -4,9 +4,11 @@ Three mechanisms, each per stream and each starting over on a cut (an input late
 `cut_threshold` relative L1), a prompt change, `reset` and a re-prepare:
 
 - `flow`: the output carried along the input's optical flow. The previous output is warped to the new frame
-  with the flow between the two input frames and blended in, `out' = out + a·m·(warp(prev') − out)`, where
+  with the flow between the two input frames and blended in, `out' = out + a·m·g·(warp(prev') − out)`, where
   `m` is 1 only where that flow passes the forward-backward consistency test and the motion-compensated
-  input agrees (occluded, uncovered and mismatched pixels keep the fresh output, so motion never ghosts).
+  input agrees (occluded, uncovered and mismatched pixels keep the fresh output, so motion never ghosts),
+  and `g = exp(−(d/tolerance)²)` of the two outputs' difference d keeps new structure and misaligned edges
+  sharp while the small differences of flicker are smoothed (a temporal bilateral filter).
 - `feedback`: the previous newest-slot x̂0 latent blended into the next input latent,
   `z' = z + w·(x̂0_prev − z)` with `w = s·exp(−motion/τ)` per latent cell, motion being the cell's change
   from the previous input latent (so moving regions do not ghost).
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,9 +35,12 @@ from .motion import gray, occlusion_mask, optical_flow, sampling_grid, warp, war
 
 #: Motion-compensated input error (0-255 luminance) above which a pixel's flow is not trusted.
 PHOTOMETRIC_TOLERANCE = 12.0
-#: Flow shorter than this (pixels) is taken as no motion: on a still scene it is sensor noise, and resampling
-#: along it would only blur the carried output (measured: noisy still 0.80x → 0.62x of off's flicker).
-STILL_FLOW_PX = 0.3
+#: Flow shorter than this (pixels) is taken as no motion: on a still scene it is sensor (and JPEG) noise, and
+#: resampling along it would only blur the carried output (docs/temporal.md has the measurement).
+STILL_FLOW_PX = 0.5
+#: Flow is estimated with frames scaled to at most this many pixels on their long side: it is most of the
+#: mechanism's cost, and at 256² this kept its effect while taking 0.6x the time (docs/temporal.md).
+FLOW_SIDE = 192
 
 
 @dataclass(frozen=True)
@@ -63,18 +69,31 @@ def feedback_weight(latents: torch.Tensor, previous: torch.Tensor, strength: flo
     return strength * torch.exp(-motion / motion_scale)
 
 
+def _scaled_gray(rgb: np.ndarray, scale: float) -> np.ndarray:
+    luminance = gray(rgb)
+    if scale == 1:
+        return luminance
+    height, width = luminance.shape
+    return cv2.resize(luminance, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+
+
 def input_motion(previous_rgb: np.ndarray, current_rgb: np.ndarray, cut_threshold: float,
                  device: torch.device, dtype: torch.dtype) -> Motion:
-    """The `Motion` from one input frame (RGB, 0-255) to the next: Farneback flow both ways, the consistency
-    mask narrowed to pixels whose motion-compensated luminance agrees, and whether it is a cut."""
-    previous, current = gray(previous_rgb), gray(current_rgb)
+    """The `Motion` from one input frame (RGB, 0-255) to the next: Farneback flow both ways (on frames scaled to
+    `FLOW_SIDE`), the consistency mask narrowed to pixels whose motion-compensated luminance agrees, and whether
+    it is a cut."""
+    height, width = current_rgb.shape[:2]
+    scale = min(1.0, FLOW_SIDE / max(height, width))
+    previous, current = _scaled_gray(previous_rgb, scale), _scaled_gray(current_rgb, scale)
     flow = optical_flow(current, previous)
-    flow[np.linalg.norm(flow, axis=-1) < STILL_FLOW_PX] = 0
-    compensated = warp(previous, flow)
-    error = np.abs(compensated - current)
+    flow[np.linalg.norm(flow, axis=-1) < STILL_FLOW_PX * scale] = 0
+    error = np.abs(warp(previous, flow) - current)
     if float(error.mean()) > cut_threshold * max(float(current.mean()), 1.0):
         return Motion(None, None, cut=True)
-    trusted = occlusion_mask(flow, optical_flow(previous, current)) & (error <= PHOTOMETRIC_TOLERANCE)
+    trusted = (occlusion_mask(flow, optical_flow(previous, current)) & (error <= PHOTOMETRIC_TOLERANCE))
+    if scale != 1:
+        flow = cv2.resize(flow, (width, height), interpolation=cv2.INTER_LINEAR) / scale
+        trusted = cv2.resize(trusted.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
     mask = torch.from_numpy(trusted.astype(np.float32)).to(device=device, dtype=dtype)[None, None]
     return Motion(sampling_grid(flow, device, dtype), mask, cut=False)
 
@@ -235,9 +254,10 @@ class TemporalFilter:
             return output
         previous, blended = self._previous_output, output
         if previous is not None and motion is not None and not motion.cut and previous.shape == output.shape:
-            weight = self.settings.strength * motion.mask
             # Bicubic: each frame re-samples the carried output, and bilinear's low-pass would accumulate.
             carried = warp_tensor(previous, motion.grid, mode="bicubic").clamp(0, 1)
+            difference = (carried - output).abs().mean(1, keepdim=True)
+            weight = self.settings.strength * motion.mask * torch.exp(-(difference / self.settings.tolerance) ** 2)
             blended = output + weight * (carried - output)
         self._previous_output = blended
         return blended

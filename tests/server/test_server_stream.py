@@ -175,3 +175,21 @@ async def test_a_flood_answers_every_frame_exactly_once(server):
     assert frame_seqs == sorted(frame_seqs) and len(log.outputs) == len(frame_seqs)
     assert log.of_type("dropped") and not log.of_type("error")
     assert frame_seqs[-1] == len(frames) - 1  # the newest frame always gets an output
+
+
+async def test_temporal_mechanism_is_a_session_parameter_over_websocket_and_rest(server):
+    async with connect(server.ws_url) as ws, httpx.AsyncClient(base_url=server.base_url, timeout=30) as rest:
+        session_id = (await hello(ws))["session_id"]
+        session = server.state.sessions.get(session_id)
+        await ws.send(json.dumps({"type": "params", "temporal": "bank", "temporal_bank_size": 3}))
+        await wait_until(lambda: session.handle.config.temporal == "bank")
+        assert session.handle.config.temporal_settings.bank_size == 3
+        answer = await rest.patch(f"/api/sessions/{session_id}/params",
+                                  json={"temporal": "flow", "temporal_strength": 0.5})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["params"]["temporal"] == "flow"
+        assert answer.json()["params"]["temporal_strength"] == 0.5
+        log = await stream(ws, [random_frame(seed) for seed in range(3)], 2)
+        assert len(log.outputs) == 3 and not log.of_type("error")
+        await ws.send(json.dumps({"type": "params", "temporal": "sometimes"}))
+        assert (await next_event(ws, "error"))["code"] == "invalid_params"
