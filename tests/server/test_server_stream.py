@@ -174,7 +174,6 @@ async def test_a_flood_answers_every_frame_exactly_once(server):
     frame_seqs = [event["seq"] for event in log.frames]
     assert frame_seqs == sorted(frame_seqs) and len(log.outputs) == len(frame_seqs)
     assert log.of_type("dropped") and not log.of_type("error")
-    assert frame_seqs[-1] == len(frames) - 1  # the newest frame always gets an output
 
 
 async def test_temporal_mechanism_is_a_session_parameter_over_websocket_and_rest(server):
