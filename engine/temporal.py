@@ -51,8 +51,12 @@ class Motion:
 
 
 def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """|current − previous|₁ / |previous|₁ (a tiny floor keeps an all-zero reference finite)."""
-    return float((current - previous).abs().sum() / previous.abs().sum().clamp_min(1e-12))
+    """|current − previous|₁ / |previous|₁ (a tiny floor keeps an all-zero reference finite).
+
+    Summed in float32: in float16 a large frame's latent sum overflows to inf and the ratio is 0 (or NaN), so no
+    cut was ever seen."""
+    return float((current - previous).abs().sum(dtype=torch.float32)
+                 / previous.abs().sum(dtype=torch.float32).clamp_min(1e-12))
 
 
 def feedback_weight(latents: torch.Tensor, previous: torch.Tensor, strength: float,
