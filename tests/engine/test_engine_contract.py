@@ -36,7 +36,7 @@ SECOND_UPDATE = dict(t_index_list=(10, 30), guidance_scale=1.4, skip_policy="reh
 def engine():
     """A private tiny model set, loaded as a server loads it: nothing else touches it, so its scheduler is as
     loading left it (no `set_timesteps` yet) and any change a stream makes shows."""
-    return Engine.prepare(load_models("tiny"), LoadConfig(model="tiny"))
+    return Engine.prepare(load_models("tiny"), LoadConfig(model="tiny", backend="eager"))
 
 
 def stream_config(**params) -> StreamConfig:
