@@ -45,7 +45,6 @@ from .factory import (
 )
 from .onnx_export import DEFAULT_EXPORTER
 from .onnxruntime import claim_cpu_threads, cpu_thread_split, default_intra_op_threads
-from .progress import heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -226,20 +225,17 @@ def measure_backend(backend: str, models: ModelBundle, load: LoadConfig, stream:
     started = clock()
     try:
         runner = new_runner(backend, models, stream.cfg_type, cache_dir, DEFAULT_EXPORTER, load.resolution_range)
-        with heartbeat(logger, f"auto: first calls on {backend}"):
-            if hasattr(runner, "prepare"):
-                runner.prepare(stream, load.kv_cache)
-            for name, call in calls:
-                graph_started = clock()
-                if backend == "compile":
-                    logger.info("auto: compiling the %s (torch.compile)", name)
-                call(runner)
-                _wait(device)
-                if backend == "compile":
-                    logger.info("auto: compiled the %s in %.1f s", name, clock() - graph_started)
+        # Exports and compiles log their own progress (a heartbeat while they run, then their duration).
+        if hasattr(runner, "prepare"):
+            runner.prepare(stream, load.kv_cache)
+        for name, call in calls:
+            graph_started = clock()
+            call(runner)
+            _wait(device)
+            logger.info("auto: first %s call on %s took %.1f s", name, backend, clock() - graph_started)
         startup_s = clock() - started
         if backend == "compile":
-            logger.info("auto: torch.compile ready in %.1f s in all", startup_s)
+            logger.info("auto: torch.compile ready in %.1f s", startup_s)
             if startup_s > load.auto_compile_budget_s:
                 return Measurement(backend, None, round(startup_s, 2),
                                    f"compiling took {startup_s:.0f} s, over auto_compile_budget_s="
@@ -268,7 +264,8 @@ def resolve_auto(models: ModelBundle, load: LoadConfig, stream: StreamConfig | N
                  measure: Callable[..., Measurement] = measure_backend) -> tuple[LoadConfig, BackendChoice]:
     """`load` with an `auto` backend (and `vae_backend`) made concrete for `models` on this machine, and why.
 
-    TensorRT where it runs; eager under a memory mode (it slices the eager modules); else the fastest candidate
+    TensorRT where it runs; eager under a memory mode (it slices the eager modules) or for streams with a skip
+    policy or `temporal="bank"` (they work inside the eager UNet); else the fastest candidate
     measured on `stream`'s workload (default `StreamConfig()`), from the verdicts file when this key was
     measured before. Then, with every network on ONNX Runtime on the CPU, torch's threads go to ONNX Runtime
     (`claim_cpu_threads`). A `load` without `auto` only gets that last step.
@@ -294,6 +291,8 @@ def _choose(models: ModelBundle, load: LoadConfig, stream: StreamConfig, cache_d
     available = probe_availability(parameter.device, str(parameter.dtype).removeprefix("torch."))
     if load.memory != "off":
         return BackendChoice("eager", f"memory mode {load.memory!r} slices the eager modules")
+    if stream.skip_policy != "off" or stream.temporal == "bank":
+        return BackendChoice("eager", "the streams' skip policy or attention bank works inside the eager UNet")
     if unavailable_reason("tensorrt", available) is None:
         return choose_backend("auto", available)
     candidates = calibration_candidates(available, load.auto_compile_budget_s)

@@ -162,8 +162,30 @@ def test_a_compile_over_its_budget_is_dropped_with_its_progress_logged(tiny_mode
         measurement = measure_backend("compile", tiny_models, load, STREAM, clock=lambda: next(ticks))
     assert measurement.fps is None and "over auto_compile_budget_s=30" in measurement.dropped
     for network in ("VAE encoder", "UNet", "VAE decoder"):
-        assert f"compiling the {network}" in caplog.text and f"compiled the {network} in 10.0 s" in caplog.text
+        assert f"first {network} call on compile took 10.0 s" in caplog.text
     assert "torch.compile ready in" in caplog.text
+
+
+def test_the_compile_runner_logs_each_graph_it_compiles_and_the_total(tiny_models, monkeypatch, caplog):
+    from engine.backends.compiled import TorchCompileRunner
+
+    monkeypatch.setattr(torch, "compile", lambda module, **options: module)  # the logging, not Inductor
+    runner = TorchCompileRunner(tiny_models)
+    images = torch.zeros(1, 3, 32, 32)
+    with caplog.at_level(logging.INFO, logger="engine.backends.compiled"):
+        latents = runner.encode(images)
+        runner.decode(latents)
+        runner.encode(images)  # the same shape again: compiled already, nothing logged
+        runner.encode(torch.zeros(1, 3, 64, 64))
+    assert caplog.text.count("compiling the VAE encoder") == 2 and caplog.text.count("compiling the VAE decoder") == 1
+    assert "compiled the VAE decoder in" in caplog.text and "(3 graph(s)," in caplog.text
+    assert len(runner._compiled) == 3
+
+
+def test_a_skip_policy_or_an_attention_bank_resolves_auto_to_eager(tiny_models, tmp_path):
+    for stream in (STREAM.replace(skip_policy="rehash"), STREAM.replace(temporal="bank")):
+        resolved, choice = resolve_auto(tiny_models, LoadConfig(model="tiny"), stream, tmp_path, measure=_never)
+        assert resolved.backend == "eager" and "eager UNet" in choice.reason
 
 
 def test_a_measurement_is_the_median_of_its_rounds_and_a_failure_drops_the_backend(tiny_models, monkeypatch):
