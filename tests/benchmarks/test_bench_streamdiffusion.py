@@ -73,7 +73,7 @@ def test_a_whole_run_interleaves_both_and_reports_threads(tmp_path, monkeypatch,
     for row in results["configurations"].values():
         assert row["ours_backend"] == "eager" and len(row["fps"]["ours"]["rounds"]) == 2
         assert row["threads"] == {"streamdiffusion_torch": 2, "ours_torch": 2, "ours_onnxruntime_intra_op": None}
-        assert row["ours_vs_streamdiffusion"]["median"] > 0
+        assert set(row["ours_vs_streamdiffusion"]) == {"rounds", "median", "min"}
     assert [stand_in.frames for stand_in in StandIn.instances] == [1 + 2 + 2] * 2  # warm-up, then two rounds
     assert StandIn.instances[1].cfg_type == "full" and StandIn.instances[1].prepared[3] == 1.2
     assert type(StandIn.instances[0].pipe).__name__ == "StableDiffusionPipeline"
