@@ -137,6 +137,18 @@ def read_verdict(folder: Path, key: CalibrationKey) -> tuple[Measurement, ...] |
     return tuple(Measurement(**item) for item in entry["measurements"])
 
 
+def read_verdicts(folder: Path) -> list[dict]:
+    """Every cached verdict in `folder` (its key, choice, time and measurements), oldest first; [] when none."""
+    try:
+        verdicts = json.loads((folder / VERDICTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(verdicts, dict):
+        return []
+    return sorted((entry for entry in verdicts.values() if isinstance(entry, dict) and "key" in entry),
+                  key=lambda entry: entry.get("measured_at", ""))
+
+
 def write_verdict(folder: Path, key: CalibrationKey, measurements: tuple[Measurement, ...], chosen: str) -> Path:
     """Add `key`'s measurements and choice to the verdicts file (written whole, then renamed into place)."""
     path = folder / VERDICTS_FILE

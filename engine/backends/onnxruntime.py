@@ -87,21 +87,21 @@ _claim_lock = threading.Lock()
 
 
 def claim_cpu_threads(unet_backend: str, vae_backend: str, device_type: str) -> tuple[int, int]:
-    """Apply `cpu_thread_split` to this process: torch's current count is the budget (taken once; a later call
-    reuses it), torch is set to its share and later ONNX Runtime sessions get theirs. Returns (torch, ONNX
-    Runtime) threads."""
+    """Apply `cpu_thread_split` to this process for an engine about to serve: torch's count is the budget (the
+    count before an earlier claim lowered it), torch is set to its share and later ONNX Runtime sessions get
+    theirs. An engine of another kind gives torch the whole budget back: the split follows the engine prepared
+    last, since torch's count is process-wide. Returns (torch, ONNX Runtime) threads."""
     global _claimed_threads
     with _claim_lock:
         budget = _claimed_threads or torch.get_num_threads()
         torch_threads, ort_threads = cpu_thread_split(budget, unet_backend, vae_backend, device_type)
-        if torch_threads != budget:
-            _claimed_threads = budget
-            if torch.get_num_threads() != torch_threads:
-                logger.info("ONNX Runtime runs every network on the CPU: its sessions get %d intra-op thread(s), "
-                            "torch %d for the stream's work between the graphs (was %d)", ort_threads,
-                            torch_threads, torch.get_num_threads())
-                torch.set_num_threads(torch_threads)
-        return torch.get_num_threads(), ort_threads
+        _claimed_threads = budget if torch_threads != budget else None
+        if torch.get_num_threads() != torch_threads:
+            logger.info("torch intra-op threads %d -> %d: the networks run on %s/%s on %s (ONNX Runtime sessions: "
+                        "%d intra-op threads)", torch.get_num_threads(), torch_threads, unet_backend, vae_backend,
+                        device_type, ort_threads)
+            torch.set_num_threads(torch_threads)
+        return torch_threads, ort_threads
 
 
 def default_intra_op_threads() -> int:

@@ -80,3 +80,16 @@ def test_claiming_for_an_eager_network_changes_nothing(monkeypatch):
     before = torch.get_num_threads()
     assert ort_backend.claim_cpu_threads("eager", "onnxruntime", "cpu") == (before, before)
     assert torch.get_num_threads() == before and ort_backend._claimed_threads is None
+
+
+def test_an_eager_engine_prepared_after_an_onnxruntime_one_gets_the_budget_back(monkeypatch):
+    monkeypatch.setattr(ort_backend, "_claimed_threads", None)
+    monkeypatch.delenv("ORT_INTRA_OP_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ort_backend.claim_cpu_threads("onnxruntime", "onnxruntime", "cpu")
+        assert ort_backend.claim_cpu_threads("eager", "eager", "cpu") == (2, 2)
+        assert torch.get_num_threads() == 2 and ort_backend._claimed_threads is None
+    finally:
+        torch.set_num_threads(before)
