@@ -80,7 +80,9 @@ def input_motion(previous_rgb: np.ndarray, current_rgb: np.ndarray, cut_threshol
         return Motion(None, None, cut=True)
     trusted = occlusion_mask(flow, optical_flow(previous, current)) & (error <= PHOTOMETRIC_TOLERANCE)
     mask = torch.from_numpy(trusted.astype(np.float32)).to(device=device, dtype=dtype)[None, None]
-    return Motion(sampling_grid(flow, device, dtype), mask, cut=False)
+    # The grid holds positions in [-1, 1], so it stays float32: bfloat16 steps 2⁻⁷ near ±1, which is a whole
+    # pixel at 256 px, and float16 a quarter pixel at 1024 px (the carried output landed shifted).
+    return Motion(sampling_grid(flow, device, torch.float32), mask, cut=False)
 
 
 class AttentionBank:
