@@ -44,7 +44,7 @@ from .factory import (
     unavailable_reason,
 )
 from .onnx_export import DEFAULT_EXPORTER
-from .onnxruntime import claim_cpu_threads, cpu_thread_split, default_intra_op_threads
+from .onnxruntime import claim_cpu_threads, cpu_thread_split, default_intra_op_threads, thread_budget
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class CalibrationKey:
     torch: str
     onnxruntime: str
     threads: int
+    onnxruntime_threads: int
     kv_cache: bool
     compile_budget_s: float
 
@@ -189,7 +190,8 @@ def calibration_key(models: ModelBundle, load: LoadConfig, stream: StreamConfig,
         unet_batch=guidance.unet_batch_size(stream.cfg_type, stream.denoising_steps, stream.frame_buffer_size),
         frame_buffer_size=stream.frame_buffer_size, dtype=str(parameter.dtype).removeprefix("torch."),
         device=device, torch=torch.__version__, onnxruntime=_onnxruntime_version(), threads=threads,
-        kv_cache=load.kv_cache, compile_budget_s=load.auto_compile_budget_s)
+        onnxruntime_threads=default_intra_op_threads(), kv_cache=load.kv_cache,
+        compile_budget_s=load.auto_compile_budget_s)
 
 
 def _workload(models: ModelBundle, stream: StreamConfig, kv_cache: bool):
@@ -231,8 +233,7 @@ def measure_backend(backend: str, models: ModelBundle, load: LoadConfig, stream:
     calls = (("VAE encoder", lambda runner: runner.encode(images)),
              ("UNet", lambda runner: runner.unet(latents, timesteps, conditioning)),
              ("VAE decoder", lambda runner: runner.decode(latents[:f])))
-    budget = default_intra_op_threads() if backend == "onnxruntime" else torch.get_num_threads()
-    torch_threads, _ = cpu_thread_split(budget, backend, backend, device.type)
+    torch_threads, _ = cpu_thread_split(thread_budget(), backend, backend, device.type)
     before = torch.get_num_threads()
     started = clock()
     try:
@@ -311,7 +312,7 @@ def _choose(models: ModelBundle, load: LoadConfig, stream: StreamConfig, cache_d
     if len(candidates) == 1:
         return choose_backend("auto", available)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = calibration_key(models, load, stream, default_intra_op_threads())
+    key = calibration_key(models, load, stream, thread_budget())
     measurements = read_verdict(folder, key)
     if measurements is not None and {item.backend for item in measurements} == set(candidates):
         logger.info("auto: measured before on this machine (%s, key %s)", folder / VERDICTS_FILE, key.digest())

@@ -104,9 +104,14 @@ def claim_cpu_threads(unet_backend: str, vae_backend: str, device_type: str) -> 
         return torch_threads, ort_threads
 
 
+def thread_budget() -> int:
+    """The process's thread budget: torch's count before `claim_cpu_threads` lowered it, else torch's count."""
+    return _claimed_threads or torch.get_num_threads()
+
+
 def default_intra_op_threads() -> int:
-    """`$ORT_INTRA_OP_THREADS` when set, else the budget `claim_cpu_threads` took, else torch's thread count."""
-    return int(os.environ.get("ORT_INTRA_OP_THREADS", 0)) or _claimed_threads or torch.get_num_threads()
+    """`$ORT_INTRA_OP_THREADS` when set, else the thread budget (`thread_budget`)."""
+    return int(os.environ.get("ORT_INTRA_OP_THREADS", 0)) or thread_budget()
 
 
 def _import_onnxruntime():

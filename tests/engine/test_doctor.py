@@ -180,7 +180,8 @@ def test_the_doctor_on_a_cpu_machine_picks_a_backend_runs_frames_and_exits_0(tmp
 def test_the_doctor_lists_what_auto_measured_here(tmp_path, capsys):
     from engine.backends.auto import CalibrationKey, Measurement, write_verdict
 
-    key = CalibrationKey("model", 256, 256, "self", 2, 1, "float32", "cpu", torch.__version__, "1.32.0", 2, True, 0.0)
+    key = CalibrationKey("model", 256, 256, "self", 2, 1, "float32", "cpu", torch.__version__, "1.32.0", 2, 2, True,
+                         0.0)
     write_verdict(tmp_path / "cache", key, (Measurement("eager", 30.0, 0.1), Measurement("onnxruntime", 45.0, 4.0)),
                   "onnxruntime")
     report = doctor.diagnose(doctor.parse_args(["--cache-dir", str(tmp_path / "cache"), "--backend", "eager",
