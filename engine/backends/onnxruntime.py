@@ -207,12 +207,12 @@ class OnnxRuntimeRunner(StaticShapeRunner):
     def _session_options(self):
         options = self._ort.SessionOptions()
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threading = self.threading
+        settings = self.threading
         options.execution_mode = {"sequential": self._ort.ExecutionMode.ORT_SEQUENTIAL,
-                                  "parallel": self._ort.ExecutionMode.ORT_PARALLEL}[threading.execution_mode]
-        options.intra_op_num_threads = threading.intra_op_num_threads
-        options.inter_op_num_threads = threading.inter_op_num_threads
-        for key, value in threading.config_entries:
+                                  "parallel": self._ort.ExecutionMode.ORT_PARALLEL}[settings.execution_mode]
+        options.intra_op_num_threads = settings.intra_op_num_threads
+        options.inter_op_num_threads = settings.inter_op_num_threads
+        for key, value in settings.config_entries:
             options.add_session_config_entry(key, value)
         options.log_severity_level = 3
         return options
