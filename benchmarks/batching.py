@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = StreamConfig(width=args.size, height=args.size, similarity_filter=False)
-    engine = Engine.load(LoadConfig(model=args.model))
+    engine = Engine.load(LoadConfig(model=args.model, backend="eager"))  # only eager batches sessions
     for round_index in range(args.rounds):
         alone, _ = measure(engine, config, args.streams, 1, args.duration)
         batched, batch = measure(engine, config, args.streams, args.streams, args.duration,

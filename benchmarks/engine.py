@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from engine import guidance
+from engine.backends.onnxruntime import default_intra_op_threads, ort_threading
 from engine.config import BACKENDS, StreamConfig
 from engine.loading import Engine
 from engine.stream import StreamEngine
@@ -121,6 +122,8 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "device": str(engine.device),
                     "dtype": str(engine.dtype).removeprefix("torch.")},
+        # Per row: torch's intra-op threads and, where ONNX Runtime runs, its session threading.
+        "threads": {},
     }
     if engine.device.type == "cuda":
         results["machine"]["gpu"] = torch.cuda.get_device_name(engine.device)
@@ -132,12 +135,31 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
         ("diffusers_fps", lambda: diffusers_fps(engine, config, clip, frames, warmup)),
         ("ssf_static_skip_rate", lambda: skip_rate(engine, config, clip)),
     ]
-    # Compiling (ONNX export, engine build) happens when the engine is made, before the warm-up.
-    rows += [(f"{backend}_fps", lambda backend=backend: engine_fps(
-                Engine.prepare(engine.models, load.replace(backend=backend)), config, clip, frames, warmup))
+    budget = torch.get_num_threads()
+
+    def backend_fps(backend: str) -> float:
+        # Compiling (ONNX export, engine build) happens when the engine is made, before the warm-up; `auto`
+        # measures its candidates then. The engine sets the thread split it serves with (ONNX Runtime on the
+        # CPU: torch 1 thread, ONNX Runtime the budget); the next row starts from the budget again.
+        torch.set_num_threads(budget)
+        prepared = Engine.prepare(engine.models, load.replace(backend=backend), config)
+        concrete = prepared.config.backend
+        if backend == "auto":
+            results["auto_backend"] = concrete
+        threads = {"torch": torch.get_num_threads()}
+        if "onnxruntime" in (concrete, prepared.config.vae_backend):
+            threads["onnxruntime"] = ort_threading(default_intra_op_threads()).as_dict()
+        results["threads"][f"{backend}_fps"] = threads
+        try:
+            return engine_fps(prepared, config, clip, frames, warmup)
+        finally:
+            torch.set_num_threads(budget)
+
+    rows += [(f"{backend}_fps", lambda backend=backend: backend_fps(backend))
              for backend in backends if backend != "eager"]
     for key, measure in rows:
         logger.info("measuring %s", key)
+        results["threads"].setdefault(key, {"torch": torch.get_num_threads()})
         results[key] = round(measure(), 4)
     engine = results["engine_fps"]
     results["ratios"] = {
@@ -159,7 +181,13 @@ def format_table(results: dict) -> str:
              f"threads={results['machine']['threads']}"]
     for key, value in results.items():
         if key.endswith(("_fps", "_rate")):
-            lines.append(f"  {key:<24} {value:>10.3f}")
+            threads = results.get("threads", {}).get(key, {})
+            note = f"  torch {threads['torch']} thread(s)" if "torch" in threads else ""
+            if "onnxruntime" in threads:
+                note += f", ONNX Runtime {threads['onnxruntime']['intra_op_num_threads']} intra-op"
+            if key == "auto_fps":
+                note += f" ({results['auto_backend']})"
+            lines.append(f"  {key:<24} {value:>10.3f}{note}")
     for key, value in results["ratios"].items():
         lines.append(f"  {key:<24} {value:>10.3f}x")
     return "\n".join(lines)

@@ -145,7 +145,8 @@ def run_bench(model: str = "tiny", width: int = 256, height: int = 256, t_index_
     """Measure the three paths `repeats` times, alternating, on `frames` frames of `clip`."""
     changes = {} if t_index_list is None else {"t_index_list": tuple(t_index_list)}
     config = StreamConfig(width=width, height=height, similarity_filter=False, **changes)
-    engine = Engine.load(LoadConfig(model=model))
+    # Eager, as every figure this benchmark recorded (docs/server.md): it compares paths, not backends.
+    engine = Engine.load(LoadConfig(model=model, backend="eager"))
     clip_frames = [encode_jpeg(rgb) for rgb in synthetic_clip(clip, frames + warmup, width, height)]
     warm, timed = clip_frames[:warmup], clip_frames[warmup:]
     results: dict[str, list[float]] = {"engine": [], "runtime": [], "websocket": []}

@@ -82,7 +82,7 @@ FRAME_TIMEOUT_S = 120.0
 
 def load_model(model: str) -> Engine:
     """The loaded engine of `model` (`tiny`, `demo`, ...) on the CPU in float32."""
-    return Engine.load(LoadConfig(model=model, device="cpu", dtype="float32"))
+    return Engine.load(LoadConfig(model=model, device="cpu", dtype="float32", backend="eager"))  # `bank` needs eager
 
 
 def stream_config(model: str, width: int, height: int) -> StreamConfig:

@@ -8,8 +8,9 @@ BENCH_T_INDEX_LIST = (0, 16, 32, 45)
 
 
 def bench_load(model: str) -> LoadConfig:
-    """The benchmarks' load-time settings: `model` on the CPU in float32 (where the diffusers baseline runs)."""
-    return LoadConfig(model=model, device="cpu", dtype="float32")
+    """The benchmarks' load-time settings: `model` on the CPU in float32 (where the diffusers baseline runs), on
+    the eager backend, the rows' reference (other backends, `auto` included, are rows of their own)."""
+    return LoadConfig(model=model, device="cpu", dtype="float32", backend="eager")
 
 
 def bench_stream(width: int, height: int | None = None) -> StreamConfig:

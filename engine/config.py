@@ -198,7 +198,10 @@ class LoadConfig:
             (or hub id) of the same architecture.
         device (`str`, defaults to `"auto"`): torch device; `auto` picks CUDA when present.
         dtype (`str`, defaults to `"auto"`): `float32`, `float16`, `bfloat16` or `auto` (fp16 on CUDA, else fp32).
-        backend (`str`, defaults to `"eager"`): how the UNet and VAE run (`eager|onnxruntime|tensorrt|compile|auto`).
+        backend (`str`, defaults to `"auto"`): how the UNet and VAE run (`eager|onnxruntime|tensorrt|compile|auto`);
+            `auto` is TensorRT where it runs, else the fastest backend measured on this machine
+            (`engine.backends.auto`), eager under a memory mode. Skip policies, `temporal="bank"` and
+            cross-session batching need an eager UNet: ask for `eager` by name for them.
         vae_backend (`str | None`, defaults to None): how the VAE runs when that differs from `backend`
             (`engine.backends.split`), e.g. `onnxruntime` beside an eager UNet, which keeps cross-session
             batching and takes ONNX Runtime's faster static-shape VAE; None runs it on `backend`.
@@ -211,6 +214,9 @@ class LoadConfig:
         loras (`tuple[LoraSpec, ...]`, defaults to none): LoRAs fused into the shared UNet and text encoders at
             load, in order, before any backend compiles them (`engine.lora`; `--lora SPEC[:SCALE]`, repeatable);
             `"SPEC[:SCALE]"` strings are parsed.
+        auto_compile_budget_s (`float`, defaults to 0): `auto` also times `compile` when this is > 0, and
+            never chooses it when compiling took longer than this many seconds (it compiles again at every
+            start; minutes on a CPU). 0 leaves torch.compile out of `auto`.
     """
 
     model: str = "demo"
@@ -219,12 +225,13 @@ class LoadConfig:
     model_config: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    backend: str = "eager"
+    backend: str = "auto"
     vae_backend: str | None = None
     kv_cache: bool = True
     memory: str = "off"
     resolution_range: ResolutionRange | None = None
     loras: tuple[LoraSpec, ...] = ()
+    auto_compile_budget_s: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple(
@@ -239,9 +246,13 @@ class LoadConfig:
         if self.vae_backend is not None:
             _check_choice("vae_backend", self.vae_backend, BACKENDS)
         _check_choice("memory", self.memory, MEMORY_MODES)
-        if self.memory != "off" and (self.backend != "eager" or self.vae_backend not in (None, "eager")):
-            raise ValueError("`memory` slices the eager modules: it needs `backend='eager'` and no other "
-                             "`vae_backend`")
+        # `auto` resolves to eager under a memory mode (`engine.backends.auto`).
+        if self.memory != "off" and (self.backend not in ("eager", "auto")
+                                     or self.vae_backend not in (None, "eager", "auto")):
+            raise ValueError("`memory` slices the eager modules: it needs `backend='eager'` (or `auto`) and no "
+                             "other `vae_backend`")
+        if not (math.isfinite(self.auto_compile_budget_s) and self.auto_compile_budget_s >= 0):
+            raise ValueError(f"`auto_compile_budget_s` must be >= 0, got {self.auto_compile_budget_s}")
 
     @property
     def use_tiny_vae(self) -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .backends.auto import Measurement, describe, read_verdicts
 from .backends.cache import (
     CacheKeyParts,
     CorruptArtifactError,
@@ -393,6 +394,12 @@ def format_report(report: Report) -> str:
     lines += ["", f"backend: --backend {backend['requested']} -> {backend['chosen']} ({backend['reason']})"]
     for name, reason in backend["available"].items():
         lines.append(f"  {name:<13} {'runs here' if reason is None else 'cannot run: ' + reason}")
+    verdicts = backend.get("auto_verdicts", [])
+    lines.append("  an engine's --backend auto times the backends that run here on its stream and takes the fastest; "
+                 + (f"measured here ({len(verdicts)}):" if verdicts else "nothing measured here yet"))
+    for verdict in verdicts:
+        lines.append(f"    {verdict['size']} {verdict['cfg_type']} {verdict['dtype']} on {verdict['device']}, "
+                     f"{verdict['threads']} thread(s) -> {verdict['chosen']}: {verdict['figures']}")
     cache = report.cache
     lines += ["", f"engine cache: {cache['folder']} ({len(cache['entries'])} entries, {cache['bytes'] / 1e6:.1f} MB)"]
     for entry in cache["entries"]:
@@ -453,6 +460,13 @@ def diagnose(args: argparse.Namespace) -> Report:
                "available": {name: unavailable_reason(name, available) for name in ("tensorrt", "onnxruntime",
                                                                                     "eager")}}
     folder = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    # What a server's `auto` measured here (engine.backends.auto); the doctor itself runs the unmeasured rule.
+    backend["auto_verdicts"] = [{"size": f"{entry['key']['width']}x{entry['key']['height']}",
+                                 "cfg_type": entry["key"]["cfg_type"], "dtype": entry["key"]["dtype"],
+                                 "device": entry["key"]["device"], "threads": entry["key"]["threads"],
+                                 "chosen": entry["chosen"], "measured_at": entry.get("measured_at"),
+                                 "figures": describe(tuple(Measurement(**item) for item in entry["measurements"]))}
+                                for entry in read_verdicts(folder)]
     logger.info("running %d frames on %s (%s, %s)", args.warmup + args.frames, choice.backend, device, dtype)
     run, failure = None, None
     try:

@@ -120,6 +120,8 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--kv-cache",), "kv_cache", "load", boolean, "precompute cross-attention K/V once per prompt",
          boolean=True),
     Flag(("--memory",), "memory", "load", str, "peak-memory mode for large frames (docs/memory.md)", MEMORY_MODES),
+    Flag(("--auto-compile-budget",), "auto_compile_budget_s", "load", float,
+         "seconds --backend auto may spend compiling with torch.compile to time it (0: leave compile out)"),
     Flag(("--resolution-range",), "resolution_range", "load", resolution_range,
          "MIN-MAX[:OPT] pixels: compiled backends serve every size inside from one dynamic-shape graph"),
     Flag(("--lora",), "loras", "load", lora_spec,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import NetworkRunner, make_runner, runner_name
+from .backends.auto import resolve_auto
 from .config import LoadConfig, StreamConfig
 from .lora import apply_loras
 from .memory import apply_memory_mode
@@ -82,15 +83,16 @@ class Engine:
     _fixed_runner: NetworkRunner | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, config: LoadConfig) -> Engine:
+    def load(cls, config: LoadConfig, stream: StreamConfig | None = None) -> Engine:
         """Load `config.model` and prepare it (see `prepare`)."""
-        return cls.prepare(load_bundle(config), config)
+        return cls.prepare(load_bundle(config), config, stream)
 
     @classmethod
-    def prepare(cls, models: ModelBundle, config: LoadConfig) -> Engine:
+    def prepare(cls, models: ModelBundle, config: LoadConfig, stream: StreamConfig | None = None) -> Engine:
         """Prepare `models` (already on their device and dtype) for streaming under `config`: the attention
         processors (`engine.prompt.CachedKVAttnProcessor`), the memory mode and the backend's runner are set
-        up once, here.
+        up once, here. A `backend="auto"` becomes the backend that runs fastest here (`engine.backends.auto`,
+        timed on `stream`'s workload, default `StreamConfig()`), and the engine's `config` names it.
 
         Raises:
             ValueError: the LoRAs fused into `models` are not `config.loras` (`load_bundle` fuses them).
@@ -103,6 +105,7 @@ class Engine:
         # (`temporal="bank"`) reach it the same way as the cache.
         install_kv_processors(models.unet)
         apply_memory_mode(models, config.memory)
+        config, _ = resolve_auto(models, config, stream)
         engine = cls(config, models, parameter.device, parameter.dtype)
         started = time.perf_counter()
         runner = engine.runner()

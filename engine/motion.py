@@ -91,6 +91,10 @@ def sampling_grid(flow: np.ndarray, device: torch.device, dtype: torch.dtype) ->
 
 def warp_tensor(images: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """`images` (N, C, H, W) resampled along `grid` (from `sampling_grid`), border repeated: the tensor twin
-    of `warp`, so the engine warps on the device its outputs are on. `mode`: `bilinear` or `bicubic`."""
-    return F.grid_sample(images, grid.expand(images.shape[0], -1, -1, -1), mode=mode, padding_mode="border",
-                         align_corners=True)
+    of `warp`, so the engine warps on the device its outputs are on. `mode`: `bilinear` or `bicubic`.
+
+    Sampled in the grid's dtype and returned in the images': a grid belongs in float32 (see `sampling_grid`).
+    """
+    warped = F.grid_sample(images.to(grid.dtype), grid.expand(images.shape[0], -1, -1, -1), mode=mode,
+                           padding_mode="border", align_corners=True)
+    return warped.to(images.dtype)

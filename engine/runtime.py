@@ -154,7 +154,7 @@ class StreamRuntime:
             ModelLoadError, BackendUnavailableError, ValueError: the models or backend cannot be made ready.
             RuntimeError: the warm-up frame failed.
         """
-        runtime = cls(Engine.load(config), defaults, options)
+        runtime = cls(Engine.load(config, defaults), defaults, options)
         if warmup:
             try:
                 runtime.warm_up()

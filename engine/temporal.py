@@ -57,8 +57,12 @@ class Motion:
 
 
 def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """|current − previous|₁ / |previous|₁ (a tiny floor keeps an all-zero reference finite)."""
-    return float((current - previous).abs().sum() / previous.abs().sum().clamp_min(1e-12))
+    """|current − previous|₁ / |previous|₁ (a tiny floor keeps an all-zero reference finite).
+
+    Summed in float32: in float16 a large frame's latent sum overflows to inf and the ratio is 0 (or NaN), so no
+    cut was ever seen."""
+    return float((current - previous).abs().sum(dtype=torch.float32)
+                 / previous.abs().sum(dtype=torch.float32).clamp_min(1e-12))
 
 
 def feedback_weight(latents: torch.Tensor, previous: torch.Tensor, strength: float,
@@ -95,7 +99,9 @@ def input_motion(previous_rgb: np.ndarray, current_rgb: np.ndarray, cut_threshol
         flow = cv2.resize(flow, (width, height), interpolation=cv2.INTER_LINEAR) / scale
         trusted = cv2.resize(trusted.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
     mask = torch.from_numpy(trusted.astype(np.float32)).to(device=device, dtype=dtype)[None, None]
-    return Motion(sampling_grid(flow, device, dtype), mask, cut=False)
+    # The grid holds positions in [-1, 1], so it stays float32: bfloat16 steps 2⁻⁷ near ±1, which is a whole
+    # pixel at 256 px, and float16 a quarter pixel at 1024 px (the carried output landed shifted).
+    return Motion(sampling_grid(flow, device, torch.float32), mask, cut=False)
 
 
 class AttentionBank:

@@ -21,8 +21,9 @@ def tiny_models():
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_models):
-    """The tiny model prepared for streaming with the default load-time settings (eager, K/V cache, memory off)."""
-    return Engine.prepare(tiny_models, LoadConfig(model="tiny"))
+    """The tiny model prepared for streaming on the eager backend (named: the default is `auto`), K/V cache on,
+    memory off."""
+    return Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="eager"))
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,7 @@ def tiny_sdxl_models():
 @pytest.fixture(scope="session")
 def tiny_sdxl_engine(tiny_sdxl_models):
     """`tiny-sdxl` prepared for streaming with the default load-time settings."""
-    return Engine.prepare(tiny_sdxl_models, LoadConfig(model="tiny-sdxl"))
+    return Engine.prepare(tiny_sdxl_models, LoadConfig(model="tiny-sdxl", backend="eager"))
 
 
 @pytest.fixture(scope="session")

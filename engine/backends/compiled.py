@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import torch
 
 from ..models import ModelBundle
 from ..prompt import Conditioning
 from .onnx_export import VaeDecoder, VaeEncoder
+from .progress import heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +36,39 @@ class TorchCompileRunner:
         self._unet = torch.compile(models.unet, **options)
         self._encoder = torch.compile(VaeEncoder(models.vae).eval(), **options)
         self._decoder = torch.compile(VaeDecoder(models.vae).eval(), **options)
+        # Graph keys (network, input shape) already compiled, and the seconds spent compiling, for the log.
+        self._compiled: set[tuple[str, tuple[int, ...]]] = set()
+        self.compile_seconds = 0.0
+        self._lock = threading.Lock()
+
+    def _call(self, network: str, shape: torch.Size, call):
+        """`call()`, logged with its duration when it is the first of its (network, shape): that call compiles."""
+        key = (network, tuple(shape))
+        if key in self._compiled:
+            return call()
+        with self._lock:  # one compile at a time: the pipelined runtime's threads would only fight over cores
+            if key in self._compiled:
+                return call()
+            logger.info("torch.compile: compiling the %s for input %s (minutes on a CPU)", network, list(shape))
+            started = time.perf_counter()
+            with heartbeat(logger, f"torch.compile of the {network}"):
+                output = call()
+            seconds = time.perf_counter() - started
+            self._compiled.add(key)
+            self.compile_seconds += seconds
+            logger.info("torch.compile: compiled the %s in %.1f s (%d graph(s), %.1f s compiling in all)", network,
+                        seconds, len(self._compiled), self.compile_seconds)
+            return output
 
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        return self._unet(latents, timesteps, return_dict=False, **conditioning.unet_kwargs())[0]
+        return self._call("UNet", latents.shape, lambda: self._unet(
+            latents, timesteps, return_dict=False, **conditioning.unet_kwargs())[0])
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encoder(images)
+        return self._call("VAE encoder", images.shape, lambda: self._encoder(images))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decoder(latents)
+        return self._call("VAE decoder", latents.shape, lambda: self._decoder(latents))

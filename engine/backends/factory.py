@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import weakref
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ class Availability:
             package does not import.
         onnxruntime_error (`str | None`): why `onnxruntime` does not import, when it does not.
         dtype (`str`): the models' dtype (ONNX Runtime runs float32 and float16 graphs only).
+        compile_reason (`str | None`): why torch.compile cannot run here, None when it can.
+        measured_fps (`tuple[tuple[str, float], ...]`): frames per second of the backends timed on this machine
+            (`engine.backends.auto`); empty when nothing was measured.
     """
 
     device_type: str
@@ -52,6 +56,8 @@ class Availability:
     onnxruntime_providers: tuple[str, ...] | None
     onnxruntime_error: str | None = None
     dtype: str = "float32"
+    compile_reason: str | None = None
+    measured_fps: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,23 @@ def probe_availability(device: torch.device, dtype: str = "float32") -> Availabi
         onnxruntime_error = None
     except Exception as error:  # a broken install raises more than ImportError (a missing shared library)
         providers, onnxruntime_error = None, f"{type(error).__name__}: {error}"
-    return Availability(device.type, tensorrt_unavailable_reason(), providers, onnxruntime_error, dtype)
+    return Availability(device.type, tensorrt_unavailable_reason(), providers, onnxruntime_error, dtype,
+                        compile_unavailable_reason())
+
+
+def compile_unavailable_reason() -> str | None:
+    """Why torch.compile (Inductor) cannot build kernels here: it needs a C++ compiler on the PATH."""
+    if any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        return None
+    return "torch.compile's Inductor needs a C++ compiler and none is on the PATH: apt-get install g++"
 
 
 def unavailable_reason(backend: str, available: Availability) -> str | None:
     """Why concrete `backend` cannot run the models here, naming the command that fixes it; None when it can."""
-    if backend in ("eager", "compile"):
+    if backend == "eager":
         return None
+    if backend == "compile":
+        return available.compile_reason
     if backend == "onnxruntime":
         if available.onnxruntime_providers is None:
             detail = f" ({available.onnxruntime_error})" if available.onnxruntime_error else ""
@@ -102,9 +118,11 @@ def unavailable_reason(backend: str, available: Availability) -> str | None:
 def choose_backend(name: str, available: Availability | None) -> BackendChoice:
     """The concrete backend of `name` and why: a pure function of what `available` says this machine has.
 
-    `auto` is TensorRT where it can run the models, else ONNX Runtime where it has a provider for their
-    device (a CPU-only onnxruntime never serves CUDA models), else eager. A concrete name is taken as asked
-    (its runner raises `BackendUnavailableError` when it cannot run), so `available` may then be None.
+    `auto` is TensorRT where it can run the models; else, when `available.measured_fps` holds speeds
+    measured here (`engine.backends.auto`), the fastest of them that can run; else ONNX Runtime where it has a
+    provider for their device (a CPU-only onnxruntime never serves CUDA models), else eager. A concrete name
+    is taken as asked (its runner raises `BackendUnavailableError` when it cannot run), so `available` may
+    then be None.
     """
     if name not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}")
@@ -115,6 +133,11 @@ def choose_backend(name: str, available: Availability | None) -> BackendChoice:
     tensorrt_reason = unavailable_reason("tensorrt", available)
     if tensorrt_reason is None:
         return BackendChoice("tensorrt", "CUDA and TensorRT are present")
+    measured = [(fps, backend) for backend, fps in available.measured_fps
+                if unavailable_reason(backend, available) is None]
+    if measured:
+        fps, backend = max(measured)
+        return BackendChoice(backend, f"the fastest measured here ({fps:.1f} fps; no TensorRT: {tensorrt_reason})")
     onnxruntime_reason = unavailable_reason("onnxruntime", available)
     if onnxruntime_reason is None:
         return BackendChoice("onnxruntime", f"no TensorRT ({tensorrt_reason})")

@@ -72,9 +72,15 @@ class SkipStats:
 
 
 def relative_l1(a: torch.Tensor, b: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per row: |a − b|₁ / |reference|₁ (a tiny floor keeps an all-zero reference finite)."""
+    """Per row: |a − b|₁ / |reference|₁ (a tiny floor keeps an all-zero reference finite), in float32.
+
+    The sums run in float32 whatever the latents' dtype: a float16 sum over a 1024² frame's 65,536 latent
+    values of magnitude ~1 passes float16's largest value (65,504): the ratio became 0 (or NaN), so the guard saw
+    no change, and no cut, at large sizes.
+    """
     dims = tuple(range(1, a.dim()))
-    return (a - b).abs().sum(dims) / reference.abs().sum(dims).clamp_min(1e-12)
+    return (a - b).abs().sum(dims, dtype=torch.float32) / \
+        reference.abs().sum(dims, dtype=torch.float32).clamp_min(1e-12)
 
 
 class ChangeGuard:

@@ -6,8 +6,10 @@ import json
 import time
 
 import pytest
+import torch
 
 from benchmarks.engine import main
+from engine.backends import onnxruntime as ort_backend
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
@@ -18,7 +20,8 @@ def test_rows_and_ratios_in_the_json(tmp_path, capsys, model):
     results = json.loads((tmp_path / "bench.json").read_text())
     rows = ("engine_fps", "compute_limit_fps", "sequential_fps", "full_cfg_fps", "diffusers_fps")
     assert set(results) == {"model", "size", "width", "height", "frames", "t_index_list", "machine", "ratios", *rows,
-                            "ssf_static_skip_rate"}
+                            "ssf_static_skip_rate", "threads"}
+    assert all(results["threads"][row] == {"torch": 1} for row in rows)
     assert (results["model"], results["size"], results["frames"]) == (model, 32, 2)
     assert (results["width"], results["height"]) == (32, 32)
     # A median frame lasts less than the whole run.
@@ -33,3 +36,24 @@ def test_rows_and_ratios_in_the_json(tmp_path, capsys, model):
         "engine_vs_full_cfg": round(engine / results["full_cfg_fps"], 3),
     }
     assert "engine_vs_diffusers" in capsys.readouterr().out
+
+
+def test_backend_rows_report_both_thread_counts_and_what_auto_chose(tmp_path, monkeypatch, capsys):
+    """ONNX Runtime's row runs with torch at 1 thread and ONNX Runtime at the budget; the next row starts from the
+    budget again; `auto` names the backend it chose."""
+    monkeypatch.setenv("STREAMDIFF_TRT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ort_backend, "_claimed_threads", None)
+    monkeypatch.delenv("ORT_INTRA_OP_THREADS", raising=False)
+    torch.set_num_threads(2)
+    main(["--size", "32", "--frames", "2", "--warmup", "1", "--backend", "onnxruntime", "auto",
+          "--json", str(tmp_path / "bench.json")])
+    results = json.loads((tmp_path / "bench.json").read_text())
+    onnx = results["threads"]["onnxruntime_fps"]
+    assert onnx["torch"] == 1 and onnx["onnxruntime"]["intra_op_num_threads"] == 2
+    assert onnx["onnxruntime"]["config_entries"] == {"session.intra_op.allow_spinning": "0",
+                                                     "session.inter_op.allow_spinning": "0"}
+    assert results["threads"]["engine_fps"] == {"torch": 2}
+    assert results["auto_backend"] in ("eager", "onnxruntime") and results["auto_fps"] > 0
+    assert torch.get_num_threads() == 2
+    out = capsys.readouterr().out
+    assert "ONNX Runtime 2 intra-op" in out and f"({results['auto_backend']})" in out

@@ -124,7 +124,7 @@ def test_streams_batch_only_within_one_loaded_engine(tiny_models, tiny_engine):
     first = StreamEngine(tiny_engine, make_config(prompt="a", cfg_type="full", seed=1))
     second = StreamEngine(tiny_engine, make_config(prompt="b", cfg_type="none", t_index_list=(32, 45)))
     assert batch_key(first) == batch_key(second) == (id(first.runner), id(tiny_engine), SIZE, SIZE)
-    uncached = Engine.prepare(tiny_models, LoadConfig(model="tiny", kv_cache=False))
+    uncached = Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="eager", kv_cache=False))
     other = StreamEngine(uncached, make_config(prompt="a", cfg_type="full", seed=1))
     assert other.kv_cache is False and first.kv_cache is True
     assert batch_key(other) is not None and batch_key(other) != batch_key(first)

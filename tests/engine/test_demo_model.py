@@ -19,7 +19,7 @@ def demo_models():
 
 @pytest.fixture(scope="module")
 def demo_engine(demo_models):
-    return Engine.prepare(demo_models, LoadConfig(model="demo"))
+    return Engine.prepare(demo_models, LoadConfig(model="demo", backend="eager"))
 
 
 def _stream(engine: Engine, frame: np.ndarray, prompt: str, frames: int = 2) -> np.ndarray:

@@ -177,6 +177,21 @@ def test_the_doctor_on_a_cpu_machine_picks_a_backend_runs_frames_and_exits_0(tmp
         assert code == 0 and "unet 64x64 batch 2 self float32 K/V inputs, torchscript opset 17" in out
 
 
+def test_the_doctor_lists_what_auto_measured_here(tmp_path, capsys):
+    from engine.backends.auto import CalibrationKey, Measurement, write_verdict
+
+    key = CalibrationKey("model", 256, 256, "self", 2, 1, "float32", "cpu", torch.__version__, "1.32.0", 2, 2, True,
+                         0.0)
+    write_verdict(tmp_path / "cache", key, (Measurement("eager", 30.0, 0.1), Measurement("onnxruntime", 45.0, 4.0)),
+                  "onnxruntime")
+    report = doctor.diagnose(doctor.parse_args(["--cache-dir", str(tmp_path / "cache"), "--backend", "eager",
+                                                "--frames", "1", "--warmup", "0", "--size", "32"]))
+    (verdict,) = report.backend["auto_verdicts"]
+    assert (verdict["size"], verdict["chosen"], verdict["threads"]) == ("256x256", "onnxruntime", 2)
+    out = doctor.format_report(report)
+    assert "256x256 self float32 on cpu, 2 thread(s) -> onnxruntime: eager 30.0 fps" in out
+
+
 def test_a_failing_backend_exits_non_zero_with_its_fix(tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install '.[onnx]')")
     from engine.backends import onnxruntime as ort_backend

@@ -39,7 +39,7 @@ SECOND_UPDATE = dict(t_index_list=(10, 30), guidance_scale=1.4, skip_policy="reh
 def engine(request):
     """A private tiny model set (of each family), loaded as a server loads it: nothing else touches it, so its
     scheduler is as loading left it (no `set_timesteps` yet) and any change a stream makes shows."""
-    return Engine.prepare(load_models(request.param), LoadConfig(model=request.param))
+    return Engine.prepare(load_models(request.param), LoadConfig(model=request.param, backend="eager"))
 
 
 def networks(engine: Engine) -> tuple[str, ...]:

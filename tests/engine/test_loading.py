@@ -50,7 +50,7 @@ def test_engine_load_prepares_the_bundle_it_loads(monkeypatch):
     config is kept as given."""
     from engine.prompt import CachedKVAttnProcessor
 
-    config = LoadConfig(model="tiny", device="cpu", dtype="bfloat16", vae="full")
+    config = LoadConfig(model="tiny", device="cpu", dtype="bfloat16", vae="full", backend="eager")
     engine = Engine.load(config)
     assert engine.config is config and engine.name == "tiny"
     assert (engine.device, engine.dtype) == (torch.device("cpu"), torch.bfloat16)

@@ -43,7 +43,7 @@ def diffusers_lora(tmp_path_factory):
 
 
 def outputs(models, loras=(), frames: int = 3) -> list[torch.Tensor]:
-    stream = StreamEngine(Engine.prepare(models, LoadConfig(model=models.name, loras=loras)), CONFIG)
+    stream = StreamEngine(Engine.prepare(models, LoadConfig(model=models.name, loras=loras, backend="eager")), CONFIG)
     generator = torch.Generator().manual_seed(3)
     return [stream(torch.rand(3, SIZE, SIZE, generator=generator)) for _ in range(frames)]
 
@@ -188,7 +188,7 @@ def test_lcm_lora_by_hub_id_on_a_saved_sd_folder(diffusers_lora, tmp_path, monke
 def test_prepare_refuses_models_whose_loras_differ_from_the_config(diffusers_lora):
     path, _ = diffusers_lora
     with pytest.raises(ValueError, match=r"`loras`: the models have no LoRA fused"):
-        Engine.prepare(load_models("tiny"), LoadConfig(model="tiny", loras=(str(path),)))
+        Engine.prepare(load_models("tiny"), LoadConfig(model="tiny", loras=(str(path),), backend="eager"))
 
 
 @pytest.mark.parametrize(("text", "expected"), [

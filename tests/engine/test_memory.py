@@ -35,7 +35,7 @@ def _config(size: int, **changes) -> StreamConfig:
 
 def _engine(models, memory: str = "off", **load) -> Engine:
     """`models` prepared with memory mode `memory` (a load-time setting: it changes the shared modules)."""
-    return Engine.prepare(models, LoadConfig(model=models.name, memory=memory, **load))
+    return Engine.prepare(models, LoadConfig(model=models.name, memory=memory, **{"backend": "eager", **load}))
 
 
 def _frames(size: int, count: int = 2) -> list[torch.Tensor]:

@@ -101,7 +101,7 @@ def assert_same_weights(actual: torch.nn.Module, expected: torch.nn.Module) -> N
 def first_outputs(models: ModelBundle, frames: int = 2) -> list[torch.Tensor]:
     """The engine's outputs for fixed random frames (fp32 on the CPU): the first comes out of priming."""
     models.to(torch.device("cpu"), torch.float32)
-    load = LoadConfig(model=models.name, device="cpu", dtype="float32")
+    load = LoadConfig(model=models.name, device="cpu", dtype="float32", backend="eager")
     engine = StreamEngine(Engine.prepare(models, load), StreamConfig(width=SIZE, height=SIZE, similarity_filter=False))
     generator = torch.Generator().manual_seed(5)
     return [engine(torch.rand(3, SIZE, SIZE, generator=generator)) for _ in range(frames)]

@@ -14,7 +14,8 @@ def test_cached_kv_equals_projection_and_stock_processor(tiny_models):
     states = encode_prompt(tiny_models.tokenizer, tiny_models.text_encoder, "a cat").expand(3, -1, -1).contiguous()
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor([900, 500, 100])
-    Engine.prepare(tiny_models, LoadConfig(model="tiny"))  # installs the processors (`kv_cache` is on by default)
+    # Installs the processors (`kv_cache` is on by default).
+    Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="eager"))
     assert all(isinstance(p, CachedKVAttnProcessor) for p in unet.attn_processors.values())
     with torch.no_grad():
         uncached = unet(latents, timesteps, encoder_hidden_states=states).sample
@@ -32,7 +33,7 @@ def test_cached_kv_equals_projection_and_stock_processor(tiny_models):
 
 def test_cached_processor_really_skips_the_projection(tiny_models):
     unet = tiny_models.unet
-    Engine.prepare(tiny_models, LoadConfig(model="tiny"))
+    Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="eager"))
     states = encode_prompt(tiny_models.tokenizer, tiny_models.text_encoder, "a dog")
     kv = precompute_kv(unet, states)
     calls = []
@@ -53,7 +54,7 @@ def test_cached_processor_really_skips_the_projection(tiny_models):
 
 def test_engine_kv_cache_on_equals_off_and_follows_updates(tiny_models, tiny_engine):
     config = StreamConfig(width=64, height=64, t_index_list=(32, 45), cfg_type="full", similarity_filter=False)
-    uncached_engine = Engine.prepare(tiny_models, LoadConfig(model="tiny", kv_cache=False))
+    uncached_engine = Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="eager", kv_cache=False))
     cached, uncached = StreamEngine(tiny_engine, config), StreamEngine(uncached_engine, config)
     assert cached.kv_cache and not uncached.kv_cache
     assert all(layout.kv_cache is None for layout in uncached._prompt.layouts.values())

@@ -81,7 +81,7 @@ def test_conditioning_is_diffusers_sdxl_conditioning(tiny_sdxl_models, pipeline)
                                           text_encoder_projection_dim=tiny_sdxl_models.text_encoder_2.config.projection_dim)
     assert torch.equal(sdxl_time_ids(48, 64, embeds), time_ids)
     # The `full` layout is the pipeline's CFG batch: negative rows first, each with its pooled embedding.
-    stream = StreamEngine(Engine.prepare(tiny_sdxl_models, LoadConfig(model="tiny-sdxl")),
+    stream = StreamEngine(Engine.prepare(tiny_sdxl_models, LoadConfig(model="tiny-sdxl", backend="eager")),
                           make_config(cfg_type="full", width=64, height=48, t_index_list=(45,)))
     conditioning = stream._prompt.layouts[("full", 1)]
     assert torch.equal(conditioning.encoder_hidden_states, torch.cat([negative, embeds]))
@@ -91,7 +91,7 @@ def test_conditioning_is_diffusers_sdxl_conditioning(tiny_sdxl_models, pipeline)
 
 @pytest.mark.parametrize("cfg_type", CFG_TYPES)
 def test_kv_cache_is_exact_in_every_mode(tiny_sdxl_models, tiny_sdxl_engine, cfg_type):
-    uncached = Engine.prepare(tiny_sdxl_models, LoadConfig(model="tiny-sdxl", kv_cache=False))
+    uncached = Engine.prepare(tiny_sdxl_models, LoadConfig(model="tiny-sdxl", kv_cache=False, backend="eager"))
     config = make_config(cfg_type=cfg_type)
     cached, plain = StreamEngine(tiny_sdxl_engine, config), StreamEngine(uncached, config)
     # The cache holds K/V of the concatenated encoder states: exactly what the uncached UNet projects.
@@ -214,7 +214,7 @@ def test_saved_folder_loads_as_sdxl_here_and_in_diffusers(tiny_sdxl_models, tmp_
         for a, b in zip(getattr(loaded, name).state_dict().values(), expected, strict=True):
             assert torch.equal(a, b), name
     config = make_config()
-    outputs = [StreamEngine(Engine.prepare(models, LoadConfig(model=models.name)), config)(frames(1)[0])
+    outputs = [StreamEngine(Engine.prepare(models, LoadConfig(model=models.name, backend="eager")), config)(frames(1)[0])
                for models in (loaded, load_models("tiny-sdxl"))]
     assert torch.equal(outputs[0], outputs[1])
     pipe = AutoPipelineForImage2Image.from_pretrained(folder)
@@ -269,7 +269,7 @@ def test_memory_modes_run_sdxl_like_off(memory):
     outputs = []
     for mode in ("off", memory):
         models = load_models("tiny-sdxl")
-        stream = StreamEngine(Engine.prepare(models, LoadConfig(model="tiny-sdxl", memory=mode)), config)
+        stream = StreamEngine(Engine.prepare(models, LoadConfig(model="tiny-sdxl", memory=mode, backend="eager")), config)
         outputs.append([stream(frame) for frame in frames(3, size=64)])
     for sliced, whole in zip(outputs[1], outputs[0], strict=True):
         torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5)

@@ -162,7 +162,7 @@ def dataclass_replace(conditioning, bank):
 def test_a_bank_needs_the_eager_unet_and_no_skip_policy(tiny_models, tmp_path):
     from engine.backends.onnxruntime import OnnxRuntimeRunner
 
-    engine = Engine.prepare(tiny_models, LoadConfig(model="tiny"))
+    engine = Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="eager"))
     runner = OnnxRuntimeRunner(tiny_models, "self", tmp_path, exporter="torchscript")
     with pytest.raises(ValueError, match="eager UNet backend"):
         StreamEngine(engine.with_runner(runner), config(temporal="bank"))
@@ -175,7 +175,7 @@ def test_a_bank_needs_the_eager_unet_and_no_skip_policy(tiny_models, tmp_path):
 def test_flow_runs_on_a_compiled_backend(tiny_models, tmp_path, pan):
     from engine.backends.onnxruntime import OnnxRuntimeRunner
 
-    engine = Engine.prepare(tiny_models, LoadConfig(model="tiny"))
+    engine = Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="eager"))
     runner = OnnxRuntimeRunner(tiny_models, "self", tmp_path, exporter="torchscript")
     compiled = run(StreamEngine(engine.with_runner(runner), config(temporal="flow")), pan[:4])
     eager = run(StreamEngine(engine, config(temporal="flow")), pan[:4])

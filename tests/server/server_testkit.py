@@ -21,7 +21,7 @@ RECV_TIMEOUT_S = 60.0
 
 # The tiny model with the full (random) AutoencoderKL instead of the random TAESD: with TAESD the tiny model's
 # output barely depends on the input or prompt, so order, isolation and prompt changes would be invisible.
-TEST_LOAD = LoadConfig(model="tiny", vae="full")
+TEST_LOAD = LoadConfig(model="tiny", vae="full", backend="eager")
 # 64x64, similarity filter off: every accepted frame is computed, so counts and outputs are deterministic.
 TEST_STREAM = StreamConfig(width=64, height=64, similarity_filter=False)
 TEST_SETTINGS = ServerSettings(

@@ -30,7 +30,7 @@ def test_batch_wait_flag_and_environment():
 def test_the_runtime_batches_as_configured(tiny_models):
     settings = parse_settings(["--model", "tiny", "--width", "32", "--height", "32", "--max-batch", "3",
                                "--batch-wait-ms", "20", "--no-warmup"], environ={})
-    state = ServerState(settings, Engine.prepare(tiny_models, LoadConfig(model="tiny")))
+    state = ServerState(settings, Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="eager")))
     state.start()
     try:
         options, defaults = state.runtime.options, state.runtime.defaults

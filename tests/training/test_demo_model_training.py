@@ -34,7 +34,7 @@ def test_tiny_training_run_saves_a_model_the_engine_streams(tmp_path):
                                                      strict=True)]
     assert any(changed)
 
-    engine = StreamEngine(Engine.prepare(trained, LoadConfig(model=str(tmp_path / "demo"))),
+    engine = StreamEngine(Engine.prepare(trained, LoadConfig(model=str(tmp_path / "demo"), backend="eager")),
                           StreamConfig(width=64, height=64, prompt="sepia photo"))
     output = engine(rgb_to_tensor(np.full((64, 64, 3), 128, dtype=np.uint8)))
     assert output.shape == (3, 64, 64) and torch.isfinite(output).all()

@@ -78,7 +78,7 @@ def stream_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str) -
     """
     size = frames[0].shape[0]
     config = StreamConfig(width=size, height=size, prompt=prompt, similarity_filter=False)
-    engine = StreamEngine(Engine.prepare(models, LoadConfig(model=models.name, device="cpu")), config)
+    engine = StreamEngine(Engine.prepare(models, LoadConfig(model=models.name, device="cpu", backend="eager")), config)
     lag = config.denoising_steps - 1
     outputs = [tensor_to_rgb(engine(rgb_to_tensor(frame))) for frame in [*frames, *[frames[-1]] * lag]]
     return [outputs[0], *outputs[1 + lag:]][: len(frames)] if lag else outputs

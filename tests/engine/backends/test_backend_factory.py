@@ -50,9 +50,12 @@ def test_auto_never_picks_a_cpu_only_onnxruntime_for_cuda_models(tiny_models, mo
     assert resolve_backend("auto", tiny_models) == "onnxruntime"
 
 
-def test_eager_is_the_default_and_shared(tiny_models):
-    load, config = LoadConfig(model="tiny"), StreamConfig(width=64, height=64)
-    assert load.backend == "eager"
+def test_auto_is_the_default():
+    assert LoadConfig().backend == "auto"
+
+
+def test_eager_by_name_is_shared(tiny_models):
+    load, config = LoadConfig(model="tiny", backend="eager"), StreamConfig(width=64, height=64)
     engine = StreamEngine(Engine.prepare(tiny_models, load), config)
     assert isinstance(engine.runner, EagerRunner)
     assert make_runner(tiny_models, load) is engine.runner

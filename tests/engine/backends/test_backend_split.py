@@ -20,7 +20,7 @@ def _frames(count: int, size: int, seed: int = 3) -> list[torch.Tensor]:
             for frame in synthetic_clip("slow_pan", count, size, size, seed=seed)]
 
 
-LOAD = LoadConfig(model="tiny", device="cpu")
+LOAD = LoadConfig(model="tiny", device="cpu", backend="eager")
 SPLIT = LOAD.replace(vae_backend="onnxruntime")
 
 

@@ -16,7 +16,7 @@ CUT = FRAMES // 2  # synthetic_clip's hard cut
 
 @pytest.fixture(scope="module")
 def demo_engine():
-    return Engine.load(LoadConfig(model="demo"))
+    return Engine.load(LoadConfig(model="demo", backend="eager"))
 
 
 def slot_decisions(demo: Engine, policy: str, kind: str) -> list[list[bool]]:
