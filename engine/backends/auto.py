@@ -306,6 +306,8 @@ def _choose(models: ModelBundle, load: LoadConfig, stream: StreamConfig, cache_d
         return BackendChoice("eager", f"memory mode {load.memory!r} slices the eager modules")
     if stream.skip_policy != "off" or stream.temporal == "bank":
         return BackendChoice("eager", "the streams' skip policy or attention bank works inside the eager UNet")
+    if models.controlnet is not None:
+        return BackendChoice("eager", "the ControlNet runs on the eager backend")
     if unavailable_reason("tensorrt", available) is None:
         return choose_backend("auto", available)
     candidates = calibration_candidates(available, load.auto_compile_budget_s)
