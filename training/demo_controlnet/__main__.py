@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval", action="store_true", help="evaluate the ControlNet at --out instead of training")
     parser.add_argument("--eval-scales", type=float, nargs="+", default=[0.5, 1.0, 1.5],
                         help="--eval's conditioning scales (default: %(default)s)")
-    parser.add_argument("--grid", type=Path, default=Path("docs/controlnet_grid.png"), help="--eval's image grid")
+    parser.add_argument("--grid", type=Path, default=Path("docs/controlnet_grid.jpg"), help="--eval's image grid")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

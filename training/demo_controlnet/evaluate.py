@@ -28,7 +28,7 @@ from engine.models import ModelBundle
 from engine.prompt import encode_prompt
 from engine.schedule import slot_schedule
 from training.demo_model.data import HELD_OUT_IMAGES, load_images, moving_crops
-from training.demo_model.evaluate import StyleScore, score_styles, stream_outputs
+from training.demo_model.evaluate import StyleScore, label, score_styles, stream_outputs
 from training.demo_model.styles import STYLES, stylize
 from training.demo_model.train import unrolled_x0
 
@@ -42,7 +42,7 @@ __all__ = ["compare", "main", "reference_outputs", "write_grid"]
 @torch.no_grad()
 def reference_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str,
                       controlnet: ControlNetModel | None = None, conditioning_scale: float = 1.0,
-                      low_threshold: int = 100, high_threshold: int = 200) -> list[np.ndarray]:
+                      low_threshold: int = 100, high_threshold: int = 200, edges: bool = True) -> list[np.ndarray]:
     """The engine's output for each of `frames` (RGB uint8, square) under `prompt`, with a ControlNet's residuals.
 
     Mirrors `StreamEngine` at its defaults (what `training.demo_model.evaluate.stream_outputs` runs): the
@@ -50,7 +50,8 @@ def reference_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str
     the fixed per-slot noise drawn from `EngineConfig().seed`, RCFG `self` guidance at 1.2 with that noise
     as stock, the LCM x̂0 and re-noising between slots; the stream batch equals this sequential computation.
     With `controlnet`, every UNet call gets the residuals of the frame's canny image
-    (`engine.control.canny`) scaled by `conditioning_scale`. `result[i]` is the output of `frames[i]`.
+    (`engine.control.canny`) scaled by `conditioning_scale`; with `edges` False, of a black control image
+    instead (an ablation: what the ControlNet adds without the edges). `result[i]` is the output of `frames[i]`.
     """
     size = frames[0].shape[0]
     config = EngineConfig(model=models.name, width=size, height=size, prompt=prompt, similarity_filter=False,
@@ -69,6 +70,8 @@ def reference_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str
         residuals = None
         if controlnet is not None:
             control = control_images([frame], low_threshold, high_threshold)
+            if not edges:
+                control = torch.zeros_like(control)
             residuals = partial(controlnet_inputs, controlnet, text=text, control=control,
                                 conditioning_scale=conditioning_scale)
         x0 = unrolled_x0(models.unet, latents, text, schedule, config, noises, residuals)[-1]
@@ -78,37 +81,36 @@ def reference_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str
 
 def compare(models: ModelBundle, controlnet: ControlNetModel, images: dict[str, np.ndarray], size: int,
             scales: tuple[float, ...]) -> dict[str, list[StyleScore]]:
-    """Scores per variant: the engine without the ControlNet, the reference without it, and with it per scale."""
+    """Scores per variant: the engine without the ControlNet, the reference without it, with it per scale, and
+    with it at scale 1 on black control images (no edges)."""
     variants = {"engine, no ControlNet": partial(stream_outputs, models),
                 "reference, no ControlNet": partial(reference_outputs, models)}
     for scale in scales:
         variants[f"ControlNet scale {scale:g}"] = partial(reference_outputs, models, controlnet=controlnet,
                                                           conditioning_scale=scale)
+    variants["scale 1, black control"] = partial(reference_outputs, models, controlnet=controlnet, edges=False)
     return {name: score_styles(models, images, size, render=render) for name, render in variants.items()}
 
 
-def _label(tile: np.ndarray, text: str) -> np.ndarray:
-    strip = np.full((18, tile.shape[1], 3), 255, dtype=np.uint8)
-    cv2.putText(strip, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.concatenate([strip, tile])
-
-
 def write_grid(models: ModelBundle, controlnet: ControlNetModel, images: dict[str, np.ndarray], path: Path,
-               size: int = 128, scale: float = 1.0) -> None:
-    """Per held-out image three rows: the filters, the demo's outputs, and the demo's outputs with the ControlNet."""
+               size: int = 256, scale: float = 1.0) -> None:
+    """Per held-out image three rows: the filters, the demo's outputs, and the demo's outputs with the ControlNet.
+
+    At the engine's default size, where the ControlNet changes most; JPEG (quality 90) keeps the file small.
+    """
     rows = []
     for name, image in images.items():
         frame = moving_crops(image, 1, size)[0]
         edges = tensor_to_rgb(control_images([frame])[0])
-        filters, plain, controlled = [_label(frame, f"{name} input")], [_label(edges, "canny")], [_label(frame, "")]
+        filters, plain, controlled = [label(frame, f"{name} input")], [label(edges, "canny")], [label(frame, "")]
         for style in STYLES:
-            filters.append(_label(stylize(frame, style), f"filter: {style}"[:26]))
-            plain.append(_label(reference_outputs(models, [frame], style)[0], f"demo: {style}"[:26]))
-            controlled.append(_label(reference_outputs(models, [frame], style, controlnet, scale)[0],
+            filters.append(label(stylize(frame, style), f"filter: {style}"[:26]))
+            plain.append(label(reference_outputs(models, [frame], style)[0], f"demo: {style}"[:26]))
+            controlled.append(label(reference_outputs(models, [frame], style, controlnet, scale)[0],
                                      f"+ControlNet {scale:g}: {style}"[:26]))
         rows += [np.concatenate(filters, axis=1), np.concatenate(plain, axis=1), np.concatenate(controlled, axis=1)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def _cell(score: StyleScore) -> str:

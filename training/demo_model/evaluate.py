@@ -32,8 +32,8 @@ from .styles import STYLES, stylize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Render", "StyleScore", "detail", "prompt_separation", "score_styles", "stream_outputs", "vae_roundtrip",
-           "write_grid"]
+__all__ = ["Render", "StyleScore", "detail", "label", "prompt_separation", "score_styles", "stream_outputs",
+           "vae_roundtrip", "write_grid"]
 
 #: How a model turns a pan of frames (RGB uint8) under a prompt into outputs aligned with the frames.
 Render = Callable[[list[np.ndarray], str], list[np.ndarray]]
@@ -134,7 +134,8 @@ def prompt_separation(models: ModelBundle, frame: np.ndarray, prompts: list[str]
     return {(a, b): float(np.abs(outputs[a] - outputs[b]).mean()) for a, b in itertools.combinations(prompts, 2)}
 
 
-def _label(tile: np.ndarray, text: str) -> np.ndarray:
+def label(tile: np.ndarray, text: str) -> np.ndarray:
+    """`tile` (RGB uint8) with a white strip above it carrying `text`."""
     strip = np.full((18, tile.shape[1], 3), 255, dtype=np.uint8)
     cv2.putText(strip, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([strip, tile])
@@ -145,11 +146,11 @@ def write_grid(models: ModelBundle, images: dict[str, np.ndarray], path: Path, s
     rows = []
     for name, image in images.items():
         frame = moving_crops(image, 1, size)[0]
-        filters = [_label(frame, f"{name} input")]
-        model = [_label(frame, "engine input")]
+        filters = [label(frame, f"{name} input")]
+        model = [label(frame, "engine input")]
         for style in STYLES:
-            filters.append(_label(stylize(frame, style), f"filter: {style}"[:26]))
-            model.append(_label(stream_outputs(models, [frame], style)[0], f"demo: {style}"[:26]))
+            filters.append(label(stylize(frame, style), f"filter: {style}"[:26]))
+            model.append(label(stream_outputs(models, [frame], style)[0], f"demo: {style}"[:26]))
         rows += [np.concatenate(filters, axis=1), np.concatenate(model, axis=1)]
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR))
