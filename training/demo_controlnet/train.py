@@ -42,7 +42,7 @@ class ControlNetSettings:
     """How the demo ControlNet is trained (the defaults reproduce the committed engine/demo_controlnet).
 
     Args:
-        steps (`int`, defaults to 2000): optimiser steps (chosen to finish within an hour on one core of a
+        steps (`int`, defaults to 1500): optimiser steps (chosen to finish within an hour on one core of a
             shared 2-core machine; docs/controlnet.md).
         batch (`int`, defaults to 12): crops per step (the stylizer's).
         crops (`tuple[int, ...]`, defaults to `(128, 192)`): crop sides in pixels, one per step in turn. The
@@ -63,7 +63,7 @@ class ControlNetSettings:
             prompts and noise.
     """
 
-    steps: int = 2000
+    steps: int = 1500
     batch: int = 12
     crops: tuple[int, ...] = (128, 192)
     learning_rate: float = 1e-3
