@@ -13,7 +13,7 @@ from diffusers import ControlNetModel
 
 pytest.importorskip("skimage", reason="the demo model's training images come from scikit-image (extra `train`)")
 
-from engine import EngineConfig, load_bundle  # noqa: E402
+from engine import LoadConfig, load_bundle  # noqa: E402
 from engine.control import DEMO_CONTROLNET_DIR, canny  # noqa: E402
 from engine.models import DEMO_MODEL_DIR  # noqa: E402
 from training.demo_controlnet.__main__ import main  # noqa: E402
@@ -27,7 +27,7 @@ SHORT = ControlNetSettings(steps=2, batch=2, crops=(32, 48), seed=3)
 
 @pytest.fixture(scope="module")
 def demo():
-    models = load_bundle(EngineConfig(model=str(DEMO_MODEL_DIR), device="cpu", dtype="float32"))
+    models = load_bundle(LoadConfig(model=str(DEMO_MODEL_DIR), device="cpu", dtype="float32", backend="eager"))
     models.name = "demo"
     return models
 

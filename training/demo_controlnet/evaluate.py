@@ -22,9 +22,10 @@ from diffusers import ControlNetModel
 
 from engine.backends import EagerRunner
 from engine.codec import rgb_to_tensor, tensor_to_rgb
-from engine.config import EngineConfig
+from engine.config import LoadConfig, StreamConfig
 from engine.loading import load_bundle
 from engine.models import ModelBundle
+from engine.noise import seeded_noise
 from engine.prompt import encode_prompt
 from engine.schedule import slot_schedule
 from training.demo_model.data import HELD_OUT_IMAGES, load_images, moving_crops
@@ -47,21 +48,21 @@ def reference_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str
 
     Mirrors `StreamEngine` at its defaults (what `training.demo_model.evaluate.stream_outputs` runs): the
     frame's VAE latent scaled by the VAE's factor, the default `t_index_list` of the 50-step LCM schedule,
-    the fixed per-slot noise drawn from `EngineConfig().seed`, RCFG `self` guidance at 1.2 with that noise
+    the fixed per-slot noise drawn from `StreamConfig().seed`, RCFG `self` guidance at 1.2 with that noise
     as stock, the LCM x̂0 and re-noising between slots; the stream batch equals this sequential computation.
     With `controlnet`, every UNet call gets the residuals of the frame's canny image
     (`engine.control.canny`) scaled by `conditioning_scale`; with `edges` False, of a black control image
     instead (an ablation: what the ControlNet adds without the edges). `result[i]` is the output of `frames[i]`.
     """
     size = frames[0].shape[0]
-    config = EngineConfig(model=models.name, width=size, height=size, prompt=prompt, similarity_filter=False,
-                          device="cpu")
+    config = StreamConfig(width=size, height=size, prompt=prompt, similarity_filter=False)
     runner = EagerRunner(models)
     schedule = slot_schedule(models.scheduler, config.num_inference_steps, config.t_index_list, 1,
                              torch.device("cpu"), torch.float32)
-    # `StreamEngine._new_noise`: one row per slot, drawn from the stream's seed.
+    # `StreamEngine._new_noise`: one row per slot, drawn from the stream's seed (one seed of weight 1 is
+    # `engine.noise.seeded_noise` bit for bit).
     shape = (models.unet.config.in_channels, size // models.vae_scale_factor, size // models.vae_scale_factor)
-    fixed = torch.randn((config.denoising_steps, *shape), generator=torch.Generator().manual_seed(config.seed))
+    fixed = seeded_noise(config.seed, (config.denoising_steps, *shape))
     noises = [fixed[k:k + 1] for k in range(config.denoising_steps)]
     outputs = []
     for frame in frames:  # one frame per call, as the engine encodes, denoises and decodes them
@@ -120,11 +121,11 @@ def _cell(score: StyleScore) -> str:
 def main(folder: Path, model: Path, scales: tuple[float, ...] = (0.5, 1.0, 1.5), grid: Path | None = None,
          sizes: tuple[int, ...] = (128, 256)) -> None:
     """Print the comparison for the ControlNet folder `folder` on the model folder `model`; write the grid."""
-    models = load_bundle(EngineConfig(model=str(model), device="cpu", dtype="float32"))
+    models = load_bundle(LoadConfig(model=str(model), device="cpu", dtype="float32", backend="eager"))
     models.name = "demo"
     controlnet = ControlNetModel.from_pretrained(folder).eval().requires_grad_(False)
     images = load_images(HELD_OUT_IMAGES)
-    defaults = EngineConfig()
+    defaults = StreamConfig()
     print(f"held-out images: {', '.join(images)}; engine defaults (t_index_list {defaults.t_index_list}, "
           f"cfg {defaults.cfg_type} {defaults.guidance_scale}, seed {defaults.seed}), 4-frame pans; canny "
           f"{ControlNetSettings().low_threshold}/{ControlNetSettings().high_threshold} of the input frame")

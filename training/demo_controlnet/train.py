@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 from tqdm import tqdm
 
-from engine.config import EngineConfig
+from engine.config import LoadConfig, StreamConfig
 from engine.control import canny
 from engine.loading import load_bundle
 from engine.models import DEMO_MODEL_DIR, ModelBundle
@@ -118,12 +118,13 @@ def train(settings: ControlNetSettings, out: Path, model: Path = DEMO_MODEL_DIR)
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    bundle = load_bundle(EngineConfig(model=str(model), device="cpu", dtype="float32"))  # eval, no gradients
+    # Eager PyTorch on the CPU in float32 (training needs autograd); eval mode, no gradients.
+    bundle = load_bundle(LoadConfig(model=str(model), device="cpu", dtype="float32", backend="eager"))
     controlnet = build_controlnet(bundle.unet, settings.embedding_channels)
     controlnet.train()
     images = load_images(TRAIN_IMAGES)
     samplers = [CropSampler(images, crop, seed=settings.seed + index) for index, crop in enumerate(settings.crops)]
-    config = EngineConfig()  # the engine's defaults: what `demo` is served with
+    config = StreamConfig()  # the engine's defaults: what `demo` is served with
     schedule = slot_schedule(bundle.scheduler, config.num_inference_steps, config.t_index_list, 1,
                              torch.device("cpu"), torch.float32)
     scaling = float(bundle.vae.config.scaling_factor)
