@@ -23,7 +23,7 @@ from engine.config import BACKENDS, StreamConfig
 from engine.loading import Engine
 from engine.stream import StreamEngine
 
-from . import memory, skip
+from . import controlnet, memory, skip
 from .clips import tensor_clip
 from .timing import median_fps, time_stream
 from .workload import bench_load, bench_stream
@@ -219,6 +219,14 @@ def main(argv: list[str] | None = None) -> None:
                                          "off, e.g. slice,group, a fresh process each (benchmarks/memory.py)")
     parser.add_argument("--memory-model", default="small", help="model of --memory (default small)")
     parser.add_argument("--memory-sizes", default="512,1024", help="comma-separated square sizes of --memory")
+    parser.add_argument("--controlnet", help="instead of the fps rows: the engine with this ControlNet (demo, random, "
+                                             "a folder or hub id) on every frame and with reused residuals, against "
+                                             "the engine without it (benchmarks/controlnet.py)")
+    parser.add_argument("--controlnet-reuse-interval", type=int, default=controlnet.DEFAULT_REUSE_INTERVAL,
+                        help="--controlnet's reuse row: residuals at most every this many frames")
+    parser.add_argument("--controlnet-reuse-threshold", type=float,
+                        help="--controlnet's reuse row: recompute when the control image moved more than this "
+                             "(default: the stream default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,6 +235,15 @@ def main(argv: list[str] | None = None) -> None:
         sizes = tuple(int(size) for size in args.memory_sizes.split(","))
         results = {"memory": memory.run(args.memory.split(","), args.memory_model, sizes)}
         print(memory.format_table(results["memory"]))
+    elif args.controlnet:
+        width, height = args.width or args.size, args.height or args.size
+        results = controlnet.run(bench_load(args.model).replace(device=args.device, dtype=args.dtype),
+                                 bench_stream(width, height), tensor_clip("slow_pan", 60, width, height), args.frames,
+                                 args.warmup, args.controlnet, args.controlnet_reuse_interval,
+                                 args.controlnet_reuse_threshold)
+        results.update(model=args.model, width=width, height=height, threads=torch.get_num_threads())
+        print(f"model={args.model} size={width}x{height} threads={torch.get_num_threads()}")
+        print(controlnet.format_table(results))
     elif args.skip:
         results = skip.run_policies(args.model, args.width or args.size, args.frames, args.skip.split(","),
                                     args.skip_param, height=args.height or args.size)

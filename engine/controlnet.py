@@ -130,7 +130,8 @@ def random_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetMo
             fan_in = conv.weight[0].numel()
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.5 / fan_in ** 0.5)
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.01)
-    return controlnet.to(dtype=next(unet.parameters()).dtype)
+    dtype = next(unet.parameters()).dtype
+    return controlnet if dtype == torch.float32 else controlnet.to(dtype=dtype)
 
 
 def load_controlnet(spec: str, unet: UNet2DConditionModel) -> ControlNetModel:

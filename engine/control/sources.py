@@ -86,7 +86,9 @@ class DepthSource:
         depth = F.interpolate(depth, size=frames.shape[-2:], mode="bicubic", align_corners=False)
         low = depth.amin(dim=(1, 2, 3), keepdim=True)
         high = depth.amax(dim=(1, 2, 3), keepdim=True)
-        depth = (depth - low) / (high - low).clamp_min(1e-6)
+        spread = high - low
+        # A flat depth map (a blank wall) has no near or far: all zeros, not a division by zero.
+        depth = torch.where(spread > 0, (depth - low) / torch.where(spread > 0, spread, 1), 0)
         return depth.expand(-1, 3, -1, -1).to(device=frames.device, dtype=frames.dtype).contiguous()
 
 
