@@ -125,3 +125,17 @@ def test_detail_is_lower_for_a_blurred_image(frames):
     frame = frames[0]
     assert detail(cv2.GaussianBlur(frame, (0, 0), 2)) < 0.7 * detail(frame)
     assert detail(np.full_like(frame, 90)) == 0
+
+
+def test_the_engine_serving_the_demo_controlnet_is_the_evaluated_reference(frames):
+    """The evaluation's figures are the engine's: `--model demo --controlnet demo` computes what
+    `reference_outputs` scores with the ControlNet (sequential steps here, which the stream batch equals)."""
+    from engine import Engine, StreamConfig, StreamEngine
+    from engine.codec import rgb_to_tensor, tensor_to_rgb
+
+    engine = Engine.load(LoadConfig(model="demo", controlnet="demo", device="cpu", dtype="float32", backend="eager"))
+    reference = reference_outputs(engine.models, frames, "pencil sketch", engine.models.controlnet, 1.0)
+    stream = StreamEngine(engine, StreamConfig(width=64, height=64, prompt="pencil sketch", similarity_filter=False,
+                                               stream_batch=False))
+    for frame, expected in zip(frames, reference, strict=True):
+        assert np.array_equal(tensor_to_rgb(stream(rgb_to_tensor(frame))), expected)
