@@ -153,9 +153,13 @@ class StreamEngine:
                 raise ValueError("`temporal='bank'` and a skip policy both reuse attention across frames: use one")
 
     def _check_controlnet(self, runner) -> None:
-        if self.models.controlnet is not None and not hasattr(runner, "controlnet"):
-            raise ValueError(f"this engine has a ControlNet, but its backend ({type(runner).__name__}) cannot run one: "
-                             "use `backend='eager'`")
+        from .backends.base import runner_name
+        from .backends.split import unet_runner_of
+
+        unet_runner = unet_runner_of(runner)
+        if self.models.controlnet is not None and not hasattr(unet_runner, "controlnet"):
+            raise ValueError(f"this engine has a ControlNet, but its UNet backend ({runner_name(unet_runner)}) cannot "
+                             "run one: use `backend='eager'`, 'onnxruntime' or 'tensorrt'")
 
     def latent_shape(self, config: StreamConfig) -> tuple[int, int, int]:
         """(channels, height, width) of one latent at `config`'s size."""
