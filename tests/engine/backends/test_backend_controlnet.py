@@ -9,14 +9,17 @@ import pytest
 import torch
 
 from engine import Engine, LoadConfig, StreamConfig, StreamEngine
+from engine.backends import auto
 from engine.backends import onnxruntime as ort_backend
 from engine.backends.artifacts import GraphShape, OnnxCache, config_shapes, onnx_input_shapes
+from engine.backends.auto import Measurement, calibration_candidates, calibration_key, measure_backend, resolve_auto
 from engine.backends.cache import engine_cache_key, module_fingerprint
 from engine.backends.eager import EagerRunner
+from engine.backends.factory import Availability
 from engine.backends.onnx_export import control_residual_names, residual_shapes
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.backends.resolution import ResolutionRange
-from engine.controlnet import random_controlnet
+from engine.controlnet import ControlResiduals, random_controlnet
 from engine.guidance import unet_batch_size
 from engine.prompt import Conditioning, precompute_kv
 
@@ -229,10 +232,15 @@ def test_the_controlnet_graph_is_static_and_its_inputs_pinned(tiny_controlnet_en
         cache.graph_spec(shape).output_name  # noqa: B018
 
 
-def test_a_resolution_range_with_a_controlnet_is_refused_clearly(tiny_controlnet_engine, tmp_path):
+def test_a_resolution_range_with_a_controlnet_is_refused_clearly(tiny_controlnet_engine, tiny_controlnet_dir,
+                                                                 tmp_path):
     models = tiny_controlnet_engine.models
     with pytest.raises(ValueError, match="resolution range .* does not take a ControlNet"):
         OnnxRuntimeRunner(models, "self", tmp_path, resolution_range=ResolutionRange.between(64, 128, 64))
+    load = LoadConfig(model="tiny", controlnet=str(tiny_controlnet_dir),
+                      resolution_range=ResolutionRange.between(64, 128, 64))
+    resolved, choice = resolve_auto(models, load, _config("self"), tmp_path, measure=_never)
+    assert resolved.backend == "eager" and "static" in choice.reason
 
 
 # ---------------------------------------------------------------------------------------------- the engine's checks
@@ -251,3 +259,67 @@ def test_a_backend_without_controlnet_support_is_refused_naming_those_with_it(ti
     runner = NoControlNetRunner(tiny_controlnet_engine.models)
     with pytest.raises(ValueError, match="UNet backend \\(compile\\) cannot run one.*'onnxruntime' or 'tensorrt'"):
         StreamEngine(with_runner(tiny_controlnet_engine, runner), _config("self"))
+
+
+# ---------------------------------------------------------------------------------------------- auto
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("nothing should be measured")
+
+
+CPU = Availability("cpu", "no CUDA", ("CPUExecutionProvider",))
+
+
+def test_auto_measures_the_backends_that_run_a_controlnet(tiny_controlnet_engine, tiny_controlnet_dir, tiny_models,
+                                                          tmp_path, monkeypatch):
+    assert calibration_candidates(CPU, 600) == ("eager", "onnxruntime", "compile")
+    assert calibration_candidates(CPU, 600, controlnet=True) == ("eager", "onnxruntime")
+    models = tiny_controlnet_engine.models
+    load = LoadConfig(model="tiny", controlnet=str(tiny_controlnet_dir), auto_compile_budget_s=600)
+    monkeypatch.setattr(auto, "probe_availability", lambda device, dtype: CPU)
+    measured = []
+
+    def measure(backend, models, load, stream, cache_dir=None):
+        measured.append(backend)
+        return Measurement(backend, {"eager": 10.0, "onnxruntime": 20.0}[backend], 0.1)
+
+    resolved, choice = resolve_auto(models, load, _config("self"), tmp_path, measure=measure)
+    assert resolved.backend == "onnxruntime" and measured == ["eager", "onnxruntime"]
+    # The key names the ControlNet (so a verdict without it is never reused), and keys without one are unchanged.
+    key = calibration_key(models, load, _config("self"), threads=2)
+    plain = calibration_key(tiny_models, LoadConfig(model="tiny", auto_compile_budget_s=600), _config("self"), 2)
+    assert key.controlnet == module_fingerprint(models.controlnet)[:20] and plain.controlnet is None
+    assert "controlnet" not in plain.fields() and key.digest() != dataclasses.replace(key, controlnet=None).digest()
+
+
+class RecordingRunner:
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, images):
+        self.calls.append("encode")
+        return images
+
+    def controlnet(self, latents, timesteps, conditioning, control_images):
+        self.calls.append("controlnet")
+        assert control_images.shape == (latents.shape[0], 3, SIZE, SIZE)
+        return ControlResiduals((latents,), latents)
+
+    def unet(self, latents, timesteps, conditioning):
+        self.calls.append("unet" if conditioning.control is None else "unet+residuals")
+        return latents
+
+    def decode(self, latents):
+        self.calls.append("decode")
+        return latents
+
+
+def test_the_calibration_workload_runs_the_controlnet_before_the_unet(tiny_controlnet_engine, tiny_controlnet_dir,
+                                                                      monkeypatch):
+    runner = RecordingRunner()
+    monkeypatch.setattr(auto, "new_runner", lambda *args: runner)
+    load = LoadConfig(model="tiny", controlnet=str(tiny_controlnet_dir))
+    measurement = measure_backend("onnxruntime", tiny_controlnet_engine.models, load, _config("self"), rounds=1)
+    assert measurement.dropped is None
+    assert runner.calls[:4] == ["encode", "controlnet", "unet+residuals", "decode"]
