@@ -5,9 +5,10 @@ graph (model config and weights, resolution or resolution range, batch, text len
 dtype, TensorRT version, GPU, exporter and opset; a ControlNet graph's model is the ControlNet's own
 config and weights, and a UNet graph taking ControlNet residuals is marked as such). A changed part
 gives a new file, so a stale engine is never loaded. Files are written under a temporary name and
-renamed, so a crash mid-write leaves no half file under the real name. A file whose loader reports it unreadable (`CorruptArtifactError`) is
-deleted and rebuilt by `cached_artifact`; any other load error (out of memory, an unsupported
-engine) leaves the file alone and propagates, because rebuilding would only fail again.
+renamed, so a crash mid-write leaves no half file under the real name. A file whose loader reports
+it unreadable (`CorruptArtifactError`) is deleted and rebuilt by `cached_artifact`; any other load
+error (out of memory, an unsupported engine) leaves the file alone and propagates, because
+rebuilding would only fail again.
 """
 
 from __future__ import annotations
