@@ -519,7 +519,8 @@ class StreamConfig:
                 raise ValueError(f"`{name}` must lie in [0, {MAX_TRANSITION_FRAMES}], got {getattr(self, name)}")
         _check_choice("temporal", self.temporal, TEMPORAL_MODES)
         if not 0 <= self.controlnet_scale <= MAX_CONTROLNET_SCALE:
-            raise ValueError(f"`controlnet_scale` must lie in [0, {MAX_CONTROLNET_SCALE:g}], got {self.controlnet_scale}")
+            raise ValueError(f"`controlnet_scale` must lie in [0, {MAX_CONTROLNET_SCALE:g}], "
+                             f"got {self.controlnet_scale}")
         if not 0 <= self.canny_low_threshold <= self.canny_high_threshold <= 1000:
             raise ValueError("`canny_low_threshold` and `canny_high_threshold` must satisfy 0 <= low <= high <= 1000, "
                              f"got {self.canny_low_threshold} and {self.canny_high_threshold}")

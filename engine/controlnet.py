@@ -147,7 +147,8 @@ def load_controlnet(spec: str, unet: UNet2DConditionModel) -> ControlNetModel:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"ControlNet folder {spec!r} has no config.json: pass a folder saved with "
-                                 "`ControlNetModel.save_pretrained`, or a hub id such as lllyasviel/sd-controlnet-canny")
+                                 "`ControlNetModel.save_pretrained`, or a hub id such as "
+                                 "lllyasviel/sd-controlnet-canny")
         source, local_only = str(path), True
     else:
         source, local_only = spec, False

@@ -111,7 +111,8 @@ class Engine:
                              f"config names {list(map(str, config.loras)) or 'none'}; load them with `load_bundle`")
         if (models.controlnet is None) != (config.controlnet is None):
             raise ValueError(f"`controlnet`: the config names {config.controlnet!r} but the models have "
-                             f"{'a' if models.controlnet is not None else 'no'} ControlNet; load them with `load_bundle`")
+                             f"{'a' if models.controlnet is not None else 'no'} ControlNet; load them with "
+                             "`load_bundle`")
         parameter = next(models.unet.parameters())
         # Always ours: without a K/V cache it attends exactly as diffusers' own, and streams' attention banks
         # (`temporal="bank"`) reach it the same way as the cache.
