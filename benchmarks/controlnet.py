@@ -1,5 +1,5 @@
 """The ControlNet rows of `python -m benchmarks.engine --controlnet SPEC`: its cost and the cost of reusing its
-residuals, against the same engine without it, in interleaved rounds on one clip.
+residuals, against the same engine without it (`engine_fps` here), in interleaved rounds on one clip.
 
 - `controlnet_fps`: the ControlNet computed on every frame (canny control images, made on the input stage).
 - `controlnet_reuse_fps`: residuals reused (`controlnet_reuse_interval`, `controlnet_reuse_threshold`).

@@ -106,11 +106,15 @@ def skip_rate(engine: Engine, config: StreamConfig, clip: list[torch.Tensor], co
 
 def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
         backends: tuple[str, ...] = (), height: int | None = None, device: str = "cpu",
-        dtype: str = "float32") -> dict:
+        dtype: str = "float32", controlnet_spec: str | None = None,
+        controlnet_reuse_interval: int = controlnet.DEFAULT_REUSE_INTERVAL,
+        controlnet_reuse_threshold: float | None = None) -> dict:
     """Every benchmark row; returns the JSON-ready dict. Each of `backends` (other than eager) adds
     `<backend>_fps`: the same engine row with its networks on that backend. Frames are `size` wide and
     `height` (default `size`) high. Every row runs on `device` in `dtype` (by default the CPU in fp32, where
-    the diffusers baseline runs; `auto` is fp16 on CUDA)."""
+    the diffusers baseline runs; `auto` is fp16 on CUDA). `controlnet_spec` adds `controlnet_fps` and
+    `controlnet_reuse_fps` (`benchmarks.controlnet`; its ratios are taken against the engine in the same
+    interleaved rounds, whose figure is `controlnet.engine_fps`)."""
     torch.manual_seed(0)
     height = size if height is None else height
     load, config = bench_load(model).replace(device=device, dtype=dtype), bench_stream(size, height)
@@ -171,6 +175,15 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
     for backend in backends:
         if backend != "eager":
             results["ratios"][f"{backend}_vs_engine"] = round(results[f"{backend}_fps"] / engine, 3)
+    if controlnet_spec is not None:
+        rows = controlnet.run(load, config, clip, frames, warmup, controlnet_spec, controlnet_reuse_interval,
+                              controlnet_reuse_threshold)
+        results["controlnet"] = rows
+        for key in ("controlnet_fps", "controlnet_reuse_fps"):
+            results[key] = rows[key]
+        results["threads"]["controlnet_fps"] = results["threads"]["controlnet_reuse_fps"] = \
+            {"torch": torch.get_num_threads()}
+        results["ratios"].update(rows["ratios"])
     return results
 
 
@@ -219,9 +232,10 @@ def main(argv: list[str] | None = None) -> None:
                                          "off, e.g. slice,group, a fresh process each (benchmarks/memory.py)")
     parser.add_argument("--memory-model", default="small", help="model of --memory (default small)")
     parser.add_argument("--memory-sizes", default="512,1024", help="comma-separated square sizes of --memory")
-    parser.add_argument("--controlnet", help="instead of the fps rows: the engine with this ControlNet (demo, random, "
-                                             "a folder or hub id) on every frame and with reused residuals, against "
-                                             "the engine without it (benchmarks/controlnet.py)")
+    parser.add_argument("--controlnet", help="also the engine with this ControlNet (demo, random, a folder or hub id) "
+                                             "on every frame and with reused residuals, against the engine without "
+                                             "it in interleaved rounds: adds controlnet_fps, controlnet_reuse_fps "
+                                             "(benchmarks/controlnet.py)")
     parser.add_argument("--controlnet-reuse-interval", type=int, default=controlnet.DEFAULT_REUSE_INTERVAL,
                         help="--controlnet's reuse row: residuals at most every this many frames")
     parser.add_argument("--controlnet-reuse-threshold", type=float,
@@ -235,23 +249,18 @@ def main(argv: list[str] | None = None) -> None:
         sizes = tuple(int(size) for size in args.memory_sizes.split(","))
         results = {"memory": memory.run(args.memory.split(","), args.memory_model, sizes)}
         print(memory.format_table(results["memory"]))
-    elif args.controlnet:
-        width, height = args.width or args.size, args.height or args.size
-        results = controlnet.run(bench_load(args.model).replace(device=args.device, dtype=args.dtype),
-                                 bench_stream(width, height), tensor_clip("slow_pan", 60, width, height), args.frames,
-                                 args.warmup, args.controlnet, args.controlnet_reuse_interval,
-                                 args.controlnet_reuse_threshold)
-        results.update(model=args.model, width=width, height=height, threads=torch.get_num_threads())
-        print(f"model={args.model} size={width}x{height} threads={torch.get_num_threads()}")
-        print(controlnet.format_table(results))
     elif args.skip:
         results = skip.run_policies(args.model, args.width or args.size, args.frames, args.skip.split(","),
                                     args.skip_param, height=args.height or args.size)
         print(skip.format_table(results["skip_policies"]))
     else:
         results = run(args.model, args.width or args.size, args.frames, args.warmup, tuple(args.backend),
-                      height=args.height or args.size, device=args.device, dtype=args.dtype)
+                      height=args.height or args.size, device=args.device, dtype=args.dtype,
+                      controlnet_spec=args.controlnet, controlnet_reuse_interval=args.controlnet_reuse_interval,
+                      controlnet_reuse_threshold=args.controlnet_reuse_threshold)
         print(format_table(results))
+        if args.controlnet:
+            print(controlnet.format_table(results["controlnet"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
