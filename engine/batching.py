@@ -19,7 +19,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from .controlnet import ControlResiduals, ControlRows, with_control
+from .control.residuals import ControlResiduals, ControlRows
+from .controlnet import with_control
 from .prompt import Conditioning
 from .stream import FrameWork, StepResult, StreamEngine
 

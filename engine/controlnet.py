@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from .control import DEMO_CONTROLNET_DIR
-from .guidance import expand_rows
+from .control.residuals import ControlResiduals, ControlRows
 from .models import ModelLoadError
 from .prompt import Conditioning
 
@@ -29,66 +28,6 @@ DEMO_CONTROLNET = "demo"
 #: The `controlnet` spec of a seeded random ControlNet made from the loaded UNet (`random_controlnet`), for tests and
 #: benchmarks: a ControlNet's cost and the engine's exactness without any download.
 RANDOM_CONTROLNET = "random"
-
-
-@dataclass(frozen=True)
-class ControlResiduals:
-    """What a ControlNet adds to the UNet: one residual per down-block output and one for the mid block."""
-
-    down: tuple[torch.Tensor, ...]
-    mid: torch.Tensor
-
-    @property
-    def rows(self) -> int:
-        return int(self.mid.shape[0])
-
-    def scaled(self, scale: torch.Tensor) -> ControlResiduals:
-        """The residuals with row i multiplied by `scale[i]`."""
-        return ControlResiduals(tuple(_scale_rows(tensor, scale) for tensor in self.down),
-                                _scale_rows(self.mid, scale))
-
-    def unet_kwargs(self) -> dict:
-        """`UNet2DConditionModel.forward`'s arguments for these residuals."""
-        return {"down_block_additional_residuals": list(self.down), "mid_block_additional_residual": self.mid}
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Down residuals, then the mid one: the order compiled graphs take them in."""
-        return [*self.down, self.mid]
-
-    @classmethod
-    def from_tensors(cls, tensors: list[torch.Tensor]) -> ControlResiduals:
-        """The inverse of `tensors`."""
-        return cls(tuple(tensors[:-1]), tensors[-1])
-
-
-def _scale_rows(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return tensor * scale.to(tensor.dtype).view(-1, *([1] * (tensor.dim() - 1)))
-
-
-@dataclass(frozen=True)
-class ControlRows:
-    """The control images of one UNet call, one per UNet row (`images`: `[rows, 3, H, W]` in [0, 1]), and each
-    row's ControlNet scale (`scale`: `[rows]`)."""
-
-    images: torch.Tensor
-    scale: torch.Tensor
-
-    @classmethod
-    def for_call(cls, cfg_type: str, slot_images: torch.Tensor, frames_per_slot: int, scale: float) -> ControlRows:
-        """The rows of a call in guidance mode `cfg_type` whose slots hold `slot_images` (ordered like the
-        latents), every row at `scale`."""
-        images = expand_rows(cfg_type, slot_images, frames_per_slot)
-        return cls(images, torch.full((images.shape[0],), float(scale), device=images.device))
-
-    @classmethod
-    def cat(cls, rows: list[ControlRows]) -> ControlRows:
-        """Several calls' rows in one batch, in order."""
-        return cls(torch.cat([each.images for each in rows]), torch.cat([each.scale for each in rows]))
-
-    @property
-    def active(self) -> bool:
-        """Whether any row has a nonzero scale (at 0 everywhere the ControlNet is not run at all)."""
-        return bool((self.scale != 0).any())
 
 
 def with_control(runner, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,

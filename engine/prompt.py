@@ -18,7 +18,7 @@ from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextModel, CLIPTokenizer
 
 if TYPE_CHECKING:
-    from .controlnet import ControlResiduals
+    from .control.residuals import ControlResiduals
     from .temporal import AttentionBank
 
 KVCache = dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -12,7 +12,8 @@ import torch
 from . import guidance
 from .conditioning import PromptEncoder, mix_prompt_states
 from .config import HOT_PARAMS, REPREPARE_PARAMS, StreamConfig, check_compatible
-from .controlnet import ControlRows, ResidualReuse, with_control
+from .control.residuals import ControlRows
+from .controlnet import ResidualReuse, with_control
 from .fade import Fade
 from .loading import Engine
 from .noise import mix_noise, weighted_seed_noise

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from ..controlnet import ControlResiduals
+from ..control.residuals import ControlResiduals
 from ..prompt import Conditioning
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderTiny
 
-from ..controlnet import ControlResiduals
+from ..control.residuals import ControlResiduals
 from ..models import ModelBundle
 from ..prompt import Conditioning
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..config import StreamConfig
-from ..controlnet import ControlResiduals
+from ..control.residuals import ControlResiduals
 from ..prompt import Conditioning
 from .base import NetworkRunner, runner_name
 

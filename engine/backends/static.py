@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from ..config import StreamConfig
-from ..controlnet import ControlResiduals
+from ..control.residuals import ControlResiduals
 from ..models import ModelBundle
 from ..prompt import Conditioning
 from .artifacts import GraphShape, OnnxCache, config_shapes

@@ -19,7 +19,8 @@ from engine.backends.factory import Availability
 from engine.backends.onnx_export import control_residual_names, residual_shapes
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.backends.resolution import ResolutionRange
-from engine.controlnet import ControlResiduals, random_controlnet
+from engine.control.residuals import ControlResiduals
+from engine.controlnet import random_controlnet
 from engine.guidance import unet_batch_size
 from engine.prompt import Conditioning, precompute_kv
 
