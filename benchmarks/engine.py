@@ -23,7 +23,7 @@ from engine.config import BACKENDS, StreamConfig
 from engine.loading import Engine
 from engine.stream import StreamEngine
 
-from . import memory, skip
+from . import controlnet, memory, skip
 from .clips import tensor_clip
 from .timing import median_fps, time_stream
 from .workload import bench_load, bench_stream
@@ -106,11 +106,15 @@ def skip_rate(engine: Engine, config: StreamConfig, clip: list[torch.Tensor], co
 
 def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
         backends: tuple[str, ...] = (), height: int | None = None, device: str = "cpu",
-        dtype: str = "float32") -> dict:
+        dtype: str = "float32", controlnet_spec: str | None = None,
+        controlnet_reuse_interval: int = controlnet.DEFAULT_REUSE_INTERVAL,
+        controlnet_reuse_threshold: float | None = None) -> dict:
     """Every benchmark row; returns the JSON-ready dict. Each of `backends` (other than eager) adds
     `<backend>_fps`: the same engine row with its networks on that backend. Frames are `size` wide and
     `height` (default `size`) high. Every row runs on `device` in `dtype` (by default the CPU in fp32, where
-    the diffusers baseline runs; `auto` is fp16 on CUDA)."""
+    the diffusers baseline runs; `auto` is fp16 on CUDA). `controlnet_spec` adds `controlnet_fps` and
+    `controlnet_reuse_fps` (`benchmarks.controlnet`; its ratios are taken against the engine in the same
+    interleaved rounds, whose figure is `controlnet.engine_fps`)."""
     torch.manual_seed(0)
     height = size if height is None else height
     load, config = bench_load(model).replace(device=device, dtype=dtype), bench_stream(size, height)
@@ -171,6 +175,15 @@ def run(model: str = "tiny", size: int = 128, frames: int = 30, warmup: int = 5,
     for backend in backends:
         if backend != "eager":
             results["ratios"][f"{backend}_vs_engine"] = round(results[f"{backend}_fps"] / engine, 3)
+    if controlnet_spec is not None:
+        rows = controlnet.run(load, config, clip, frames, warmup, controlnet_spec, controlnet_reuse_interval,
+                              controlnet_reuse_threshold)
+        results["controlnet"] = rows
+        for key in ("controlnet_fps", "controlnet_reuse_fps"):
+            results[key] = rows[key]
+        results["threads"]["controlnet_fps"] = results["threads"]["controlnet_reuse_fps"] = \
+            {"torch": torch.get_num_threads()}
+        results["ratios"].update(rows["ratios"])
     return results
 
 
@@ -219,6 +232,15 @@ def main(argv: list[str] | None = None) -> None:
                                          "off, e.g. slice,group, a fresh process each (benchmarks/memory.py)")
     parser.add_argument("--memory-model", default="small", help="model of --memory (default small)")
     parser.add_argument("--memory-sizes", default="512,1024", help="comma-separated square sizes of --memory")
+    parser.add_argument("--controlnet", help="also the engine with this ControlNet (demo, random, a folder or hub id) "
+                                             "on every frame and with reused residuals, against the engine without "
+                                             "it in interleaved rounds: adds controlnet_fps, controlnet_reuse_fps "
+                                             "(benchmarks/controlnet.py)")
+    parser.add_argument("--controlnet-reuse-interval", type=int, default=controlnet.DEFAULT_REUSE_INTERVAL,
+                        help="--controlnet's reuse row: residuals at most every this many frames")
+    parser.add_argument("--controlnet-reuse-threshold", type=float,
+                        help="--controlnet's reuse row: recompute when the control image moved more than this "
+                             "(default: the stream default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,8 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         print(skip.format_table(results["skip_policies"]))
     else:
         results = run(args.model, args.width or args.size, args.frames, args.warmup, tuple(args.backend),
-                      height=args.height or args.size, device=args.device, dtype=args.dtype)
+                      height=args.height or args.size, device=args.device, dtype=args.dtype,
+                      controlnet_spec=args.controlnet, controlnet_reuse_interval=args.controlnet_reuse_interval,
+                      controlnet_reuse_threshold=args.controlnet_reuse_threshold)
         print(format_table(results))
+        if args.controlnet:
+            print(controlnet.format_table(results["controlnet"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -7,7 +7,8 @@ the output is split back by rows. A session's output therefore equals its output
 floating-point order of batched convolutions.
 
 Engines batch together when `batch_key` says so: same runner and loaded `Engine` (so the same models,
-dtype, device and K/V mode), same frame size. Static-shape runners (ONNX Runtime, TensorRT,
+dtype, device and K/V mode), same frame size. With a ControlNet, the group's rows also share one ControlNet
+call, each row's residuals scaled by its own session's `controlnet_scale`. Static-shape runners (ONNX Runtime, TensorRT,
 `torch.compile`), skip policies and the sequential (non stream-batch) mode have no key: they always run
 alone through `StreamEngine.step`.
 """
@@ -18,6 +19,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from .control.residuals import ControlResiduals, ControlRows
+from .controlnet import with_control
 from .prompt import Conditioning
 from .stream import FrameWork, StepResult, StreamEngine
 
@@ -25,9 +28,11 @@ from .stream import FrameWork, StepResult, StreamEngine
 def batch_key(engine: StreamEngine) -> Hashable | None:
     """What must match for engines to share network calls; `None` when the engine must run alone."""
     config = engine.config
-    # A `bank` stream's UNet call carries its own attention bank: it runs alone.
+    # A `bank` stream's UNet call carries its own attention bank, and a stream that reuses ControlNet residuals
+    # its own residuals: they run alone.
+    reuses_control = engine.models.controlnet is not None and config.controlnet_reuse_interval > 1
     if not getattr(engine.runner, "dynamic_batch", False) or engine.skip_policy is not None \
-            or engine.temporal.bank is not None \
+            or engine.temporal.bank is not None or reuses_control \
             or not config.stream_batch:
         return None
     return (id(engine.runner), id(engine.engine), config.width, config.height)
@@ -46,7 +51,11 @@ def concat_conditioning(conditionings: Sequence[Conditioning]) -> Conditioning:
     added = None
     if first.added_cond is not None:
         added = {name: torch.cat([c.added_cond[name] for c in conditionings]) for name in first.added_cond}
-    return Conditioning(states, kv_cache, added)
+    control = None
+    if first.control is not None:
+        control = ControlResiduals.from_tensors([torch.cat(parts) for parts in
+                                                 zip(*(c.control.tensors() for c in conditionings), strict=True)])
+    return Conditioning(states, kv_cache, added, control=control)
 
 
 @torch.no_grad()
@@ -113,9 +122,15 @@ def _advance_group(engines: list[StreamEngine], frames: list[FrameWork]) -> None
             # A parameter update between grouping and locking made them incompatible.
             raise ValueError("engines stopped being batch-compatible")
         calls = [engine.prepare_denoise(frame) for engine, frame in zip(engines, frames, strict=True)]
-        model_output = engines[0].runner.unet(torch.cat([call.latents for call in calls]),
-                                              torch.cat([call.timesteps for call in calls]),
-                                              concat_conditioning([call.conditioning for call in calls]))
+        runner = engines[0].runner
+        latents = torch.cat([call.latents for call in calls])
+        timesteps = torch.cat([call.timesteps for call in calls])
+        conditioning = concat_conditioning([call.conditioning for call in calls])
+        if calls[0].control is not None:
+            # One ControlNet call for the group, each row scaled by its own session's `controlnet_scale`.
+            control = ControlRows.cat([call.control for call in calls])
+            conditioning = with_control(runner, latents, timesteps, conditioning, control)
+        model_output = runner.unet(latents, timesteps, conditioning)
         outputs = torch.split(model_output, [call.latents.shape[0] for call in calls])
         for engine, frame, call, output in zip(engines, frames, calls, outputs, strict=True):
             engine.complete_denoise(frame, call, output)

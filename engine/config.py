@@ -30,6 +30,12 @@ TEMPORAL_MODES: tuple[str, ...] = ("off", "feedback", "bank", "flow")
 MAX_BANK_SIZE = 8
 MEMORY_MODES: tuple[str, ...] = ("off", "slice", "group")
 VAES: tuple[str, ...] = ("tiny", "full")
+#: How a ControlNet's control image is made from each input frame (`engine.control`).
+CONTROL_PREPROCESSORS: tuple[str, ...] = ("canny", "depth", "pose", "image")
+#: Largest `controlnet_scale`: far past any useful strength, it only bounds what a client can ask.
+MAX_CONTROLNET_SCALE = 5.0
+#: Most frames a ControlNet's residuals may be reused for (`controlnet_reuse_interval`).
+MAX_CONTROLNET_REUSE_INTERVAL = 60
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 #: Most entries of `adacache_codebook`.
 MAX_CODEBOOK_ENTRIES = 16
@@ -217,6 +223,14 @@ class LoadConfig:
         auto_compile_budget_s (`float`, defaults to 0): `auto` also times `compile` when this is > 0, and
             never chooses it when compiling took longer than this many seconds (it compiles again at every
             start; minutes on a CPU). 0 leaves torch.compile out of `auto`.
+        controlnet (`str | None`, defaults to None): a diffusers `ControlNetModel` of the model's family (hub id
+            or local folder; `demo` is the demo model's small canny ControlNet), run on every UNet call
+            (`engine.controlnet`; docs/controlnet.md).
+        control_preprocessor (`str`, defaults to `"canny"`): how each input frame becomes the ControlNet's
+            control image: `canny` (OpenCV), `depth` (a transformers depth-estimation model), `pose`
+            (controlnet_aux's OpenPose) or `image` (the frame itself).
+        control_preprocessor_model (`str | None`, defaults to None): the weights of the `depth` or `pose`
+            preprocessor (hub id or folder); None takes `engine.control.sources.DEFAULT_PREPROCESSOR_MODELS`.
     """
 
     model: str = "demo"
@@ -232,6 +246,9 @@ class LoadConfig:
     resolution_range: ResolutionRange | None = None
     loras: tuple[LoraSpec, ...] = ()
     auto_compile_budget_s: float = 0.0
+    controlnet: str | None = None
+    control_preprocessor: str = "canny"
+    control_preprocessor_model: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple(
@@ -253,6 +270,12 @@ class LoadConfig:
                              "other `vae_backend`")
         if not (math.isfinite(self.auto_compile_budget_s) and self.auto_compile_budget_s >= 0):
             raise ValueError(f"`auto_compile_budget_s` must be >= 0, got {self.auto_compile_budget_s}")
+        if self.controlnet is not None and (not isinstance(self.controlnet, str) or not self.controlnet.strip()):
+            raise ValueError(f"`controlnet` must name a ControlNet (hub id, folder or `demo`), got {self.controlnet!r}")
+        _check_choice("control_preprocessor", self.control_preprocessor, CONTROL_PREPROCESSORS)
+        if self.controlnet is not None and self.memory != "off":
+            raise ValueError("`controlnet` adds residuals to the UNet blocks that the memory modes regroup: use "
+                             "`memory='off'` with a ControlNet")
 
     @property
     def use_tiny_vae(self) -> bool:
@@ -419,6 +442,17 @@ class StreamConfig:
         temporal (`str`, defaults to `"off"`): temporal steadiness mechanism (`engine.temporal`), one of
             `off|feedback|bank|flow`; `off` is exactly the stream without one.
         temporal_settings (`TemporalSettings`): its tunables (flat names on the wire: `TEMPORAL_PARAMS`).
+        controlnet_scale (`float`, defaults to 1.0): strength of the engine's ControlNet residuals, in
+            [0, `MAX_CONTROLNET_SCALE`]; 0 is exactly the stream without a ControlNet (it is not run).
+        canny_low_threshold (`float`, defaults to 100): the `canny` preprocessor's hysteresis low threshold
+            (gradient magnitude of the 0-255 image).
+        canny_high_threshold (`float`, defaults to 200): its high threshold, >= the low one.
+        controlnet_reuse_interval (`int`, defaults to 1): recompute the ControlNet residuals at most every this
+            many frames, reusing the last ones in between; 1 computes them on every frame.
+        controlnet_reuse_threshold (`float`, defaults to 0.05): ...unless the newest control image moved more
+            than this (mean absolute change in [0, 1]) since the residuals were computed.
+        show_control (`bool`, defaults to False): output each frame's control image instead of the restyled
+            frame (to see what the ControlNet follows).
     """
 
     width: int = 256
@@ -445,6 +479,12 @@ class StreamConfig:
     skip: SkipSettings = field(default_factory=SkipSettings)
     temporal: str = "off"
     temporal_settings: TemporalSettings = field(default_factory=TemporalSettings)
+    controlnet_scale: float = 1.0
+    canny_low_threshold: float = 100.0
+    canny_high_threshold: float = 200.0
+    controlnet_reuse_interval: int = 1
+    controlnet_reuse_threshold: float = 0.05
+    show_control: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
@@ -478,6 +518,17 @@ class StreamConfig:
             if not 0 <= getattr(self, name) <= MAX_TRANSITION_FRAMES:
                 raise ValueError(f"`{name}` must lie in [0, {MAX_TRANSITION_FRAMES}], got {getattr(self, name)}")
         _check_choice("temporal", self.temporal, TEMPORAL_MODES)
+        if not 0 <= self.controlnet_scale <= MAX_CONTROLNET_SCALE:
+            raise ValueError(f"`controlnet_scale` must lie in [0, {MAX_CONTROLNET_SCALE:g}], "
+                             f"got {self.controlnet_scale}")
+        if not 0 <= self.canny_low_threshold <= self.canny_high_threshold <= 1000:
+            raise ValueError("`canny_low_threshold` and `canny_high_threshold` must satisfy 0 <= low <= high <= 1000, "
+                             f"got {self.canny_low_threshold} and {self.canny_high_threshold}")
+        if not 1 <= self.controlnet_reuse_interval <= MAX_CONTROLNET_REUSE_INTERVAL:
+            raise ValueError(f"`controlnet_reuse_interval` must lie in [1, {MAX_CONTROLNET_REUSE_INTERVAL}], "
+                             f"got {self.controlnet_reuse_interval}")
+        if not 0 <= self.controlnet_reuse_threshold <= 1:
+            raise ValueError(f"`controlnet_reuse_threshold` must lie in [0, 1], got {self.controlnet_reuse_threshold}")
 
     @property
     def denoising_steps(self) -> int:
@@ -549,7 +600,8 @@ LOAD_SETTINGS: frozenset[str] = frozenset(item.name for item in dataclasses.fiel
 HOT_PARAMS: frozenset[str] = frozenset(
     {"prompt", "negative_prompt", "guidance_scale", "delta", "seed", "similarity_filter", "similarity_threshold",
      "max_skip_frames", "skip_policy", *SKIP_PARAMS, "temporal", *TEMPORAL_PARAMS, "prompts", "prompt_blend",
-     "prompt_transition_frames", "seeds", "seed_transition_frames"}
+     "prompt_transition_frames", "seeds", "seed_transition_frames", "controlnet_scale", "canny_low_threshold",
+     "canny_high_threshold", "controlnet_reuse_interval", "controlnet_reuse_threshold", "show_control"}
 )
 #: Parameters whose change rebuilds schedule, noise and buffer (a clean re-prepare).
 REPREPARE_PARAMS: frozenset[str] = frozenset({"t_index_list", "width", "height"})
@@ -589,6 +641,9 @@ def check_compatible(load: LoadConfig, stream: StreamConfig) -> None:
     if load.memory == "group" and stream.skip_policy != "off":
         raise ValueError("`memory='group'` runs whole blocks per row, which the skip policies' per-row caches do "
                          "not follow: use `memory='slice'` or `skip_policy='off'`")
+    if load.controlnet is not None and stream.skip_policy != "off":
+        raise ValueError("the skip policies reuse UNet features that a ControlNet's residuals change on every frame: "
+                         "use `skip_policy='off'` with a ControlNet")
     if load.memory != "off" and stream.temporal == "bank":
         raise ValueError("`temporal='bank'` extends the self-attention that the memory modes slice: use "
                          "`memory='off'` or another `temporal` mechanism")

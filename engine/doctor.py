@@ -206,6 +206,8 @@ def describe_parts(parts: CacheKeyParts) -> str:
     size = f"{parts.width}x{parts.height}" if parts.resolution_range is None else \
         f"{parts.resolution_range[0]}-{parts.resolution_range[2]} (opt {parts.resolution_range[1]})"
     inputs = (" K/V inputs" if parts.kv_cache else " text inputs") if parts.network == "unet" else ""
+    if parts.control_residuals:
+        inputs += " + ControlNet residuals"
     text = (f"{parts.network} {size} batch {parts.batch} {parts.cfg_type} {parts.dtype}{inputs}, "
             f"{parts.exporter} opset {parts.opset}, model {parts.model_hash[:12]}")
     if parts.loras:

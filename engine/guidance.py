@@ -29,15 +29,20 @@ def needs_negative_prompt(cfg_type: str) -> bool:
     return cfg_type in ("initialize", "full")
 
 
+def expand_rows(cfg_type: str, rows: torch.Tensor, frames_per_slot: int) -> torch.Tensor:
+    """Per-slot rows (latents, timesteps, control images) as the UNet batch of a mode; negative-prompt rows first."""
+    if cfg_type == "initialize":
+        return torch.cat([rows[:frames_per_slot], rows])
+    if cfg_type == "full":
+        return torch.cat([rows, rows])
+    return rows
+
+
 def expand_unet_inputs(
     cfg_type: str, x_t: torch.Tensor, timesteps: torch.Tensor, frames_per_slot: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's latent and timestep batch for a mode; negative-prompt rows come first."""
-    if cfg_type == "initialize":
-        return torch.cat([x_t[:frames_per_slot], x_t]), torch.cat([timesteps[:frames_per_slot], timesteps])
-    if cfg_type == "full":
-        return torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps])
-    return x_t, timesteps
+    return expand_rows(cfg_type, x_t, frames_per_slot), expand_rows(cfg_type, timesteps, frames_per_slot)
 
 
 def expand_prompt_embeds(

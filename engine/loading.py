@@ -16,6 +16,8 @@ import torch
 from .backends import NetworkRunner, make_runner, runner_name
 from .backends.auto import resolve_auto
 from .config import LoadConfig, StreamConfig
+from .control.sources import ControlSource, make_control_source
+from .controlnet import load_controlnet
 from .lora import apply_loras
 from .memory import apply_memory_mode
 from .models import ModelBundle, load_models
@@ -52,6 +54,8 @@ def load_bundle(config: LoadConfig) -> ModelBundle:
     models = load_models(config.model, use_tiny_vae=config.use_tiny_vae, taesd=config.taesd,
                          config=config.model_config)
     apply_loras(models, config.loras)
+    if config.controlnet is not None:
+        models.controlnet = load_controlnet(config.controlnet, models.unet)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     logger.info("model %r loaded in %.1f s; moving to %s (%s)", models.name, time.perf_counter() - started,
@@ -71,12 +75,15 @@ class Engine:
         models (`ModelBundle`): the shared modules, on `device` in `dtype`.
         device (`torch.device`): where they run.
         dtype (`torch.dtype`): their precision.
+        control_source (`ControlSource | None`, defaults to None): with a ControlNet, what makes each frame's
+            control image (`LoadConfig.control_preprocessor`).
     """
 
     config: LoadConfig
     models: ModelBundle
     device: torch.device
     dtype: torch.dtype
+    control_source: ControlSource | None = None
     # The runners handed out, by guidance mode: `make_runner` shares a runner only while someone holds it, and
     # a static backend's runner holds its opened graphs, which must outlive the streams that opened them.
     _runners: dict[str | None, NetworkRunner] = field(default_factory=dict, repr=False)
@@ -95,18 +102,25 @@ class Engine:
         timed on `stream`'s workload, default `StreamConfig()`), and the engine's `config` names it.
 
         Raises:
-            ValueError: the LoRAs fused into `models` are not `config.loras` (`load_bundle` fuses them).
+            ValueError: the LoRAs fused into `models` are not `config.loras` (`load_bundle` fuses them), or
+                `models` has a ControlNet and `config` names none, or the other way round.
+            ControlSourceError: the control preprocessor's weights are missing (`engine.control.sources`).
         """
         if tuple(models.loras) != config.loras:
             raise ValueError(f"`loras`: the models have {list(map(str, models.loras)) or 'no LoRA'} fused but the "
                              f"config names {list(map(str, config.loras)) or 'none'}; load them with `load_bundle`")
+        if (models.controlnet is None) != (config.controlnet is None):
+            raise ValueError(f"`controlnet`: the config names {config.controlnet!r} but the models have "
+                             f"{'a' if models.controlnet is not None else 'no'} ControlNet; load them with "
+                             "`load_bundle`")
         parameter = next(models.unet.parameters())
         # Always ours: without a K/V cache it attends exactly as diffusers' own, and streams' attention banks
         # (`temporal="bank"`) reach it the same way as the cache.
         install_kv_processors(models.unet)
         apply_memory_mode(models, config.memory)
         config, _ = resolve_auto(models, config, stream)
-        engine = cls(config, models, parameter.device, parameter.dtype)
+        source = None if models.controlnet is None else make_control_source(config, parameter.device)
+        engine = cls(config, models, parameter.device, parameter.dtype, source)
         started = time.perf_counter()
         runner = engine.runner()
         logger.info("backend %s ready in %.1f s", runner_name(runner), time.perf_counter() - started)
@@ -115,7 +129,7 @@ class Engine:
     def with_runner(self, runner: NetworkRunner) -> Engine:
         """This engine (same models, config, device, dtype; nothing prepared again) with every stream on `runner`,
         e.g. a runner of another cache folder or exporter, or one that records its calls."""
-        return Engine(self.config, self.models, self.device, self.dtype, _fixed_runner=runner)
+        return Engine(self.config, self.models, self.device, self.dtype, self.control_source, _fixed_runner=runner)
 
     def runner(self, stream: StreamConfig | None = None) -> NetworkRunner:
         """The shared runner of this engine's backend; with `stream`, the graphs it needs are opened first."""

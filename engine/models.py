@@ -19,7 +19,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, LCMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .builtin_models import BUILTIN_MODELS, build_byte_level_tokenizer, build_modules
@@ -66,6 +66,8 @@ class ModelBundle:
         text_encoder_2 (`CLIPTextModelWithProjection | None`, defaults to None): SDXL's second text encoder
             (penultimate hidden states beside the first encoder's, and the pooled text embedding).
         loras (`tuple[LoraSpec, ...]`, defaults to none): the LoRAs fused into these modules (`engine.lora`).
+        controlnet (`ControlNetModel | None`, defaults to None): the ControlNet run beside the UNet
+            (`engine.controlnet`).
     """
 
     name: str
@@ -78,6 +80,7 @@ class ModelBundle:
     tokenizer_2: CLIPTokenizer | None = None
     text_encoder_2: CLIPTextModelWithProjection | None = None
     loras: tuple[LoraSpec, ...] = ()
+    controlnet: ControlNetModel | None = None
 
     @property
     def family(self) -> str:
@@ -98,7 +101,8 @@ class ModelBundle:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ModelBundle:
         """Move every module to `device`/`dtype` in place and put it in eval mode."""
-        for module in (*self.text_encoders().values(), self.unet, self.vae):
+        extra = () if self.controlnet is None else (self.controlnet,)
+        for module in (*self.text_encoders().values(), self.unet, self.vae, *extra):
             module.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return self
 

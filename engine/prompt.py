@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextModel, CLIPTokenizer
 
 if TYPE_CHECKING:
+    from .control.residuals import ControlResiduals
     from .temporal import AttentionBank
 
 KVCache = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -145,12 +146,14 @@ class Conditioning:
     """The text conditioning of one UNet batch layout: its embeddings and, when cached, each
     cross-attention layer's K/V computed from exactly those embeddings; for SDXL also the added conditioning
     (`text_embeds`, `time_ids`: one row per UNet row); `temporal_bank` is the stream's self-attention bank when
-    its `temporal` mechanism is `bank` (set per call, never shared)."""
+    its `temporal` mechanism is `bank` (set per call, never shared); `control` the ControlNet residuals of these
+    rows (set per call)."""
 
     encoder_hidden_states: torch.Tensor
     kv_cache: KVCache | None
     added_cond: dict[str, torch.Tensor] | None = None
     temporal_bank: AttentionBank | None = None
+    control: ControlResiduals | None = None
 
     def attention_kwargs(self) -> dict:
         """The `cross_attention_kwargs` that carry this conditioning's K/V cache and bank to the processors."""
@@ -169,6 +172,8 @@ class Conditioning:
             kwargs["cross_attention_kwargs"] = attention
         if self.added_cond is not None:
             kwargs["added_cond_kwargs"] = self.added_cond
+        if self.control is not None:
+            kwargs.update(self.control.unet_kwargs())
         return kwargs
 
 

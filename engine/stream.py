@@ -12,6 +12,8 @@ import torch
 from . import guidance
 from .conditioning import PromptEncoder, mix_prompt_states
 from .config import HOT_PARAMS, REPREPARE_PARAMS, StreamConfig, check_compatible
+from .control.residuals import ControlRows
+from .controlnet import ResidualReuse, with_control
 from .fade import Fade
 from .loading import Engine
 from .noise import mix_noise, weighted_seed_noise
@@ -42,6 +44,9 @@ class UnetCall:
     latents: torch.Tensor
     timesteps: torch.Tensor
     conditioning: Conditioning
+    #: With a ControlNet: each slot's control image (ordered like `x_t`) and the UNet rows made of them.
+    control_slots: torch.Tensor | None = None
+    control: ControlRows | None = None
 
 
 @dataclass
@@ -55,6 +60,8 @@ class _StreamState:
     #: A frame was let through on this state, so a later skipped frame has an output to repeat.
     has_frames: bool = False
     last_output: torch.Tensor | None = None
+    #: With a ControlNet: the control images of the buffer's slots, shifted with the latents.
+    control_buffer: torch.Tensor | None = None
 
 
 @dataclass
@@ -74,6 +81,8 @@ class FrameWork:
     output: torch.Tensor | None = None
     #: `temporal="flow"`: this frame's input motion (`begin`), then that of the frame it outputs (`advance`).
     motion: Motion | None = None
+    #: With a ControlNet: this frame's control images (`begin`), then those of the frame it outputs (`advance`).
+    control: torch.Tensor | None = None
 
     def result(self) -> StepResult:
         """The frame's `StepResult`, one image for a single-image input."""
@@ -120,6 +129,9 @@ class StreamEngine:
         self.skip_policy: SkipPolicy | None = make_skip_policy(self.models, config, self.runner)
         self._check_temporal(config, self.runner)
         self.temporal = TemporalFilter(config, self.device, self.dtype)
+        self.control_source = engine.control_source
+        self._check_controlnet(self.runner)
+        self._control_reuse = ResidualReuse()
 
     # ------------------------------------------------------------------ preparation
 
@@ -140,6 +152,15 @@ class StreamEngine:
                                  "`temporal='flow'` on compiled backends")
             if config.skip_policy != "off":
                 raise ValueError("`temporal='bank'` and a skip policy both reuse attention across frames: use one")
+
+    def _check_controlnet(self, runner) -> None:
+        from .backends.base import runner_name
+        from .backends.split import unet_runner_of
+
+        unet_runner = unet_runner_of(runner)
+        if self.models.controlnet is not None and not hasattr(unet_runner, "controlnet"):
+            raise ValueError(f"this engine has a ControlNet, but its UNet backend ({runner_name(unet_runner)}) cannot "
+                             "run one: use `backend='eager'`, 'onnxruntime' or 'tensorrt'")
 
     def latent_shape(self, config: StreamConfig) -> tuple[int, int, int]:
         """(channels, height, width) of one latent at `config`'s size."""
@@ -197,6 +218,7 @@ class StreamEngine:
         reprepare = any(getattr(config, name) != getattr(self.config, name) for name in REPREPARE_PARAMS)
         runner = self.engine.runner(config) if reprepare else self.runner
         self._check_temporal(config, runner)
+        self._check_controlnet(runner)
         prompt_changed = any(getattr(config, name) != getattr(self.config, name)
                              for name in ("weighted_prompts", "negative_prompt", "prompt_blend"))
         prompt = self._encode_prompt(config) if prompt_changed or reprepare else self._prompt
@@ -207,6 +229,8 @@ class StreamEngine:
         with self._lock, self._input_lock:
             self.skip_policy = update_skip_policy(self.skip_policy, self.models, self.config, config, runner,
                                                   clear_skip_caches)
+            if clear_skip_caches:
+                self._control_reuse.reset()
             if config.temporal != self.config.temporal:
                 self.temporal = TemporalFilter(config, self.device, self.dtype)
             else:
@@ -244,6 +268,7 @@ class StreamEngine:
             self._state = self._new_state(self.config)
             self._filter.reset()
             self.temporal.reset()
+            self._control_reuse.reset()
             if self.skip_policy is not None:
                 self.skip_policy.reset()
 
@@ -289,6 +314,8 @@ class StreamEngine:
         frame = FrameWork(skipped=skipped, single=images.dim() == 3, state=state if skipped else None)
         if not skipped:
             frame.motion = self.temporal.observe_input(batch)
+            if self.control_source is not None:
+                frame.control = self.control_source((batch + 1) / 2, config).to(device=self.device, dtype=self.dtype)
             frame.latents = self.runner.encode(batch)
         return frame
 
@@ -303,7 +330,7 @@ class StreamEngine:
                 self.complete_denoise(frame, call, self._run_unet(frame.state, call))
             else:
                 self._bind(frame)
-                frame.denoised = self._sequential_call(frame.state, frame.latents)
+                frame.denoised = self._sequential_call(frame.state, frame.latents, frame.control)
         return frame
 
     @torch.no_grad()
@@ -320,7 +347,10 @@ class StreamEngine:
             self.frames_skipped += 1
         else:
             output = (self.runner.decode(frame.denoised) / 2 + 0.5).clamp(0, 1)
-            frame.output = self.temporal.blend_output(output, frame.motion)
+            if self.config.show_control and frame.control is not None:
+                frame.output = frame.control
+            else:
+                frame.output = self.temporal.blend_output(output, frame.motion)
             frame.state.last_output = frame.output
             self.frames_processed += 1
         return frame.result()
@@ -330,14 +360,16 @@ class StreamEngine:
         stream-batch call. Callers hold `lock` until `complete_denoise`."""
         self._bind(frame)
         if frame.state.buffer is None:
-            self._prime(frame.state, frame.latents)
+            self._prime(frame.state, frame.latents, frame.control)
             self.temporal.restart(self.config.denoising_steps)
         latents, frame.motion = self.temporal.enter(frame.latents, frame.motion)
-        return self._stream_inputs(frame.state, self.config, latents)
+        return self._stream_inputs(frame.state, self.config, latents, frame.control)
 
     def complete_denoise(self, frame: FrameWork, call: UnetCall, model_output: torch.Tensor) -> None:
         """Guide, predict x̂0, carry stock noise and shift the buffer; the oldest slot's x̂0 is the frame's."""
         frame.denoised = self._stream_finish(frame.state, self.config, call, model_output)
+        if call.control_slots is not None:
+            frame.control = call.control_slots[-self.config.frame_buffer_size:]
 
     def fits(self, frame: FrameWork) -> bool:
         """Whether the frame's latents fit the stream's current size (not if it changed since `begin`)."""
@@ -366,25 +398,32 @@ class StreamEngine:
             if fade.finished:
                 self._noise_fade = None
 
-    def _prime(self, state: _StreamState, latents: torch.Tensor) -> None:
+    def _prime(self, state: _StreamState, latents: torch.Tensor, control: torch.Tensor | None) -> None:
         """Fill the buffer from the first frame so no output ever comes from the empty buffer."""
         f, n = self.config.frame_buffer_size, self.config.denoising_steps
         state.buffer = torch.zeros(((n - 1) * f, *latents.shape[1:]), device=self.device, dtype=self.dtype)
+        if control is not None:
+            state.control_buffer = control.repeat(n - 1, 1, 1, 1)
         for _ in range(n - 1):
-            self._stream_call(state, latents)
+            self._stream_call(state, latents, control)
+        # Priming rows hold the empty buffer's garbage: no real frame may reuse residuals or features of them.
+        self._control_reuse.reset()
         if self.skip_policy is not None:
-            # Priming rows hold the empty buffer's garbage: no real frame may reuse features of them.
             self.skip_policy.reset()
 
-    def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule,
-                  stock: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule, stock: torch.Tensor | None,
+                  control: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         f = self.config.frame_buffer_size
         unet_latents, unet_timesteps = guidance.expand_unet_inputs(cfg_type, x_t, schedule.timesteps, f)
         conditioning = self._prompt.layouts[(cfg_type, x_t.shape[0])]
+        if control is not None:
+            rows = ControlRows.for_call(cfg_type, control, f, self.config.controlnet_scale)
+            conditioning = with_control(self.runner, unet_latents, unet_timesteps, conditioning, rows)
         model_output = self.runner.unet(unet_latents, unet_timesteps, conditioning)
         return guidance.guide(cfg_type, model_output, stock, self.config.guidance_scale, self.config.delta, f)
 
-    def _stream_inputs(self, state: _StreamState, config: StreamConfig, latents: torch.Tensor) -> UnetCall:
+    def _stream_inputs(self, state: _StreamState, config: StreamConfig, latents: torch.Tensor,
+                       control: torch.Tensor | None) -> UnetCall:
         schedule, noise, f = state.schedule, state.fixed_noise, config.frame_buffer_size
         newest = add_noise(latents, noise[:f], schedule.alpha[:f], schedule.beta[:f])
         x_t = torch.cat([newest, state.buffer])
@@ -392,7 +431,11 @@ class StreamEngine:
         conditioning = self._prompt.layouts[(config.cfg_type, x_t.shape[0])]
         if self.temporal.bank is not None:
             conditioning = dataclasses.replace(conditioning, temporal_bank=self.temporal.bank)
-        return UnetCall(x_t, unet_latents, unet_timesteps, conditioning)
+        call = UnetCall(x_t, unet_latents, unet_timesteps, conditioning)
+        if control is not None:
+            call.control_slots = torch.cat([control, state.control_buffer])
+            call.control = ControlRows.for_call(config.cfg_type, call.control_slots, f, config.controlnet_scale)
+        return call
 
     def _stream_finish(self, state: _StreamState, config: StreamConfig, call: UnetCall,
                        model_output: torch.Tensor) -> torch.Tensor:
@@ -404,20 +447,39 @@ class StreamEngine:
         if stock is not None:
             state.stock_noise = guidance.next_stock_noise(eps, stock, noise, schedule)
         state.buffer = add_noise(x0[:-f], noise[f:], schedule.alpha[f:], schedule.beta[f:])
+        if call.control_slots is not None:
+            state.control_buffer = call.control_slots[:-f]
         return x0[-f:]
 
-    def _stream_call(self, state: _StreamState, latents: torch.Tensor) -> torch.Tensor:
+    def _stream_call(self, state: _StreamState, latents: torch.Tensor, control: torch.Tensor | None) -> torch.Tensor:
         """One UNet call over every slot; returns the oldest slot's x̂0 (`frame_buffer_size` rows)."""
-        call = self._stream_inputs(state, self.config, latents)
+        call = self._stream_inputs(state, self.config, latents, control)
         return self._stream_finish(state, self.config, call, self._run_unet(state, call))
 
     def _run_unet(self, state: _StreamState, call: UnetCall) -> torch.Tensor:
+        conditioning = self._control_conditioning(call)
         if self.skip_policy is not None:
-            return self.skip_policy.unet(call.latents, call.timesteps, call.conditioning,
+            return self.skip_policy.unet(call.latents, call.timesteps, conditioning,
                                          SlotFrame(call.x_t, state.schedule, state.fixed_noise))
-        return self.runner.unet(call.latents, call.timesteps, call.conditioning)
+        return self.runner.unet(call.latents, call.timesteps, conditioning)
 
-    def _sequential_call(self, state: _StreamState, latents: torch.Tensor) -> torch.Tensor:
+    def _control_conditioning(self, call: UnetCall) -> Conditioning:
+        """The call's conditioning with its ControlNet residuals, reused from an earlier frame when the stream's
+        `controlnet_reuse_*` settings allow."""
+        control = call.control
+        if control is None or not control.active:
+            return call.conditioning
+        config = self.config
+        newest = call.control_slots[:config.frame_buffer_size]
+        residuals = self._control_reuse.lookup(newest, control.images.shape[0], config.controlnet_reuse_interval,
+                                               config.controlnet_reuse_threshold)
+        if residuals is None:
+            residuals = self.runner.controlnet(call.latents, call.timesteps, call.conditioning, control.images)
+            self._control_reuse.store(residuals, newest)
+        return dataclasses.replace(call.conditioning, control=residuals.scaled(control.scale))
+
+    def _sequential_call(self, state: _StreamState, latents: torch.Tensor,
+                         control: torch.Tensor | None = None) -> torch.Tensor:
         """The same steps one UNet call at a time, for one input (the stream batch's reference)."""
         cfg_type, n, f = self.config.cfg_type, self.config.denoising_steps, self.config.frame_buffer_size
         noise = state.fixed_noise
@@ -426,7 +488,7 @@ class StreamEngine:
         x_t = add_noise(latents, noise[:f], current.alpha, current.beta)
         for k in range(n):
             step_cfg = "self" if cfg_type == "initialize" and k > 0 else cfg_type
-            eps, stock = self._unet_eps(step_cfg, x_t, current, stock)
+            eps, stock = self._unet_eps(step_cfg, x_t, current, stock, control)
             x0 = predict_x0(x_t, eps, current)
             if k == n - 1:
                 break

@@ -93,7 +93,8 @@ async def websocket_stream(websocket: WebSocket) -> None:
     try:
         config = session.handle.config
         await websocket.send_text(Hello(session_id=session.id, width=config.width, height=config.height,
-                                        max_in_flight=settings.max_in_flight, model=state.model_name).to_json())
+                                        max_in_flight=settings.max_in_flight, model=state.model_name,
+                                        controlnet=settings.load.controlnet).to_json())
         close = await Connection(websocket, session, state, wake).run()
     except (WebSocketDisconnect, ClientDisconnected):
         pass

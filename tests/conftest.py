@@ -49,3 +49,21 @@ def with_runner():
     """
 
     return Engine.with_runner
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_dir(tmp_path_factory):
+    """A small ControlNet made from the tiny UNet (`ControlNetModel.from_unet`, random zero convolutions), saved
+    as a diffusers folder."""
+    from engine.controlnet import random_controlnet
+
+    folder = tmp_path_factory.mktemp("controlnet") / "tiny-controlnet"
+    random_controlnet(load_models("tiny").unet, seed=5).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_engine(tiny_controlnet_dir):
+    """The tiny model with the saved tiny ControlNet (loaded from its folder), eager, canny preprocessor."""
+    return Engine.load(LoadConfig(model="tiny", controlnet=str(tiny_controlnet_dir), backend="eager",
+                                  device="cpu", dtype="float32"))

@@ -71,7 +71,8 @@ class Event:
 
 @dataclass(frozen=True)
 class Hello(Event):
-    """The first message of every session: its id, the frame size, the in-flight limit and the model."""
+    """The first message of every session: its id, the frame size, the in-flight limit, the model and its
+    ControlNet (None without one)."""
 
     type: ClassVar[str] = "hello"
     session_id: str
@@ -79,6 +80,7 @@ class Hello(Event):
     height: int
     max_in_flight: int
     model: str
+    controlnet: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,8 @@ _EVENTS: dict[str, type[Event]] = {kind.type: kind for kind in (Hello, FrameEven
                                                                 StatsEvent)}
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "str": (str,), "bool": (bool,),
                                              "float": (int, float), "float | None": (int, float, type(None)),
-                                             "int | None": (int, type(None))}
+                                             "int | None": (int, type(None)),
+                                             "str | None": (str, type(None))}
 
 
 def parse_event(text: str) -> ServerEvent | None:

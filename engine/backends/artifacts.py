@@ -31,8 +31,12 @@ from .onnx_export import (
     DynamicAxes,
     GraphSpec,
     added_cond_inputs,
+    control_residual_names,
+    controlnet_graph,
     export_onnx,
     graph_input_names,
+    graph_output_names,
+    residual_shapes,
     unet_graph,
     vae_decoder_graph,
     vae_encoder_graph,
@@ -52,7 +56,8 @@ class GraphShape:
     """One graph: the network, its batch and the image size in pixels.
 
     With a `resolution_range` it is the dynamic-shape graph serving every size of that range, and
-    `height` and `width` are the range's opt size (the export's sample and TensorRT's opt).
+    `height` and `width` are the range's opt size (the export's sample and TensorRT's opt). `control`: a UNet
+    graph that takes the ControlNet residuals as its last inputs (every UNet graph of an engine with a ControlNet).
     """
 
     network: str
@@ -62,6 +67,7 @@ class GraphShape:
     kv_cache: bool = False
     sequence_length: int = 0
     resolution_range: ResolutionRange | None = None
+    control: bool = False
 
     def in_range(self, resolution_range: ResolutionRange) -> GraphShape:
         """The dynamic graph of `resolution_range` that serves this shape's network, batch and text."""
@@ -71,7 +77,8 @@ class GraphShape:
 
 def config_shapes(models: ModelBundle, config: StreamConfig, kv_cache: bool) -> list[GraphShape]:
     """Every graph `StreamEngine` calls for a stream under `config`: the UNet batch(es) (taking the K/V cache as
-    inputs when `kv_cache`), the VAE encoder and decoder."""
+    inputs when `kv_cache`), the VAE encoder and decoder; with a ControlNet, the UNet graphs take its residuals
+    and the ControlNet has a graph of each UNet batch (prepared even at `controlnet_scale=0`: the scale is hot)."""
     f, n = config.frame_buffer_size, config.denoising_steps
     if config.stream_batch:
         unet_batches = [guidance.unet_batch_size(config.cfg_type, n, f)]
@@ -81,8 +88,12 @@ def config_shapes(models: ModelBundle, config: StreamConfig, kv_cache: bool) -> 
         if config.cfg_type == "initialize":
             unet_batches.append(guidance.unet_batch_size("self", 1, f))
     sequence_length = models.tokenizer.model_max_length
-    shapes = [GraphShape("unet", batch, config.height, config.width, kv_cache, sequence_length)
+    control = models.controlnet is not None
+    shapes = [GraphShape("unet", batch, config.height, config.width, kv_cache, sequence_length, control=control)
               for batch in unet_batches]
+    if control:
+        shapes += [GraphShape("controlnet", batch, config.height, config.width, False, sequence_length)
+                   for batch in unet_batches]
     shapes.append(GraphShape("vae_encoder", f, config.height, config.width))
     shapes.append(GraphShape("vae_decoder", f, config.height, config.width))
     return shapes
@@ -179,27 +190,35 @@ class OnnxCache:
         self.opset = opset or DEFAULT_OPSETS[exporter]
         self._fingerprints: dict[str, str] = {}
 
+    def _module(self, network: str) -> torch.nn.Module:
+        if network == "controlnet":
+            if self.models.controlnet is None:
+                raise ValueError("these models have no ControlNet: there is no controlnet graph")
+            return self.models.controlnet
+        return self.models.unet if network == "unet" else self.models.vae
+
     def _fingerprint(self, network: str) -> str:
         # Hashing the weights is the slow part of a key (seconds for a full-size UNet): once per network.
-        module = self.models.unet if network == "unet" else self.models.vae
         if network not in self._fingerprints:
-            self._fingerprints[network] = module_fingerprint(module)
+            self._fingerprints[network] = module_fingerprint(self._module(network))
         return self._fingerprints[network]
 
     def key_parts(self, shape: GraphShape, tensorrt_version: str = "none", gpu_name: str = "any") -> CacheKeyParts:
         """The cache key fields of `shape`; an ONNX graph is the same for every GPU and TensorRT version.
 
         The dtype is the modules' own: a graph exported from float16 modules is a float16 graph, and a
-        TensorRT engine built from it (strongly typed) runs in exactly that precision.
+        TensorRT engine built from it (strongly typed) runs in exactly that precision. The ControlNet's graph is
+        keyed by the ControlNet's own config and weights (`model_hash`), so two ControlNets never share one; a
+        UNet graph with residual inputs (`shape.control`) by the UNet's, marked `control_residuals`.
         """
-        module = self.models.unet if shape.network == "unet" else self.models.vae
+        module = self._module(shape.network)
         return CacheKeyParts(
             network=shape.network,
             model_hash=self._fingerprint(shape.network),
             width=shape.width,
             height=shape.height,
             batch=shape.batch,
-            cfg_type=self.cfg_type if shape.network == "unet" else ANY_GUIDANCE,
+            cfg_type=self.cfg_type if shape.network in ("unet", "controlnet") else ANY_GUIDANCE,
             dtype=_dtype_name(module),
             kv_cache=shape.kv_cache,
             exporter=self.exporter,
@@ -210,6 +229,7 @@ class OnnxCache:
             resolution_range=shape.resolution_range.key() if shape.resolution_range is not None else None,
             # A LoRA changes the UNet (and text encoders), never the VAE.
             loras=tuple(map(str, self.models.loras)) if shape.network == "unet" else (),
+            control_residuals=shape.network == "unet" and shape.control,
         )
 
     def onnx_path(self, shape: GraphShape) -> Path:
@@ -218,13 +238,19 @@ class OnnxCache:
 
     def input_names(self, shape: GraphShape) -> list[str]:
         """The graph's input names in the order `StaticShapeRunner` passes the tensors."""
+        residuals = control_residual_names(self.models.unet) if shape.network == "unet" and shape.control else []
         return graph_input_names(shape.network, list(cross_attention_layers(self.models.unet)), shape.kv_cache,
-                                 added_cond_inputs(self.models.unet))
+                                 added_cond_inputs(self.models.unet), residuals)
 
     @staticmethod
     def output_name(shape: GraphShape) -> str:
-        """The graph's output name."""
+        """The output name of a single-output graph (the UNet's, the VAE halves')."""
         return GRAPH_OUTPUT_NAMES[shape.network]
+
+    def output_names(self, shape: GraphShape) -> list[str]:
+        """The graph's output names, in order (the ControlNet's residuals, else its one output)."""
+        residuals = len(control_residual_names(self.models.unet)) if shape.network == "controlnet" else 0
+        return graph_output_names(shape.network, residuals)
 
     def graph_spec(self, shape: GraphShape) -> GraphSpec:
         """The module and sample inputs that export `shape` (with dynamic height and width for a range)."""
@@ -232,7 +258,10 @@ class OnnxCache:
         latent_height, latent_width = shape.height // factor, shape.width // factor
         if shape.network == "unet":
             spec = unet_graph(self.models, shape.batch, latent_height, latent_width, shape.kv_cache,
-                              shape.sequence_length or None)
+                              shape.sequence_length or None, shape.control)
+        elif shape.network == "controlnet":
+            spec = controlnet_graph(self.models, shape.batch, latent_height, latent_width,
+                                    shape.sequence_length or None)
         elif shape.network == "vae_encoder":
             spec = vae_encoder_graph(self.models, shape.batch, shape.height, shape.width)
         elif shape.network == "vae_decoder":
@@ -246,8 +275,16 @@ class OnnxCache:
                                        shape.resolution_range.max_size // scale)
         return spec
 
+    def output_shapes(self, shape: GraphShape) -> list[tuple[int, ...]]:
+        """The output shapes of a call of `shape`'s size, in `output_names` order."""
+        if shape.network == "controlnet":
+            factor = self.models.vae_scale_factor
+            return residual_shapes(self.models.unet, shape.batch, shape.height // factor, shape.width // factor)
+        return [self.output_shape(shape)]
+
     def output_shape(self, shape: GraphShape) -> tuple[int, ...]:
-        """The output shape of a call of `shape`'s size (a dynamic graph's output follows its input)."""
+        """The output shape of a call of `shape`'s size (a dynamic graph's output follows its input); single-output
+        graphs only (see `output_shapes`)."""
         factor = self.models.vae_scale_factor
         latent = (shape.height // factor, shape.width // factor)
         if shape.network == "unet":

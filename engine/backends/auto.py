@@ -9,6 +9,10 @@ speeds). The verdict is cached in `auto-backend.json` beside the engine cache, k
 it (model fingerprint, size, guidance mode and batch, dtype, device, torch and ONNX Runtime versions, thread
 count, K/V cache), and every choice is logged with its figures.
 
+With a ControlNet the workload has its call too: each round runs the ControlNet on the UNet's rows and the
+UNet on those residuals (the stream's call at a nonzero `controlnet_scale`), and `compile`, which has no ControlNet,
+is not a candidate. The ControlNet's fingerprint is then part of the key.
+
 torch.compile compiles for minutes on a CPU: its first calls are logged one graph at a time with their
 duration, and a compile that took longer than `auto_compile_budget_s` is not chosen (the compile is paid again
 at every start, less what Inductor's own cache saves), however fast it ran.
@@ -74,10 +78,20 @@ class CalibrationKey:
     onnxruntime_threads: int
     kv_cache: bool
     compile_budget_s: float
+    #: The ControlNet's fingerprint, None without one (its call is then not in the workload).
+    controlnet: str | None = None
+
+    def fields(self) -> dict:
+        """The fields as a dict, without `controlnet` when there is none (so keys measured before ControlNets
+        existed keep their digests)."""
+        fields = dataclasses.asdict(self)
+        if self.controlnet is None:
+            del fields["controlnet"]
+        return fields
 
     def digest(self) -> str:
         """SHA-256 of every field, 20 hex digits."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        text = json.dumps(self.fields(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -92,13 +106,15 @@ class Measurement:
     dropped: str | None = None
 
 
-def calibration_candidates(available: Availability, compile_budget_s: float) -> tuple[str, ...]:
+def calibration_candidates(available: Availability, compile_budget_s: float,
+                           controlnet: bool = False) -> tuple[str, ...]:
     """The backends `auto` times here: eager always, ONNX Runtime where it can run the models, compile when
-    the budget allows it and torch.compile can run (TensorRT is chosen without timing where it runs)."""
+    the budget allows it, torch.compile can run and there is no `controlnet` (its runner has none; TensorRT is
+    chosen without timing where it runs)."""
     candidates = ["eager"]
     if unavailable_reason("onnxruntime", available) is None:
         candidates.append("onnxruntime")
-    if compile_budget_s > 0 and unavailable_reason("compile", available) is None:
+    if compile_budget_s > 0 and not controlnet and unavailable_reason("compile", available) is None:
         candidates.append("compile")
     return tuple(candidates)
 
@@ -133,7 +149,7 @@ def read_verdict(folder: Path, key: CalibrationKey) -> tuple[Measurement, ...] |
     except (OSError, ValueError, AttributeError) as error:
         logger.warning("ignoring %s: %s", path, error)
         return None
-    if not entry or entry.get("key") != dataclasses.asdict(key):
+    if not entry or entry.get("key") != key.fields():
         return None
     return tuple(Measurement(**item) for item in entry["measurements"])
 
@@ -158,7 +174,7 @@ def write_verdict(folder: Path, key: CalibrationKey, measurements: tuple[Measure
         verdicts = json.loads(path.read_text())
     except (OSError, ValueError):
         verdicts = {}
-    verdicts[key.digest()] = {"key": dataclasses.asdict(key), "chosen": chosen,
+    verdicts[key.digest()] = {"key": key.fields(), "chosen": chosen,
                               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                               "measurements": [dataclasses.asdict(item) for item in measurements]}
     handle, temporary = tempfile.mkstemp(prefix=f".{VERDICTS_FILE}.", dir=folder)
@@ -191,12 +207,13 @@ def calibration_key(models: ModelBundle, load: LoadConfig, stream: StreamConfig,
         frame_buffer_size=stream.frame_buffer_size, dtype=str(parameter.dtype).removeprefix("torch."),
         device=device, torch=torch.__version__, onnxruntime=_onnxruntime_version(), threads=threads,
         onnxruntime_threads=default_intra_op_threads(), kv_cache=load.kv_cache,
-        compile_budget_s=load.auto_compile_budget_s)
+        compile_budget_s=load.auto_compile_budget_s,
+        controlnet=None if models.controlnet is None else module_fingerprint(models.controlnet)[:20])
 
 
 def _workload(models: ModelBundle, stream: StreamConfig, kv_cache: bool):
     """The inputs of one frame's network calls under `stream`: an image batch, the UNet's latents, timesteps
-    and conditioning."""
+    and conditioning, and with a ControlNet the rows' control images (else None)."""
     parameter = next(models.unet.parameters())
     device, dtype = parameter.device, parameter.dtype
     generator = torch.Generator().manual_seed(0)
@@ -212,7 +229,10 @@ def _workload(models: ModelBundle, stream: StreamConfig, kv_cache: bool):
         if guidance.needs_negative_prompt(stream.cfg_type) else cond
     states = guidance.expand_prompt_embeds(stream.cfg_type, cond, uncond, n * f, f)
     conditioning = Conditioning(states, precompute_kv(models.unet, states) if kv_cache else None)
-    return images, latents, timesteps, conditioning
+    control_images = None
+    if models.controlnet is not None:
+        control_images = torch.rand((rows, 3, stream.height, stream.width), generator=generator).to(device, dtype)
+    return images, latents, timesteps, conditioning, control_images
 
 
 def _wait(device: torch.device) -> None:
@@ -223,16 +243,26 @@ def _wait(device: torch.device) -> None:
 def measure_backend(backend: str, models: ModelBundle, load: LoadConfig, stream: StreamConfig,
                     cache_dir: Path | None = None, rounds: int = ROUNDS,
                     clock: Callable[[], float] = time.perf_counter) -> Measurement:
-    """Time `backend`'s networks on one frame's calls under `stream` (encode, UNet, decode), at the thread split it
-    would serve with; its first call (export, session opening, compilation) is timed alone and logged graph by
-    graph. A backend that fails is dropped with its error, never raised."""
+    """Time `backend`'s networks on one frame's calls under `stream` (encode, [ControlNet,] UNet, decode), at the
+    thread split it would serve with; its first call (export, session opening, compilation) is timed alone and
+    logged graph by graph. A backend that fails is dropped with its error, never raised."""
     parameter = next(models.unet.parameters())
     device = parameter.device
-    images, latents, timesteps, conditioning = _workload(models, stream, load.kv_cache)
+    images, latents, timesteps, conditioning, control_images = _workload(models, stream, load.kv_cache)
     f = stream.frame_buffer_size
-    calls = (("VAE encoder", lambda runner: runner.encode(images)),
+    calls = [("VAE encoder", lambda runner: runner.encode(images)),
              ("UNet", lambda runner: runner.unet(latents, timesteps, conditioning)),
-             ("VAE decoder", lambda runner: runner.decode(latents[:f])))
+             ("VAE decoder", lambda runner: runner.decode(latents[:f]))]
+    if control_images is not None:
+        # The UNet takes the residuals the ControlNet call of the same round made, as a stream's call does.
+        controlled: list[Conditioning] = [conditioning]
+
+        def control(runner) -> None:
+            residuals = runner.controlnet(latents, timesteps, conditioning, control_images)
+            controlled[0] = dataclasses.replace(conditioning, control=residuals)
+
+        calls[1:2] = [("ControlNet", control),
+                      ("UNet", lambda runner: runner.unet(latents, timesteps, controlled[0]))]
     torch_threads, _ = cpu_thread_split(thread_budget(), backend, backend, device.type)
     before = torch.get_num_threads()
     started = clock()
@@ -306,9 +336,12 @@ def _choose(models: ModelBundle, load: LoadConfig, stream: StreamConfig, cache_d
         return BackendChoice("eager", f"memory mode {load.memory!r} slices the eager modules")
     if stream.skip_policy != "off" or stream.temporal == "bank":
         return BackendChoice("eager", "the streams' skip policy or attention bank works inside the eager UNet")
+    if models.controlnet is not None and load.resolution_range is not None:
+        return BackendChoice("eager", "a ControlNet's compiled graphs are static: with a resolution range it runs on "
+                                      "the eager backend")
     if unavailable_reason("tensorrt", available) is None:
         return choose_backend("auto", available)
-    candidates = calibration_candidates(available, load.auto_compile_budget_s)
+    candidates = calibration_candidates(available, load.auto_compile_budget_s, models.controlnet is not None)
     if len(candidates) == 1:
         return choose_backend("auto", available)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -6,6 +6,7 @@ from typing import Protocol
 
 import torch
 
+from ..control.residuals import ControlResiduals
 from ..prompt import Conditioning
 
 
@@ -13,7 +14,12 @@ class NetworkRunner(Protocol):
     """Runs the UNet and the VAE halves; the engine never calls the modules directly."""
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        """ε prediction for `latents` at `timesteps`."""
+        """ε prediction for `latents` at `timesteps` (plus `conditioning.control`'s ControlNet residuals)."""
+
+    def controlnet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                   control_images: torch.Tensor) -> ControlResiduals:
+        """The loaded ControlNet's residuals at scale 1 for these UNet rows and their control images in [0, 1]
+        (runners without ControlNet support lack this method)."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Scaled latents of images in [-1, 1]."""

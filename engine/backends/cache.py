@@ -2,11 +2,13 @@
 
 Every artifact is named by `engine_cache_key`: a hash of everything that changes the compiled
 graph (model config and weights, resolution or resolution range, batch, text length, guidance mode,
-dtype, TensorRT version, GPU, exporter and opset). A changed part gives a new file, so a stale engine is never
-loaded. Files are written under a temporary name and renamed, so a crash mid-write leaves no half
-file under the real name. A file whose loader reports it unreadable (`CorruptArtifactError`) is
-deleted and rebuilt by `cached_artifact`; any other load error (out of memory, an unsupported
-engine) leaves the file alone and propagates, because rebuilding would only fail again.
+dtype, TensorRT version, GPU, exporter and opset; a ControlNet graph's model is the ControlNet's own
+config and weights, and a UNet graph taking ControlNet residuals is marked as such). A changed part
+gives a new file, so a stale engine is never loaded. Files are written under a temporary name and
+renamed, so a crash mid-write leaves no half file under the real name. A file whose loader reports
+it unreadable (`CorruptArtifactError`) is deleted and rebuilt by `cached_artifact`; any other load
+error (out of memory, an unsupported engine) leaves the file alone and propagates, because
+rebuilding would only fail again.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class CacheKeyParts:
     resolution_range: tuple[int, int, int] | None = None
     # The LoRAs fused into the network (`SPEC:SCALE`), for people: `model_hash` already hashes the fused weights.
     loras: tuple[str, ...] = ()
+    # A UNet graph that takes ControlNet residuals as inputs (an engine with a ControlNet). It serves any ControlNet
+    # of its UNet; the `controlnet` network's own graph has the ControlNet's fingerprint as `model_hash`.
+    control_residuals: bool = False
 
 
 def engine_cache_key(parts: CacheKeyParts) -> str:
@@ -98,12 +103,16 @@ def engine_cache_key(parts: CacheKeyParts) -> str:
     if not parts.loras:
         # Likewise, graphs without LoRAs keep the keys they had before LoRAs existed.
         del fields["loras"]
+    if not parts.control_residuals:
+        # And graphs without ControlNet inputs the keys they had before ControlNets existed.
+        del fields["control_residuals"]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
     if parts.resolution_range is None:
         size = f"{parts.width}x{parts.height}"
     else:
         size = f"{parts.resolution_range[0]}to{parts.resolution_range[2]}"
-    return f"{parts.network}-{size}-b{parts.batch}-{parts.cfg_type}-{parts.dtype}-{digest}"
+    network = f"{parts.network}+residuals" if parts.control_residuals else parts.network
+    return f"{network}-{size}-b{parts.batch}-{parts.cfg_type}-{parts.dtype}-{digest}"
 
 
 def tensorrt_version() -> str:

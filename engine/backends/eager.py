@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderTiny
 
+from ..control.residuals import ControlResiduals
 from ..models import ModelBundle
 from ..prompt import Conditioning
 
@@ -27,6 +28,14 @@ class EagerRunner:
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         return self.models.unet(latents, timesteps, return_dict=False, **conditioning.unet_kwargs())[0]
+
+    @torch.no_grad()
+    def controlnet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                   control_images: torch.Tensor) -> ControlResiduals:
+        down, mid = self.models.controlnet(latents, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states,
+                                           controlnet_cond=control_images, conditioning_scale=1.0,
+                                           added_cond_kwargs=conditioning.added_cond, return_dict=False)
+        return ControlResiduals(tuple(down), mid)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

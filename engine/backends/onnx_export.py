@@ -6,6 +6,14 @@ cross-attention layer), so a compiled UNet never re-projects the text and stays 
 the eager UNet served by `CachedKVAttnProcessor`. Without the K/V cache the graph takes the text
 embeddings instead. An SDXL UNet also takes its added conditioning, `text_embeds` and `time_ids`.
 
+ControlNet: the ControlNet is a graph of its own (`controlnet`: latents, timesteps, SDXL's added inputs, the text
+embeddings, which its own cross-attention projects, and `control_images`; out come its residuals at scale 1,
+`down_residual_0..N-1` then `mid_residual`, the order of `ControlResiduals.tensors`). The UNet graph of an engine
+with a ControlNet takes those residuals as extra inputs after its usual ones (`control_residual_names`). Two graphs
+rather than one fused: a stream at `controlnet_scale=0` skips the ControlNet, and a stream may reuse its residuals
+across frames (`controlnet_reuse_interval`), neither of which a fused graph could do; the UNet graph with residual
+inputs serves every ControlNet of its UNet, and the ControlNet graph is keyed by the ControlNet's own weights.
+
 Exporter: `torch.onnx.export(..., dynamo=True)` (the `torch.export`-based exporter, opset 18) is the
 default. With torch 2.13 both it and the legacy TorchScript exporter (`dynamo=False`) export these
 graphs and match eager within 2e-6 here; the dynamo one is torch's supported path (the TorchScript one
@@ -51,6 +59,8 @@ DEFAULT_OPSETS: dict[str, int] = {"dynamo": 18, "torchscript": 17}
 # Protobuf cannot serialise a message of 2 GiB or more: past this, weights go to the external file.
 MAX_INLINE_BYTES = (1 << 31) - 1
 GRAPH_OUTPUT_NAMES: dict[str, str] = {"unet": "eps", "vae_encoder": "latents", "vae_decoder": "images"}
+#: The networks with graphs: the single-output ones above and the ControlNet (its residuals, `residual_names`).
+NETWORKS: tuple[str, ...] = ("unet", "vae_encoder", "vae_decoder", "controlnet")
 # The names of a dynamic graph's height and width axes (of its first input): what TensorRT profiles are keyed by.
 HEIGHT_AXIS, WIDTH_AXIS = "height", "width"
 #: SDXL's added conditioning, in the order the UNet graph takes it (`Conditioning.added_cond` keys).
@@ -62,20 +72,58 @@ def added_cond_inputs(unet: UNet2DConditionModel) -> tuple[str, ...]:
     return ADDED_COND_INPUTS if getattr(unet.config, "addition_embed_type", None) == "text_time" else ()
 
 
+def residual_shapes(unet: UNet2DConditionModel, rows: int, latent_height: int,
+                    latent_width: int) -> list[tuple[int, ...]]:
+    """The shapes of the ControlNet residuals `unet` takes for `rows` latents of this size: one per down-block
+    output (`conv_in`, each resnet, each downsampler) and the mid block's, in `ControlResiduals.tensors` order.
+
+    A ControlNet fitting `unet` (`controlnet.check_controlnet`) gives exactly these; they depend on the UNet alone.
+    """
+    height, width = latent_height, latent_width
+    shapes = [(rows, int(unet.conv_in.out_channels), height, width)]
+    channels = shapes[0][1]
+    for block in unet.down_blocks:
+        for resnet in block.resnets:
+            channels = int(resnet.out_channels)
+            shapes.append((rows, channels, height, width))
+        for downsampler in block.downsamplers or ():
+            # A stride-2 convolution of padding 1 (kernel 3) halves a side rounding up.
+            height, width = (height + 1) // 2, (width + 1) // 2
+            channels = int(downsampler.out_channels)
+            shapes.append((rows, channels, height, width))
+    shapes.append((rows, channels, height, width))
+    return shapes
+
+
+def residual_names(count: int) -> list[str]:
+    """The names of `count` ControlNet residuals (the down ones, then the mid one): `down_residual_0` ...
+    `down_residual_{count-2}`, `mid_residual`. The ControlNet graph's outputs and the UNet graph's extra inputs."""
+    return [*(f"down_residual_{index}" for index in range(count - 1)), "mid_residual"]
+
+
+def control_residual_names(unet: UNet2DConditionModel) -> list[str]:
+    """The residual input names of `unet`'s graph with ControlNet inputs (see `residual_names`)."""
+    return residual_names(len(residual_shapes(unet, 1, 8, 8)))
+
+
 def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache: bool = False,
-                      added_cond: Sequence[str] = ()) -> list[str]:
+                      added_cond: Sequence[str] = (), residuals: Sequence[str] = ()) -> list[str]:
     """The input names of a network's graph, in the order its tensors are passed.
 
     The UNet takes `latents`, `timesteps`, its `added_cond` inputs (SDXL: `text_embeds`, `time_ids`), then
     `<layer>.key` and `<layer>.value` of each layer in `kv_layers` (with the K/V cache) or
-    `encoder_hidden_states` (without); the VAE halves take `images` (encoder) or `latents` (decoder). Both the
-    exporter and the TensorRT binding use these.
+    `encoder_hidden_states` (without), then, in an engine with a ControlNet, the `residuals`
+    (`control_residual_names`); the ControlNet takes `latents`, `timesteps`, the `added_cond` inputs,
+    `encoder_hidden_states` and `control_images`; the VAE halves take `images` (encoder) or `latents` (decoder).
+    Both the exporter and the TensorRT binding use these.
     """
     if network == "unet":
         if use_kv_cache:
             return ["latents", "timesteps", *added_cond,
-                    *(f"{layer}.{part}" for layer in kv_layers for part in ("key", "value"))]
-        return ["latents", "timesteps", *added_cond, "encoder_hidden_states"]
+                    *(f"{layer}.{part}" for layer in kv_layers for part in ("key", "value")), *residuals]
+        return ["latents", "timesteps", *added_cond, "encoder_hidden_states", *residuals]
+    if network == "controlnet":
+        return ["latents", "timesteps", *added_cond, "encoder_hidden_states", "control_images"]
     if network == "vae_encoder":
         return ["images"]
     if network == "vae_decoder":
@@ -83,27 +131,48 @@ def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache:
     raise ValueError(f"unknown network {network!r}")
 
 
+def graph_output_names(network: str, residuals: int = 0) -> list[str]:
+    """The output names of a network's graph: `GRAPH_OUTPUT_NAMES[network]`, or the ControlNet's `residuals`
+    residuals (`residual_names`)."""
+    if network == "controlnet":
+        return residual_names(residuals)
+    if network not in GRAPH_OUTPUT_NAMES:
+        raise ValueError(f"unknown network {network!r}")
+    return [GRAPH_OUTPUT_NAMES[network]]
+
+
 def _added_cond_kwargs(names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict:
     return {"added_cond_kwargs": dict(zip(names, inputs, strict=True))} if names else {}
 
 
+def _split_residuals(inputs: Sequence[torch.Tensor], residuals: int) -> tuple[Sequence[torch.Tensor], dict]:
+    """(the inputs before the last `residuals`, the UNet's keyword arguments for those last ones)."""
+    if not residuals:
+        return inputs, {}
+    head, tail = inputs[:-residuals], inputs[-residuals:]
+    return head, {"down_block_additional_residuals": list(tail[:-1]), "mid_block_additional_residual": tail[-1]}
+
+
 class UNetWithCachedKV(torch.nn.Module):
-    """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], K₀, V₀, K₁, V₁, …) in
-    `layer_names` order (SDXL's added inputs only for an SDXL UNet).
+    """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], K₀, V₀, K₁, V₁, …[, residuals…])
+    in `layer_names` order (SDXL's added inputs only for an SDXL UNet, the last `residuals` inputs the ControlNet
+    residuals, down ones then mid, only in an engine with a ControlNet).
 
     The K/V tensors become the graph's inputs: the attention processors read them from
     `cross_attention_kwargs["kv_cache"]`, so the text projections are not in the graph at all.
     """
 
-    def __init__(self, unet: UNet2DConditionModel):
+    def __init__(self, unet: UNet2DConditionModel, residuals: int = 0):
         super().__init__()
         install_kv_processors(unet)
         self.unet = unet
         self.layer_names = list(cross_attention_layers(unet))
         self.cross_attention_dim = int(unet.config.cross_attention_dim)
         self.added_cond = added_cond_inputs(unet)
+        self.residuals = residuals
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        inputs, control = _split_residuals(inputs, self.residuals)
         added, key_values = inputs[:len(self.added_cond)], inputs[len(self.added_cond):]
         if len(key_values) != 2 * len(self.layer_names):
             raise ValueError(f"expected {2 * len(self.layer_names)} K/V tensors, got {len(key_values)}")
@@ -113,22 +182,42 @@ class UNetWithCachedKV(torch.nn.Module):
         placeholder = latents.new_zeros(latents.shape[0], 1, self.cross_attention_dim)
         return self.unet(latents, timesteps, encoder_hidden_states=placeholder,
                          cross_attention_kwargs={"kv_cache": kv_cache}, return_dict=False,
-                         **_added_cond_kwargs(self.added_cond, added))[0]
+                         **_added_cond_kwargs(self.added_cond, added), **control)[0]
 
 
 class UNetWithText(torch.nn.Module):
-    """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], encoder_hidden_states), for runs
-    without K/V cache."""
+    """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], encoder_hidden_states[,
+    residuals…]), for runs without K/V cache."""
 
-    def __init__(self, unet: UNet2DConditionModel):
+    def __init__(self, unet: UNet2DConditionModel, residuals: int = 0):
         super().__init__()
         self.unet = unet
         self.added_cond = added_cond_inputs(unet)
+        self.residuals = residuals
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor):
+        inputs, control = _split_residuals(inputs, self.residuals)
         *added, encoder_hidden_states = inputs
         return self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                         **_added_cond_kwargs(self.added_cond, added))[0]
+                         **_added_cond_kwargs(self.added_cond, added), **control)[0]
+
+
+class ControlNetResiduals(torch.nn.Module):
+    """The ControlNet as a function of (latents, timesteps[, text_embeds, time_ids], encoder_hidden_states,
+    control_images) to its residuals at scale 1, down ones then mid (as `EagerRunner.controlnet`). Its own
+    cross-attention projects the text: a ControlNet call has no K/V cache."""
+
+    def __init__(self, controlnet: torch.nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+        self.added_cond = added_cond_inputs(controlnet)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor):
+        *added, encoder_hidden_states, control_images = inputs
+        down, mid = self.controlnet(latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                    controlnet_cond=control_images, conditioning_scale=1.0, return_dict=False,
+                                    **_added_cond_kwargs(self.added_cond, added))
+        return (*down, mid)
 
 
 class VaeEncoder(torch.nn.Module):
@@ -199,7 +288,7 @@ class DynamicAxes:
 
 @dataclass
 class GraphSpec:
-    """One network to export: the module, its named sample inputs (which fix the static shapes) and output.
+    """One network to export: the module, its named sample inputs (which fix the static shapes) and outputs.
 
     With `dynamic` the first input's height and width are left dynamic (the samples must lie in its range).
     """
@@ -207,18 +296,27 @@ class GraphSpec:
     network: str
     module: torch.nn.Module
     inputs: dict[str, torch.Tensor]
-    output_name: str
+    output_names: tuple[str, ...]
     dynamic: DynamicAxes | None = None
 
     @property
     def batch(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
 
+    @property
+    def output_name(self) -> str:
+        """The output of a single-output graph (the UNet's, the VAE halves')."""
+        if len(self.output_names) != 1:
+            raise ValueError(f"the {self.network} graph has {len(self.output_names)} outputs")
+        return self.output_names[0]
+
 
 def _graph_spec(network: str, module: torch.nn.Module, tensors: list[torch.Tensor], kv_layers: Sequence[str] = (),
-                use_kv_cache: bool = False, added_cond: Sequence[str] = ()) -> GraphSpec:
-    names = graph_input_names(network, kv_layers, use_kv_cache, added_cond)
-    return GraphSpec(network, module.eval(), dict(zip(names, tensors, strict=True)), GRAPH_OUTPUT_NAMES[network])
+                use_kv_cache: bool = False, added_cond: Sequence[str] = (), residuals: Sequence[str] = (),
+                outputs: int = 0) -> GraphSpec:
+    names = graph_input_names(network, kv_layers, use_kv_cache, added_cond, residuals)
+    return GraphSpec(network, module.eval(), dict(zip(names, tensors, strict=True)),
+                     tuple(graph_output_names(network, outputs)))
 
 
 def flat_key_values(unet: UNet2DConditionModel, kv_cache: KVCache) -> list[torch.Tensor]:
@@ -226,9 +324,9 @@ def flat_key_values(unet: UNet2DConditionModel, kv_cache: KVCache) -> list[torch
     return [tensor for name in cross_attention_layers(unet) for tensor in kv_cache[name]]
 
 
-def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int,
-               use_kv_cache: bool, sequence_length: int | None = None) -> GraphSpec:
-    """The UNet at a static batch and latent size; K/V inputs shaped as `precompute_kv` makes them."""
+def _unet_samples(models: ModelBundle, batch: int, latent_height: int, latent_width: int,
+                  sequence_length: int | None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Sample (latents, timesteps, SDXL's added inputs, text embeddings) of a UNet or ControlNet call."""
     unet = models.unet
     parameter = next(unet.parameters())
     sequence_length = sequence_length or models.tokenizer.model_max_length
@@ -237,9 +335,8 @@ def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width
     timesteps = torch.arange(batch, device=parameter.device, dtype=torch.long) * 100 + 99
     text = torch.randn(batch, sequence_length, unet.config.cross_attention_dim,
                        device=parameter.device, dtype=parameter.dtype)
-    added_names = added_cond_inputs(unet)
     added = []
-    if added_names:
+    if added_cond_inputs(unet):
         # SDXL: the pooled embedding (what `projection_class_embeddings_input_dim` leaves beside the six time ids)
         # and the time ids of this latent size in pixels.
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
@@ -247,12 +344,42 @@ def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width
         added = [torch.randn(batch, pooled, device=parameter.device, dtype=parameter.dtype),
                  torch.tensor([[height, width, 0, 0, height, width]], device=parameter.device,
                               dtype=parameter.dtype).expand(batch, -1).contiguous()]
+    return latents, timesteps, added, text
+
+
+def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int,
+               use_kv_cache: bool, sequence_length: int | None = None, control: bool = False) -> GraphSpec:
+    """The UNet at a static batch and latent size; K/V inputs shaped as `precompute_kv` makes them; with
+    `control`, the ControlNet residuals (`residual_shapes`) as its last inputs."""
+    unet = models.unet
+    parameter = next(unet.parameters())
+    latents, timesteps, added, text = _unet_samples(models, batch, latent_height, latent_width, sequence_length)
+    added_names = added_cond_inputs(unet)
+    residuals = [torch.randn(shape, device=parameter.device, dtype=parameter.dtype) * 0.1
+                 for shape in residual_shapes(unet, batch, latent_height, latent_width)] if control else []
+    names = control_residual_names(unet) if control else []
     if use_kv_cache:
-        module = UNetWithCachedKV(unet)
+        module = UNetWithCachedKV(unet, len(residuals))
         key_values = flat_key_values(unet, precompute_kv(unet, text))
-        return _graph_spec("unet", module, [latents, timesteps, *added, *key_values], module.layer_names,
-                           use_kv_cache=True, added_cond=added_names)
-    return _graph_spec("unet", UNetWithText(unet), [latents, timesteps, *added, text], added_cond=added_names)
+        return _graph_spec("unet", module, [latents, timesteps, *added, *key_values, *residuals], module.layer_names,
+                           use_kv_cache=True, added_cond=added_names, residuals=names)
+    return _graph_spec("unet", UNetWithText(unet, len(residuals)), [latents, timesteps, *added, text, *residuals],
+                       added_cond=added_names, residuals=names)
+
+
+def controlnet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int,
+                     sequence_length: int | None = None) -> GraphSpec:
+    """The bundle's ControlNet at a static batch and latent size (control images of that size in pixels)."""
+    if models.controlnet is None:
+        raise ValueError("these models have no ControlNet to export")
+    parameter = next(models.controlnet.parameters())
+    latents, timesteps, added, text = _unet_samples(models, batch, latent_height, latent_width, sequence_length)
+    factor = models.vae_scale_factor
+    images = torch.rand(batch, 3, latent_height * factor, latent_width * factor, device=parameter.device,
+                        dtype=parameter.dtype)
+    outputs = len(residual_shapes(models.unet, batch, latent_height, latent_width))
+    return _graph_spec("controlnet", ControlNetResiduals(models.controlnet), [latents, timesteps, *added, text, images],
+                       added_cond=added_cond_inputs(models.unet), outputs=outputs)
 
 
 def vae_encoder_graph(models: ModelBundle, batch: int, height: int, width: int) -> GraphSpec:
@@ -336,13 +463,16 @@ def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, o
 
     if exporter not in EXPORTERS:
         raise ValueError(f"`exporter` must be one of {EXPORTERS}, got {exporter!r}")
+    if spec.dynamic is not None and (spec.network == "controlnet" or "mid_residual" in spec.inputs):
+        raise ValueError("ControlNet graphs (and the UNet's with residual inputs) are exported with static shapes "
+                         "only: a resolution range does not take a ControlNet")
     opset = opset or DEFAULT_OPSETS[exporter]
     shapes = ", ".join(f"{name}{list(tensor.shape)}" for name, tensor in list(spec.inputs.items())[:2])
     first_input = next(iter(spec.inputs))
     dynamic = "" if spec.dynamic is None else \
         f"; {first_input} height and width dynamic, {spec.dynamic.min_size}-{spec.dynamic.max_size}"
     logger.info("exporting %s to ONNX (%s exporter, opset %d; %s%s%s)", spec.network, exporter, opset, shapes,
-                f", +{len(spec.inputs) - 2} text inputs" if len(spec.inputs) > 3 else "", dynamic)
+                f", +{len(spec.inputs) - 2} more inputs" if len(spec.inputs) > 3 else "", dynamic)
     started = time.perf_counter()
     # The exporter writes into a private folder (its weight files are named after the tensors, so they
     # must not land beside other graphs); only the re-saved graph reaches `path`.
@@ -363,7 +493,7 @@ def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, o
                 tuple(spec.inputs.values()),
                 str(raw),
                 input_names=list(spec.inputs),
-                output_names=[spec.output_name],
+                output_names=list(spec.output_names),
                 opset_version=opset,
                 dynamo=exporter == "dynamo",
                 verbose=False,

@@ -141,25 +141,35 @@ class OnnxRuntimeSession:
         self.session = session
         self.device = device
         self.input_names = [graph_input.name for graph_input in session.get_inputs()]
-        graph_output = session.get_outputs()[0]
-        self.output_name = graph_output.name
-        self.output_dtype = torch.float16 if graph_output.type == "tensor(float16)" else torch.float32
+        graph_outputs = session.get_outputs()
+        self.output_names = [graph_output.name for graph_output in graph_outputs]
+        self.output_dtypes = [torch.float16 if graph_output.type == "tensor(float16)" else torch.float32
+                              for graph_output in graph_outputs]
+        self.output_name, self.output_dtype = self.output_names[0], self.output_dtypes[0]
         self._device_type = "cuda" if device.type == "cuda" else "cpu"
         self._device_id = device.index or 0
 
     def run(self, inputs: list[torch.Tensor], output_shape: tuple[int, ...]) -> torch.Tensor:
-        """The graph's output, of `output_shape`, for `inputs` in the graph's input order."""
-        # Inputs are bound by address (no copy); the output lands in a fresh torch tensor each call,
+        """The graph's (first) output, of `output_shape`, for `inputs` in the graph's input order."""
+        return self.run_outputs(inputs, [output_shape])[0]
+
+    def run_outputs(self, inputs: list[torch.Tensor], output_shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Every output of the graph, of `output_shapes` (one per output, in order), for `inputs` in the graph's
+        input order."""
+        # Inputs are bound by address (no copy); the outputs land in fresh torch tensors each call,
         # because callers keep outputs across calls and streams share the session.
         binding = self.session.io_binding()
         for name, tensor in zip(self.input_names, inputs, strict=True):
             binding.bind_input(name, self._device_type, self._device_id, _NUMPY_DTYPES[tensor.dtype],
                                tuple(tensor.shape), tensor.data_ptr())
-        output = torch.empty(output_shape, dtype=self.output_dtype, device=self.device)
-        binding.bind_output(self.output_name, self._device_type, self._device_id, _NUMPY_DTYPES[output.dtype],
-                            tuple(output_shape), output.data_ptr())
+        outputs = []
+        for name, dtype, shape in zip(self.output_names, self.output_dtypes, output_shapes, strict=True):
+            output = torch.empty(shape, dtype=dtype, device=self.device)
+            binding.bind_output(name, self._device_type, self._device_id, _NUMPY_DTYPES[dtype], tuple(shape),
+                                output.data_ptr())
+            outputs.append(output)
         self.session.run_with_iobinding(binding)
-        return output
+        return outputs
 
 
 class OnnxRuntimeRunner(StaticShapeRunner):

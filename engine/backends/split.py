@@ -12,12 +12,14 @@ from __future__ import annotations
 import torch
 
 from ..config import StreamConfig
+from ..control.residuals import ControlResiduals
 from ..prompt import Conditioning
 from .base import NetworkRunner, runner_name
 
 
 class SplitRunner:
-    """`NetworkRunner` that sends the UNet to one runner and the VAE encode/decode to another.
+    """`NetworkRunner` that sends the UNet (and the ControlNet, which runs beside it) to one runner and the VAE
+    encode/decode to another.
 
     Args:
         unet_runner (`NetworkRunner`): runs `unet`; its `dynamic_batch` decides whether sessions batch.
@@ -34,14 +36,21 @@ class SplitRunner:
         self.backend = f"{runner_name(unet_runner)}+{runner_name(vae_runner)}"
 
     def prepare(self, config: StreamConfig, kv_cache: bool) -> None:
-        """Open the graphs each half needs for a stream under `config` (only the UNet's or only the VAE's)."""
-        for runner, networks in ((self.unet_runner, ("unet",)), (self.vae_runner, ("vae_encoder", "vae_decoder"))):
+        """Open the graphs each half needs for a stream under `config` (the UNet's and the ControlNet's, or the
+        VAE's)."""
+        for runner, networks in ((self.unet_runner, ("unet", "controlnet")),
+                                 (self.vae_runner, ("vae_encoder", "vae_decoder"))):
             prepare = getattr(runner, "prepare", None)
             if prepare is not None:
                 prepare(config, kv_cache, networks=networks)
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         return self.unet_runner.unet(latents, timesteps, conditioning)
+
+    def controlnet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                   control_images: torch.Tensor) -> ControlResiduals:
+        """The UNet runner's ControlNet (`StreamEngine` refuses a ControlNet when that runner has none)."""
+        return self.unet_runner.controlnet(latents, timesteps, conditioning, control_images)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae_runner.encode(images)

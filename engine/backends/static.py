@@ -1,5 +1,12 @@
 """The part every compiled backend shares: one graph per call shape (or one dynamic-resolution graph for
-every size in a range), opened once."""
+every size in a range), opened once.
+
+With a ControlNet (`ModelBundle.controlnet`), `controlnet` runs the ControlNet's graph and every UNet call runs the
+UNet graph that takes the residuals as inputs (`onnx_export`). A call without residuals (`conditioning.control` is
+None: the stream's `controlnet_scale` is 0, so the ControlNet was not run) feeds that same graph zeros of the
+residuals' shapes: adding 0 changes no value, so it is exactly the UNet without a ControlNet, with one UNet graph
+per shape rather than two.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +19,11 @@ from typing import Protocol
 import torch
 
 from ..config import StreamConfig
+from ..control.residuals import ControlResiduals
 from ..models import ModelBundle
 from ..prompt import Conditioning
 from .artifacts import GraphShape, OnnxCache, config_shapes
-from .onnx_export import ADDED_COND_INPUTS, DEFAULT_EXPORTER, flat_key_values
+from .onnx_export import ADDED_COND_INPUTS, DEFAULT_EXPORTER, flat_key_values, residual_shapes
 from .resolution import ResolutionRange, check_range, size_multiple
 
 logger = logging.getLogger(__name__)
@@ -26,6 +34,9 @@ class CompiledGraph(Protocol):
 
     def run(self, inputs: list[torch.Tensor], output_shape: tuple[int, ...]) -> torch.Tensor:
         """The graph's output for `inputs`, of `output_shape` (a tensor the caller may keep)."""
+
+    def run_outputs(self, inputs: list[torch.Tensor], output_shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Every output of the graph for `inputs`, in its output order, of `output_shapes`."""
 
 
 class StaticShapeRunner:
@@ -46,7 +57,8 @@ class StaticShapeRunner:
             graphs; None (default) gives static graphs, the faster choice for a server that keeps one size.
 
     Raises:
-        ValueError: a range whose sizes are not multiples of the model's `size_multiple`.
+        ValueError: a range whose sizes are not multiples of the model's `size_multiple`, or a range with a
+            ControlNet (its graphs are static only).
     """
 
     backend = "static"
@@ -57,10 +69,16 @@ class StaticShapeRunner:
         self.onnx_cache = OnnxCache(models, cfg_type, cache_dir, exporter)
         self.size_multiple = size_multiple(models)
         self.resolution_range = check_range(resolution_range, self.size_multiple) if resolution_range else None
+        if self.resolution_range is not None and models.controlnet is not None:
+            raise ValueError(f"a resolution range ({self.resolution_range}) does not take a ControlNet on the "
+                             f"{self.backend} backend: its graphs (the ControlNet's, and the UNet's with residual "
+                             "inputs) are static; drop the range (one static graph per size), or use backend='eager'")
         self._graphs: dict[GraphShape, CompiledGraph] = {}
         self._lock = threading.Lock()
         # Contiguous K/V lists per live `Conditioning`, dropped when the conditioning is collected.
         self._key_values: dict[int, list[torch.Tensor]] = {}
+        # The zero residuals of each UNet call shape without ControlNet residuals (read only: bound, never written).
+        self._zero_residuals: dict[tuple[int, ...], list[torch.Tensor]] = {}
 
     def graph_shape(self, shape: GraphShape) -> GraphShape:
         """The graph a call of `shape` runs on: the range's dynamic graph when the range covers its size,
@@ -132,11 +150,50 @@ class StaticShapeRunner:
         else:
             text_inputs = [conditioning.encoder_hidden_states.contiguous()]
             sequence_length = text_inputs[0].shape[1]
+        control = self.models.controlnet is not None
         shape = GraphShape("unet", latents.shape[0], height, width, conditioning.kv_cache is not None,
-                           sequence_length)
-        added = [] if conditioning.added_cond is None else \
+                           sequence_length, control=control)
+        return self._run(shape, [latents.contiguous(), timesteps.to(torch.long).contiguous(),
+                                 *self._added(conditioning), *text_inputs, *self._residuals(latents, conditioning)])
+
+    def controlnet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                   control_images: torch.Tensor) -> ControlResiduals:
+        """The ControlNet's residuals at scale 1 (its own graph: the text embeddings in, no K/V cache)."""
+        if self.models.controlnet is None:
+            raise ValueError("these models have no ControlNet")
+        height, width = self._pixels(latents)
+        if tuple(control_images.shape) != (latents.shape[0], 3, height, width):
+            raise ValueError(f"control images {tuple(control_images.shape)} do not fit latents {tuple(latents.shape)}: "
+                             f"expected {(latents.shape[0], 3, height, width)}")
+        states = conditioning.encoder_hidden_states.contiguous()
+        shape = GraphShape("controlnet", latents.shape[0], height, width, False, states.shape[1])
+        inputs = [latents.contiguous(), timesteps.to(torch.long).contiguous(), *self._added(conditioning), states,
+                  control_images.to(latents.dtype).contiguous()]
+        outputs = self.graph(shape).run_outputs(inputs, self.onnx_cache.output_shapes(shape))
+        return ControlResiduals.from_tensors(outputs)
+
+    @staticmethod
+    def _added(conditioning: Conditioning) -> list[torch.Tensor]:
+        return [] if conditioning.added_cond is None else \
             [conditioning.added_cond[name].contiguous() for name in ADDED_COND_INPUTS]
-        return self._run(shape, [latents.contiguous(), timesteps.to(torch.long).contiguous(), *added, *text_inputs])
+
+    def _residuals(self, latents: torch.Tensor, conditioning: Conditioning) -> list[torch.Tensor]:
+        """The UNet graph's residual inputs: the conditioning's, or zeros when it has none (exactly no ControlNet);
+        none for models without a ControlNet."""
+        if self.models.controlnet is None:
+            if conditioning.control is not None:
+                raise ValueError("ControlNet residuals were given, but these models have no ControlNet (their UNet "
+                                 "graphs take no residuals)")
+            return []
+        if conditioning.control is not None:
+            return [tensor.to(latents.dtype).contiguous() for tensor in conditioning.control.tensors()]
+        key = tuple(latents.shape)
+        zeros = self._zero_residuals.get(key)
+        if zeros is None:
+            zeros = [torch.zeros(shape, device=latents.device, dtype=latents.dtype)
+                     for shape in residual_shapes(self.models.unet, *key[:1], *key[2:])]
+            self._zero_residuals[key] = zeros
+        return zeros
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         shape = GraphShape("vae_encoder", images.shape[0], images.shape[-2], images.shape[-1])

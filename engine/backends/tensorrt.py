@@ -7,8 +7,9 @@ is the models' dtype: the network is parsed strongly typed, so no precision flag
 removed `BuilderFlag.FP16`; strong typing works on 10 and 11). Every I/O buffer is allocated once on
 the GPU and bound by name (`set_tensor_address`); each frame maps its inputs to the engine's inputs
 by name, checking every shape and dtype, copies them in, runs `execute_async_v3` (or replays a CUDA
-graph captured and verified when the engine was opened) and copies the output out. A dynamic-shape
-engine instead binds each call's own tensors and shapes, and runs without a CUDA graph.
+graph captured and verified when the engine was opened) and copies the output out (every output: the
+ControlNet's engine has one per residual). A dynamic-shape engine instead binds each call's own tensors and
+shapes, and runs without a CUDA graph.
 
 Everything that needs no GPU (version probe, builder arguments, profile shapes, I/O binding, the
 replay check) is a plain function tested on CPU. Needs CUDA, TensorRT 10+ and polygraphy; without
@@ -261,25 +262,28 @@ def torch_dtype(tensorrt_dtype_name: str) -> torch.dtype:
     return _TORCH_DTYPES[tensorrt_dtype_name]
 
 
-def check_engine_io(io: Sequence[TensorIO], input_names: Sequence[str], output_name: str,
+def check_engine_io(io: Sequence[TensorIO], input_names: Sequence[str], output_name: str | Sequence[str],
                     dynamic: bool = False) -> TensorIO:
-    """Check that an engine has exactly the graph's inputs and its output, all static unless the graph is
-    `dynamic` (built for a resolution range); returns the output.
+    """Check that an engine has exactly the graph's inputs and its output(s) (`output_name`: one name, or the
+    names of a multi-output graph such as the ControlNet's residuals), all static unless the graph is `dynamic`
+    (built for a resolution range); returns the (first) output.
 
     Raises:
         ValueError: names missing or extra, or a dynamic dimension in an engine of a static graph.
     """
+    output_names = [output_name] if isinstance(output_name, str) else list(output_name)
     inputs = [tensor.name for tensor in io if tensor.is_input]
     missing, extra = sorted(set(input_names) - set(inputs)), sorted(set(inputs) - set(input_names))
     if missing or extra or len(inputs) != len(input_names):
         raise ValueError(f"engine inputs do not match the graph's: missing {missing}, unexpected {extra}")
     outputs = {tensor.name: tensor for tensor in io if not tensor.is_input}
-    if output_name not in outputs:
-        raise ValueError(f"engine has no output {output_name!r} (it has {sorted(outputs)})")
+    for name in output_names:
+        if name not in outputs:
+            raise ValueError(f"engine has no output {name!r} (it has {sorted(outputs)})")
     dynamic_tensors = [tensor.name for tensor in io if any(dim < 0 for dim in tensor.shape)]
     if dynamic_tensors and not dynamic:
         raise ValueError(f"engine tensors {dynamic_tensors} have dynamic shapes, but its graph is static")
-    return outputs[output_name]
+    return outputs[output_names[0]]
 
 
 def dims_match(shape: Sequence[int], engine_shape: Sequence[int]) -> bool:
@@ -364,13 +368,14 @@ class TensorRTEngine:
         path (`Path`): the serialized engine.
         device (`torch.device`): the CUDA device (with index) the engine was built for.
         input_names (`Sequence[str]`): the graph's input names, in the order `run` receives tensors.
-        output_name (`str`): the graph's output.
+        output_name (`str | Sequence[str]`): the graph's output, or every output of a multi-output graph (the
+            ControlNet's residuals, in order).
         use_cuda_graph (`bool`): capture the execution into a CUDA graph and replay it every frame
             (static engines only).
         dynamic (`bool`): the engine's graph has a dynamic height and width.
     """
 
-    def __init__(self, path: Path, device: torch.device, input_names: Sequence[str], output_name: str,
+    def __init__(self, path: Path, device: torch.device, input_names: Sequence[str], output_name: str | Sequence[str],
                  use_cuda_graph: bool = True, dynamic: bool = False):
         require_tensorrt()
         import tensorrt as trt
@@ -378,7 +383,8 @@ class TensorRTEngine:
         self.path = path
         self.device = device
         self.input_names = list(input_names)
-        self.output_name = output_name
+        self.output_names = [output_name] if isinstance(output_name, str) else list(output_name)
+        self.output_name = self.output_names[0]
         self.dynamic = dynamic
         self._lock = threading.Lock()
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -394,7 +400,7 @@ class TensorRTEngine:
                          engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
                 for name in (engine.get_tensor_name(index) for index in range(engine.num_io_tensors))
             ]
-            check_engine_io(self.io, self.input_names, output_name, dynamic)
+            check_engine_io(self.io, self.input_names, self.output_names, dynamic)
             self.context = engine.create_execution_context()
             if self.context is None:
                 raise RuntimeError(f"TensorRT could not create an execution context for {path.name} on {device} "
@@ -435,10 +441,10 @@ class TensorRTEngine:
 
     def _capture(self) -> torch.cuda.CUDAGraph | None:
         """A CUDA graph of one execution, verified against an uncaptured run; None (logged) when either fails."""
-        output = self.buffers[self.output_name]
+        outputs = [self.buffers[name] for name in self.output_names]
         with torch.cuda.stream(self.stream):
             self._execute_uncaptured()
-            reference = output.clone()
+            references = [output.clone() for output in outputs]
         graph = torch.cuda.CUDAGraph()
         # "thread_local": only this thread's unsafe calls break the capture. In the default "global"
         # mode, a cudaMalloc from any other thread (the runtime's other model threads allocate all the
@@ -456,11 +462,12 @@ class TensorRTEngine:
                            self.path.name)
             return None
         with torch.cuda.stream(self.stream):
-            _poison(output)
+            for output in outputs:
+                _poison(output)
             graph.replay()
-            replayed = output.clone()
+            replayed = [output.clone() for output in outputs]
         self.stream.synchronize()
-        if not replay_matches(reference, replayed):
+        if not all(replay_matches(reference, again) for reference, again in zip(references, replayed, strict=True)):
             logger.warning("the CUDA graph of %s does not reproduce an uncaptured run; running it without a graph",
                            self.path.name)
             return None
@@ -468,18 +475,26 @@ class TensorRTEngine:
         return graph
 
     def run(self, inputs: Sequence[torch.Tensor], output_shape: tuple[int, ...]) -> torch.Tensor:
-        """Run on `inputs` (in `input_names` order) and return an output of `output_shape` the caller may keep.
+        """Run on `inputs` (in `input_names` order) and return the (first) output, of `output_shape`, which the
+        caller may keep.
 
         A static engine copies the inputs into the buffers bound to their names and returns a copy of its
         output buffer; a dynamic one binds the inputs' own memory and a new output tensor.
         """
+        return self.run_outputs(inputs, [output_shape])[0]
+
+    def run_outputs(self, inputs: Sequence[torch.Tensor],
+                    output_shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+        """`run` for every output (`output_names` order, one shape each): the ControlNet's residuals."""
+        if len(output_shapes) != len(self.output_names):
+            raise ValueError(f"{self.path.name} has outputs {self.output_names}, got {len(output_shapes)} shapes")
         bound = bind_inputs(self.io, self.input_names, inputs)
         caller = torch.cuda.current_stream(self.device)
         with self._lock, torch.cuda.device(self.device):
             self.stream.wait_stream(caller)
             with torch.cuda.stream(self.stream):
                 if self.dynamic:
-                    output = self._run_dynamic(bound, tuple(output_shape))
+                    outputs = self._run_dynamic(bound, [tuple(shape) for shape in output_shapes])
                 else:
                     for name, tensor in bound.items():
                         self.buffers[name].copy_(tensor, non_blocking=True)
@@ -487,13 +502,15 @@ class TensorRTEngine:
                         self._graph.replay()
                     else:
                         self._execute_uncaptured()
-                    # A copy: the buffer is overwritten by the next frame, the caller may keep this one.
-                    output = self.buffers[self.output_name].clone()
+                    # Copies: the buffers are overwritten by the next frame, the caller may keep these.
+                    outputs = [self.buffers[name].clone() for name in self.output_names]
             caller.wait_stream(self.stream)
-            output.record_stream(caller)
-        return output
+            for output in outputs:
+                output.record_stream(caller)
+        return outputs
 
-    def _run_dynamic(self, bound: Mapping[str, torch.Tensor], output_shape: tuple[int, ...]) -> torch.Tensor:
+    def _run_dynamic(self, bound: Mapping[str, torch.Tensor],
+                     output_shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
         """Bind this call's shapes and tensors and execute on the engine's stream (the caller holds the lock)."""
         for name, tensor in bound.items():
             if not self.context.set_input_shape(name, tuple(tensor.shape)):
@@ -502,13 +519,16 @@ class TensorRTEngine:
             self.context.set_tensor_address(name, tensor.data_ptr())
             # The engine's stream reads the caller's tensor: its memory must not be reused before that.
             tensor.record_stream(self.stream)
-        shape = tuple(self.context.get_tensor_shape(self.output_name))
-        if shape != output_shape:
-            raise RuntimeError(f"{self.path.name} gives {self.output_name!r} of shape {shape}, expected {output_shape}")
-        output = torch.empty(shape, dtype=self.buffers[self.output_name].dtype, device=self.device)
-        self.context.set_tensor_address(self.output_name, output.data_ptr())
+        outputs = []
+        for name, expected in zip(self.output_names, output_shapes, strict=True):
+            shape = tuple(self.context.get_tensor_shape(name))
+            if shape != expected:
+                raise RuntimeError(f"{self.path.name} gives {name!r} of shape {shape}, expected {expected}")
+            output = torch.empty(shape, dtype=self.buffers[name].dtype, device=self.device)
+            self.context.set_tensor_address(name, output.data_ptr())
+            outputs.append(output)
         self._execute_uncaptured()
-        return output
+        return outputs
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -597,7 +617,7 @@ class TensorRTRunner(StaticShapeRunner):
                 self.artifact_path(shape),
                 build=lambda temporary: self._build(shape, temporary),
                 load=lambda path: TensorRTEngine(path, self.device, self.onnx_cache.input_names(shape),
-                                                 self.onnx_cache.output_name(shape), self.use_cuda_graph,
+                                                 self.onnx_cache.output_names(shape), self.use_cuda_graph,
                                                  dynamic=shape.resolution_range is not None),
                 key_parts=self.engine_key_parts(shape),
             )

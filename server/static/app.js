@@ -119,6 +119,12 @@ function handleEvent(message) {
     state.reconnectDelay = 1000;
     showMessage("");
     setStatus(`streaming · session ${message.session_id} · ${message.width}×${message.height}`);
+    $("controlnet").hidden = !message.controlnet;
+    $("controlnet-name").textContent = message.controlnet ? `(${message.controlnet})` : "";
+    if (message.controlnet) {
+      // A new session starts from the server's defaults: carry this page's ControlNet settings over.
+      sendParams({ controlnet_scale: Number($("controlnet-scale").value) / 100, show_control: $("show-control").checked });
+    }
     const viewer = `${location.origin}/view/${message.session_id}`;
     // The link works (it carries the token) but never shows it: the page may be on a stream or a screenshot.
     $("viewer-link").href = token ? `${viewer}?token=${encodeURIComponent(token)}` : viewer;
@@ -223,6 +229,23 @@ $("blend").addEventListener("input", () => {
 });
 
 $("camera").addEventListener("change", (event) => startCamera(event.target.value));
+
+function sendParams(params) {
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ type: "params", ...params }));
+}
+
+let scaleTimer = null;
+$("controlnet-scale").addEventListener("input", () => {
+  const scale = Number($("controlnet-scale").value) / 100;
+  $("controlnet-scale-value").textContent = scale.toFixed(2);
+  if (scaleTimer !== null) return;
+  scaleTimer = setTimeout(() => {
+    scaleTimer = null;
+    sendParams({ controlnet_scale: Number($("controlnet-scale").value) / 100 });
+  }, BLEND_SEND_MS);
+});
+
+$("show-control").addEventListener("change", (event) => sendParams({ show_control: event.target.checked }));
 
 $("temporal").addEventListener("change", (event) => {
   if (state.ws && state.ws.readyState === WebSocket.OPEN) {

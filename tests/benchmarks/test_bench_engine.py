@@ -57,3 +57,16 @@ def test_backend_rows_report_both_thread_counts_and_what_auto_chose(tmp_path, mo
     assert torch.get_num_threads() == 2
     out = capsys.readouterr().out
     assert "ONNX Runtime 2 intra-op" in out and f"({results['auto_backend']})" in out
+
+
+def test_controlnet_rows_report_cost_reuse_and_quality(tmp_path, capsys):
+    out = tmp_path / "controlnet.json"
+    main(["--controlnet", "random", "--size", "32", "--frames", "3", "--warmup", "1", "--json", str(out)])
+    results = json.loads(out.read_text())
+    for key in ("engine_fps", "controlnet_fps", "controlnet_reuse_fps"):
+        assert results[key] > 0
+    rows = results["controlnet"]
+    assert rows["control_preprocess_ms"] > 0 and rows["engine_fps"] > 0
+    assert rows["controlnet_reuse_interval"] == 4 and rows["controlnet_reuse_psnr_db"] > 20
+    assert {"controlnet_vs_engine", "controlnet_reuse_vs_engine", "engine_vs_diffusers"} <= set(results["ratios"])
+    assert "controlnet_reuse_vs_engine" in capsys.readouterr().out

@@ -214,7 +214,8 @@ def test_saved_folder_loads_as_sdxl_here_and_in_diffusers(tiny_sdxl_models, tmp_
         for a, b in zip(getattr(loaded, name).state_dict().values(), expected, strict=True):
             assert torch.equal(a, b), name
     config = make_config()
-    outputs = [StreamEngine(Engine.prepare(models, LoadConfig(model=models.name, backend="eager")), config)(frames(1)[0])
+    outputs = [StreamEngine(Engine.prepare(models, LoadConfig(model=models.name, backend="eager")),
+                            config)(frames(1)[0])
                for models in (loaded, load_models("tiny-sdxl"))]
     assert torch.equal(outputs[0], outputs[1])
     pipe = AutoPipelineForImage2Image.from_pretrained(folder)
@@ -269,7 +270,8 @@ def test_memory_modes_run_sdxl_like_off(memory):
     outputs = []
     for mode in ("off", memory):
         models = load_models("tiny-sdxl")
-        stream = StreamEngine(Engine.prepare(models, LoadConfig(model="tiny-sdxl", memory=mode, backend="eager")), config)
+        load = LoadConfig(model="tiny-sdxl", memory=mode, backend="eager")
+        stream = StreamEngine(Engine.prepare(models, load), config)
         outputs.append([stream(frame) for frame in frames(3, size=64)])
     for sliced, whole in zip(outputs[1], outputs[0], strict=True):
         torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5)

@@ -16,7 +16,7 @@ from engine.codec import rgb_to_tensor  # noqa: E402
 from training.demo_model.__main__ import main  # noqa: E402
 from training.demo_model.data import TRAIN_IMAGES, CropSampler, load_images  # noqa: E402
 from training.demo_model.styles import FALLBACK_STYLE, style_of_prompt  # noqa: E402
-from training.demo_model.train import TrainSettings, _gradient_l1, _style_batch, build_demo_bundle, train  # noqa: E402
+from training.demo_model.train import TrainSettings, _gradient_l1, build_demo_bundle, style_batch, train  # noqa: E402
 
 
 def test_tiny_training_run_saves_a_model_the_engine_streams(tmp_path):
@@ -51,7 +51,7 @@ def test_gradient_loss_sees_blur_that_leaves_the_mean_unchanged():
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_fallback_share_sets_how_many_crops_keep_their_input(share):
     sampler = CropSampler(load_images(TRAIN_IMAGES[:2]), 32, seed=0)
-    inputs, targets, prompts = _style_batch(sampler, 12, random.Random(0), fallback_share=share)
+    inputs, targets, prompts = style_batch(sampler, 12, random.Random(0), fallback_share=share)
     unchanged = [np.array_equal(a, b) for a, b in zip(inputs, targets, strict=True)]
     assert all(unchanged) == (share == 1.0) and any(unchanged) == (share == 1.0)
     assert all((style_of_prompt(p) == FALLBACK_STYLE) == (share == 1.0) for p in prompts)

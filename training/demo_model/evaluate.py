@@ -2,15 +2,17 @@
 
 For each held-out image and style, a slow pan over the image streams through `StreamEngine` at the
 engine's defaults, and each output is compared (PSNR, SSIM) with the classical filter of the frame it
-came from. Also: how far apart the outputs of different prompts are for the same frame, and a
-before/after grid image.
+came from, and its detail (image gradients) with the filter's. Also: how far apart the outputs of
+different prompts are for the same frame, and a before/after grid image.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -30,15 +32,22 @@ from .styles import STYLES, stylize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StyleScore", "prompt_separation", "score_styles", "stream_outputs", "vae_roundtrip", "write_grid"]
+__all__ = ["Render", "StyleScore", "detail", "label", "prompt_separation", "score_styles", "stream_outputs",
+           "vae_roundtrip", "write_grid"]
+
+#: How a model turns a pan of frames (RGB uint8) under a prompt into outputs aligned with the frames.
+Render = Callable[[list[np.ndarray], str], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
 class StyleScore:
-    """Mean PSNR (dB) and SSIM of the engine's output against the filter; PSNR of two references.
+    """Mean PSNR (dB) and SSIM of the engine's output against the filter; PSNR of two references; detail.
 
     `input_psnr` is the unchanged frame against the filter (the do-nothing baseline); `vae_psnr` is the
     filter's output passed through the VAE alone (encode, decode), the ceiling any UNet can reach.
+    `detail` is the outputs' mean gradient magnitude over the filter outputs' (`detail`): 1 has as much
+    edge and texture as the filter, below 1 is softer, above 1 busier (which is not better: PSNR/SSIM say
+    whether the detail is the right one).
     """
 
     style: str
@@ -47,6 +56,7 @@ class StyleScore:
     ssim: float
     input_psnr: float
     vae_psnr: float
+    detail: float
 
 
 def _chw(rgb: np.ndarray) -> torch.Tensor:
@@ -60,6 +70,12 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def _ssim(a: np.ndarray, b: np.ndarray) -> float:
     # The uniform window: the one the published figures (docs/demo_model.md) were measured with.
     return ssim(_chw(a), _chw(b), data_range=255, window="uniform")
+
+
+def detail(rgb: np.ndarray) -> float:
+    """Mean gradient magnitude of an RGB uint8 image (3×3 Sobel per channel, 0–255 units): how sharp it is."""
+    image = rgb.astype(np.float32)
+    return float(cv2.magnitude(cv2.Sobel(image, cv2.CV_32F, 1, 0), cv2.Sobel(image, cv2.CV_32F, 0, 1)).mean())
 
 
 def vae_roundtrip(models: ModelBundle, rgb: np.ndarray) -> np.ndarray:
@@ -84,21 +100,31 @@ def stream_outputs(models: ModelBundle, frames: list[np.ndarray], prompt: str) -
     return [outputs[0], *outputs[1 + lag:]][: len(frames)] if lag else outputs
 
 
-def score_styles(models: ModelBundle, images: dict[str, np.ndarray], size: int, frames: int = 4) -> list[StyleScore]:
-    """Per style, mean PSNR/SSIM over the pans of every image in `images` at `size`² pixels."""
+def score_styles(models: ModelBundle, images: dict[str, np.ndarray], size: int, frames: int = 4,
+                 render: Render | None = None) -> list[StyleScore]:
+    """Per style, mean PSNR/SSIM over the pans of every image in `images` at `size`² pixels.
+
+    `render` produces the outputs scored; by default the engine's (`stream_outputs`). The VAE ceiling is
+    always the bundle's VAE.
+    """
+    render = render if render is not None else partial(stream_outputs, models)
     scores = []
     pans = {name: moving_crops(image, frames, size) for name, image in images.items()}
     for style in STYLES:
-        psnrs, ssims, input_psnrs, vae_psnrs = [], [], [], []
+        psnrs, ssims, input_psnrs, vae_psnrs, details, target_details = [], [], [], [], [], []
         for pan in pans.values():
-            for frame, output in zip(pan, stream_outputs(models, pan, style), strict=True):
+            for frame, output in zip(pan, render(pan, style), strict=True):
                 target = stylize(frame, style)
+                details.append(detail(output))
+                target_details.append(detail(target))
                 psnrs.append(_psnr(output, target))
                 ssims.append(_ssim(output, target))
                 input_psnrs.append(_psnr(frame, target))
                 vae_psnrs.append(_psnr(vae_roundtrip(models, target), target))
         scores.append(StyleScore(style, size, float(np.mean(psnrs)), float(np.mean(ssims)),
-                                 float(np.mean(input_psnrs)), float(np.mean(vae_psnrs))))
+                                 float(np.mean(input_psnrs)), float(np.mean(vae_psnrs)),
+                                 # A ratio of means: per-frame ratios blow up on nearly flat filter outputs.
+                                 float(np.mean(details) / max(np.mean(target_details), 1e-6))))
     return scores
 
 
@@ -108,7 +134,8 @@ def prompt_separation(models: ModelBundle, frame: np.ndarray, prompts: list[str]
     return {(a, b): float(np.abs(outputs[a] - outputs[b]).mean()) for a, b in itertools.combinations(prompts, 2)}
 
 
-def _label(tile: np.ndarray, text: str) -> np.ndarray:
+def label(tile: np.ndarray, text: str) -> np.ndarray:
+    """`tile` (RGB uint8) with a white strip above it carrying `text`."""
     strip = np.full((18, tile.shape[1], 3), 255, dtype=np.uint8)
     cv2.putText(strip, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([strip, tile])
@@ -119,11 +146,11 @@ def write_grid(models: ModelBundle, images: dict[str, np.ndarray], path: Path, s
     rows = []
     for name, image in images.items():
         frame = moving_crops(image, 1, size)[0]
-        filters = [_label(frame, f"{name} input")]
-        model = [_label(frame, "engine input")]
+        filters = [label(frame, f"{name} input")]
+        model = [label(frame, "engine input")]
         for style in STYLES:
-            filters.append(_label(stylize(frame, style), f"filter: {style}"[:26]))
-            model.append(_label(stream_outputs(models, [frame], style)[0], f"demo: {style}"[:26]))
+            filters.append(label(stylize(frame, style), f"filter: {style}"[:26]))
+            model.append(label(stream_outputs(models, [frame], style)[0], f"demo: {style}"[:26]))
         rows += [np.concatenate(filters, axis=1), np.concatenate(model, axis=1)]
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR))

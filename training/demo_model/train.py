@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from .styles import FALLBACK_STYLE, STYLES, sample_prompt, stylize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainSettings", "build_demo_bundle", "train"]
+__all__ = ["TrainSettings", "build_demo_bundle", "cosine_lr", "style_batch", "to_tensor", "train", "unrolled_x0"]
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,14 @@ def build_demo_bundle(seed: int = 0) -> ModelBundle:
 # --------------------------------------------------------------------------- batches
 
 
-def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """RGB uint8 `[H, W, 3]` images to a `[B, 3, H, W]` batch in [-1, 1] (the VAE's range)."""
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
     return batch / 127.5 - 1
 
 
-def _style_batch(sampler: CropSampler, size: int, rng: random.Random, fallback_share: float | None = None,
-                 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+def style_batch(sampler: CropSampler, size: int, rng: random.Random, fallback_share: float | None = None,
+                ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """`size` crops, each with a random style's filter output and a random prompt naming that style.
 
     With `fallback_share`, that share of the crops gets the fallback style (identity), the rest a style
@@ -137,7 +138,8 @@ def _style_batch(sampler: CropSampler, size: int, rng: random.Random, fallback_s
     return inputs, targets, prompts
 
 
-def _cosine_lr(step: int, total: int, peak: float) -> float:
+def cosine_lr(step: int, total: int, peak: float) -> float:
+    """Learning rate at `step` of `total`: linear warm-up over the first 5%, then a cosine decay to 5% of `peak`."""
     warmup = max(total // 20, 1)
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -162,9 +164,9 @@ def train_vae(vae: AutoencoderTiny, sampler: CropSampler, settings: TrainSetting
     recent: list[float] = []
     for step in tqdm(range(settings.vae_steps), desc="vae", mininterval=5):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, settings.vae_steps, settings.vae_learning_rate)
-        inputs, targets, _ = _style_batch(sampler, settings.vae_batch, rng)
-        images = _to_tensor(inputs[: settings.vae_batch // 2] + targets[settings.vae_batch // 2:])
+            group["lr"] = cosine_lr(step, settings.vae_steps, settings.vae_learning_rate)
+        inputs, targets, _ = style_batch(sampler, settings.vae_batch, rng)
+        images = to_tensor(inputs[: settings.vae_batch // 2] + targets[settings.vae_batch // 2:])
         latents = vae.encode(images).latents
         # Roughly unit-variance latents per channel, like SD's scaled latents: the noise schedule's
         # signal-to-noise ratios are then set by `scaling_factor` alone (see `train`).
@@ -188,22 +190,39 @@ def train_vae(vae: AutoencoderTiny, sampler: CropSampler, settings: TrainSetting
 # --------------------------------------------------------------------------- stage 2: the stylizer
 
 
-def _unrolled_x0(unet: UNet2DConditionModel, latents: torch.Tensor, text: torch.Tensor, schedule: SlotSchedule,
-                 config: StreamConfig) -> list[torch.Tensor]:
+def unrolled_x0(unet: UNet2DConditionModel, latents: torch.Tensor, text: torch.Tensor, schedule: SlotSchedule,
+                config: StreamConfig, noises: list[torch.Tensor] | None = None,
+                unet_inputs: Callable[[torch.Tensor, torch.Tensor], dict] | None = None) -> list[torch.Tensor]:
     """Every slot's x̂0 for one input latent, computed as the engine's sequential step computes it.
 
     Training through this exact computation (the default schedule, RCFG `self` guidance with its stock
     noise, LCM boundary scalings, re-noising between slots) means the served stream reproduces what was
     trained: the stream batch equals sequential denoising in every mode (tests/engine/test_stream.py).
+    Guidance modes `none` and `self` only (the ones without negative-prompt rows).
+
+    Args:
+        unet (`UNet2DConditionModel`): the denoiser.
+        latents (`torch.Tensor`): `[B, C, h, w]` scaled VAE latents of the input frames.
+        text (`torch.Tensor`): `[B, L, D]` prompt embeddings.
+        schedule (`SlotSchedule`): the engine's slot schedule for one frame per slot.
+        config (`StreamConfig`): guidance mode, scale and δ.
+        noises (`list[torch.Tensor]`, *optional*): per slot, the noise added to the latent entering it
+            (the first is also the RCFG stock noise), each broadcastable to `latents`; with the engine's fixed
+            noise this is the engine's own computation for the frame. Fresh Gaussian noise when not given.
+        unet_inputs (`Callable`, *optional*): `(x_t, timesteps)` to extra keyword arguments of each UNet call,
+            e.g. a ControlNet's `down_block_additional_residuals` and `mid_block_additional_residual`.
     """
     batch = latents.shape[0]
-    noises = [torch.randn_like(latents) for _ in range(schedule.num_slots)]
+    if noises is None:
+        noises = [torch.randn_like(latents) for _ in range(schedule.num_slots)]
     stock = noises[0] if guidance.uses_stock_noise(config.cfg_type) else None
     current = schedule.slots(0, 1)
     x_t = add_noise(latents, noises[0], current.alpha, current.beta)
     outputs = []
     for k in range(schedule.num_slots):
-        eps_cond = unet(x_t, current.timesteps.expand(batch), encoder_hidden_states=text, return_dict=False)[0]
+        timesteps = current.timesteps.expand(batch)
+        extra = unet_inputs(x_t, timesteps) if unet_inputs is not None else {}
+        eps_cond = unet(x_t, timesteps, encoder_hidden_states=text, return_dict=False, **extra)[0]
         eps, stock = guidance.guide(config.cfg_type, eps_cond, stock, config.guidance_scale, config.delta, 1)
         x0 = predict_x0(x_t, eps, current)
         outputs.append(x0)
@@ -240,15 +259,15 @@ def train_stylizer(bundle: ModelBundle, sampler: CropSampler, settings: TrainSet
     recent: list[float] = []
     for step in tqdm(range(settings.unet_steps), desc="stylizer", mininterval=5):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, settings.unet_steps, settings.learning_rate)
-        inputs, targets, prompts = _style_batch(sampler, settings.unet_batch, rng, settings.fallback_share)
+            group["lr"] = cosine_lr(step, settings.unet_steps, settings.learning_rate)
+        inputs, targets, prompts = style_batch(sampler, settings.unet_batch, rng, settings.fallback_share)
         with torch.no_grad():
-            latents = bundle.vae.encode(_to_tensor(inputs)).latents * scaling
-            target = bundle.vae.encode(_to_tensor(targets)).latents * scaling
+            latents = bundle.vae.encode(to_tensor(inputs)).latents * scaling
+            target = bundle.vae.encode(to_tensor(targets)).latents * scaling
         tokens = bundle.tokenizer(prompts, padding="max_length", max_length=bundle.tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").input_ids
         text = bundle.text_encoder(tokens)[0]
-        outputs = _unrolled_x0(bundle.unet, latents, text, schedule, config)
+        outputs = unrolled_x0(bundle.unet, latents, text, schedule, config)
         # In unscaled latent units, so the loss (and the learning rate that suits it) does not depend on the scale.
         loss = sum(w * F.mse_loss(x0, target) for w, x0 in zip(weights, outputs, strict=True)) / sum(weights)
         loss = loss / scaling**2

@@ -39,7 +39,8 @@ BASE = CacheKeyParts(network="unet", model_hash="abc123", width=512, height=512,
 CHANGED = {"network": "vae_decoder", "model_hash": "abc124", "width": 768, "height": 768, "batch": 3,
            "cfg_type": "full", "dtype": "float32", "kv_cache": False, "exporter": "torchscript", "opset": 17,
            "tensorrt_version": "10.4.0", "gpu_name": "NVIDIA A100", "sequence_length": 64,
-           "resolution_range": (256, 512, 1024), "loras": ("latent-consistency/lcm-lora-sdv1-5:1",)}
+           "resolution_range": (256, 512, 1024), "loras": ("latent-consistency/lcm-lora-sdv1-5:1",),
+           "control_residuals": True}
 
 
 def test_every_part_of_the_key_is_covered():
@@ -63,6 +64,14 @@ def test_static_keys_did_not_change_when_resolution_ranges_came():
 
 def test_key_parts_with_loras_round_trip_through_their_record(tmp_path):
     parts = dataclasses.replace(BASE, loras=("owner/style:0.5", "./other.safetensors:1"))
+    path = tmp_path / f"{engine_cache_key(parts)}.onnx"
+    write_key_parts(path, parts)
+    assert read_key_parts(path) == parts
+
+
+def test_a_unet_graph_with_controlnet_residual_inputs_is_named_as_such(tmp_path):
+    parts = dataclasses.replace(BASE, control_residuals=True)
+    assert engine_cache_key(parts).startswith("unet+residuals-512x512-b2-self-float16-")
     path = tmp_path / f"{engine_cache_key(parts)}.onnx"
     write_key_parts(path, parts)
     assert read_key_parts(path) == parts

@@ -23,7 +23,8 @@ def _frames(count: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("kv_cache", [True, False])
 def test_sdxl_on_onnxruntime_equals_eager(tiny_sdxl_models, kv_cache):
     config = StreamConfig(width=SIZE, height=SIZE, cfg_type="full", similarity_filter=False, prompt="a red fox")
-    eager = StreamEngine(Engine.prepare(tiny_sdxl_models, LoadConfig(model="tiny-sdxl", kv_cache=kv_cache, backend="eager")), config)
+    load = LoadConfig(model="tiny-sdxl", kv_cache=kv_cache, backend="eager")
+    eager = StreamEngine(Engine.prepare(tiny_sdxl_models, load), config)
     compiled = StreamEngine(Engine.prepare(tiny_sdxl_models, LoadConfig(model="tiny-sdxl", kv_cache=kv_cache,
                                                                         backend="onnxruntime")), config)
     assert isinstance(compiled.runner, OnnxRuntimeRunner)

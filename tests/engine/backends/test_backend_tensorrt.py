@@ -1,10 +1,11 @@
 """TensorRT: a clear error where it cannot run; every decision that needs no GPU (version probe,
-builder arguments, profile shapes, I/O binding, replay check, cache lookup order) on CPU; build,
-load and run where CUDA and tensorrt exist."""
+builder arguments, profile shapes, I/O binding, replay check, cache lookup order, the ControlNet's engines and
+their keys) on CPU; build, load and run where CUDA and tensorrt exist."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 
@@ -16,7 +17,8 @@ from engine import Engine, LoadConfig, StreamConfig, StreamEngine, load_models
 from engine.backends import BackendUnavailableError, make_runner, resolve_backend
 from engine.backends import tensorrt as trt_backend
 from engine.backends.artifacts import GraphShape
-from engine.backends.cache import write_digest
+from engine.backends.cache import engine_cache_key, write_digest
+from engine.backends.onnx_export import control_residual_names, residual_shapes
 from engine.backends.progress import heartbeat
 from engine.backends.resolution import ResolutionRange
 from engine.backends.static import StaticShapeRunner
@@ -35,6 +37,7 @@ from engine.backends.tensorrt import (
     version_unavailable_reason,
 )
 from engine.build import main as build_main
+from engine.controlnet import random_controlnet
 
 UNAVAILABLE = tensorrt_unavailable_reason()
 needs_tensorrt = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"TensorRT cannot run here: {UNAVAILABLE}")
@@ -126,6 +129,29 @@ def test_tensorrt_engines_follow_the_models_dtype_and_capture_at_prepare(tmp_pat
     for graph in runner._graphs.values():
         assert {tensor.dtype for tensor in graph.io if tensor.dtype.is_floating_point} == {torch.float32}
         assert graph.uses_cuda_graph
+
+
+@pytest.mark.cuda
+@needs_tensorrt
+def test_tensorrt_controlnet_engines_follow_eager(cuda_models, tmp_path):
+    """The ControlNet's engine and the UNet's with residual inputs, against the eager ControlNet stream (fp16)."""
+    models = dataclasses.replace(cuda_models, controlnet=random_controlnet(cuda_models.unet, seed=5))
+    models.to(torch.device("cuda"), torch.float16)
+    load = LoadConfig(model="tiny", controlnet="random", device="cuda", dtype="float16", backend="eager")
+    eager_engine = Engine.prepare(models, load)
+    config = StreamConfig(width=64, height=64, similarity_filter=False, t_index_list=(32, 45), cfg_type="full")
+    runner = TensorRTRunner(models, config.cfg_type, tmp_path)
+    paths = runner.prepare(config, load.kv_cache)
+    assert sorted(path.name.split("-")[0] for path in paths) == ["controlnet", "unet+residuals", "vae_decoder",
+                                                                 "vae_encoder"]
+    eager, compiled = StreamEngine(eager_engine, config), StreamEngine(eager_engine.with_runner(runner), config)
+    frames = _frames(5)
+    for index, frame in enumerate(frames):
+        if index == 3:  # scale 0: the UNet engine gets zero residuals
+            for engine in (eager, compiled):
+                engine.update_params(controlnet_scale=0.0)
+        expected, actual = eager(frame), compiled(frame)
+        assert (actual.float() - expected.float()).abs().max().item() < 5e-2
 
 
 @pytest.mark.cuda
@@ -318,6 +344,16 @@ def test_binding_refuses_names_the_engine_does_not_have():
         bind_inputs(ENGINE_IO, [*NAMES[:-1], "c.key"], _inputs())
 
 
+def test_a_multi_output_engine_must_have_every_output():
+    # The ControlNet's engine: one output per residual.
+    io = [TensorIO("latents", (2, 4, 8, 8), torch.float16, True),
+          TensorIO("mid_residual", (2, 64, 4, 4), torch.float16, False),
+          TensorIO("down_residual_0", (2, 32, 8, 8), torch.float16, False)]
+    assert check_engine_io(io, ["latents"], ["down_residual_0", "mid_residual"]).name == "down_residual_0"
+    with pytest.raises(ValueError, match="no output 'down_residual_1'"):
+        check_engine_io(io, ["latents"], ["down_residual_0", "down_residual_1", "mid_residual"])
+
+
 def test_engine_io_must_be_the_graphs():
     assert check_engine_io(ENGINE_IO, NAMES, "eps").shape == (2, 4, 8, 8)
     with pytest.raises(ValueError, match=r"missing \['c.key'\], unexpected \['b.value'\]"):
@@ -389,14 +425,20 @@ def test_heartbeat_logs_while_work_runs(caplog):
 
 class _FakeEngine:
     def __init__(self, path, device, input_names, output_name, use_cuda_graph, dynamic=False):
-        self.path, self.input_names, self.output_name, self.dynamic = path, input_names, output_name, dynamic
+        self.path, self.input_names, self.dynamic = path, input_names, dynamic
+        self.output_names = [output_name] if isinstance(output_name, str) else list(output_name)
+        self.output_name = self.output_names[0]
 
 
 @pytest.fixture
 def cpu_runner(tiny_models, tmp_path, monkeypatch):
     """A TensorRTRunner's lookup and build logic on CPU: the GPU parts (engine, builder, device) faked."""
+    return _cpu_runner(tiny_models, tmp_path, monkeypatch)
+
+
+def _cpu_runner(models, tmp_path, monkeypatch):
     runner = TensorRTRunner.__new__(TensorRTRunner)
-    StaticShapeRunner.__init__(runner, tiny_models, "self", tmp_path, "torchscript")
+    StaticShapeRunner.__init__(runner, models, "self", tmp_path, "torchscript")
     runner.dtype, runner.device = "float32", torch.device("cpu")
     runner.workspace_bytes, runner.use_cuda_graph = 1 << 30, True
     runner.tensorrt_version, runner.gpu_name = "10.3.0", "NVIDIA GeForce RTX 4090"
@@ -464,3 +506,38 @@ def test_a_resolution_range_builds_one_engine_whose_profile_spans_it(cpu_runner)
     # Outside the range: a static engine of that size.
     outside = cpu_runner.graph(GraphShape("vae_decoder", 1, 144, 144))
     assert not outside.dynamic and cpu_runner.builds[-1][1].profile["latents"] == ((1, 4, 18, 18),) * 3
+
+
+def test_controlnet_engines_are_built_from_its_graphs_and_keyed_by_it(tiny_controlnet_engine, tmp_path, monkeypatch):
+    """With a ControlNet: its engine (inputs and residual outputs bound by the graph's names) and the UNet's with
+    residual inputs; the ControlNet's engine key follows its weights, the UNet's does not."""
+    models = tiny_controlnet_engine.models
+    runner = _cpu_runner(models, tmp_path, monkeypatch)
+    config = StreamConfig(width=64, height=64, t_index_list=(32, 45))
+    paths = runner.prepare(config, kv_cache=True)
+    assert sorted(path.name.split("-")[0] for path in paths) == ["controlnet", "unet+residuals", "vae_decoder",
+                                                                 "vae_encoder"]
+    builds = {onnx_path.name.split("-")[0]: arguments for onnx_path, arguments in runner.builds}
+    residuals = control_residual_names(models.unet)
+    shapes = residual_shapes(models.unet, 2, 8, 8)
+    controlnet = runner.graph(GraphShape("controlnet", 2, 64, 64, False, 77))
+    assert controlnet.input_names == list(builds["controlnet"].profile) == \
+        ["latents", "timesteps", "encoder_hidden_states", "control_images"]
+    assert controlnet.output_names == residuals
+    assert builds["controlnet"].profile["control_images"] == ((2, 3, 64, 64),) * 3
+    unet = runner.graph(GraphShape("unet", 2, 64, 64, True, 77, control=True))
+    assert unet.input_names == list(builds["unet+residuals"].profile)
+    assert unet.input_names[-len(residuals):] == residuals
+    assert [builds["unet+residuals"].profile[name][0] for name in residuals] == shapes
+    # Another ControlNet: another ControlNet engine, the same UNet engine.
+    other = _cpu_runner(dataclasses.replace(models, controlnet=random_controlnet(models.unet, seed=9)), tmp_path,
+                        monkeypatch)
+    for network, same in (("controlnet", False), ("unet", True)):
+        shape = GraphShape(network, 2, 64, 64, network == "unet", 77, control=network == "unet")
+        assert (runner.artifact_path(shape) == other.artifact_path(shape)) is same
+        assert engine_cache_key(runner.engine_key_parts(shape)).startswith(
+            "controlnet-" if network == "controlnet" else "unet+residuals-")
+    # Without a ControlNet, the plain UNet engine.
+    plain = runner.artifact_path(GraphShape("unet", 2, 64, 64, True, 77))
+    assert plain.name.startswith("unet-") and plain != runner.artifact_path(
+        GraphShape("unet", 2, 64, 64, True, 77, control=True))
