@@ -79,9 +79,9 @@ def diffusers_fps(engine: Engine, config: StreamConfig, clip: list[torch.Tensor]
     extra = {"safety_checker": None, "requires_safety_checker": False} if models.family == "sd" else {}
     with tempfile.TemporaryDirectory() as folder:
         models.save_pretrained(folder)
-        pipe = AutoPipelineForImage2Image.from_pretrained(folder, **extra)
-    # The same tiny VAE as the engine, so the rows compare the denoising loops.
-    pipe.vae = models.vae
+        # The same tiny VAE as the engine, so the rows compare the denoising loops (and a model saved without a
+        # full VAE, like `demo`, still makes a pipeline).
+        pipe = AutoPipelineForImage2Image.from_pretrained(folder, vae=models.vae, **extra)
     parameter = next(models.unet.parameters())
     pipe.to(parameter.device, parameter.dtype)
     pipe.set_progress_bar_config(disable=True)
