@@ -12,7 +12,7 @@ import torch
 from . import guidance
 from .conditioning import PromptEncoder, mix_prompt_states
 from .config import HOT_PARAMS, REPREPARE_PARAMS, StreamConfig, check_compatible
-from .control.residuals import ControlRows
+from .control.residuals import ControlFrames, ControlRows
 from .controlnet import ResidualReuse, with_control
 from .fade import Fade
 from .loading import Engine
@@ -44,8 +44,8 @@ class UnetCall:
     latents: torch.Tensor
     timesteps: torch.Tensor
     conditioning: Conditioning
-    #: With a ControlNet: each slot's control image (ordered like `x_t`) and the UNet rows made of them.
-    control_slots: torch.Tensor | None = None
+    #: With a ControlNet: each slot's control image and embedding (ordered like `x_t`) and the UNet rows made of them.
+    control_slots: ControlFrames | None = None
     control: ControlRows | None = None
 
 
@@ -60,8 +60,8 @@ class _StreamState:
     #: A frame was let through on this state, so a later skipped frame has an output to repeat.
     has_frames: bool = False
     last_output: torch.Tensor | None = None
-    #: With a ControlNet: the control images of the buffer's slots, shifted with the latents.
-    control_buffer: torch.Tensor | None = None
+    #: With a ControlNet: the control images (and embeddings) of the buffer's slots, shifted with the latents.
+    control_buffer: ControlFrames | None = None
 
 
 @dataclass
@@ -82,7 +82,7 @@ class FrameWork:
     #: `temporal="flow"`: this frame's input motion (`begin`), then that of the frame it outputs (`advance`).
     motion: Motion | None = None
     #: With a ControlNet: this frame's control images (`begin`), then those of the frame it outputs (`advance`).
-    control: torch.Tensor | None = None
+    control: ControlFrames | None = None
 
     def result(self) -> StepResult:
         """The frame's `StepResult`, one image for a single-image input."""
@@ -315,7 +315,10 @@ class StreamEngine:
         if not skipped:
             frame.motion = self.temporal.observe_input(batch)
             if self.control_source is not None:
-                frame.control = self.control_source((batch + 1) / 2, config).to(device=self.device, dtype=self.dtype)
+                # The condition embedding depends on the control image alone: once per frame, here, off the UNet's
+                # thread, for every slot and guidance row the frame will take.
+                images = self.control_source((batch + 1) / 2, config).to(device=self.device, dtype=self.dtype)
+                frame.control = ControlFrames(images, self.runner.control_embedding(images))
             frame.latents = self.runner.encode(batch)
         return frame
 
@@ -348,7 +351,7 @@ class StreamEngine:
         else:
             output = (self.runner.decode(frame.denoised) / 2 + 0.5).clamp(0, 1)
             if self.config.show_control and frame.control is not None:
-                frame.output = frame.control
+                frame.output = frame.control.images
             else:
                 frame.output = self.temporal.blend_output(output, frame.motion)
             frame.state.last_output = frame.output
@@ -398,12 +401,12 @@ class StreamEngine:
             if fade.finished:
                 self._noise_fade = None
 
-    def _prime(self, state: _StreamState, latents: torch.Tensor, control: torch.Tensor | None) -> None:
+    def _prime(self, state: _StreamState, latents: torch.Tensor, control: ControlFrames | None) -> None:
         """Fill the buffer from the first frame so no output ever comes from the empty buffer."""
         f, n = self.config.frame_buffer_size, self.config.denoising_steps
         state.buffer = torch.zeros(((n - 1) * f, *latents.shape[1:]), device=self.device, dtype=self.dtype)
         if control is not None:
-            state.control_buffer = control.repeat(n - 1, 1, 1, 1)
+            state.control_buffer = control.repeat(n - 1)
         for _ in range(n - 1):
             self._stream_call(state, latents, control)
         # Priming rows hold the empty buffer's garbage: no real frame may reuse residuals or features of them.
@@ -412,18 +415,18 @@ class StreamEngine:
             self.skip_policy.reset()
 
     def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule, stock: torch.Tensor | None,
-                  control: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  control: ControlFrames | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         f = self.config.frame_buffer_size
         unet_latents, unet_timesteps = guidance.expand_unet_inputs(cfg_type, x_t, schedule.timesteps, f)
         conditioning = self._prompt.layouts[(cfg_type, x_t.shape[0])]
         if control is not None:
-            rows = ControlRows.for_call(cfg_type, control, f, self.config.controlnet_scale)
+            rows = ControlRows.for_call(cfg_type, control.embeddings, f, self.config.controlnet_scale)
             conditioning = with_control(self.runner, unet_latents, unet_timesteps, conditioning, rows)
         model_output = self.runner.unet(unet_latents, unet_timesteps, conditioning)
         return guidance.guide(cfg_type, model_output, stock, self.config.guidance_scale, self.config.delta, f)
 
     def _stream_inputs(self, state: _StreamState, config: StreamConfig, latents: torch.Tensor,
-                       control: torch.Tensor | None) -> UnetCall:
+                       control: ControlFrames | None) -> UnetCall:
         schedule, noise, f = state.schedule, state.fixed_noise, config.frame_buffer_size
         newest = add_noise(latents, noise[:f], schedule.alpha[:f], schedule.beta[:f])
         x_t = torch.cat([newest, state.buffer])
@@ -433,8 +436,9 @@ class StreamEngine:
             conditioning = dataclasses.replace(conditioning, temporal_bank=self.temporal.bank)
         call = UnetCall(x_t, unet_latents, unet_timesteps, conditioning)
         if control is not None:
-            call.control_slots = torch.cat([control, state.control_buffer])
-            call.control = ControlRows.for_call(config.cfg_type, call.control_slots, f, config.controlnet_scale)
+            call.control_slots = ControlFrames.cat([control, state.control_buffer])
+            call.control = ControlRows.for_call(config.cfg_type, call.control_slots.embeddings, f,
+                                                config.controlnet_scale)
         return call
 
     def _stream_finish(self, state: _StreamState, config: StreamConfig, call: UnetCall,
@@ -451,7 +455,7 @@ class StreamEngine:
             state.control_buffer = call.control_slots[:-f]
         return x0[-f:]
 
-    def _stream_call(self, state: _StreamState, latents: torch.Tensor, control: torch.Tensor | None) -> torch.Tensor:
+    def _stream_call(self, state: _StreamState, latents: torch.Tensor, control: ControlFrames | None) -> torch.Tensor:
         """One UNet call over every slot; returns the oldest slot's x̂0 (`frame_buffer_size` rows)."""
         call = self._stream_inputs(state, self.config, latents, control)
         return self._stream_finish(state, self.config, call, self._run_unet(state, call))
@@ -470,16 +474,16 @@ class StreamEngine:
         if control is None or not control.active:
             return call.conditioning
         config = self.config
-        newest = call.control_slots[:config.frame_buffer_size]
-        residuals = self._control_reuse.lookup(newest, control.images.shape[0], config.controlnet_reuse_interval,
+        newest = call.control_slots.images[:config.frame_buffer_size]
+        residuals = self._control_reuse.lookup(newest, control.embeddings.shape[0], config.controlnet_reuse_interval,
                                                config.controlnet_reuse_threshold)
         if residuals is None:
-            residuals = self.runner.controlnet(call.latents, call.timesteps, call.conditioning, control.images)
+            residuals = self.runner.controlnet(call.latents, call.timesteps, call.conditioning, control.embeddings)
             self._control_reuse.store(residuals, newest)
         return dataclasses.replace(call.conditioning, control=residuals.scaled(control.scale))
 
     def _sequential_call(self, state: _StreamState, latents: torch.Tensor,
-                         control: torch.Tensor | None = None) -> torch.Tensor:
+                         control: ControlFrames | None = None) -> torch.Tensor:
         """The same steps one UNet call at a time, for one input (the stream batch's reference)."""
         cfg_type, n, f = self.config.cfg_type, self.config.denoising_steps, self.config.frame_buffer_size
         noise = state.fixed_noise

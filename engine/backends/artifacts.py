@@ -14,6 +14,7 @@ import torch
 
 from .. import guidance
 from ..config import StreamConfig
+from ..controlnet import controlnet_body
 from ..models import ModelBundle
 from ..prompt import cross_attention_layers
 from .cache import (
@@ -194,7 +195,8 @@ class OnnxCache:
         if network == "controlnet":
             if self.models.controlnet is None:
                 raise ValueError("these models have no ControlNet: there is no controlnet graph")
-            return self.models.controlnet
+            # The graph is the ControlNet's body (its condition embedding runs outside): keyed by the body's weights.
+            return controlnet_body(self.models.controlnet)
         return self.models.unet if network == "unet" else self.models.vae
 
     def _fingerprint(self, network: str) -> str:

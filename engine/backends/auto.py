@@ -36,6 +36,7 @@ import torch
 
 from .. import guidance
 from ..config import LoadConfig, StreamConfig
+from ..controlnet import embed_control
 from ..models import ModelBundle
 from ..prompt import Conditioning, encode_prompt, precompute_kv
 from .cache import default_cache_dir, gpu_name, module_fingerprint
@@ -213,7 +214,8 @@ def calibration_key(models: ModelBundle, load: LoadConfig, stream: StreamConfig,
 
 def _workload(models: ModelBundle, stream: StreamConfig, kv_cache: bool):
     """The inputs of one frame's network calls under `stream`: an image batch, the UNet's latents, timesteps
-    and conditioning, and with a ControlNet the rows' control images (else None)."""
+    and conditioning, and with a ControlNet the rows' embedded control images (else None; the embedding itself runs
+    in PyTorch on every backend, once per frame, so it is not a backend's cost)."""
     parameter = next(models.unet.parameters())
     device, dtype = parameter.device, parameter.dtype
     generator = torch.Generator().manual_seed(0)
@@ -229,10 +231,12 @@ def _workload(models: ModelBundle, stream: StreamConfig, kv_cache: bool):
         if guidance.needs_negative_prompt(stream.cfg_type) else cond
     states = guidance.expand_prompt_embeds(stream.cfg_type, cond, uncond, n * f, f)
     conditioning = Conditioning(states, precompute_kv(models.unet, states) if kv_cache else None)
-    control_images = None
+    embeddings = None
     if models.controlnet is not None:
         control_images = torch.rand((rows, 3, stream.height, stream.width), generator=generator).to(device, dtype)
-    return images, latents, timesteps, conditioning, control_images
+        with torch.no_grad():
+            embeddings = embed_control(models.controlnet, control_images)
+    return images, latents, timesteps, conditioning, embeddings
 
 
 def _wait(device: torch.device) -> None:
@@ -248,17 +252,17 @@ def measure_backend(backend: str, models: ModelBundle, load: LoadConfig, stream:
     logged graph by graph. A backend that fails is dropped with its error, never raised."""
     parameter = next(models.unet.parameters())
     device = parameter.device
-    images, latents, timesteps, conditioning, control_images = _workload(models, stream, load.kv_cache)
+    images, latents, timesteps, conditioning, embeddings = _workload(models, stream, load.kv_cache)
     f = stream.frame_buffer_size
     calls = [("VAE encoder", lambda runner: runner.encode(images)),
              ("UNet", lambda runner: runner.unet(latents, timesteps, conditioning)),
              ("VAE decoder", lambda runner: runner.decode(latents[:f]))]
-    if control_images is not None:
+    if embeddings is not None:
         # The UNet takes the residuals the ControlNet call of the same round made, as a stream's call does.
         controlled: list[Conditioning] = [conditioning]
 
         def control(runner) -> None:
-            residuals = runner.controlnet(latents, timesteps, conditioning, control_images)
+            residuals = runner.controlnet(latents, timesteps, conditioning, embeddings)
             controlled[0] = dataclasses.replace(conditioning, control=residuals)
 
         calls[1:2] = [("ControlNet", control),

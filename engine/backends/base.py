@@ -16,10 +16,13 @@ class NetworkRunner(Protocol):
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """ε prediction for `latents` at `timesteps` (plus `conditioning.control`'s ControlNet residuals)."""
 
+    def control_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The loaded ControlNet's condition embedding of control images in [0, 1] (`engine.controlnet.embed_control`),
+        once per frame; runners without ControlNet support lack this method and `controlnet`."""
+
     def controlnet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
-                   control_images: torch.Tensor) -> ControlResiduals:
-        """The loaded ControlNet's residuals at scale 1 for these UNet rows and their control images in [0, 1]
-        (runners without ControlNet support lack this method)."""
+                   embeddings: torch.Tensor) -> ControlResiduals:
+        """The loaded ControlNet's residuals at scale 1 for these UNet rows and their embedded control images."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Scaled latents of images in [-1, 1]."""

@@ -6,6 +6,7 @@ import torch
 from diffusers import AutoencoderTiny
 
 from ..control.residuals import ControlResiduals
+from ..controlnet import embed_control, run_controlnet_body
 from ..models import ModelBundle
 from ..prompt import Conditioning
 
@@ -30,12 +31,14 @@ class EagerRunner:
         return self.models.unet(latents, timesteps, return_dict=False, **conditioning.unet_kwargs())[0]
 
     @torch.no_grad()
+    def control_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return embed_control(self.models.controlnet, images)
+
+    @torch.no_grad()
     def controlnet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
-                   control_images: torch.Tensor) -> ControlResiduals:
-        down, mid = self.models.controlnet(latents, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states,
-                                           controlnet_cond=control_images, conditioning_scale=1.0,
-                                           added_cond_kwargs=conditioning.added_cond, return_dict=False)
-        return ControlResiduals(tuple(down), mid)
+                   embeddings: torch.Tensor) -> ControlResiduals:
+        return run_controlnet_body(self.models.controlnet, latents, timesteps, conditioning.encoder_hidden_states,
+                                   embeddings, conditioning.added_cond)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

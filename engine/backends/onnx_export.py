@@ -7,12 +7,14 @@ the eager UNet served by `CachedKVAttnProcessor`. Without the K/V cache the grap
 embeddings instead. An SDXL UNet also takes its added conditioning, `text_embeds` and `time_ids`.
 
 ControlNet: the ControlNet is a graph of its own (`controlnet`: latents, timesteps, SDXL's added inputs, the text
-embeddings, which its own cross-attention projects, and `control_images`; out come its residuals at scale 1,
-`down_residual_0..N-1` then `mid_residual`, the order of `ControlResiduals.tensors`). The UNet graph of an engine
-with a ControlNet takes those residuals as extra inputs after its usual ones (`control_residual_names`). Two graphs
-rather than one fused: a stream at `controlnet_scale=0` skips the ControlNet, and a stream may reuse its residuals
-across frames (`controlnet_reuse_interval`), neither of which a fused graph could do; the UNet graph with residual
-inputs serves every ControlNet of its UNet, and the ControlNet graph is keyed by the ControlNet's own weights.
+embeddings, which its own cross-attention projects, and `control_embedding`, the condition embedding of the
+control images, computed once per frame outside the graph (`engine.controlnet.embed_control`); out come its
+residuals at scale 1, `down_residual_0..N-1` then `mid_residual`, the order of `ControlResiduals.tensors`). The
+UNet graph of an engine with a ControlNet takes those residuals as extra inputs after its usual ones
+(`control_residual_names`). Two graphs rather than one fused: a stream at `controlnet_scale=0` skips the
+ControlNet, and a stream may reuse its residuals across frames (`controlnet_reuse_interval`), neither of which a
+fused graph could do; the UNet graph with residual inputs serves every ControlNet of its UNet, and the ControlNet
+graph is keyed by the ControlNet's own weights.
 
 Exporter: `torch.onnx.export(..., dynamo=True)` (the `torch.export`-based exporter, opset 18) is the
 default. With torch 2.13 both it and the legacy TorchScript exporter (`dynamo=False`) export these
@@ -47,6 +49,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderTiny, UNet2DConditionModel
 
+from ..controlnet import control_embedding_channels, run_controlnet_body
 from ..models import ModelBundle
 from ..prompt import KVCache, cross_attention_layers, install_kv_processors, precompute_kv
 from .progress import heartbeat
@@ -114,7 +117,7 @@ def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache:
     `<layer>.key` and `<layer>.value` of each layer in `kv_layers` (with the K/V cache) or
     `encoder_hidden_states` (without), then, in an engine with a ControlNet, the `residuals`
     (`control_residual_names`); the ControlNet takes `latents`, `timesteps`, the `added_cond` inputs,
-    `encoder_hidden_states` and `control_images`; the VAE halves take `images` (encoder) or `latents` (decoder).
+    `encoder_hidden_states` and `control_embedding`; the VAE halves take `images` (encoder) or `latents` (decoder).
     Both the exporter and the TensorRT binding use these.
     """
     if network == "unet":
@@ -123,7 +126,7 @@ def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache:
                     *(f"{layer}.{part}" for layer in kv_layers for part in ("key", "value")), *residuals]
         return ["latents", "timesteps", *added_cond, "encoder_hidden_states", *residuals]
     if network == "controlnet":
-        return ["latents", "timesteps", *added_cond, "encoder_hidden_states", "control_images"]
+        return ["latents", "timesteps", *added_cond, "encoder_hidden_states", "control_embedding"]
     if network == "vae_encoder":
         return ["images"]
     if network == "vae_decoder":
@@ -204,8 +207,9 @@ class UNetWithText(torch.nn.Module):
 
 class ControlNetResiduals(torch.nn.Module):
     """The ControlNet as a function of (latents, timesteps[, text_embeds, time_ids], encoder_hidden_states,
-    control_images) to its residuals at scale 1, down ones then mid (as `EagerRunner.controlnet`). Its own
-    cross-attention projects the text: a ControlNet call has no K/V cache."""
+    control_embedding) to its residuals at scale 1, down ones then mid (as `EagerRunner.controlnet`): its body
+    (`engine.controlnet.controlnet_body`), which takes the embedded control images. Its own cross-attention
+    projects the text: a ControlNet call has no K/V cache."""
 
     def __init__(self, controlnet: torch.nn.Module):
         super().__init__()
@@ -213,11 +217,10 @@ class ControlNetResiduals(torch.nn.Module):
         self.added_cond = added_cond_inputs(controlnet)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor):
-        *added, encoder_hidden_states, control_images = inputs
-        down, mid = self.controlnet(latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                                    controlnet_cond=control_images, conditioning_scale=1.0, return_dict=False,
-                                    **_added_cond_kwargs(self.added_cond, added))
-        return (*down, mid)
+        *added, encoder_hidden_states, embedding = inputs
+        residuals = run_controlnet_body(self.controlnet, latents, timesteps, encoder_hidden_states, embedding,
+                                        dict(zip(self.added_cond, added, strict=True)) if self.added_cond else None)
+        return tuple(residuals.tensors())
 
 
 class VaeEncoder(torch.nn.Module):
@@ -369,17 +372,18 @@ def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width
 
 def controlnet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int,
                      sequence_length: int | None = None) -> GraphSpec:
-    """The bundle's ControlNet at a static batch and latent size (control images of that size in pixels)."""
+    """The bundle's ControlNet at a static batch and latent size, taking the embedded control images
+    (`engine.controlnet.embed_control` of images that size in pixels)."""
     if models.controlnet is None:
         raise ValueError("these models have no ControlNet to export")
     parameter = next(models.controlnet.parameters())
     latents, timesteps, added, text = _unet_samples(models, batch, latent_height, latent_width, sequence_length)
-    factor = models.vae_scale_factor
-    images = torch.rand(batch, 3, latent_height * factor, latent_width * factor, device=parameter.device,
-                        dtype=parameter.dtype)
+    embedding = torch.randn(batch, control_embedding_channels(models.controlnet), latent_height, latent_width,
+                            device=parameter.device, dtype=parameter.dtype)
     outputs = len(residual_shapes(models.unet, batch, latent_height, latent_width))
-    return _graph_spec("controlnet", ControlNetResiduals(models.controlnet), [latents, timesteps, *added, text, images],
-                       added_cond=added_cond_inputs(models.unet), outputs=outputs)
+    return _graph_spec("controlnet", ControlNetResiduals(models.controlnet),
+                       [latents, timesteps, *added, text, embedding], added_cond=added_cond_inputs(models.unet),
+                       outputs=outputs)
 
 
 def vae_encoder_graph(models: ModelBundle, batch: int, height: int, width: int) -> GraphSpec:

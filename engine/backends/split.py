@@ -47,10 +47,13 @@ class SplitRunner:
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         return self.unet_runner.unet(latents, timesteps, conditioning)
 
+    def control_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return self.unet_runner.control_embedding(images)
+
     def controlnet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
-                   control_images: torch.Tensor) -> ControlResiduals:
+                   embeddings: torch.Tensor) -> ControlResiduals:
         """The UNet runner's ControlNet (`StreamEngine` refuses a ControlNet when that runner has none)."""
-        return self.unet_runner.controlnet(latents, timesteps, conditioning, control_images)
+        return self.unet_runner.controlnet(latents, timesteps, conditioning, embeddings)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae_runner.encode(images)

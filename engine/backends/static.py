@@ -20,6 +20,7 @@ import torch
 
 from ..config import StreamConfig
 from ..control.residuals import ControlResiduals
+from ..controlnet import control_embedding_channels, embed_control
 from ..models import ModelBundle
 from ..prompt import Conditioning
 from .artifacts import GraphShape, OnnxCache, config_shapes
@@ -156,19 +157,29 @@ class StaticShapeRunner:
         return self._run(shape, [latents.contiguous(), timesteps.to(torch.long).contiguous(),
                                  *self._added(conditioning), *text_inputs, *self._residuals(latents, conditioning)])
 
+    @torch.no_grad()
+    def control_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The ControlNet's condition embedding, in PyTorch on the models' device: once per frame on the input
+        stage, a few convolutions (`engine.controlnet.embed_control`)."""
+        if self.models.controlnet is None:
+            raise ValueError("these models have no ControlNet")
+        return embed_control(self.models.controlnet, images)
+
     def controlnet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
-                   control_images: torch.Tensor) -> ControlResiduals:
-        """The ControlNet's residuals at scale 1 (its own graph: the text embeddings in, no K/V cache)."""
+                   embeddings: torch.Tensor) -> ControlResiduals:
+        """The ControlNet's residuals at scale 1 (its own graph: the text embeddings and the embedded control
+        images in, no K/V cache)."""
         if self.models.controlnet is None:
             raise ValueError("these models have no ControlNet")
         height, width = self._pixels(latents)
-        if tuple(control_images.shape) != (latents.shape[0], 3, height, width):
-            raise ValueError(f"control images {tuple(control_images.shape)} do not fit latents {tuple(latents.shape)}: "
-                             f"expected {(latents.shape[0], 3, height, width)}")
+        expected = (latents.shape[0], control_embedding_channels(self.models.controlnet), *latents.shape[-2:])
+        if tuple(embeddings.shape) != expected:
+            raise ValueError(f"control embeddings {tuple(embeddings.shape)} do not fit latents "
+                             f"{tuple(latents.shape)}: expected {expected}")
         states = conditioning.encoder_hidden_states.contiguous()
         shape = GraphShape("controlnet", latents.shape[0], height, width, False, states.shape[1])
         inputs = [latents.contiguous(), timesteps.to(torch.long).contiguous(), *self._added(conditioning), states,
-                  control_images.to(latents.dtype).contiguous()]
+                  embeddings.to(latents.dtype).contiguous()]
         outputs = self.graph(shape).run_outputs(inputs, self.onnx_cache.output_shapes(shape))
         return ControlResiduals.from_tensors(outputs)
 

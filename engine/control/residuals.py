@@ -49,25 +49,48 @@ def _scale_rows(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ControlRows:
-    """The control images of one UNet call, one per UNet row (`images`: `[rows, 3, H, W]` in [0, 1]), and each
+    """The embedded control images of one UNet call, one per UNet row (`embeddings`: `[rows, C, h, w]`, the
+    ControlNet's condition embedding of each row's control image, `engine.controlnet.embed_control`), and each
     row's ControlNet scale (`scale`: `[rows]`)."""
 
-    images: torch.Tensor
+    embeddings: torch.Tensor
     scale: torch.Tensor
 
     @classmethod
-    def for_call(cls, cfg_type: str, slot_images: torch.Tensor, frames_per_slot: int, scale: float) -> ControlRows:
-        """The rows of a call in guidance mode `cfg_type` whose slots hold `slot_images` (ordered like the
+    def for_call(cls, cfg_type: str, slot_embeddings: torch.Tensor, frames_per_slot: int,
+                 scale: float) -> ControlRows:
+        """The rows of a call in guidance mode `cfg_type` whose slots hold `slot_embeddings` (ordered like the
         latents), every row at `scale`."""
-        images = expand_rows(cfg_type, slot_images, frames_per_slot)
-        return cls(images, torch.full((images.shape[0],), float(scale), device=images.device))
+        embeddings = expand_rows(cfg_type, slot_embeddings, frames_per_slot)
+        return cls(embeddings, torch.full((embeddings.shape[0],), float(scale), device=embeddings.device))
 
     @classmethod
     def cat(cls, rows: list[ControlRows]) -> ControlRows:
         """Several calls' rows in one batch, in order."""
-        return cls(torch.cat([each.images for each in rows]), torch.cat([each.scale for each in rows]))
+        return cls(torch.cat([each.embeddings for each in rows]), torch.cat([each.scale for each in rows]))
 
     @property
     def active(self) -> bool:
         """Whether any row has a nonzero scale (at 0 everywhere the ControlNet is not run at all)."""
         return bool((self.scale != 0).any())
+
+
+@dataclass(frozen=True)
+class ControlFrames:
+    """Control images of consecutive stream-batch slots (`images`: `[k, 3, H, W]` in [0, 1]) and their ControlNet
+    condition embeddings (`embeddings`: `[k, C, h, w]`), made once per frame and carried through the buffer."""
+
+    images: torch.Tensor
+    embeddings: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> ControlFrames:
+        return ControlFrames(self.images[rows], self.embeddings[rows])
+
+    def repeat(self, times: int) -> ControlFrames:
+        """These frames `times` times over, in order."""
+        return ControlFrames(self.images.repeat(times, 1, 1, 1), self.embeddings.repeat(times, 1, 1, 1))
+
+    @classmethod
+    def cat(cls, parts: list[ControlFrames]) -> ControlFrames:
+        """The frames of `parts`, in order."""
+        return cls(torch.cat([part.images for part in parts]), torch.cat([part.embeddings for part in parts]))

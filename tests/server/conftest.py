@@ -5,29 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pytest
-from server_testkit import TEST_SETTINGS
+from server_testkit import TEST_SETTINGS, LiveServer
 
 from engine import Engine, load_models
 from server.app import create_app
 from server.serve import background_server
-from server.settings import ServerSettings
-from server.state import ServerState
-
-
-@dataclass
-class LiveServer:
-    """A running server: its URLs and its in-process state (for leak checks)."""
-
-    base_url: str
-    settings: ServerSettings
-    state: ServerState
-
-    @property
-    def ws_url(self) -> str:
-        return self.base_url.replace("http://", "ws://") + "/ws"
 
 
 @pytest.fixture(scope="session")

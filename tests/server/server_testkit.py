@@ -16,6 +16,7 @@ from client.patterns import moving_pattern
 from engine import Engine, LoadConfig, RuntimeOptions, StreamConfig, StreamEngine
 from engine.codec import decode_image, encode_jpeg, rgb_to_tensor, tensor_to_rgb
 from server.settings import ServerSettings
+from server.state import ServerState
 
 RECV_TIMEOUT_S = 60.0
 
@@ -28,6 +29,19 @@ TEST_SETTINGS = ServerSettings(
     load=TEST_LOAD, stream=TEST_STREAM, runtime=RuntimeOptions(max_pixels=256 * 256), port=0, max_sessions=3,
     max_in_flight=2, max_message_bytes=256 * 1024, max_prompt_chars=200, stats_interval_s=0.2, log_level="warning",
 )
+
+
+@dataclass
+class LiveServer:
+    """A running server: its URLs and its in-process state (for leak checks)."""
+
+    base_url: str
+    settings: ServerSettings
+    state: ServerState
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://") + "/ws"
 
 
 def encode(rgb: np.ndarray, fmt: str = "JPEG") -> bytes:

@@ -7,8 +7,7 @@ import json
 
 import httpx
 import pytest
-from conftest import LiveServer
-from server_testkit import TEST_SETTINGS, connect, hello, next_event, random_frame, stream, wait_until
+from server_testkit import TEST_SETTINGS, LiveServer, connect, hello, next_event, random_frame, stream, wait_until
 
 from engine import Engine, LoadConfig
 from server.app import create_app

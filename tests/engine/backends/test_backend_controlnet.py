@@ -20,7 +20,7 @@ from engine.backends.onnx_export import control_residual_names, residual_shapes
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.backends.resolution import ResolutionRange
 from engine.control.residuals import ControlResiduals
-from engine.controlnet import random_controlnet
+from engine.controlnet import control_embedding_channels, controlnet_body, embed_control, random_controlnet
 from engine.guidance import unet_batch_size
 from engine.prompt import Conditioning, precompute_kv
 
@@ -60,7 +60,8 @@ def _unet_inputs(models, rows: int, seed: int):
     states = torch.randn(rows, models.tokenizer.model_max_length, models.unet.config.cross_attention_dim,
                          generator=generator)
     images = torch.rand(rows, 3, SIZE, SIZE, generator=generator)
-    return latents, timesteps, states, images
+    with torch.no_grad():
+        return latents, timesteps, states, embed_control(models.controlnet, images)
 
 
 def _max_error(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:
@@ -74,11 +75,11 @@ def test_controlnet_graph_and_unet_residual_inputs_equal_eager(tiny_controlnet_e
     models = tiny_controlnet_engine.models
     runner, eager = OnnxRuntimeRunner(models, "self", onnx_cache_dir, exporter), EagerRunner(models)
     rows = unet_batch_size("self", 2)
-    latents, timesteps, states, images = _unet_inputs(models, rows, seed=1)
+    latents, timesteps, states, embeddings = _unet_inputs(models, rows, seed=1)
     conditioning = Conditioning(states, precompute_kv(models.unet, states) if kv_cache else None)
 
-    residuals = runner.controlnet(latents, timesteps, conditioning, images)
-    expected = eager.controlnet(latents, timesteps, conditioning, images)
+    residuals = runner.controlnet(latents, timesteps, conditioning, embeddings)
+    expected = eager.controlnet(latents, timesteps, conditioning, embeddings)
     assert [tuple(tensor.shape) for tensor in residuals.tensors()] == \
         [tuple(tensor.shape) for tensor in expected.tensors()] == residual_shapes(models.unet, rows, 8, 8)
     assert _record(f"ControlNet residuals ({exporter})", _max_error(residuals.tensors(), expected.tensors())) \
@@ -87,7 +88,7 @@ def test_controlnet_graph_and_unet_residual_inputs_equal_eager(tiny_controlnet_e
     shape = GraphShape("controlnet", rows, SIZE, SIZE, False, models.tokenizer.model_max_length)
     session = runner.graph(shape)
     assert session.input_names == runner.onnx_cache.input_names(shape) == \
-        ["latents", "timesteps", "encoder_hidden_states", "control_images"]
+        ["latents", "timesteps", "encoder_hidden_states", "control_embedding"]
     assert session.output_names == runner.onnx_cache.output_names(shape) == RESIDUALS
 
     # The UNet graph takes the residuals after its usual inputs; the same residuals give the eager UNet's output.
@@ -111,14 +112,14 @@ def test_sdxl_controlnet_graph_takes_the_added_inputs_and_equals_eager(tiny_sdxl
     models = dataclasses.replace(tiny_sdxl_models, controlnet=random_controlnet(tiny_sdxl_models.unet, seed=2).eval())
     runner, eager = OnnxRuntimeRunner(models, "full", onnx_cache_dir, "torchscript"), EagerRunner(models)
     rows = unet_batch_size("full", 1)
-    latents, timesteps, states, images = _unet_inputs(models, rows, seed=3)
+    latents, timesteps, states, embeddings = _unet_inputs(models, rows, seed=3)
     generator = torch.Generator().manual_seed(5)
     pooled = models.text_encoder_2.config.projection_dim
     added = {"text_embeds": torch.randn(rows, pooled, generator=generator),
              "time_ids": torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32).expand(rows, -1)}
     conditioning = Conditioning(states, precompute_kv(models.unet, states), added)
-    residuals = runner.controlnet(latents, timesteps, conditioning, images)
-    expected = eager.controlnet(latents, timesteps, conditioning, images)
+    residuals = runner.controlnet(latents, timesteps, conditioning, embeddings)
+    expected = eager.controlnet(latents, timesteps, conditioning, embeddings)
     assert _record("SDXL ControlNet residuals", _max_error(residuals.tensors(), expected.tensors())) < TOLERANCE
     controlled = dataclasses.replace(conditioning, control=expected)
     assert _record("SDXL UNet with residuals", (runner.unet(latents, timesteps, controlled)
@@ -200,9 +201,11 @@ def test_the_cache_keys_name_the_controlnet(tiny_controlnet_engine, tiny_models,
     assert {shape.network for shape in config_shapes(tiny_models, config, kv_cache=True)} == \
         {"unet", "vae_encoder", "vae_decoder"}
 
-    # The ControlNet's graph is keyed by its own config and weights: two ControlNets never share one.
+    # The ControlNet's graph (its body: the condition embedding runs outside) is keyed by its own config and weights:
+    # two ControlNets never share one.
     parts = cache.key_parts(shapes["controlnet"])
-    assert parts.model_hash == module_fingerprint(models.controlnet) != module_fingerprint(other.controlnet)
+    assert parts.model_hash == module_fingerprint(controlnet_body(models.controlnet)) \
+        != module_fingerprint(controlnet_body(other.controlnet))
     assert cache.onnx_path(shapes["controlnet"]) != other_cache.onnx_path(shapes["controlnet"])
     assert cache.onnx_path(shapes["controlnet"]).name.startswith("controlnet-64x64-b2-self-float32-")
     # The UNet graph with residual inputs differs from the plain UNet's, and serves any ControlNet of its UNet.
@@ -227,7 +230,7 @@ def test_the_controlnet_graph_is_static_and_its_inputs_pinned(tiny_controlnet_en
     inputs = onnx_input_shapes(cache.load(shape))
     text = (2, 77, models.unet.config.cross_attention_dim)
     assert inputs == {"latents": (2, 4, 8, 8), "timesteps": (2,), "encoder_hidden_states": text,
-                      "control_images": (2, 3, SIZE, SIZE)}
+                      "control_embedding": (2, control_embedding_channels(models.controlnet), 8, 8)}
     assert cache.output_shapes(shape) == residual_shapes(models.unet, 2, 8, 8)
     with pytest.raises(ValueError, match="outputs"):
         cache.graph_spec(shape).output_name  # noqa: B018
@@ -302,9 +305,12 @@ class RecordingRunner:
         self.calls.append("encode")
         return images
 
-    def controlnet(self, latents, timesteps, conditioning, control_images):
+    def control_embedding(self, images):
+        return images
+
+    def controlnet(self, latents, timesteps, conditioning, embeddings):
         self.calls.append("controlnet")
-        assert control_images.shape == (latents.shape[0], 3, SIZE, SIZE)
+        assert embeddings.shape[0] == latents.shape[0] and embeddings.shape[-2:] == latents.shape[-2:]
         return ControlResiduals((latents,), latents)
 
     def unet(self, latents, timesteps, conditioning):

@@ -37,7 +37,7 @@ from engine.backends.tensorrt import (
     version_unavailable_reason,
 )
 from engine.build import main as build_main
-from engine.controlnet import random_controlnet
+from engine.controlnet import control_embedding_channels, random_controlnet
 
 UNAVAILABLE = tensorrt_unavailable_reason()
 needs_tensorrt = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"TensorRT cannot run here: {UNAVAILABLE}")
@@ -522,9 +522,10 @@ def test_controlnet_engines_are_built_from_its_graphs_and_keyed_by_it(tiny_contr
     shapes = residual_shapes(models.unet, 2, 8, 8)
     controlnet = runner.graph(GraphShape("controlnet", 2, 64, 64, False, 77))
     assert controlnet.input_names == list(builds["controlnet"].profile) == \
-        ["latents", "timesteps", "encoder_hidden_states", "control_images"]
+        ["latents", "timesteps", "encoder_hidden_states", "control_embedding"]
     assert controlnet.output_names == residuals
-    assert builds["controlnet"].profile["control_images"] == ((2, 3, 64, 64),) * 3
+    embedding = (2, control_embedding_channels(models.controlnet), 8, 8)
+    assert builds["controlnet"].profile["control_embedding"] == (embedding,) * 3
     unet = runner.graph(GraphShape("unet", 2, 64, 64, True, 77, control=True))
     assert unet.input_names == list(builds["unet+residuals"].profile)
     assert unet.input_names[-len(residuals):] == residuals

@@ -29,8 +29,8 @@ class RecordingRunner(EagerRunner):
         self.applied: list = []
         self.decoded: list[torch.Tensor] = []
 
-    def controlnet(self, latents, timesteps, conditioning, control_images):
-        residuals = super().controlnet(latents, timesteps, conditioning, control_images)
+    def controlnet(self, latents, timesteps, conditioning, embeddings):
+        residuals = super().controlnet(latents, timesteps, conditioning, embeddings)
         self.raw.append(residuals)
         return residuals
 
@@ -222,3 +222,26 @@ def test_half_precision_stays_close_to_float32(tiny_controlnet_dir, tiny_control
         assert got.dtype == dtype and torch.isfinite(got).all()
         # 6 ULPs of the half type on [0, 1] images, as tests/engine/test_half_precision.py bounds the engine.
         assert float((got.float() - want).abs().mean()) < 6 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("channel_order", ["rgb", "bgr"])
+def test_the_embedded_controlnet_is_diffusers_own_forward(tiny_controlnet_engine, channel_order):
+    """The engine embeds each frame's control image once and runs the ControlNet on the embedding
+    (`controlnet_body`); that is exactly `ControlNetModel.forward` on the image, for either channel order, and the
+    shared ControlNet is left as it was."""
+    from engine.controlnet import controlnet_body, embed_control, run_controlnet_body
+
+    controlnet = random_controlnet(tiny_controlnet_engine.models.unet, seed=3).eval()
+    controlnet.register_to_config(controlnet_conditioning_channel_order=channel_order)
+    generator = torch.Generator().manual_seed(0)
+    latents, images = torch.randn(3, 4, 8, 8, generator=generator), torch.rand(3, 3, 64, 64, generator=generator)
+    timesteps, text = torch.tensor([999, 500, 20]), torch.randn(3, 77, 32, generator=generator)
+    with torch.no_grad():
+        down, mid = controlnet(latents, timesteps, encoder_hidden_states=text, controlnet_cond=images,
+                               return_dict=False)
+        residuals = run_controlnet_body(controlnet, latents, timesteps, text, embed_control(controlnet, images))
+    for got, want in zip(residuals.tensors(), [*down, mid], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert not isinstance(controlnet.controlnet_cond_embedding, torch.nn.Identity)
+    assert controlnet_body(controlnet) is controlnet_body(controlnet)
+    assert isinstance(controlnet_body(controlnet).controlnet_cond_embedding, torch.nn.Identity)
