@@ -206,8 +206,9 @@ class LoadConfig:
         dtype (`str`, defaults to `"auto"`): `float32`, `float16`, `bfloat16` or `auto` (fp16 on CUDA, else fp32).
         backend (`str`, defaults to `"auto"`): how the UNet and VAE run (`eager|onnxruntime|tensorrt|compile|auto`);
             `auto` is TensorRT where it runs, else the fastest backend measured on this machine
-            (`engine.backends.auto`), eager under a memory mode. Skip policies, `temporal="bank"` and
-            cross-session batching need an eager UNet: ask for `eager` by name for them.
+            (`engine.backends.auto`), eager under a memory mode. Skip policies and cross-session batching need
+            an eager UNet: ask for `eager` by name for them; `auto` gives `temporal="bank"` streams the eager UNet
+            too (`onnxruntime` and `tensorrt` run them when named).
         vae_backend (`str | None`, defaults to None): how the VAE runs when that differs from `backend`
             (`engine.backends.split`), e.g. `onnxruntime` beside an eager UNet, which keeps cross-session
             batching and takes ONNX Runtime's faster static-shape VAE; None runs it on `backend`.

@@ -208,6 +208,8 @@ def describe_parts(parts: CacheKeyParts) -> str:
     inputs = (" K/V inputs" if parts.kv_cache else " text inputs") if parts.network == "unet" else ""
     if parts.control_residuals:
         inputs += " + ControlNet residuals"
+    if parts.attention_bank:
+        inputs += f" + attention bank of {parts.attention_bank}"
     text = (f"{parts.network} {size} batch {parts.batch} {parts.cfg_type} {parts.dtype}{inputs}, "
             f"{parts.exporter} opset {parts.opset}, model {parts.model_hash[:12]}")
     if parts.loras:

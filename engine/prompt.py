@@ -56,7 +56,8 @@ class CachedKVAttnProcessor:
     from `kv_cache[name]` when given one, and projects them itself otherwise.
 
     With a `temporal_bank` (`engine.temporal.AttentionBank`), self-attention also attends to the banked
-    frames' keys and values and injects their closely matching features (the stream's `bank` mechanism).
+    frames' keys and values and injects their closely matching features (the stream's `bank` mechanism); a
+    compiled graph's bank (`engine.temporal.PaddedBank`) also masks its empty slots (`attention_mask`).
     """
 
     def __init__(self, name: str):
@@ -101,6 +102,7 @@ class CachedKVAttnProcessor:
             key, value = _project_key_value(attn, hidden_states, is_cross=False)
             if temporal_bank is not None:
                 key, value = temporal_bank.extend(self.name, key, value)
+                attention_mask = temporal_bank.attention_mask(self.name, attention_mask)
         else:
             key, value = _project_key_value(attn, encoder_hidden_states)
 

@@ -89,6 +89,11 @@ class FrameWork:
         return StepResult(images=self.output[0] if self.single else self.output, skipped=self.skipped)
 
 
+def _bank_graph_size(config: StreamConfig) -> int:
+    """The attention bank size of `config`'s compiled UNet graphs (0: a graph without a bank)."""
+    return config.temporal_settings.bank_size if config.temporal == "bank" else 0
+
+
 class StreamEngine:
     """A single video stream through a shared, loaded `Engine`.
 
@@ -143,15 +148,24 @@ class StreamEngine:
             raise ValueError(f"`temporal={config.temporal!r}` works on the stream batch of one frame per call: "
                              "it needs `stream_batch=True` and `frame_buffer_size=1`")
         if config.temporal == "bank":
-            from .backends.eager import EagerRunner
+            from .backends.base import runner_name
             from .backends.split import unet_runner_of
 
-            if not isinstance(unet_runner_of(runner), EagerRunner):
-                raise ValueError("`temporal='bank'` extends the UNet's self-attention per stream: it needs the eager "
-                                 f"UNet backend (this engine's is {type(unet_runner_of(runner)).__name__}); use "
-                                 "`temporal='flow'` on compiled backends")
+            unet_runner = unet_runner_of(runner)
+            if not getattr(unet_runner, "attention_bank", False):
+                raise ValueError("`temporal='bank'` extends the UNet's self-attention per stream: it needs a UNet "
+                                 "backend that takes the bank, eager, onnxruntime or tensorrt (this engine's is "
+                                 f"{runner_name(unet_runner)}); use `temporal='flow'` on the others")
             if config.skip_policy != "off":
                 raise ValueError("`temporal='bank'` and a skip policy both reuse attention across frames: use one")
+
+    def _prepare_graphs(self, runner, config: StreamConfig) -> None:
+        """A compiled backend opens the graphs of `config` now, on the caller's thread, rather than on a frame: a
+        hot change to or from `temporal='bank'`, or of its `bank_size`, needs another UNet graph (the eager UNet
+        has nothing to open)."""
+        prepare = getattr(runner, "prepare", None)
+        if prepare is not None:
+            prepare(config, self.kv_cache)
 
     def _check_controlnet(self, runner) -> None:
         from .backends.base import runner_name
@@ -218,6 +232,8 @@ class StreamEngine:
         reprepare = any(getattr(config, name) != getattr(self.config, name) for name in REPREPARE_PARAMS)
         runner = self.engine.runner(config) if reprepare else self.runner
         self._check_temporal(config, runner)
+        if not reprepare and _bank_graph_size(config) != _bank_graph_size(self.config):
+            self._prepare_graphs(runner, config)
         self._check_controlnet(runner)
         prompt_changed = any(getattr(config, name) != getattr(self.config, name)
                              for name in ("weighted_prompts", "negative_prompt", "prompt_blend"))

@@ -116,10 +116,13 @@ class AttentionBank:
         self._frames: dict[str, deque[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._pending: dict[str, list[torch.Tensor]] = {}
         self._calls = 0
+        # `padded` tensors per (layer, capacity), kept until the banked frames change.
+        self._padded: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def reset(self) -> None:
         self._frames.clear()
         self._pending.clear()
+        self._padded.clear()
         self._calls = 0
 
     def _banked(self, name: str, rows: int) -> deque | None:
@@ -137,6 +140,11 @@ class AttentionBank:
             return key, value
         return (torch.cat([key, *(frame[0] for frame in frames)], dim=2),
                 torch.cat([value, *(frame[1] for frame in frames)], dim=2))
+
+    def attention_mask(self, name: str, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The attention mask of layer `name`'s extended self-attention: the one given (the eager bank
+        concatenates only banked frames, so nothing is masked; `PaddedBank` masks its empty slots)."""
+        return attention_mask
 
     def inject(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         """Layer `name`'s attention output (rows, tokens, channels) with feature injection from the bank."""
@@ -162,6 +170,106 @@ class AttentionBank:
         for name, entry in pending.items():
             if len(entry) == 3:
                 self._frames.setdefault(name, deque(maxlen=self.settings.bank_size)).append(tuple(entry))
+                self._padded.clear()
+
+    # ------------------------------------------------------------------ for compiled graphs (`PaddedBank`)
+
+    @property
+    def capacity(self) -> int:
+        """Most frames the bank holds now: its layers' bound, set when their first frame came (a hot
+        `bank_size` change takes effect at the next reset, as in the eager UNet), else `settings.bank_size`.
+        A compiled graph's bank inputs are padded to this many frames."""
+        for frames in self._frames.values():
+            return int(frames.maxlen)
+        return self.settings.bank_size
+
+    def frame_count(self, rows: int) -> int:
+        """Frames banked for a UNet call of `rows` rows; a bank of another layout is reset first (as `extend`)."""
+        for name in list(self._frames):
+            frames = self._banked(name, rows)
+            return len(frames) if frames else 0
+        return 0
+
+    def padded(self, name: str, shapes: tuple[tuple[int, ...], ...], capacity: int,
+               like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `name`'s banked keys and values `(rows, heads, capacity·tokens, dim)` and attention outputs
+        `(rows, capacity·tokens, channels)`: the banked frames oldest first along the token axis (the order
+        `extend` and `inject` concatenate them in), then zeros for the empty slots. `shapes`: one frame's key,
+        value and output shapes; the zeros take `like`'s device and dtype."""
+        cached = self._padded.get((name, capacity))
+        if cached is not None:
+            return cached
+        frames = self._frames.get(name) or ()
+        if len(frames) > capacity:
+            raise ValueError(f"layer {name!r} banks {len(frames)} frames, more than the capacity {capacity}")
+        parts = []
+        for index, shape in enumerate(shapes):
+            axis = 2 if index < 2 else 1  # keys and values (rows, heads, tokens, dim); outputs (rows, tokens, ch)
+            tensors = [frame[index] for frame in frames]
+            empty = capacity - len(tensors)
+            if empty:
+                tensors.append(like.new_zeros(*shape[:axis], shape[axis] * empty, *shape[axis + 1:]))
+            parts.append(torch.cat(tensors, dim=axis).contiguous())
+        padded = (parts[0], parts[1], parts[2])
+        self._padded[(name, capacity)] = padded
+        return padded
+
+    def record(self, name: str, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor) -> None:
+        """Layer `name`'s keys, values and (not yet injected) attention outputs of this call, from a compiled
+        graph's outputs: what `extend` and `inject` note in the eager UNet, banked by the next `commit`."""
+        self._pending[name] = [key, value, output]
+
+
+class PaddedBank:
+    """`AttentionBank`'s `extend` and `inject` over graph inputs: what the compiled UNet graphs with an attention
+    bank run (`engine.backends.onnx_export`).
+
+    Each self-attention layer's banked keys, values and attention outputs come padded to a fixed capacity of
+    frames along the token axis (`AttentionBank.padded`), with `mask` (capacity,): 0 for a banked frame, −inf for
+    an empty slot. An empty slot's tokens get −inf added to their attention logits and to their similarity in
+    feature injection, so they take no part: the result is the eager bank's over the banked frames alone (float
+    rounding aside), an empty bank included. `threshold` and `strength` (shape (1,)) are inputs too, so they stay
+    hot. Each layer's keys, values and outputs of this call are noted in `recorded` (the graph's extra outputs).
+    """
+
+    def __init__(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                 threshold: torch.Tensor, strength: torch.Tensor):
+        self.layers = layers
+        self.mask = mask
+        self.threshold = threshold
+        self.strength = strength
+        self.recorded: dict[str, list[torch.Tensor]] = {}
+
+    def _slot_mask(self, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """(capacity·tokens,): each slot's mask repeated over its tokens."""
+        return self.mask[:, None].expand(-1, tokens).reshape(-1).to(dtype)
+
+    def extend(self, name: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.recorded[name] = [key, value]
+        banked_key, banked_value, _ = self.layers[name]
+        return torch.cat([key, banked_key], dim=2), torch.cat([value, banked_value], dim=2)
+
+    def attention_mask(self, name: str, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Additive (1, 1, 1, tokens + capacity·tokens): 0 on this frame's keys and the banked frames', −inf on the
+        empty slots'."""
+        if attention_mask is not None:
+            raise ValueError("an attention bank's graph takes no other self-attention mask")
+        key = self.recorded[name][0]
+        tokens = key.shape[2]
+        mask = torch.cat([key.new_zeros(tokens), self._slot_mask(tokens, key.dtype)])
+        return mask.view(1, 1, 1, -1)
+
+    def inject(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
+        self.recorded[name].append(hidden)
+        banked = self.layers[name][2]
+        similarity = F.normalize(hidden, dim=-1) @ F.normalize(banked, dim=-1).transpose(1, 2)
+        similarity = similarity + self._slot_mask(hidden.shape[1], similarity.dtype)
+        best, index = similarity.max(dim=-1)
+        matched = torch.gather(banked, 1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        # An empty bank: every similarity is −inf, so no token reaches the threshold and `matched` (zeros) gets
+        # weight 0; strength 0 likewise. Either leaves `hidden` exactly as it was.
+        weight = self.strength * (best >= self.threshold).to(hidden.dtype)
+        return hidden + weight.unsqueeze(-1) * (matched - hidden)
 
 
 class TemporalFilter:

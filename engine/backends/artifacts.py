@@ -32,12 +32,14 @@ from .onnx_export import (
     DynamicAxes,
     GraphSpec,
     added_cond_inputs,
+    bank_layer_shapes,
     control_residual_names,
     controlnet_graph,
     export_onnx,
     graph_input_names,
     graph_output_names,
     residual_shapes,
+    self_attention_layers,
     unet_graph,
     vae_decoder_graph,
     vae_encoder_graph,
@@ -58,7 +60,9 @@ class GraphShape:
 
     With a `resolution_range` it is the dynamic-shape graph serving every size of that range, and
     `height` and `width` are the range's opt size (the export's sample and TensorRT's opt). `control`: a UNet
-    graph that takes the ControlNet residuals as its last inputs (every UNet graph of an engine with a ControlNet).
+    graph that takes the ControlNet residuals after its usual inputs (every UNet graph of an engine with a
+    ControlNet). `bank_size`: a UNet graph with an attention bank of that many frames (`temporal="bank"` streams;
+    `onnx_export`), 0 for none; such graphs are static only.
     """
 
     network: str
@@ -69,6 +73,7 @@ class GraphShape:
     sequence_length: int = 0
     resolution_range: ResolutionRange | None = None
     control: bool = False
+    bank_size: int = 0
 
     def in_range(self, resolution_range: ResolutionRange) -> GraphShape:
         """The dynamic graph of `resolution_range` that serves this shape's network, batch and text."""
@@ -79,7 +84,8 @@ class GraphShape:
 def config_shapes(models: ModelBundle, config: StreamConfig, kv_cache: bool) -> list[GraphShape]:
     """Every graph `StreamEngine` calls for a stream under `config`: the UNet batch(es) (taking the K/V cache as
     inputs when `kv_cache`), the VAE encoder and decoder; with a ControlNet, the UNet graphs take its residuals
-    and the ControlNet has a graph of each UNet batch (prepared even at `controlnet_scale=0`: the scale is hot)."""
+    and the ControlNet has a graph of each UNet batch (prepared even at `controlnet_scale=0`: the scale is hot); a
+    `temporal="bank"` stream's UNet graphs take its attention bank (`bank_size` frames)."""
     f, n = config.frame_buffer_size, config.denoising_steps
     if config.stream_batch:
         unet_batches = [guidance.unet_batch_size(config.cfg_type, n, f)]
@@ -90,7 +96,9 @@ def config_shapes(models: ModelBundle, config: StreamConfig, kv_cache: bool) -> 
             unet_batches.append(guidance.unet_batch_size("self", 1, f))
     sequence_length = models.tokenizer.model_max_length
     control = models.controlnet is not None
-    shapes = [GraphShape("unet", batch, config.height, config.width, kv_cache, sequence_length, control=control)
+    bank_size = config.temporal_settings.bank_size if config.temporal == "bank" else 0
+    shapes = [GraphShape("unet", batch, config.height, config.width, kv_cache, sequence_length, control=control,
+                         bank_size=bank_size)
               for batch in unet_batches]
     if control:
         shapes += [GraphShape("controlnet", batch, config.height, config.width, False, sequence_length)
@@ -211,7 +219,8 @@ class OnnxCache:
         The dtype is the modules' own: a graph exported from float16 modules is a float16 graph, and a
         TensorRT engine built from it (strongly typed) runs in exactly that precision. The ControlNet's graph is
         keyed by the ControlNet's own config and weights (`model_hash`), so two ControlNets never share one; a
-        UNet graph with residual inputs (`shape.control`) by the UNet's, marked `control_residuals`.
+        UNet graph with residual inputs (`shape.control`) by the UNet's, marked `control_residuals`; one with an
+        attention bank by its capacity (`attention_bank`).
         """
         module = self._module(shape.network)
         return CacheKeyParts(
@@ -232,17 +241,21 @@ class OnnxCache:
             # A LoRA changes the UNet (and text encoders), never the VAE.
             loras=tuple(map(str, self.models.loras)) if shape.network == "unet" else (),
             control_residuals=shape.network == "unet" and shape.control,
+            attention_bank=shape.bank_size if shape.network == "unet" else 0,
         )
 
     def onnx_path(self, shape: GraphShape) -> Path:
         """Where the graph of `shape` lives in the cache."""
         return self.cache_dir / f"{engine_cache_key(self.key_parts(shape))}.onnx"
 
+    def _bank_layers(self, shape: GraphShape) -> list[str]:
+        return list(self_attention_layers(self.models.unet)) if shape.network == "unet" and shape.bank_size else []
+
     def input_names(self, shape: GraphShape) -> list[str]:
         """The graph's input names in the order `StaticShapeRunner` passes the tensors."""
         residuals = control_residual_names(self.models.unet) if shape.network == "unet" and shape.control else []
         return graph_input_names(shape.network, list(cross_attention_layers(self.models.unet)), shape.kv_cache,
-                                 added_cond_inputs(self.models.unet), residuals)
+                                 added_cond_inputs(self.models.unet), residuals, self._bank_layers(shape))
 
     @staticmethod
     def output_name(shape: GraphShape) -> str:
@@ -250,9 +263,10 @@ class OnnxCache:
         return GRAPH_OUTPUT_NAMES[shape.network]
 
     def output_names(self, shape: GraphShape) -> list[str]:
-        """The graph's output names, in order (the ControlNet's residuals, else its one output)."""
+        """The graph's output names, in order (the ControlNet's residuals, else its one output, for a UNet graph with
+        an attention bank followed by each self-attention layer's tensors of the call)."""
         residuals = len(control_residual_names(self.models.unet)) if shape.network == "controlnet" else 0
-        return graph_output_names(shape.network, residuals)
+        return graph_output_names(shape.network, residuals, self._bank_layers(shape))
 
     def graph_spec(self, shape: GraphShape) -> GraphSpec:
         """The module and sample inputs that export `shape` (with dynamic height and width for a range)."""
@@ -260,7 +274,7 @@ class OnnxCache:
         latent_height, latent_width = shape.height // factor, shape.width // factor
         if shape.network == "unet":
             spec = unet_graph(self.models, shape.batch, latent_height, latent_width, shape.kv_cache,
-                              shape.sequence_length or None, shape.control)
+                              shape.sequence_length or None, shape.control, shape.bank_size)
         elif shape.network == "controlnet":
             spec = controlnet_graph(self.models, shape.batch, latent_height, latent_width,
                                     shape.sequence_length or None)
@@ -279,9 +293,12 @@ class OnnxCache:
 
     def output_shapes(self, shape: GraphShape) -> list[tuple[int, ...]]:
         """The output shapes of a call of `shape`'s size, in `output_names` order."""
+        factor = self.models.vae_scale_factor
         if shape.network == "controlnet":
-            factor = self.models.vae_scale_factor
             return residual_shapes(self.models.unet, shape.batch, shape.height // factor, shape.width // factor)
+        if shape.network == "unet" and shape.bank_size:
+            layers = bank_layer_shapes(self.models.unet, shape.batch, shape.height // factor, shape.width // factor)
+            return [self.output_shape(shape), *(each for shapes in layers.values() for each in shapes)]
         return [self.output_shape(shape)]
 
     def output_shape(self, shape: GraphShape) -> tuple[int, ...]:

@@ -311,8 +311,9 @@ def resolve_auto(models: ModelBundle, load: LoadConfig, stream: StreamConfig | N
                  measure: Callable[..., Measurement] = measure_backend) -> tuple[LoadConfig, BackendChoice]:
     """`load` with an `auto` backend (and `vae_backend`) made concrete for `models` on this machine, and why.
 
-    TensorRT where it runs; eager under a memory mode (it slices the eager modules) or for streams with a skip
-    policy or `temporal="bank"` (they work inside the eager UNet); else the fastest candidate
+    TensorRT where it runs; eager under a memory mode (it slices the eager modules), for streams with a skip
+    policy (it works inside the eager UNet) or `temporal="bank"` (not measured; onnxruntime and tensorrt run it when
+    named); else the fastest candidate
     measured on `stream`'s workload (default `StreamConfig()`), from the verdicts file when this key was
     measured before. Then, with every network on ONNX Runtime on the CPU, torch's threads go to ONNX Runtime
     (`claim_cpu_threads`). A `load` without `auto` only gets that last step.
@@ -338,8 +339,13 @@ def _choose(models: ModelBundle, load: LoadConfig, stream: StreamConfig, cache_d
     available = probe_availability(parameter.device, str(parameter.dtype).removeprefix("torch."))
     if load.memory != "off":
         return BackendChoice("eager", f"memory mode {load.memory!r} slices the eager modules")
-    if stream.skip_policy != "off" or stream.temporal == "bank":
-        return BackendChoice("eager", "the streams' skip policy or attention bank works inside the eager UNet")
+    if stream.skip_policy != "off":
+        return BackendChoice("eager", "the streams' skip policy works inside the eager UNet")
+    if stream.temporal == "bank":
+        # Not measured: a bank graph per bank size would be exported for the measurement alone, and the bank's
+        # extended attention changes the balance measured for plain streams. Named, onnxruntime/tensorrt run it.
+        return BackendChoice("eager", "an attention bank stream takes the eager UNet unmeasured (onnxruntime and "
+                                      "tensorrt run it when asked for by name)")
     if models.controlnet is not None and load.resolution_range is not None:
         return BackendChoice("eager", "a ControlNet's compiled graphs are static: with a resolution range it runs on "
                                       "the eager backend")

@@ -3,7 +3,8 @@
 Every artifact is named by `engine_cache_key`: a hash of everything that changes the compiled
 graph (model config and weights, resolution or resolution range, batch, text length, guidance mode,
 dtype, TensorRT version, GPU, exporter and opset; a ControlNet graph's model is the ControlNet's own
-config and weights, and a UNet graph taking ControlNet residuals is marked as such). A changed part
+config and weights, a UNet graph taking ControlNet residuals is marked as such, and one taking an attention
+bank holds its capacity). A changed part
 gives a new file, so a stale engine is never loaded. Files are written under a temporary name and
 renamed, so a crash mid-write leaves no half file under the real name. A file whose loader reports
 it unreadable (`CorruptArtifactError`) is deleted and rebuilt by `cached_artifact`; any other load
@@ -92,6 +93,8 @@ class CacheKeyParts:
     # A UNet graph that takes ControlNet residuals as inputs (an engine with a ControlNet). It serves any ControlNet
     # of its UNet; the `controlnet` network's own graph has the ControlNet's fingerprint as `model_hash`.
     control_residuals: bool = False
+    # A UNet graph with an attention bank (`temporal="bank"`) of this many frames as inputs; 0 for none.
+    attention_bank: int = 0
 
 
 def engine_cache_key(parts: CacheKeyParts) -> str:
@@ -106,12 +109,17 @@ def engine_cache_key(parts: CacheKeyParts) -> str:
     if not parts.control_residuals:
         # And graphs without ControlNet inputs the keys they had before ControlNets existed.
         del fields["control_residuals"]
+    if not parts.attention_bank:
+        # And graphs without an attention bank the keys they had before banks came to compiled graphs.
+        del fields["attention_bank"]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
     if parts.resolution_range is None:
         size = f"{parts.width}x{parts.height}"
     else:
         size = f"{parts.resolution_range[0]}to{parts.resolution_range[2]}"
     network = f"{parts.network}+residuals" if parts.control_residuals else parts.network
+    if parts.attention_bank:
+        network += f"+bank{parts.attention_bank}"
     return f"{network}-{size}-b{parts.batch}-{parts.cfg_type}-{parts.dtype}-{digest}"
 
 

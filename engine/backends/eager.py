@@ -17,6 +17,8 @@ class EagerRunner:
     backend = "eager"
     #: Any batch size runs as is, so streams may share calls (`engine.batching`).
     dynamic_batch = True
+    #: Runs `temporal="bank"` streams (their `AttentionBank` reaches the attention processors).
+    attention_bank = True
 
     def __init__(self, models: ModelBundle):
         self.models = models

@@ -16,6 +16,14 @@ ControlNet, and a stream may reuse its residuals across frames (`controlnet_reus
 fused graph could do; the UNet graph with residual inputs serves every ControlNet of its UNet, and the ControlNet
 graph is keyed by the ControlNet's own weights.
 
+Attention bank (`temporal="bank"`): a UNet graph for a bank of fixed capacity (`bank_size` frames) takes, after
+its usual inputs (and residuals), `bank_mask` (capacity,: 0 for a banked frame, −inf for an empty slot),
+`injection_threshold` and `injection_strength` (shape (1,), inputs so they stay hot) and, per self-attention
+layer in module order, `<layer>.bank_key`, `<layer>.bank_value` (rows, heads, capacity·tokens, dim) and
+`<layer>.bank_output` (rows, capacity·tokens, channels); its outputs are `eps`, then per layer this call's
+`<layer>.new_key`, `<layer>.new_value` and `<layer>.new_output` (what the stream's `AttentionBank` keeps). Inside,
+`engine.temporal.PaddedBank` plays the eager bank's part, its empty slots masked with −inf. Static shapes only.
+
 Exporter: `torch.onnx.export(..., dynamo=True)` (the `torch.export`-based exporter, opset 18) is the
 default. With torch 2.13 both it and the legacy TorchScript exporter (`dynamo=False`) export these
 graphs and match eager within 2e-6 here; the dynamo one is torch's supported path (the TorchScript one
@@ -48,10 +56,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderTiny, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 
 from ..controlnet import control_embedding_channels, run_controlnet_body
 from ..models import ModelBundle
 from ..prompt import KVCache, cross_attention_layers, install_kv_processors, precompute_kv
+from ..temporal import PaddedBank
 from .progress import heartbeat
 
 logger = logging.getLogger(__name__)
@@ -68,6 +78,13 @@ NETWORKS: tuple[str, ...] = ("unet", "vae_encoder", "vae_decoder", "controlnet")
 HEIGHT_AXIS, WIDTH_AXIS = "height", "width"
 #: SDXL's added conditioning, in the order the UNet graph takes it (`Conditioning.added_cond` keys).
 ADDED_COND_INPUTS: tuple[str, ...] = ("text_embeds", "time_ids")
+
+
+#: The attention bank's inputs before its per-layer tensors (`bank_input_names`).
+BANK_INPUTS: tuple[str, ...] = ("bank_mask", "injection_threshold", "injection_strength")
+#: Per self-attention layer: the banked tensors in (inputs) and this call's out (outputs), in this order.
+BANK_LAYER_INPUTS: tuple[str, ...] = ("bank_key", "bank_value", "bank_output")
+BANK_LAYER_OUTPUTS: tuple[str, ...] = ("new_key", "new_value", "new_output")
 
 
 def added_cond_inputs(unet: UNet2DConditionModel) -> tuple[str, ...]:
@@ -109,22 +126,70 @@ def control_residual_names(unet: UNet2DConditionModel) -> list[str]:
     return residual_names(len(residual_shapes(unet, 1, 8, 8)))
 
 
+def self_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
+    """The UNet's self-attention modules by name, in module order: the layers an attention bank extends."""
+    return {name: module for name, module in unet.named_modules()
+            if isinstance(module, Attention) and not module.is_cross_attention}
+
+
+def bank_layer_shapes(unet: UNet2DConditionModel, rows: int, latent_height: int,
+                      latent_width: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Per self-attention layer of `unet` (module order), one frame's key and value `(rows, heads, tokens, dim)` and
+    attention output `(rows, tokens, channels)` for `rows` latents of this size.
+
+    A down block's layers run at the latent size after the downsamplers before it, the mid block's after all of
+    them, up block j's at down block (n − 1 − j)'s size (the skip it joins); a downsampler halves a side rounding up.
+    """
+    sizes = [(latent_height, latent_width)]
+    for block in unet.down_blocks:
+        height, width = sizes[-1]
+        sizes.append(((height + 1) // 2, (width + 1) // 2) if block.downsamplers else (height, width))
+    count = len(unet.down_blocks)
+    shapes = {}
+    for name, attn in self_attention_layers(unet).items():
+        block, _, rest = name.partition(".")
+        if block == "down_blocks":
+            height, width = sizes[int(rest.split(".")[0])]
+        elif block == "mid_block":
+            height, width = sizes[count]
+        elif block == "up_blocks":
+            height, width = sizes[count - 1 - int(rest.split(".")[0])]
+        else:
+            raise ValueError(f"self-attention layer {name!r} is in no down, mid or up block")
+        tokens, heads = height * width, attn.heads
+        shapes[name] = ((rows, heads, tokens, attn.to_k.out_features // heads),
+                        (rows, heads, tokens, attn.to_v.out_features // heads),
+                        (rows, tokens, attn.to_out[0].out_features))
+    return shapes
+
+
+def bank_input_names(bank_layers: Sequence[str]) -> list[str]:
+    """The attention bank's inputs of a UNet graph: `BANK_INPUTS`, then `<layer>.bank_key`, `.bank_value` and
+    `.bank_output` of each layer; none without `bank_layers`."""
+    if not bank_layers:
+        return []
+    return [*BANK_INPUTS, *(f"{layer}.{part}" for layer in bank_layers for part in BANK_LAYER_INPUTS)]
+
+
 def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache: bool = False,
-                      added_cond: Sequence[str] = (), residuals: Sequence[str] = ()) -> list[str]:
+                      added_cond: Sequence[str] = (), residuals: Sequence[str] = (),
+                      bank_layers: Sequence[str] = ()) -> list[str]:
     """The input names of a network's graph, in the order its tensors are passed.
 
     The UNet takes `latents`, `timesteps`, its `added_cond` inputs (SDXL: `text_embeds`, `time_ids`), then
     `<layer>.key` and `<layer>.value` of each layer in `kv_layers` (with the K/V cache) or
     `encoder_hidden_states` (without), then, in an engine with a ControlNet, the `residuals`
-    (`control_residual_names`); the ControlNet takes `latents`, `timesteps`, the `added_cond` inputs,
+    (`control_residual_names`), then, in a graph with an attention bank, its inputs (`bank_input_names` of the
+    self-attention `bank_layers`); the ControlNet takes `latents`, `timesteps`, the `added_cond` inputs,
     `encoder_hidden_states` and `control_embedding`; the VAE halves take `images` (encoder) or `latents` (decoder).
     Both the exporter and the TensorRT binding use these.
     """
     if network == "unet":
+        bank = bank_input_names(bank_layers)
         if use_kv_cache:
             return ["latents", "timesteps", *added_cond,
-                    *(f"{layer}.{part}" for layer in kv_layers for part in ("key", "value")), *residuals]
-        return ["latents", "timesteps", *added_cond, "encoder_hidden_states", *residuals]
+                    *(f"{layer}.{part}" for layer in kv_layers for part in ("key", "value")), *residuals, *bank]
+        return ["latents", "timesteps", *added_cond, "encoder_hidden_states", *residuals, *bank]
     if network == "controlnet":
         return ["latents", "timesteps", *added_cond, "encoder_hidden_states", "control_embedding"]
     if network == "vae_encoder":
@@ -134,14 +199,16 @@ def graph_input_names(network: str, kv_layers: Sequence[str] = (), use_kv_cache:
     raise ValueError(f"unknown network {network!r}")
 
 
-def graph_output_names(network: str, residuals: int = 0) -> list[str]:
-    """The output names of a network's graph: `GRAPH_OUTPUT_NAMES[network]`, or the ControlNet's `residuals`
-    residuals (`residual_names`)."""
+def graph_output_names(network: str, residuals: int = 0, bank_layers: Sequence[str] = ()) -> list[str]:
+    """The output names of a network's graph: `GRAPH_OUTPUT_NAMES[network]` (for a UNet graph with an attention
+    bank followed by `<layer>.new_key`, `.new_value` and `.new_output` of each of its `bank_layers`), or the
+    ControlNet's `residuals` residuals (`residual_names`)."""
     if network == "controlnet":
         return residual_names(residuals)
     if network not in GRAPH_OUTPUT_NAMES:
         raise ValueError(f"unknown network {network!r}")
-    return [GRAPH_OUTPUT_NAMES[network]]
+    bank = [f"{layer}.{part}" for layer in bank_layers for part in BANK_LAYER_OUTPUTS] if network == "unet" else []
+    return [GRAPH_OUTPUT_NAMES[network], *bank]
 
 
 def _added_cond_kwargs(names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict:
@@ -156,16 +223,42 @@ def _split_residuals(inputs: Sequence[torch.Tensor], residuals: int) -> tuple[Se
     return head, {"down_block_additional_residuals": list(tail[:-1]), "mid_block_additional_residual": tail[-1]}
 
 
+def _split_bank(inputs: Sequence[torch.Tensor], bank_layers: Sequence[str]) -> tuple[Sequence[torch.Tensor],
+                                                                                       PaddedBank | None]:
+    """(the inputs before the attention bank's, a `PaddedBank` of those last ones); no bank without layers."""
+    if not bank_layers:
+        return inputs, None
+    count = len(BANK_INPUTS) + len(BANK_LAYER_INPUTS) * len(bank_layers)
+    head, tail = inputs[:-count], inputs[-count:]
+    mask, threshold, strength = tail[:len(BANK_INPUTS)]
+    tensors = tail[len(BANK_INPUTS):]
+    width = len(BANK_LAYER_INPUTS)
+    layers = {name: tuple(tensors[width * index:width * (index + 1)]) for index, name in enumerate(bank_layers)}
+    return head, PaddedBank(layers, mask, threshold, strength)
+
+
+def _with_bank_outputs(eps: torch.Tensor, bank: PaddedBank | None, bank_layers: Sequence[str]):
+    """`eps`, or with a bank (eps, then each layer's key, value and output of this call)."""
+    if bank is None:
+        return eps
+    missing = [name for name in bank_layers if len(bank.recorded.get(name, ())) != len(BANK_LAYER_OUTPUTS)]
+    if missing:
+        raise ValueError(f"self-attention layers {missing} did not reach the attention bank")
+    return (eps, *(tensor for name in bank_layers for tensor in bank.recorded[name]))
+
+
 class UNetWithCachedKV(torch.nn.Module):
     """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], K₀, V₀, K₁, V₁, …[, residuals…])
     in `layer_names` order (SDXL's added inputs only for an SDXL UNet, the last `residuals` inputs the ControlNet
     residuals, down ones then mid, only in an engine with a ControlNet).
 
     The K/V tensors become the graph's inputs: the attention processors read them from
-    `cross_attention_kwargs["kv_cache"]`, so the text projections are not in the graph at all.
+    `cross_attention_kwargs["kv_cache"]`, so the text projections are not in the graph at all. With `bank_layers`
+    (the self-attention layers) the attention bank's inputs come last (`bank_input_names`) and the output is
+    (eps, each layer's key, value and output of this call).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, residuals: int = 0):
+    def __init__(self, unet: UNet2DConditionModel, residuals: int = 0, bank_layers: Sequence[str] = ()):
         super().__init__()
         install_kv_processors(unet)
         self.unet = unet
@@ -173,8 +266,10 @@ class UNetWithCachedKV(torch.nn.Module):
         self.cross_attention_dim = int(unet.config.cross_attention_dim)
         self.added_cond = added_cond_inputs(unet)
         self.residuals = residuals
+        self.bank_layers = list(bank_layers)
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor):
+        inputs, bank = _split_bank(inputs, self.bank_layers)
         inputs, control = _split_residuals(inputs, self.residuals)
         added, key_values = inputs[:len(self.added_cond)], inputs[len(self.added_cond):]
         if len(key_values) != 2 * len(self.layer_names):
@@ -183,26 +278,33 @@ class UNetWithCachedKV(torch.nn.Module):
         # Every cross-attention layer takes its K/V from the cache, so the text embeddings are never
         # read: a one-token placeholder satisfies the UNet's signature.
         placeholder = latents.new_zeros(latents.shape[0], 1, self.cross_attention_dim)
-        return self.unet(latents, timesteps, encoder_hidden_states=placeholder,
-                         cross_attention_kwargs={"kv_cache": kv_cache}, return_dict=False,
-                         **_added_cond_kwargs(self.added_cond, added), **control)[0]
+        attention = {"kv_cache": kv_cache} if bank is None else {"kv_cache": kv_cache, "temporal_bank": bank}
+        eps = self.unet(latents, timesteps, encoder_hidden_states=placeholder, cross_attention_kwargs=attention,
+                        return_dict=False, **_added_cond_kwargs(self.added_cond, added), **control)[0]
+        return _with_bank_outputs(eps, bank, self.bank_layers)
 
 
 class UNetWithText(torch.nn.Module):
     """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], encoder_hidden_states[,
-    residuals…]), for runs without K/V cache."""
+    residuals…][, attention bank…]), for runs without K/V cache (the bank as in `UNetWithCachedKV`)."""
 
-    def __init__(self, unet: UNet2DConditionModel, residuals: int = 0):
+    def __init__(self, unet: UNet2DConditionModel, residuals: int = 0, bank_layers: Sequence[str] = ()):
         super().__init__()
+        if bank_layers:
+            install_kv_processors(unet)  # the bank reaches self-attention through these processors
         self.unet = unet
         self.added_cond = added_cond_inputs(unet)
         self.residuals = residuals
+        self.bank_layers = list(bank_layers)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor):
+        inputs, bank = _split_bank(inputs, self.bank_layers)
         inputs, control = _split_residuals(inputs, self.residuals)
         *added, encoder_hidden_states = inputs
-        return self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                         **_added_cond_kwargs(self.added_cond, added), **control)[0]
+        attention = {} if bank is None else {"cross_attention_kwargs": {"temporal_bank": bank}}
+        eps = self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                        **_added_cond_kwargs(self.added_cond, added), **control, **attention)[0]
+        return _with_bank_outputs(eps, bank, self.bank_layers)
 
 
 class ControlNetResiduals(torch.nn.Module):
@@ -316,10 +418,10 @@ class GraphSpec:
 
 def _graph_spec(network: str, module: torch.nn.Module, tensors: list[torch.Tensor], kv_layers: Sequence[str] = (),
                 use_kv_cache: bool = False, added_cond: Sequence[str] = (), residuals: Sequence[str] = (),
-                outputs: int = 0) -> GraphSpec:
-    names = graph_input_names(network, kv_layers, use_kv_cache, added_cond, residuals)
+                outputs: int = 0, bank_layers: Sequence[str] = ()) -> GraphSpec:
+    names = graph_input_names(network, kv_layers, use_kv_cache, added_cond, residuals, bank_layers)
     return GraphSpec(network, module.eval(), dict(zip(names, tensors, strict=True)),
-                     tuple(graph_output_names(network, outputs)))
+                     tuple(graph_output_names(network, outputs, bank_layers)))
 
 
 def flat_key_values(unet: UNet2DConditionModel, kv_cache: KVCache) -> list[torch.Tensor]:
@@ -350,10 +452,28 @@ def _unet_samples(models: ModelBundle, batch: int, latent_height: int, latent_wi
     return latents, timesteps, added, text
 
 
+def _bank_samples(unet: UNet2DConditionModel, batch: int, latent_height: int, latent_width: int,
+                  bank_size: int) -> list[torch.Tensor]:
+    """Sample attention bank inputs (`bank_input_names` order) of `bank_size` frames, one slot empty."""
+    parameter = next(unet.parameters())
+    options = {"device": parameter.device, "dtype": parameter.dtype}
+    mask = torch.zeros(bank_size, **options)
+    mask[-1] = float("-inf")
+    samples = [mask, torch.tensor([0.9], **options), torch.tensor([0.5], **options)]
+    for shapes in bank_layer_shapes(unet, batch, latent_height, latent_width).values():
+        for index, shape in enumerate(shapes):
+            axis = 2 if index < 2 else 1
+            samples.append(torch.randn(*shape[:axis], shape[axis] * bank_size, *shape[axis + 1:], **options))
+    return samples
+
+
 def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int,
-               use_kv_cache: bool, sequence_length: int | None = None, control: bool = False) -> GraphSpec:
+               use_kv_cache: bool, sequence_length: int | None = None, control: bool = False,
+               bank_size: int = 0) -> GraphSpec:
     """The UNet at a static batch and latent size; K/V inputs shaped as `precompute_kv` makes them; with
-    `control`, the ControlNet residuals (`residual_shapes`) as its last inputs."""
+    `control`, the ControlNet residuals (`residual_shapes`) after its usual inputs; with `bank_size`, an attention
+    bank of that many frames last (`bank_input_names`) and each self-attention layer's tensors of this call as
+    extra outputs (`graph_output_names`)."""
     unet = models.unet
     parameter = next(unet.parameters())
     latents, timesteps, added, text = _unet_samples(models, batch, latent_height, latent_width, sequence_length)
@@ -361,13 +481,17 @@ def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width
     residuals = [torch.randn(shape, device=parameter.device, dtype=parameter.dtype) * 0.1
                  for shape in residual_shapes(unet, batch, latent_height, latent_width)] if control else []
     names = control_residual_names(unet) if control else []
+    bank_layers = list(self_attention_layers(unet)) if bank_size else []
+    bank = _bank_samples(unet, batch, latent_height, latent_width, bank_size) if bank_size else []
     if use_kv_cache:
-        module = UNetWithCachedKV(unet, len(residuals))
+        module = UNetWithCachedKV(unet, len(residuals), bank_layers)
         key_values = flat_key_values(unet, precompute_kv(unet, text))
-        return _graph_spec("unet", module, [latents, timesteps, *added, *key_values, *residuals], module.layer_names,
-                           use_kv_cache=True, added_cond=added_names, residuals=names)
-    return _graph_spec("unet", UNetWithText(unet, len(residuals)), [latents, timesteps, *added, text, *residuals],
-                       added_cond=added_names, residuals=names)
+        return _graph_spec("unet", module, [latents, timesteps, *added, *key_values, *residuals, *bank],
+                           module.layer_names, use_kv_cache=True, added_cond=added_names, residuals=names,
+                           bank_layers=bank_layers)
+    return _graph_spec("unet", UNetWithText(unet, len(residuals), bank_layers),
+                       [latents, timesteps, *added, text, *residuals, *bank], added_cond=added_names,
+                       residuals=names, bank_layers=bank_layers)
 
 
 def controlnet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int,
@@ -470,6 +594,8 @@ def export_onnx(spec: GraphSpec, path: Path, exporter: str = DEFAULT_EXPORTER, o
     if spec.dynamic is not None and (spec.network == "controlnet" or "mid_residual" in spec.inputs):
         raise ValueError("ControlNet graphs (and the UNet's with residual inputs) are exported with static shapes "
                          "only: a resolution range does not take a ControlNet")
+    if spec.dynamic is not None and BANK_INPUTS[0] in spec.inputs:
+        raise ValueError("UNet graphs with an attention bank are exported with static shapes only")
     opset = opset or DEFAULT_OPSETS[exporter]
     shapes = ", ".join(f"{name}{list(tensor.shape)}" for name, tensor in list(spec.inputs.items())[:2])
     first_input = next(iter(spec.inputs))

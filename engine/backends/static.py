@@ -6,6 +6,13 @@ UNet graph that takes the residuals as inputs (`onnx_export`). A call without re
 None: the stream's `controlnet_scale` is 0, so the ControlNet was not run) feeds that same graph zeros of the
 residuals' shapes: adding 0 changes no value, so it is exactly the UNet without a ControlNet, with one UNet graph
 per shape rather than two.
+
+Attention bank (`temporal="bank"`): a call whose conditioning carries the stream's `AttentionBank` runs the UNet
+graph with a bank of the bank's capacity (`onnx_export`): the banked frames go in padded to capacity with a mask of
+the empty slots, the injection threshold and strength as inputs, and the graph's per-layer keys, values and
+attention outputs of the call go back to the bank (`AttentionBank.record`), which banks them on `commit` as the
+eager UNet's would be. Bank graphs are static: inside a resolution range a bank stream gets a static graph of its
+size.
 """
 
 from __future__ import annotations
@@ -23,8 +30,16 @@ from ..control.residuals import ControlResiduals
 from ..controlnet import control_embedding_channels, embed_control
 from ..models import ModelBundle
 from ..prompt import Conditioning
+from ..temporal import AttentionBank
 from .artifacts import GraphShape, OnnxCache, config_shapes
-from .onnx_export import ADDED_COND_INPUTS, DEFAULT_EXPORTER, flat_key_values, residual_shapes
+from .onnx_export import (
+    ADDED_COND_INPUTS,
+    BANK_LAYER_OUTPUTS,
+    DEFAULT_EXPORTER,
+    bank_layer_shapes,
+    flat_key_values,
+    residual_shapes,
+)
 from .resolution import ResolutionRange, check_range, size_multiple
 
 logger = logging.getLogger(__name__)
@@ -63,6 +78,8 @@ class StaticShapeRunner:
     """
 
     backend = "static"
+    #: Runs `temporal="bank"` streams (their bank as graph inputs and outputs).
+    attention_bank = True
 
     def __init__(self, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
                  exporter: str = DEFAULT_EXPORTER, resolution_range: ResolutionRange | None = None):
@@ -80,12 +97,14 @@ class StaticShapeRunner:
         self._key_values: dict[int, list[torch.Tensor]] = {}
         # The zero residuals of each UNet call shape without ControlNet residuals (read only: bound, never written).
         self._zero_residuals: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        # One frame's bank tensor shapes per self-attention layer, per UNet call shape (`bank_layer_shapes`).
+        self._bank_shapes: dict[tuple[int, ...], dict[str, tuple[tuple[int, ...], ...]]] = {}
 
     def graph_shape(self, shape: GraphShape) -> GraphShape:
         """The graph a call of `shape` runs on: the range's dynamic graph when the range covers its size,
-        else the static graph of `shape` itself."""
-        if self.resolution_range is not None and self.resolution_range.covers(shape.height, shape.width,
-                                                                              self.size_multiple):
+        else the static graph of `shape` itself (always for a graph with an attention bank)."""
+        if self.resolution_range is not None and not shape.bank_size \
+                and self.resolution_range.covers(shape.height, shape.width, self.size_multiple):
             return shape.in_range(self.resolution_range)
         return shape
 
@@ -152,10 +171,47 @@ class StaticShapeRunner:
             text_inputs = [conditioning.encoder_hidden_states.contiguous()]
             sequence_length = text_inputs[0].shape[1]
         control = self.models.controlnet is not None
+        inputs = [latents.contiguous(), timesteps.to(torch.long).contiguous(), *self._added(conditioning),
+                  *text_inputs, *self._residuals(latents, conditioning)]
+        bank = conditioning.temporal_bank
+        if bank is None:
+            shape = GraphShape("unet", latents.shape[0], height, width, conditioning.kv_cache is not None,
+                               sequence_length, control=control)
+            return self._run(shape, inputs)
+        count = bank.frame_count(latents.shape[0])  # first: a bank of another layout starts over here
         shape = GraphShape("unet", latents.shape[0], height, width, conditioning.kv_cache is not None,
-                           sequence_length, control=control)
-        return self._run(shape, [latents.contiguous(), timesteps.to(torch.long).contiguous(),
-                                 *self._added(conditioning), *text_inputs, *self._residuals(latents, conditioning)])
+                           sequence_length, control=control, bank_size=bank.capacity)
+        layers = self._bank_layer_shapes(latents)
+        inputs += self._bank_inputs(bank, layers, count, shape.bank_size, latents)
+        output_shapes = [self.onnx_cache.output_shape(shape), *(each for shapes in layers.values() for each in shapes)]
+        outputs = self.graph(shape).run_outputs(inputs, output_shapes)
+        per_layer = len(BANK_LAYER_OUTPUTS)
+        for index, name in enumerate(layers):
+            bank.record(name, *outputs[1 + per_layer * index:1 + per_layer * (index + 1)])
+        return outputs[0]
+
+    def _bank_layer_shapes(self, latents: torch.Tensor) -> dict[str, tuple[tuple[int, ...], ...]]:
+        key = tuple(latents.shape)
+        shapes = self._bank_shapes.get(key)
+        if shapes is None:
+            shapes = bank_layer_shapes(self.models.unet, key[0], key[2], key[3])
+            self._bank_shapes[key] = shapes
+        return shapes
+
+    @staticmethod
+    def _bank_inputs(bank: AttentionBank, layers: dict[str, tuple[tuple[int, ...], ...]], count: int,
+                     capacity: int, latents: torch.Tensor) -> list[torch.Tensor]:
+        """The bank graph's inputs (`bank_input_names` order): the mask of `count` banked frames of `capacity`, the
+        injection threshold and strength, each layer's banked tensors padded to capacity."""
+        options = {"device": latents.device, "dtype": latents.dtype}
+        mask = torch.zeros(capacity, **options)
+        mask[count:] = float("-inf")
+        settings = bank.settings
+        inputs = [mask, torch.tensor([settings.injection_threshold], **options),
+                  torch.tensor([settings.injection_strength], **options)]
+        for name, shapes in layers.items():
+            inputs.extend(bank.padded(name, shapes, capacity, latents))
+        return inputs
 
     @torch.no_grad()
     def control_embedding(self, images: torch.Tensor) -> torch.Tensor:

@@ -159,13 +159,13 @@ def dataclass_replace(conditioning, bank):
     return dataclasses.replace(conditioning, temporal_bank=bank)
 
 
-def test_a_bank_needs_the_eager_unet_and_no_skip_policy(tiny_models, tmp_path):
-    from engine.backends.onnxruntime import OnnxRuntimeRunner
+def test_a_bank_needs_a_unet_backend_that_takes_it_and_no_skip_policy(tiny_models):
+    from engine.backends.compiled import TorchCompileRunner
 
     engine = Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="eager"))
-    runner = OnnxRuntimeRunner(tiny_models, "self", tmp_path, exporter="torchscript")
-    with pytest.raises(ValueError, match="eager UNet backend"):
-        StreamEngine(engine.with_runner(runner), config(temporal="bank"))
+    # ONNX Runtime and TensorRT take the bank as graph inputs (tests/engine/backends/test_backend_bank.py).
+    with pytest.raises(ValueError, match="eager, onnxruntime or tensorrt"):
+        StreamEngine(engine.with_runner(TorchCompileRunner(tiny_models)), config(temporal="bank"))
     with pytest.raises(ValueError, match="skip policy"):
         StreamEngine(engine, config(temporal="bank", skip_policy="rehash"))
     with pytest.raises(ValueError, match="frame_buffer_size"):

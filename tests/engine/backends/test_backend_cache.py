@@ -40,7 +40,7 @@ CHANGED = {"network": "vae_decoder", "model_hash": "abc124", "width": 768, "heig
            "cfg_type": "full", "dtype": "float32", "kv_cache": False, "exporter": "torchscript", "opset": 17,
            "tensorrt_version": "10.4.0", "gpu_name": "NVIDIA A100", "sequence_length": 64,
            "resolution_range": (256, 512, 1024), "loras": ("latent-consistency/lcm-lora-sdv1-5:1",),
-           "control_residuals": True}
+           "control_residuals": True, "attention_bank": 2}
 
 
 def test_every_part_of_the_key_is_covered():
@@ -72,6 +72,15 @@ def test_key_parts_with_loras_round_trip_through_their_record(tmp_path):
 def test_a_unet_graph_with_controlnet_residual_inputs_is_named_as_such(tmp_path):
     parts = dataclasses.replace(BASE, control_residuals=True)
     assert engine_cache_key(parts).startswith("unet+residuals-512x512-b2-self-float16-")
+    path = tmp_path / f"{engine_cache_key(parts)}.onnx"
+    write_key_parts(path, parts)
+    assert read_key_parts(path) == parts
+
+
+def test_a_unet_graph_with_an_attention_bank_is_named_by_its_size(tmp_path):
+    parts = dataclasses.replace(BASE, attention_bank=3)
+    assert engine_cache_key(parts).startswith("unet+bank3-512x512-b2-self-float16-")
+    assert engine_cache_key(dataclasses.replace(parts, attention_bank=2)) != engine_cache_key(parts)
     path = tmp_path / f"{engine_cache_key(parts)}.onnx"
     write_key_parts(path, parts)
     assert read_key_parts(path) == parts

@@ -156,6 +156,22 @@ def test_tensorrt_controlnet_engines_follow_eager(cuda_models, tmp_path):
 
 @pytest.mark.cuda
 @needs_tensorrt
+def test_tensorrt_bank_engine_follows_the_eager_bank(cuda_models, cuda_engine, tmp_path):
+    """`temporal="bank"` on TensorRT: the UNet engine with the attention bank's inputs and outputs (fp16)."""
+    config = StreamConfig(width=64, height=64, similarity_filter=False, temporal="bank").updated(
+        temporal_bank_size=2, temporal_injection_threshold=0.5, temporal_injection_strength=0.6)
+    runner = TensorRTRunner(cuda_models, config.cfg_type, tmp_path)
+    eager, compiled = StreamEngine(cuda_engine, config), StreamEngine(cuda_engine.with_runner(runner), config)
+    for index, frame in enumerate(_frames(7)):
+        if index == 5:
+            for stream in (eager, compiled):
+                stream.reset()
+        expected, actual = eager(frame), compiled(frame)
+        assert (actual.float() - expected.float()).abs().max().item() < 5e-2
+
+
+@pytest.mark.cuda
+@needs_tensorrt
 def test_one_dynamic_tensorrt_engine_serves_two_sizes_of_its_range(cuda_models, cuda_engine, tmp_path):
     config = StreamConfig(width=64, height=64, similarity_filter=False)
     resolution_range = ResolutionRange.between(32, 128, 64)
@@ -542,3 +558,20 @@ def test_controlnet_engines_are_built_from_its_graphs_and_keyed_by_it(tiny_contr
     plain = runner.artifact_path(GraphShape("unet", 2, 64, 64, True, 77))
     assert plain.name.startswith("unet-") and plain != runner.artifact_path(
         GraphShape("unet", 2, 64, 64, True, 77, control=True))
+
+
+def test_a_bank_engine_binds_the_bank_by_name(cpu_runner):
+    """The UNet engine of a `temporal="bank"` stream: built from the bank graph, every bank input in its profile
+    at capacity, each layer's tensors of the call among its outputs, keyed by the bank's size."""
+    config = StreamConfig(width=64, height=64, temporal="bank").updated(temporal_bank_size=3)
+    paths = cpu_runner.prepare(config, kv_cache=True)
+    assert sorted(path.name.split("-")[0] for path in paths) == ["unet+bank3", "vae_decoder", "vae_encoder"]
+    shape = GraphShape("unet", 2, 64, 64, True, 77, bank_size=3)
+    engine = cpu_runner.graph(shape)
+    (onnx_path, arguments), = [build for build in cpu_runner.builds if build[0].name.startswith("unet")]
+    assert engine.input_names == list(arguments.profile) == cpu_runner.onnx_cache.input_names(shape)
+    assert engine.output_names == cpu_runner.onnx_cache.output_names(shape)
+    assert arguments.profile["bank_mask"] == ((3,),) * 3
+    layer = next(name for name in engine.input_names if name.endswith(".bank_key"))
+    assert arguments.profile[layer][0][2] % 3 == 0  # capacity·tokens
+    assert cpu_runner.engine_key_parts(shape).attention_bank == 3
