@@ -355,9 +355,11 @@ class TemporalSettings:
 
     Args:
         strength (`float`, defaults to 0.9): `flow`: weight of the previous output carried along the input's
-            optical flow, where that flow is trusted; `feedback`: weight of the previous x̂0 latent in the next
-            input latent where the input is still. In [0, 1). The `flow` default was measured to keep detail
-            ≥ 0.9 of off on slow pans while cutting their flicker (docs/temporal.md).
+            optical flow, where that flow is trusted. In [0, 1). Measured to keep detail ≥ 0.9 of off on slow
+            pans while cutting their flicker (docs/temporal.md).
+        feedback_strength (`float`, defaults to 0.1): `feedback`: weight of the previous x̂0 latent in the next
+            input latent where the input is still. In [0, 1). On the demo model feedback made flicker worse at
+            every strength measured (0.1–0.9; docs/temporal.md): 0.1 is the least harm, not a recommendation.
         tolerance (`float`, defaults to 0.2): `flow`: the carried output's weight falls as
             exp(−(d / tolerance)²), d being its mean difference from the fresh output (0-1 scale): flicker is
             a small difference and is smoothed; a large one is new structure or a misaligned edge and is kept
@@ -375,6 +377,7 @@ class TemporalSettings:
     """
 
     strength: float = 0.9
+    feedback_strength: float = 0.1
     tolerance: float = 0.2
     motion_scale: float = 0.05
     cut_threshold: float = 0.3
@@ -385,8 +388,9 @@ class TemporalSettings:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        if not 0 <= self.strength < 1:
-            raise ValueError(f"`temporal_strength` must lie in [0, 1), got {self.strength}")
+        for name in ("strength", "feedback_strength"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"`temporal_{name}` must lie in [0, 1), got {getattr(self, name)}")
         if self.motion_scale <= 0 or self.cut_threshold <= 0 or self.tolerance <= 0:
             raise ValueError("`temporal_motion_scale`, `temporal_cut_threshold` and `temporal_tolerance` must be > 0")
         if not 1 <= self.bank_size <= MAX_BANK_SIZE or self.bank_interval < 1:

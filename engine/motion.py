@@ -63,6 +63,14 @@ def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
                      borderMode=cv2.BORDER_REPLICATE)
 
 
+def lands_inside(flow: np.ndarray) -> np.ndarray:
+    """Where `p + flow(p)` lies inside the picture (what enters at a border has no past)."""
+    height, width = flow.shape[:2]
+    xs, ys = _grid(height, width)
+    tx, ty = xs + flow[..., 0], ys + flow[..., 1]
+    return (tx >= 0) & (tx <= width - 1) & (ty >= 0) & (ty <= height - 1)
+
+
 def occlusion_mask(flow: np.ndarray, reverse: np.ndarray) -> np.ndarray:
     """Where `flow` (frame B to frame A) is trustworthy, given `reverse` (A to B).
 
@@ -70,10 +78,7 @@ def occlusion_mask(flow: np.ndarray, reverse: np.ndarray) -> np.ndarray:
     to p within the consistency tolerance. Pixels uncovered in B (disocclusions, including what enters at
     the borders) and occluded ones fail the round trip or leave the picture.
     """
-    height, width = flow.shape[:2]
-    xs, ys = _grid(height, width)
-    tx, ty = xs + flow[..., 0], ys + flow[..., 1]
-    inside = (tx >= 0) & (tx <= width - 1) & (ty >= 0) & (ty <= height - 1)
+    inside = lands_inside(flow)
     back = warp(reverse, flow)
     miss = ((flow + back) ** 2).sum(-1)
     tolerance = CONSISTENCY_RELATIVE * ((flow ** 2).sum(-1) + (back ** 2).sum(-1)) + CONSISTENCY_ABSOLUTE

@@ -49,7 +49,8 @@ def test_off_is_todays_stream_bit_for_bit_whatever_the_tunables(tiny_engine, pan
 @pytest.mark.parametrize("mode", MODES)
 def test_each_mechanism_changes_a_moving_stream_but_not_its_first_frame(tiny_engine, pan, mode):
     off = run(make(tiny_engine), pan)
-    on = run(make(tiny_engine, temporal=mode, temporal_strength=0.6, temporal_injection_threshold=0.5), pan)
+    on = run(make(tiny_engine, temporal=mode, temporal_strength=0.6, temporal_feedback_strength=0.6,
+                   temporal_injection_threshold=0.5), pan)
     assert torch.equal(on[0], off[0])  # nothing earlier to carry
     assert any(not torch.equal(a, b) for a, b in zip(on[2:], off[2:], strict=True))
     assert all(torch.isfinite(frame).all() and frame.shape == (3, SIZE, SIZE) for frame in on)
@@ -61,7 +62,7 @@ def test_a_cut_carries_nothing_of_the_old_scene(tiny_engine, cut, mode):
     must start over and give exactly what the stream without it gives."""
     steps = {"t_index_list": (40,)}
     off = run(make(tiny_engine, **steps), cut)
-    on = run(make(tiny_engine, temporal=mode, temporal_strength=0.9, **steps), cut)
+    on = run(make(tiny_engine, temporal=mode, temporal_strength=0.9, temporal_feedback_strength=0.9, **steps), cut)
     at_cut = len(cut) // 2
     assert not torch.equal(on[at_cut - 1], off[at_cut - 1])
     assert torch.equal(on[at_cut], off[at_cut])
@@ -69,10 +70,11 @@ def test_a_cut_carries_nothing_of_the_old_scene(tiny_engine, cut, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_prompt_change_and_reset_start_over(tiny_engine, pan, mode):
-    stream = make(tiny_engine, temporal=mode, temporal_strength=0.6)
+    strengths = {"temporal_strength": 0.6, "temporal_feedback_strength": 0.6}
+    stream = make(tiny_engine, temporal=mode, **strengths)
     run(stream, pan[:4])
     stream.update_prompt("a different prompt")
-    fresh = make(tiny_engine, temporal=mode, temporal_strength=0.6, prompt="a different prompt")
+    fresh = make(tiny_engine, temporal=mode, prompt="a different prompt", **strengths)
     # After a prompt change the stream batch still holds earlier frames, but the mechanism keeps nothing.
     assert stream.temporal._previous_latents is None and stream.temporal._previous_output is None
     stream.reset()
