@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 from server_testkit import TEST_SETTINGS, LiveServer
 
-from engine import Engine, load_models
+from engine import Engine, LoadConfig, load_models
 from server.app import create_app
 from server.serve import background_server
 
@@ -54,3 +54,14 @@ def server(live_server) -> Iterator[LiveServer]:
     assert len(state.sessions) == 0, "a session leaked"
     leaked = {thread.name for thread in threading.enumerate()} - threads_before
     assert not {name for name in leaked if name.startswith(("stream-", "model-loader"))}, leaked
+
+
+@pytest.fixture(scope="session")
+def controlnet_server(tiny_controlnet_dir) -> Iterator[LiveServer]:
+    """A test server whose engine has the tiny ControlNet (loaded from its folder)."""
+    load = LoadConfig(model="tiny", vae="full", backend="eager", controlnet=str(tiny_controlnet_dir))
+    settings = TEST_SETTINGS.replace(load=load)
+    app = create_app(settings, engine=Engine.load(load))
+    with background_server(app, settings) as base_url:
+        yield LiveServer(base_url, settings, app.state.server)
+

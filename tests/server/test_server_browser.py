@@ -93,6 +93,7 @@ async def test_page_streams_the_fake_camera_and_updates_the_prompt(server, tmp_p
         assert int(await page.evaluate("document.getElementById('frames-received').textContent")) >= 3
         assert await page.evaluate("document.getElementById('camera').options.length") >= 1
         assert "/view/" in await page.evaluate("document.getElementById('viewer-link').href")
+        assert await page.evaluate("document.getElementById('controlnet').hidden")  # this server has none
         session_id = await page.evaluate("window.streamdiff.hello.session_id")
         await page.evaluate("document.getElementById('prompt').value = 'charcoal drawing';"
                             "document.getElementById('prompt-form').requestSubmit(); true")
@@ -145,3 +146,22 @@ async def test_page_with_a_token_streams_but_never_shows_it(start_server, tmp_pa
             await page.wait_for("window.streamdiff && window.streamdiff.framesReceived >= 2")
             assert token in await page.evaluate("document.getElementById('viewer-link').href")
             assert token not in await page.evaluate("document.body.innerText")
+
+
+async def test_page_shows_the_controlnet_and_drives_its_parameters(controlnet_server, tmp_path):
+    server = controlnet_server
+    async with open_page(server.base_url + "/", tmp_path / "profile") as page:
+        await page.wait_for("window.streamdiff && window.streamdiff.framesReceived >= 2")
+        assert not await page.evaluate("document.getElementById('controlnet').hidden")
+        assert "tiny-controlnet" in await page.evaluate("document.getElementById('controlnet-name').textContent")
+        session = server.state.sessions.get(await page.evaluate("window.streamdiff.hello.session_id"))
+        await page.evaluate("const slider = document.getElementById('controlnet-scale'); slider.value = '40';"
+                            "slider.dispatchEvent(new Event('input')); true")
+        await wait_until(lambda: session.handle.config.controlnet_scale == 0.4)
+        assert await page.evaluate("document.getElementById('controlnet-scale-value').textContent") == "0.40"
+        await page.evaluate("const box = document.getElementById('show-control'); box.checked = true;"
+                            "box.dispatchEvent(new Event('change')); true")
+        await wait_until(lambda: session.handle.config.show_control)
+        received = await page.evaluate("window.streamdiff.framesReceived")
+        await page.wait_for(f"window.streamdiff.framesReceived > {received}")
+    await wait_until(lambda: len(server.state.sessions) == 0)

@@ -6,21 +6,7 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
-from server_testkit import TEST_SETTINGS, LiveServer, connect, hello, next_event, random_frame, stream, wait_until
-
-from engine import Engine, LoadConfig
-from server.app import create_app
-from server.serve import background_server
-
-
-@pytest.fixture(scope="module")
-def controlnet_server(tiny_controlnet_dir):
-    load = LoadConfig(model="tiny", vae="full", backend="eager", controlnet=str(tiny_controlnet_dir))
-    settings = TEST_SETTINGS.replace(load=load)
-    app = create_app(settings, engine=Engine.load(load))
-    with background_server(app, settings) as base_url:
-        yield LiveServer(base_url, settings, app.state.server)
+from server_testkit import connect, hello, next_event, random_frame, stream, wait_until
 
 
 async def test_controlnet_parameters_are_hot_per_session(controlnet_server):
