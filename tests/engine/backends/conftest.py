@@ -1,11 +1,14 @@
-"""Backend test fixtures: one ONNX cache folder per test session, so each graph is exported once."""
+"""Backend test fixtures: one ONNX cache folder per test session, so each graph is exported once; torch's threads
+given back after a test whose ONNX Runtime engine took them."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
 
+from engine.backends import onnxruntime as ort_backend
 from engine.backends.cache import CACHE_DIR_ENV
 
 
@@ -20,3 +23,13 @@ def onnx_cache_dir(tmp_path_factory):
         os.environ.pop(CACHE_DIR_ENV, None)
     else:
         os.environ[CACHE_DIR_ENV] = previous
+
+
+@pytest.fixture
+def keep_torch_threads(monkeypatch):
+    """An ONNX Runtime engine (or `auto` choosing one) hands torch's threads to it process-wide: give them back after
+    the test."""
+    monkeypatch.setattr(ort_backend, "_claimed_threads", None)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -15,7 +15,6 @@ import torch
 
 from engine import Engine, LoadConfig, StreamConfig
 from engine.backends import auto
-from engine.backends import onnxruntime as ort_backend
 from engine.backends.auto import (
     VERDICTS_FILE,
     Measurement,
@@ -32,13 +31,7 @@ CPU = Availability("cpu", "no CUDA", ("CPUExecutionProvider",))
 STREAM = StreamConfig(width=32, height=32, similarity_filter=False)
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads(monkeypatch):
-    """A choice of ONNX Runtime hands torch's threads to it process-wide: give them back after each test."""
-    monkeypatch.setattr(ort_backend, "_claimed_threads", None)
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 def test_measured_speeds_choose_the_fastest_backend_that_can_run():

@@ -10,7 +10,6 @@ import torch
 
 from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 from engine.backends import auto
-from engine.backends import onnxruntime as ort_backend
 from engine.backends.artifacts import GraphShape, OnnxCache, config_shapes, onnx_input_shapes
 from engine.backends.auto import Measurement, calibration_candidates, calibration_key, measure_backend, resolve_auto
 from engine.backends.cache import engine_cache_key, module_fingerprint
@@ -39,13 +38,7 @@ def _report_worst():
         print(f"ONNX Runtime vs eager, {name}: max abs error {value:.2e}")
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads(monkeypatch):
-    """An ONNX Runtime engine hands torch's threads to it process-wide: give them back after each test."""
-    monkeypatch.setattr(ort_backend, "_claimed_threads", None)
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 def _record(name: str, error: float) -> float:
