@@ -247,21 +247,25 @@ def _with_bank_outputs(eps: torch.Tensor, bank: PaddedBank | None, bank_layers: 
     return (eps, *(tensor for name in bank_layers for tensor in bank.recorded[name]))
 
 
-class UNetWithCachedKV(torch.nn.Module):
-    """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], K₀, V₀, K₁, V₁, …[, residuals…])
-    in `layer_names` order (SDXL's added inputs only for an SDXL UNet, the last `residuals` inputs the ControlNet
-    residuals, down ones then mid, only in an engine with a ControlNet).
+class UNetGraph(torch.nn.Module):
+    """The UNet as a function of its graph inputs (`graph_input_names`): (latents, timesteps[, text_embeds,
+    time_ids], then K₀, V₀, K₁, V₁, … in `layer_names` order with `use_kv_cache`, else encoder_hidden_states[,
+    residuals…][, attention bank…]). SDXL's added inputs only for an SDXL UNet; the `residuals` inputs are the
+    ControlNet residuals, down ones then mid, only in an engine with a ControlNet.
 
-    The K/V tensors become the graph's inputs: the attention processors read them from
+    With the K/V cache the K/V tensors become the graph's inputs: the attention processors read them from
     `cross_attention_kwargs["kv_cache"]`, so the text projections are not in the graph at all. With `bank_layers`
     (the self-attention layers) the attention bank's inputs come last (`bank_input_names`) and the output is
     (eps, each layer's key, value and output of this call).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, residuals: int = 0, bank_layers: Sequence[str] = ()):
+    def __init__(self, unet: UNet2DConditionModel, use_kv_cache: bool, residuals: int = 0,
+                 bank_layers: Sequence[str] = ()):
         super().__init__()
-        install_kv_processors(unet)
+        if use_kv_cache or bank_layers:
+            install_kv_processors(unet)  # the cache and the bank reach attention through these processors
         self.unet = unet
+        self.use_kv_cache = use_kv_cache
         self.layer_names = list(cross_attention_layers(unet))
         self.cross_attention_dim = int(unet.config.cross_attention_dim)
         self.added_cond = added_cond_inputs(unet)
@@ -271,39 +275,20 @@ class UNetWithCachedKV(torch.nn.Module):
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor):
         inputs, bank = _split_bank(inputs, self.bank_layers)
         inputs, control = _split_residuals(inputs, self.residuals)
-        added, key_values = inputs[:len(self.added_cond)], inputs[len(self.added_cond):]
-        if len(key_values) != 2 * len(self.layer_names):
-            raise ValueError(f"expected {2 * len(self.layer_names)} K/V tensors, got {len(key_values)}")
-        kv_cache = {name: (key_values[2 * i], key_values[2 * i + 1]) for i, name in enumerate(self.layer_names)}
-        # Every cross-attention layer takes its K/V from the cache, so the text embeddings are never
-        # read: a one-token placeholder satisfies the UNet's signature.
-        placeholder = latents.new_zeros(latents.shape[0], 1, self.cross_attention_dim)
-        attention = {"kv_cache": kv_cache} if bank is None else {"kv_cache": kv_cache, "temporal_bank": bank}
-        eps = self.unet(latents, timesteps, encoder_hidden_states=placeholder, cross_attention_kwargs=attention,
-                        return_dict=False, **_added_cond_kwargs(self.added_cond, added), **control)[0]
-        return _with_bank_outputs(eps, bank, self.bank_layers)
-
-
-class UNetWithText(torch.nn.Module):
-    """The UNet as a function of (latents, timesteps[, text_embeds, time_ids], encoder_hidden_states[,
-    residuals…][, attention bank…]), for runs without K/V cache (the bank as in `UNetWithCachedKV`)."""
-
-    def __init__(self, unet: UNet2DConditionModel, residuals: int = 0, bank_layers: Sequence[str] = ()):
-        super().__init__()
-        if bank_layers:
-            install_kv_processors(unet)  # the bank reaches self-attention through these processors
-        self.unet = unet
-        self.added_cond = added_cond_inputs(unet)
-        self.residuals = residuals
-        self.bank_layers = list(bank_layers)
-
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, *inputs: torch.Tensor):
-        inputs, bank = _split_bank(inputs, self.bank_layers)
-        inputs, control = _split_residuals(inputs, self.residuals)
-        *added, encoder_hidden_states = inputs
-        attention = {} if bank is None else {"cross_attention_kwargs": {"temporal_bank": bank}}
+        added, text = inputs[:len(self.added_cond)], inputs[len(self.added_cond):]
+        attention = {} if bank is None else {"temporal_bank": bank}
+        if self.use_kv_cache:
+            if len(text) != 2 * len(self.layer_names):
+                raise ValueError(f"expected {2 * len(self.layer_names)} K/V tensors, got {len(text)}")
+            attention["kv_cache"] = {name: (text[2 * i], text[2 * i + 1]) for i, name in enumerate(self.layer_names)}
+            # Every cross-attention layer takes its K/V from the cache, so the text embeddings are never
+            # read: a one-token placeholder satisfies the UNet's signature.
+            encoder_hidden_states = latents.new_zeros(latents.shape[0], 1, self.cross_attention_dim)
+        else:
+            (encoder_hidden_states,) = text
+        attention_kwargs = {"cross_attention_kwargs": attention} if attention else {}
         eps = self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                        **_added_cond_kwargs(self.added_cond, added), **control, **attention)[0]
+                        **_added_cond_kwargs(self.added_cond, added), **control, **attention_kwargs)[0]
         return _with_bank_outputs(eps, bank, self.bank_layers)
 
 
@@ -483,15 +468,11 @@ def unet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width
     names = control_residual_names(unet) if control else []
     bank_layers = list(self_attention_layers(unet)) if bank_size else []
     bank = _bank_samples(unet, batch, latent_height, latent_width, bank_size) if bank_size else []
-    if use_kv_cache:
-        module = UNetWithCachedKV(unet, len(residuals), bank_layers)
-        key_values = flat_key_values(unet, precompute_kv(unet, text))
-        return _graph_spec("unet", module, [latents, timesteps, *added, *key_values, *residuals, *bank],
-                           module.layer_names, use_kv_cache=True, added_cond=added_names, residuals=names,
-                           bank_layers=bank_layers)
-    return _graph_spec("unet", UNetWithText(unet, len(residuals), bank_layers),
-                       [latents, timesteps, *added, text, *residuals, *bank], added_cond=added_names,
-                       residuals=names, bank_layers=bank_layers)
+    module = UNetGraph(unet, use_kv_cache, len(residuals), bank_layers)
+    text_inputs = flat_key_values(unet, precompute_kv(unet, text)) if use_kv_cache else [text]
+    return _graph_spec("unet", module, [latents, timesteps, *added, *text_inputs, *residuals, *bank],
+                       module.layer_names, use_kv_cache=use_kv_cache, added_cond=added_names, residuals=names,
+                       bank_layers=bank_layers)
 
 
 def controlnet_graph(models: ModelBundle, batch: int, latent_height: int, latent_width: int,
