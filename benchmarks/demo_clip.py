@@ -18,6 +18,7 @@ from engine.loading import Engine
 from engine.stream import StreamEngine
 
 from .clips import CLIP_KINDS, synthetic_clip
+from .report import start_logging
 from .timing import time_stream
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip", choices=CLIP_KINDS, default="slow_pan")
     parser.add_argument("--out", type=Path, default=Path("out/demo.mp4"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
 
     config = StreamConfig(prompt=args.prompt, width=args.size, height=args.size)
     engine = StreamEngine(Engine.load(LoadConfig(model=args.model)), config)

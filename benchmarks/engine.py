@@ -7,7 +7,6 @@ Every row runs in this one process on the same model, size and seed; each figure
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -25,6 +24,7 @@ from engine.stream import StreamEngine
 
 from . import controlnet, memory, skip
 from .clips import tensor_clip
+from .report import start_logging, write_json
 from .timing import median_fps, time_stream
 from .workload import bench_load, bench_stream
 
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     if args.memory:
         sizes = tuple(int(size) for size in args.memory_sizes.split(","))
         results = {"memory": memory.run(args.memory.split(","), args.memory_model, sizes)}
@@ -261,9 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_table(results))
         if args.controlnet:
             print(controlnet.format_table(results["controlnet"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

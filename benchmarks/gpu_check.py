@@ -23,6 +23,8 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 
+from .report import start_logging, write_json
+
 logger = logging.getLogger(__name__)
 
 HUB_MODEL = "stabilityai/sd-turbo"
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check needs a CUDA GPU: {reason}. Nothing was run. On this machine, "
               "`python -m engine.doctor` says what works.", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     available = {repo: hub_has(repo) for repo in HUB_REPOS} if args.model is None else {}
     model = args.model or bench_model(available)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         report["steps"][step.name] = step_result(step, returncode, time.perf_counter() - started)
         logger.info("gpu-check: %s %s", step.name, "passed" if report["steps"][step.name]["ok"] else "FAILED")
     report["ok"] = all(result["ok"] for result in report["steps"].values())
-    args.out.write_text(json.dumps(report, indent=2))
+    write_json(args.out, report)
     print(f"gpu-check: {'every step passed' if report['ok'] else 'a step FAILED'}; report in {args.out}")
     return 0 if report["ok"] else 1
 

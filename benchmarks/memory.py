@@ -26,6 +26,7 @@ from engine.loading import Engine
 from engine.stream import StreamEngine
 
 from .clips import tensor_clip
+from .report import start_logging, write_json
 from .timing import time_stream
 from .workload import bench_load, bench_stream
 
@@ -154,13 +155,11 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.model, sizes[0], modes[0], args.frames, args.warmup, steps)))
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     results = {"memory": run(modes, args.model, sizes, args.frames, args.warmup, args.jobs, args.threads,
                                  steps)}
     print(format_table(results["memory"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ their spread (max - min over the median), the thread count and the load average 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -25,6 +24,7 @@ from engine.loading import Engine
 from engine.stream import StreamEngine
 
 from .clips import tensor_clip
+from .report import start_logging, write_json
 from .timing import median_fps, time_stream
 from .workload import bench_load, bench_stream
 
@@ -114,12 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     results = run(args.model, args.size, args.resolution_range, args.frames, args.warmup, args.rounds, args.exporter)
     print(format_table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

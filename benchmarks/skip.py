@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import logging
 import statistics
 import time
@@ -29,6 +28,7 @@ from engine.stream import StreamEngine
 
 from .clips import CLIP_KINDS, tensor_clip
 from .quality import mse, psnr_of_mse, ssim
+from .report import start_logging, write_json
 from .timing import time_streams
 from .workload import bench_load, bench_stream
 
@@ -127,12 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     results = run_policies(args.model, args.size, args.frames, args.policies.split(","), args.skip_param)
     print(format_table(results["skip_policies"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ its own virtual environment with this engine's versions (docs/backends.md, "Agai
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -46,6 +45,7 @@ from engine.models import ModelBundle, load_models
 from engine.stream import StreamEngine
 
 from .clips import tensor_clip
+from .report import start_logging, write_json
 from .timing import median_fps, time_streams
 
 logger = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     known = {item.name: item for item in CONFIGURATIONS}
@@ -242,9 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args.model, args.size, args.frames, args.warmup, args.rounds, tuple(known[name] for name in names),
                   args.backend, args.device, args.dtype, args.auto_compile_budget)
     print(format_table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

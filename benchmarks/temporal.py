@@ -40,6 +40,7 @@ from server.app import create_app
 from server.serve import background_server
 from server.settings import ServerSettings
 
+from .report import start_logging, write_json
 from .temporal_clips import CLIPS, Clip, make_clip
 from .temporal_metrics import (
     CUT_BOUND_FRACTION,
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown clips {unknown}; choose from {', '.join(CLIPS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     logging.getLogger("server").setLevel(logging.WARNING)  # not a line per session opened and closed
     try:
         report = run(args.model, args.width, args.height, args.frames, args.clips, args.methods, args.blend_alpha,
@@ -481,9 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     except RequestError as error:
         parser.error(str(error))
     print(format_tables(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ where it ends. `--seeds` measures a seed change (`seed_transition_frames`) the s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 
 from .clips import tensor_clip
+from .report import start_logging, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging()
     frames = tuple(int(part) for part in args.frames.split(",") if part.strip())
     results = run(args.model, args.size, frames, args.before, args.after, args.seeds)
     print(format_table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
