@@ -320,9 +320,9 @@ class StreamEngine:
     @torch.no_grad()
     def begin(self, images: torch.Tensor) -> FrameWork:
         """Stage 1: check the input, ask the similarity filter, VAE-encode a frame it lets through."""
-        batch = self.check_input(images)
+        frames = self.check_input(images).to(device=self.device, dtype=self.dtype)
         # Cosine similarity on [-1, 1] images: on [0, 1] every pair of frames looks alike.
-        batch = batch.to(device=self.device, dtype=self.dtype) * 2 - 1
+        batch = frames * 2 - 1
         with self._input_lock:
             state, config = self._state, self.config
             skipped = bool(config.similarity_filter and self._filter.should_skip(batch) and state.has_frames)
@@ -333,8 +333,8 @@ class StreamEngine:
             if self.control_source is not None:
                 # The condition embedding depends on the control image alone: once per frame, here, off the UNet's
                 # thread, for every slot and guidance row the frame will take.
-                images = self.control_source((batch + 1) / 2, config).to(device=self.device, dtype=self.dtype)
-                frame.control = ControlFrames(images, self.runner.control_embedding(images))
+                control = self.control_source(frames, config).to(device=self.device, dtype=self.dtype)
+                frame.control = ControlFrames(control, self.runner.control_embedding(control))
             frame.latents = self.runner.encode(batch)
         return frame
 
