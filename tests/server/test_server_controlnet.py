@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import httpx
-from server_testkit import connect, hello, next_event, random_frame, stream, wait_until
+import numpy as np
+from server_testkit import connect, encode, hello, next_event, random_frame, stream, wait_until
 
 
 async def test_controlnet_parameters_are_hot_per_session(controlnet_server):
@@ -38,3 +39,30 @@ async def test_controlnet_parameters_are_hot_per_session(controlnet_server):
 async def test_a_server_without_controlnet_says_so(server):
     async with connect(server.ws_url) as ws:
         assert (await hello(ws))["controlnet"] is None
+
+
+async def test_a_failing_control_image_costs_one_frame_of_one_session(controlnet_server, monkeypatch):
+    """The control source runs on the shared input threads: one frame it cannot handle gets an error answer, and
+    that session and every other one go on."""
+    from engine.control.sources import CannySource
+
+    real = CannySource.__call__
+    white = encode(np.full((64, 64, 3), 255, dtype=np.uint8), "PNG")
+
+    def control(self, frames, config):
+        if float(frames.min()) > 0.99:
+            raise RuntimeError("a control preprocessor bug")
+        return real(self, frames, config)
+
+    monkeypatch.setattr(CannySource, "__call__", control)
+    server = controlnet_server
+    async with connect(server.ws_url) as victim, connect(server.ws_url) as bystander:
+        await hello(victim)
+        await hello(bystander)
+        await victim.send(white)
+        error = await next_event(victim, "error")
+        assert error["seq"] == 0 and "control preprocessor bug" in error["message"]
+        for ws in (victim, bystander):
+            log = await stream(ws, [random_frame(seed) for seed in range(2)], 2)
+            assert len(log.outputs) == 2 and not log.of_type("error"), log.events
+    assert server.state.runtime.status().failure is None
