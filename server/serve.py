@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import re
@@ -10,15 +9,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import unquote_plus
 
 import torch
 import uvicorn
 import uvicorn.config
 from fastapi import FastAPI
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.runtime import MODEL_THREADS
 
+from .connections import guarded_http_protocol, guarded_websocket_protocol
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -27,14 +27,27 @@ logger = logging.getLogger(__name__)
 #: handler, which closes with 1009 and a clear reason; far larger ones are refused (also 1009) before
 #: they are buffered.
 WS_SIZE_SLACK = 64 * 1024
+#: Seconds a WebSocket connection may take to end after the server's close frame (or the app's end) before
+#: it is aborted.
+WS_CLOSE_TIMEOUT_S = 5.0
 
 
-_TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s\"']*")
+#: A query parameter inside a logged URL: its key and value.
+_QUERY_PARAM = re.compile(r"([?&])([^=&\s\"'#]*)=([^&\s\"'#]*)")
 
 
 def redact_token(text: str) -> str:
-    """`text` with every `token=` query value replaced by `[redacted]`."""
-    return _TOKEN_IN_URL.sub(r"\1[redacted]", text)
+    """`text` with the value of every query parameter whose key decodes to `token` replaced by `[redacted]`.
+
+    Keys are decoded as the server decodes them (`?%74oken=` authenticates like `?token=`), so each spelling
+    of the key is redacted.
+    """
+
+    def redact(match: re.Match) -> str:
+        separator, key, _ = match.groups()
+        return f"{separator}{key}=[redacted]" if unquote_plus(key) == "token" else match.group(0)
+
+    return _QUERY_PARAM.sub(redact, text)
 
 
 class RedactTokens(logging.Filter):
@@ -57,65 +70,15 @@ def log_config() -> dict:
     return config
 
 
-def guarded_http_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol, closing connections that are over `max_connections` or slow with headers.
-
-    uvicorn arms its keep-alive timer only after a first response, so a client that opens a connection and
-    never finishes its request headers holds a file descriptor for ever; a thousand such clients lock
-    everyone out. Here each request must finish its headers within `header_timeout_s` of its first byte (or
-    of the connection's opening), and connections past `max_connections` are closed as soon as they open.
-    """
-
-    class GuardedHttpProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                logger.warning("refusing a connection: %d are open (--max-connections)", len(self.connections) - 1)
-                transport.close()
-                return
-            self._arm_header_timer()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm_header_timer()
-            super().connection_lost(exc)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm_header_timer()
-
-        def on_headers_complete(self) -> None:
-            self._disarm_header_timer()
-            super().on_headers_complete()
-
-        def handle_websocket_upgrade(self) -> None:
-            self._disarm_header_timer()
-            super().handle_websocket_upgrade()
-
-        def _arm_header_timer(self) -> None:
-            self._disarm_header_timer()
-            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
-
-        def _disarm_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_too_slow(self) -> None:
-            self._header_timer = None
-            logger.debug("closing a connection whose request headers took over %g s", header_timeout_s)
-            self.transport.close()
-
-    return GuardedHttpProtocol
-
-
 def uvicorn_config(app: FastAPI, settings: ServerSettings, **overrides) -> uvicorn.Config:
     """The uvicorn configuration for `app` under `settings` (`overrides` win)."""
+    # No permessage-deflate: frames are JPEG and gain nothing from it, and every message it would inflate is
+    # work (8 MiB from an 8 kB message) done on the event loop before any limit of ours sees it.
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
                    ws_max_size=settings.max_message_bytes + WS_SIZE_SLACK, ws_max_queue=8,
+                   ws_per_message_deflate=False,
                    http=guarded_http_protocol(settings.header_timeout_s, settings.max_connections),
-                   log_config=log_config())
+                   ws=guarded_websocket_protocol(WS_CLOSE_TIMEOUT_S), log_config=log_config())
     options.update(overrides)
     return uvicorn.Config(app, **options)
 
