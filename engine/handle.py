@@ -183,6 +183,17 @@ class StreamHandle:
             self._schedule.notify_all()
         return seq
 
+    def refuse(self) -> int:
+        """Answer a frame that will not be queued (a client over its message rate) with `Dropped` at once.
+
+        Returns its sequence number, so the stream's numbering stays that of every frame sent.
+        """
+        with self._ready:
+            seq = self._next_seq
+            self._next_seq += 1
+        self._drop(seq)
+        return seq
+
     def get(self, timeout: float | None = None) -> Answer | None:
         """The next answer, waiting up to `timeout` seconds; `None` on time-out or once closed."""
         with self._ready:

@@ -72,6 +72,9 @@ class ServerMetrics:
                                       registry=self.registry)
         self.rejected = Counter("streamdiff_sessions_rejected", "WebSocket sessions refused.", ["reason"],
                                 registry=self.registry)
+        self.rate_limited = Counter("streamdiff_rate_limited_messages",
+                                    "WebSocket messages refused for their session's message rate.", ["kind"],
+                                    registry=self.registry)
         self.latency = Histogram("streamdiff_latency_seconds", "End-to-end latency: frame received → answer sent.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inference = Histogram("streamdiff_inference_seconds", "Model time per frame.",

@@ -37,6 +37,7 @@ from wire import (
 
 from .auth import token_matches, websocket_credentials
 from .protocol import MessageError, parse_client_message
+from .rates import Admission, MessageRate
 from .sessions import Session, SessionLimitError
 from .state import ServerState
 
@@ -142,6 +143,7 @@ class Connection:
     async def receive_loop(self) -> CloseRequest | None:
         frame_limit, text_limit = self.settings.max_message_bytes, self.settings.max_control_bytes
         idle_timeout = self.settings.idle_timeout_s
+        rate = MessageRate(self.settings.max_messages_per_s, time.monotonic())
         while True:
             try:
                 message = await asyncio.wait_for(self.websocket.receive(), idle_timeout)
@@ -152,6 +154,13 @@ class Connection:
             if message["type"] == "websocket.disconnect":
                 return None
             data, text = message.get("bytes"), message.get("text")
+            admission = rate.admit(time.monotonic())
+            if admission is Admission.CLOSE:
+                logger.warning("session %s closed: a flood of messages (--max-message-rate)", self.session.id)
+                return CloseRequest(CLOSE_POLICY_VIOLATION, f"over {rate.rate:g} messages a second, for seconds")
+            if admission is Admission.REFUSE:
+                self.refuse(data is not None)
+                continue
             if data is not None:
                 if len(data) > frame_limit:
                     return CloseRequest(CLOSE_TOO_BIG, f"frame of {len(data)} bytes exceeds the limit of "
@@ -162,6 +171,14 @@ class Connection:
                 if len(text) > text_limit or len(text.encode(errors="surrogatepass")) > text_limit:
                     return CloseRequest(CLOSE_TOO_BIG, f"control message over the limit of {text_limit} bytes")
                 self.on_text(text)
+
+    def refuse(self, frame: bool) -> None:
+        """A message over the session's rate: a frame is answered `dropped`, a control message `busy`."""
+        self.metrics.rate_limited.labels("frame" if frame else "control").inc()
+        if frame:
+            self.session.handle.refuse()
+        else:
+            self.send_error(BUSY, f"over {self.settings.max_messages_per_s:g} messages a second; send fewer")
 
     def on_frame(self, data: bytes) -> None:
         handle = self.session.handle
