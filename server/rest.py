@@ -7,6 +7,7 @@ import logging
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .auth import bearer_token_of, query_token_of, token_matches
 from .health import DEGRADED, READY
 from .protocol import MessageError, ParamsUpdate, PromptUpdate, parse_request_body
 from .sessions import Session
@@ -44,20 +45,24 @@ def find_session(session_id: str, state: ServerState) -> Session:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """`status` is loading, ready, degraded or error; HTTP 503 unless a new session would be accepted."""
+    """`status` is loading, ready, degraded or error; HTTP 503 unless a new session would be accepted.
+
+    Public (load balancers probe it without a token), so a server with a token tells a caller without it
+    the status and counts only: the model spec and a load error can hold local paths.
+    """
     state = server_state(request)
     status = state.status()
-    body = {
+    body: dict[str, object] = {
         "status": status,
-        "model": state.model_name,
         "sessions": len(state.sessions),
         "max_sessions": state.settings.max_sessions,
         "accepting": state.accepting and status in (READY, DEGRADED),
-        "width": state.settings.stream.width,
-        "height": state.settings.stream.height,
     }
-    if state.failure is not None:
-        body["error"] = state.failure
+    if token_matches(state.settings.token, bearer_token_of(request.scope)) or token_matches(
+            state.settings.token, query_token_of(request.scope)):
+        body.update(model=state.model_name, width=state.settings.stream.width, height=state.settings.stream.height)
+        if state.failure is not None:
+            body["error"] = state.failure
     return JSONResponse(body, status_code=200 if body["accepting"] else 503)
 
 
