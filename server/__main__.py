@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.insecure and settings.token is None and not is_loopback(settings.host):
         logger.warning("--insecure: listening on %s without a token; anyone who can reach it can stream",
                        settings.host)
+        if settings.host_names is not None and not settings.allowed_hosts:
+            logger.warning("answering the Host names %s only (against DNS rebinding); name others with "
+                           "--allowed-hosts", ", ".join(sorted(settings.host_names)))
     app = create_app(settings)
     server = uvicorn.Server(uvicorn_config(app, settings))
     state = app.state.server

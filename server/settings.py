@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -42,13 +43,17 @@ class ServerSettings:
         max_control_bytes (`int`, defaults to 16 KiB): largest control message: a WebSocket text message
             (larger ones close with 1009) or a REST request body (larger ones get 413 before they are read).
         max_prompt_chars (`int`, defaults to 1000): longest prompt or negative prompt, in characters.
+        max_messages_per_s (`float`, defaults to 200): WebSocket messages (frames and control messages) a
+            session may send a second, as many at once; past it frames are answered `dropped` and control
+            messages `busy`, and a session at twice the rate for two seconds is closed (1008).
         token (`str | None`, defaults to None): when set, required on WebSocket and REST calls. An empty
             string is refused: unset the variable to run without a token.
         cors_origins (`tuple[str, ...]`, defaults to empty): origins allowed by CORS, and the only other
             origins (besides the server's own) whose browser pages may open a WebSocket; empty turns CORS off.
         allowed_hosts (`tuple[str, ...]`, defaults to empty): `Host` header values (names, without port) the
-            server answers; empty means `localhost`, `127.0.0.1` and `::1` when bound to loopback (against DNS
-            rebinding) and any host otherwise; `*` allows any.
+            server answers; `*` allows any. Empty means, against DNS rebinding: `localhost`, `127.0.0.1` and
+            `::1` when bound to loopback; those, the bound address and the machine's names and addresses when
+            bound elsewhere without a token (`--insecure`); any host when a token guards the server.
         insecure (`bool`, defaults to False): allow binding a non-loopback interface without a token.
         idle_timeout_s (`float`, defaults to 15): a WebSocket session that sends neither frame nor message for
             this long, with no frame in flight, is closed (4408) so it cannot hold a slot.
@@ -77,6 +82,7 @@ class ServerSettings:
     max_message_bytes: int = 8 * 1024 * 1024
     max_control_bytes: int = 16 * 1024
     max_prompt_chars: int = 1000
+    max_messages_per_s: float = 200.0
     token: str | None = None
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
@@ -103,6 +109,8 @@ class ServerSettings:
                      "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not self.max_messages_per_s > 0:
+            raise ValueError(f"`max_messages_per_s` must be positive, got {self.max_messages_per_s}")
         if self.threads < 0:
             raise ValueError(f"`threads` must be >= 0 (0 = share the cores), got {self.threads}")
         if not 0 <= self.port <= 65535:
@@ -126,7 +134,25 @@ class ServerSettings:
             return None
         if self.allowed_hosts:
             return frozenset(self.allowed_hosts)
-        return LOOPBACK_NAMES if is_loopback(self.host) else None
+        if is_loopback(self.host):
+            return LOOPBACK_NAMES
+        # Without a token nothing but the Host check stops a rebound page; with one, the token does.
+        return machine_names(self.host) if self.token is None else None
+
+
+def machine_names(bound: str) -> frozenset[str]:
+    """The names a server bound to `bound` is reached by: the loopback names, the bound address (unless it is
+    a wildcard), this machine's host names and the addresses they resolve to."""
+    names = set(LOOPBACK_NAMES)
+    if bound not in ("0.0.0.0", "::", ""):
+        names.add(bound.strip("[]").lower())
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        names.add(name.lower())
+        try:
+            names.update(str(info[4][0]).split("%")[0].lower() for info in socket.getaddrinfo(name, None))
+        except OSError:  # a host name that does not resolve still names the machine
+            pass
+    return frozenset(names)
 
 
 #: Names a loopback-bound server answers by default.
@@ -152,11 +178,14 @@ SERVER_FLAGS: tuple[Flag, ...] = (
     Flag(("--max-control-size",), "max_control_bytes", "server", int,
          "largest control message in bytes: WebSocket text message or REST request body"),
     Flag(("--max-prompt-length",), "max_prompt_chars", "server", int, "longest prompt in characters"),
+    Flag(("--max-message-rate",), "max_messages_per_s", "server", float,
+         "WebSocket messages a session may send a second; past it frames are dropped, and a flood is closed"),
     Flag(("--token",), "token", "server", str, "bearer token required on WebSocket and REST (prefer the env variable)"),
     Flag(("--cors-origins",), "cors_origins", "server", str_list,
          "comma-separated origins allowed by CORS and to open WebSockets from a browser (off if empty)"),
     Flag(("--allowed-hosts",), "allowed_hosts", "server", str_list,
-         "comma-separated Host names answered (empty: loopback names when bound to loopback, else any; * any)"),
+         "comma-separated Host names answered (empty: loopback names on loopback, the machine's names and addresses "
+         "without a token, any with a token; * any)"),
     Flag(("--insecure",), "insecure", "server", boolean, "allow a non-loopback --host without a token", boolean=True),
     Flag(("--idle-timeout",), "idle_timeout_s", "server", float,
          "seconds a WebSocket session may send nothing (with no frame in flight) before it is closed"),
