@@ -38,7 +38,8 @@ from .. import guidance
 from ..config import LoadConfig, StreamConfig
 from ..controlnet import embed_control
 from ..models import ModelBundle
-from ..prompt import Conditioning, encode_prompt, precompute_kv
+from ..conditioning import PromptEncoder
+from ..prompt import Conditioning
 from .cache import default_cache_dir, gpu_name, module_fingerprint
 from .factory import (
     Availability,
@@ -226,11 +227,9 @@ def _workload(models: ModelBundle, stream: StreamConfig, kv_cache: bool):
     images = (torch.rand((f, 3, stream.height, stream.width), generator=generator) * 2 - 1).to(device, dtype)
     latents = torch.randn((rows, *latent_shape), generator=generator).to(device, dtype)
     timesteps = torch.full((rows,), 500, dtype=torch.long, device=device)
-    cond = encode_prompt(models.tokenizer, models.text_encoder, stream.prompt)
-    uncond = encode_prompt(models.tokenizer, models.text_encoder, stream.negative_prompt) \
-        if guidance.needs_negative_prompt(stream.cfg_type) else cond
-    states = guidance.expand_prompt_embeds(stream.cfg_type, cond, uncond, n * f, f)
-    conditioning = Conditioning(states, precompute_kv(models.unet, states) if kv_cache else None)
+    # The stream's own prompt encoder: SDXL's pooled embeds and time ids come with it, as they do per frame.
+    layout = (stream.cfg_type, n * f)
+    conditioning = PromptEncoder(models, kv_cache).state(stream, [layout]).layouts[layout]
     embeddings = None
     if models.controlnet is not None:
         control_images = torch.rand((rows, 3, stream.height, stream.width), generator=generator).to(device, dtype)
