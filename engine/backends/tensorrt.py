@@ -19,6 +19,7 @@ them every entry point raises `BackendUnavailableError`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -388,6 +389,8 @@ class TensorRTEngine:
         self.dynamic = dynamic
         self._lock = threading.Lock()
         self._graph: torch.cuda.CUDAGraph | None = None
+        #: Aligned copies of a dynamic engine's unaligned inputs (`bind_dynamic`), one per input name.
+        self._scratch: dict[str, torch.Tensor] = {}
         with torch.cuda.device(device):
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
@@ -416,9 +419,8 @@ class TensorRTEngine:
                         raise RuntimeError(f"TensorRT refused input shape {shape} for {tensor.name!r}")
                 else:
                     shape = tuple(self.context.get_tensor_shape(tensor.name))
-                buffer = torch.empty(shape, dtype=tensor.dtype, device=device)
-                if not self.context.set_tensor_address(tensor.name, buffer.data_ptr()):
-                    raise RuntimeError(f"TensorRT refused the buffer address of {tensor.name!r}")
+                buffer = aligned_empty(shape, tensor.dtype, device)
+                set_address(self.context, tensor.name, buffer, path.name)
                 self.buffers[tensor.name] = buffer
             generator = torch.Generator().manual_seed(0)
             with torch.cuda.stream(self.stream):
@@ -512,11 +514,8 @@ class TensorRTEngine:
     def _run_dynamic(self, bound: Mapping[str, torch.Tensor],
                      output_shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
         """Bind this call's shapes and tensors and execute on the engine's stream (the caller holds the lock)."""
-        for name, tensor in bound.items():
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise RuntimeError(f"TensorRT refused shape {tuple(tensor.shape)} for {name!r} of {self.path.name}: "
-                                   "outside the engine's resolution range")
-            self.context.set_tensor_address(name, tensor.data_ptr())
+        inputs = bind_dynamic(self.context, bound, self._scratch, self.path.name)
+        for tensor in inputs.values():
             # The engine's stream reads the caller's tensor: its memory must not be reused before that.
             tensor.record_stream(self.stream)
         outputs = []
@@ -524,11 +523,62 @@ class TensorRTEngine:
             shape = tuple(self.context.get_tensor_shape(name))
             if shape != expected:
                 raise RuntimeError(f"{self.path.name} gives {name!r} of shape {shape}, expected {expected}")
-            output = torch.empty(shape, dtype=self.buffers[name].dtype, device=self.device)
-            self.context.set_tensor_address(name, output.data_ptr())
+            output = aligned_empty(shape, self.buffers[name].dtype, self.device)
+            set_address(self.context, name, output, self.path.name)
             outputs.append(output)
         self._execute_uncaptured()
         return outputs
+
+
+#: TensorRT requires every I/O tensor's address to be a multiple of this (bytes).
+TENSOR_ALIGNMENT = 256
+
+
+def aligned_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised contiguous tensor whose address is a multiple of `TENSOR_ALIGNMENT` on any device.
+
+    CUDA's caching allocator already gives 512-byte blocks; the CPU one gives 64, so the tensor is cut from a
+    slightly larger byte buffer at its first aligned offset.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + TENSOR_ALIGNMENT, dtype=torch.uint8, device=device)
+    offset = -raw.data_ptr() % TENSOR_ALIGNMENT
+    return raw[offset:offset + nbytes].view(dtype).view(tuple(shape))
+
+
+def set_address(context, name: str, tensor: torch.Tensor, engine_name: str) -> None:
+    """Bind `tensor` to the engine's I/O `name`; TensorRT reports a refusal as False, which is raised here."""
+    if tensor.data_ptr() % TENSOR_ALIGNMENT:
+        raise ValueError(f"{name!r} of {engine_name} is at an address that is not {TENSOR_ALIGNMENT}-byte aligned")
+    if not context.set_tensor_address(name, tensor.data_ptr()):
+        raise RuntimeError(f"TensorRT refused the address of {name!r} for {engine_name} (its error is logged above)")
+
+
+def bind_dynamic(context, bound: Mapping[str, torch.Tensor], scratch: dict[str, torch.Tensor],
+                 engine_name: str) -> dict[str, torch.Tensor]:
+    """Set a dynamic engine's input shapes and addresses for one call; returns the tensors bound, by name.
+
+    A tensor whose address is not `TENSOR_ALIGNMENT`-byte aligned (a slice such as the decoder's `x0[-f:]`)
+    is copied into `scratch[name]`, a per-engine buffer kept for the next call of the same shape. Every
+    TensorRT call's result is checked.
+
+    Raises:
+        RuntimeError: TensorRT refused a shape (outside the engine's resolution range) or an address.
+    """
+    inputs = {}
+    for name, tensor in bound.items():
+        if not context.set_input_shape(name, tuple(tensor.shape)):
+            raise RuntimeError(f"TensorRT refused shape {tuple(tensor.shape)} for {name!r} of {engine_name}: "
+                               "outside the engine's resolution range")
+        if tensor.data_ptr() % TENSOR_ALIGNMENT or not tensor.is_contiguous():
+            buffer = scratch.get(name)
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                buffer = scratch[name] = aligned_empty(tuple(tensor.shape), tensor.dtype, tensor.device)
+            buffer.copy_(tensor, non_blocking=True)
+            tensor = buffer
+        set_address(context, name, tensor, engine_name)
+        inputs[name] = tensor
+    return inputs
 
 
 # ---------------------------------------------------------------------------------------------- runner

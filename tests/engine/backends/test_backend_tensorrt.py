@@ -575,3 +575,54 @@ def test_a_bank_engine_binds_the_bank_by_name(cpu_runner):
     layer = next(name for name in engine.input_names if name.endswith(".bank_key"))
     assert arguments.profile[layer][0][2] % 3 == 0  # capacity·tokens
     assert cpu_runner.engine_key_parts(shape).attention_bank == 3
+
+
+class _RecordingContext:
+    """A TensorRT execution context that records what it is given and refuses what it is told to."""
+
+    def __init__(self, refuse_shape: str | None = None, refuse_address: str | None = None):
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.refuse_shape, self.refuse_address = refuse_shape, refuse_address
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return name != self.refuse_shape
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return name != self.refuse_address
+
+
+def test_unaligned_inputs_are_bound_through_an_aligned_scratch_buffer():
+    """The decoder of a resolution-range engine gets `x0[-f:]`: 64 mod 256 bytes off for the tiny model at 96x48."""
+    latents = torch.randn(3, 4, 6, 12)
+    x0 = latents[-1:]  # one frame of three: 2 * 4 * 6 * 12 * 4 bytes = 2304 bytes in
+    assert x0.data_ptr() % trt_backend.TENSOR_ALIGNMENT != 0
+    aligned = trt_backend.aligned_empty((2, 8), torch.float32, torch.device("cpu"))
+    aligned.copy_(torch.arange(16.0).view(2, 8))
+    context, scratch = _RecordingContext(), {}
+    bound = trt_backend.bind_dynamic(context, {"latent": x0, "other": aligned}, scratch, "decoder.engine")
+    assert all(address % trt_backend.TENSOR_ALIGNMENT == 0 for address in context.addresses.values())
+    assert torch.equal(bound["latent"], x0) and bound["latent"].data_ptr() == scratch["latent"].data_ptr()
+    assert bound["other"].data_ptr() == aligned.data_ptr() and "other" not in scratch  # aligned: bound as it is
+    assert context.shapes == {"latent": (1, 4, 6, 12), "other": (2, 8)}
+    again = trt_backend.bind_dynamic(context, {"latent": latents[-1:] * 2, "other": aligned}, scratch, "decoder.engine")
+    assert again["latent"].data_ptr() == bound["latent"].data_ptr()  # the scratch buffer is kept per shape
+    assert torch.equal(again["latent"], latents[-1:] * 2)
+
+
+@pytest.mark.parametrize(("context", "match"), [
+    (_RecordingContext(refuse_shape="latent"), "refused shape .* outside the engine's resolution range"),
+    (_RecordingContext(refuse_address="latent"), "refused the address of 'latent'"),
+])
+def test_every_refused_shape_or_address_is_raised(context, match):
+    with pytest.raises(RuntimeError, match=match):
+        trt_backend.bind_dynamic(context, {"latent": torch.zeros(1, 4, 8, 8)}, {}, "decoder.engine")
+
+
+def test_an_unaligned_output_is_never_bound():
+    with pytest.raises(ValueError, match="256-byte aligned"):
+        trt_backend.set_address(_RecordingContext(), "image", torch.zeros(64)[16:], "decoder.engine")
+    for shape in [(1,), (3, 5), (2, 4, 6, 12)]:
+        assert trt_backend.aligned_empty(shape, torch.float16, torch.device("cpu")).data_ptr() % 256 == 0
