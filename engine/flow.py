@@ -49,24 +49,21 @@ class RecentUsage:
 
 
 def least_used(items: Sequence[T], after: int, is_ready: Callable[[T], bool],
-               usage: Callable[[T], float]) -> int | None:
+               usage: Callable[[T], float], tolerance: float = 0.0) -> int | None:
     """Index of the ready item with the least `usage`; ties go round-robin after `after`. `None` if none is ready.
 
     Serving the least-used first shares a resource by time, not by turns: a user whose work is expensive
     (a huge image to decode) waits while cheaper users catch up, instead of costing each of them its whole
-    duration every turn.
+    duration every turn. Usages within `tolerance` of the least count as ties, so users of equal cost keep
+    strict turns whatever the noise of their timings.
     """
     count = len(items)
-    best: int | None = None
-    best_usage = 0.0
-    for offset in range(1, count + 1):
-        index = (after + offset) % count
-        if not is_ready(items[index]):
-            continue
-        used = usage(items[index])
-        if best is None or used < best_usage:
-            best, best_usage = index, used
-    return best
+    ready = [(index, usage(items[index])) for index in ((after + offset) % count for offset in range(1, count + 1))
+             if is_ready(items[index])]
+    if not ready:
+        return None
+    least = min(used for _, used in ready)
+    return next(index for index, used in ready if used <= least + tolerance)
 
 
 def round_robin(items: Sequence[T], after: int, is_ready: Callable[[T], bool]) -> int | None:
@@ -88,14 +85,22 @@ class BatchPick:
 
 
 def round_robin_batch(items: Sequence[T], after: int, is_ready: Callable[[T], bool],
-                      key: Callable[[T], Hashable | None], max_batch: int) -> BatchPick | None:
+                      key: Callable[[T], Hashable | None], max_batch: int,
+                      usage: Callable[[T], float] | None = None, tolerance: float = 0.0) -> BatchPick | None:
     """Up to `max_batch` ready items in round-robin order after `after`, all sharing the first one's key.
 
     An item whose key is `None` is never batched with another. The next pick starts after the last item
     taken, or just before the first ready item passed over for a different key, so that one leads the
-    next batch and no item starves. `None` if nothing is ready.
+    next batch and no item starves. With `usage`, the leader is the ready item that used the least
+    (`least_used`: ties, within `tolerance`, in round-robin order), so the resource is shared by time: an
+    item whose calls cost more waits while the others catch up. `None` if nothing is ready.
     """
     count = len(items)
+    if usage is not None:
+        leader = least_used(items, after, is_ready, usage, tolerance)
+        if leader is None:
+            return None
+        after = (leader - 1) % count
     indices: list[int] = []
     passed_over: int | None = None
     leader_key: Hashable | None = None

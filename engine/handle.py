@@ -118,6 +118,8 @@ class StreamHandle:
         self.closed = False
         #: Recent input-stage time (decode + VAE encode) of this stream, for time-fair input scheduling.
         self.input_usage = RecentUsage()
+        #: Recent UNet-stage time of this stream (its share of batches, its own priming), for time-fair batches.
+        self.inference_usage = RecentUsage()
         #: An input thread is working on one of this stream's frames (one at a time keeps their order).
         self.in_input_stage = False
         self._schedule = schedule

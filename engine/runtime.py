@@ -131,6 +131,8 @@ class StreamRuntime:
         self._streams: list[StreamHandle] = []
         self._lock = threading.Condition()
         self._last_served = -1
+        #: Seconds of the last UNet batch without priming: usages closer than this count as even.
+        self._last_batch_s = 0.0
         self._last_decoded = -1
         self._encode_queue: queue.Queue = queue.Queue()
         self._stopping = False
@@ -346,8 +348,12 @@ class StreamRuntime:
             self._infer(batch)
 
     def _next_batch(self) -> BatchPick | None:
+        now = time.monotonic()
         return round_robin_batch(self._streams, self._last_served, StreamHandle.head_decoded,
-                                 lambda h: batch_key(h.engine), self.options.max_batch)
+                                 # A frame that primes again runs alone: no other stream waits for its priming.
+                                 lambda h: None if h.engine.needs_repriming else batch_key(h.engine),
+                                 self.options.max_batch,
+                                 usage=lambda h: h.inference_usage.at(now), tolerance=self._last_batch_s)
 
     def _gather(self, pick: BatchPick) -> BatchPick | None:
         """Let a partial batch wait up to `batch_wait_s` for compatible frames still in the input stage.
@@ -376,9 +382,11 @@ class StreamRuntime:
         ready = [(handle, job) for handle, job in batch if job.error is None]
         try:
             if ready:
+                primed_before = [handle.engine.priming_s for handle, _ in ready]
                 started = time.perf_counter()
                 errors = advance_batch([handle.engine for handle, _ in ready], [job.frame for _, job in ready])
                 elapsed = time.perf_counter() - started
+                self._charge(ready, primed_before, elapsed)
                 self._health.batches += 1
                 for (_, job), error in zip(ready, errors, strict=True):
                     job.model_s += elapsed
@@ -393,6 +401,19 @@ class StreamRuntime:
         finally:
             for handle, job in batch:
                 self._encode_queue.put((handle, job))
+
+    def _charge(self, ready: list[tuple[StreamHandle, Job]], primed_before: list[float], elapsed: float) -> None:
+        """Record each stream's share of one batch's time: the batched call split evenly, and the priming a
+        stream asked for (a re-prepare or reset refills its buffer with n - 1 calls) charged to that stream
+        alone. A new stream's first priming is part of opening it and charged to no one, so streams of equal
+        cost stay even."""
+        primed = [handle.engine.priming_s - before for (handle, _), before in zip(ready, primed_before, strict=True)]
+        batch_s = max(0.0, elapsed - sum(primed))
+        # Usages within one batch's time count as even: equal streams keep strict turns.
+        self._last_batch_s = batch_s
+        now = time.monotonic()
+        for (handle, _), own in zip(ready, primed, strict=True):
+            handle.inference_usage.add(batch_s / len(ready) + (own if handle.engine.frames_processed else 0.0), now)
 
     def _encode_loop(self) -> None:
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,9 @@ class StreamEngine:
         self.config = config
         self.frames_processed = 0
         self.frames_skipped = 0
+        #: Seconds spent priming the buffer (at the first frame, after re-prepares and resets), so the runtime can
+        #: charge them to this stream when it shares the UNet by time.
+        self.priming_s = 0.0
         self._filter = SimilarityFilter(config.similarity_threshold, config.max_skip_frames, seed=config.seed)
         self._prompts = PromptEncoder(self.models, self.kv_cache)
         self._prompt = self._encode_prompt(config)
@@ -390,6 +394,12 @@ class StreamEngine:
         if call.control_slots is not None:
             frame.control = call.control_slots[-self.config.frame_buffer_size:]
 
+    @property
+    def needs_repriming(self) -> bool:
+        """Whether the next frame primes the buffer again first (n - 1 extra UNet calls after a re-prepare or a
+        reset; a new stream's first priming is part of opening it)."""
+        return self.config.stream_batch and self._state.buffer is None and self.frames_processed > 0
+
     def fits(self, frame: FrameWork) -> bool:
         """Whether the frame's latents fit the stream's current size (not if it changed since `begin`)."""
         return tuple(frame.latents.shape) == (self.config.frame_buffer_size, *self.latent_shape(self.config))
@@ -419,6 +429,7 @@ class StreamEngine:
 
     def _prime(self, state: _StreamState, latents: torch.Tensor, control: ControlFrames | None) -> None:
         """Fill the buffer from the first frame so no output ever comes from the empty buffer."""
+        started = time.perf_counter()
         f, n = self.config.frame_buffer_size, self.config.denoising_steps
         state.buffer = torch.zeros(((n - 1) * f, *latents.shape[1:]), device=self.device, dtype=self.dtype)
         if control is not None:
@@ -429,6 +440,7 @@ class StreamEngine:
         self._control_reuse.reset()
         if self.skip_policy is not None:
             self.skip_policy.reset()
+        self.priming_s += time.perf_counter() - started
 
     def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule, stock: torch.Tensor | None,
                   control: ControlFrames | None) -> tuple[torch.Tensor, torch.Tensor | None]:

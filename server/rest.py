@@ -7,10 +7,12 @@ import logging
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from wire import BUSY
+
 from .auth import bearer_token_of, query_token_of, token_matches
 from .health import DEGRADED, READY
 from .protocol import MessageError, ParamsUpdate, PromptUpdate, parse_request_body
-from .sessions import Session
+from .sessions import Session, UpdateRefused
 from .state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,12 @@ async def list_sessions(request: Request) -> dict:
     return {"sessions": [session.describe() for session in server_state(request).sessions]}
 
 
+@router.get("/api/sessions/{session_id}")
+async def get_session(session_id: str, request: Request) -> dict:
+    """One session: its prompt, parameters and counters (as in the list)."""
+    return find_session(session_id, server_state(request)).describe()
+
+
 @router.post("/api/sessions/{session_id}/prompt", openapi_extra=_json_body(PromptUpdate))
 async def update_prompt(session_id: str, request: Request) -> dict:
     """Change a live session's prompt; the text encoder runs in a worker thread."""
@@ -91,6 +99,9 @@ async def _apply(session_id: str, request: Request, model: type) -> dict:
         await session.update(update.engine_params())
     except MessageError as error:
         raise HTTPException(status_code=422, detail={"code": error.code, "message": error.message}) from error
+    except UpdateRefused as error:
+        raise HTTPException(status_code=429 if error.code == BUSY else 422,
+                            detail={"code": error.code, "message": str(error)}) from error
     except ValueError as error:
         raise HTTPException(status_code=422, detail={"code": "invalid_params", "message": str(error)}) from error
     return session.describe()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.runtime import StreamHandle, StreamRuntime
+from wire import BUSY, INVALID_PARAMS
 
 from .protocol import UPDATABLE_PARAMS
 
@@ -22,6 +23,46 @@ _LISTED_PARAMS = sorted(UPDATABLE_PARAMS - {"prompt", "negative_prompt"})
 
 class SessionLimitError(RuntimeError):
     """Every session slot is taken."""
+
+
+class UpdateRefused(ValueError):
+    """A parameter update the server's policy refuses; `code` is the wire's error code (`busy`, `invalid_params`)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """What a session's parameter updates may cost, beyond what the engine validates.
+
+    A change of `t_index_list` re-prepares the stream: the next frame primes its buffer with n - 1 full UNet
+    calls on the inference thread every session shares, and a compiled backend opens a graph per step count.
+    So the steps are capped and re-prepares rate-limited per session.
+
+    Args:
+        max_steps (`int`, defaults to 4): most denoising steps (`t_index_list` entries) of a session.
+        reprepare_interval_s (`float`, defaults to 1.0): seconds between two re-prepares of one session; one
+            sooner is refused with `busy`.
+    """
+
+    max_steps: int = 4
+    reprepare_interval_s: float = 1.0
+
+    def check(self, current: tuple[int, ...], params: dict[str, object], last_reprepare: float | None,
+              now: float) -> bool:
+        """Whether `params` re-prepare a stream now at `current` steps; raises `UpdateRefused` if not allowed."""
+        steps = params.get("t_index_list")
+        if steps is None or tuple(steps) == tuple(current):
+            return False
+        if len(steps) > self.max_steps:
+            raise UpdateRefused(INVALID_PARAMS, f"`t_index_list` has {len(steps)} steps; this server allows at "
+                                                f"most {self.max_steps} (--max-steps)")
+        if last_reprepare is not None and now - last_reprepare < self.reprepare_interval_s:
+            raise UpdateRefused(BUSY, f"`t_index_list` changed {now - last_reprepare:.2f} s ago; a session may "
+                                      f"change it once every {self.reprepare_interval_s:g} s")
+        return True
 
 
 @dataclass
@@ -61,9 +102,11 @@ class Session:
     The latest JPEG is kept (one frame, replaced on each output) for the MJPEG and viewer routes.
     """
 
-    def __init__(self, handle: StreamHandle, session_id: str | None = None):
+    def __init__(self, handle: StreamHandle, session_id: str | None = None, policy: UpdatePolicy = UpdatePolicy()):
         self.id = handle.id if session_id is None else session_id
         self.handle = handle
+        self.policy = policy
+        self.last_reprepare: float | None = None
         self.created = time.time()
         self.window = OutputWindow()
         self.closed = False
@@ -79,12 +122,17 @@ class Session:
         """Apply engine parameters off the event loop, one update at a time in arrival order.
 
         Raises:
+            UpdateRefused: the update is over the server's `UpdatePolicy`.
             ValueError: from the engine, for an invalid value (the stream keeps its old parameters).
         """
         self.pending_updates += 1
         try:
             async with self._update_lock:
+                now = time.monotonic()
+                reprepares = self.policy.check(self.handle.config.t_index_list, params, self.last_reprepare, now)
                 await asyncio.to_thread(self.handle.update, **params)
+                if reprepares:
+                    self.last_reprepare = now
         except ValueError:
             raise
         except Exception as error:  # e.g. the tokenizer choking on a prompt: the stream keeps its parameters
@@ -164,9 +212,10 @@ class SessionRegistry:
     With a `replica_id`, session ids are `<replica_id>-<stream id>` so a proxy can route on them.
     """
 
-    def __init__(self, max_sessions: int, replica_id: str = ""):
+    def __init__(self, max_sessions: int, replica_id: str = "", policy: UpdatePolicy = UpdatePolicy()):
         self.max_sessions = max_sessions
         self.replica_id = replica_id
+        self.policy = policy
         self._sessions: dict[str, Session] = {}
         self._opening = 0
 
@@ -203,7 +252,7 @@ class SessionRegistry:
             raise
         finally:
             self._opening -= 1
-        session = Session(handle, f"{self.replica_id}-{handle.id}" if self.replica_id else handle.id)
+        session = Session(handle, f"{self.replica_id}-{handle.id}" if self.replica_id else handle.id, self.policy)
         self._sessions[session.id] = session
         return session
 

@@ -67,6 +67,11 @@ class ServerSettings:
         log_level (`str`, defaults to `"info"`): logging level name.
         replica_id (`str`, defaults to `""`): when set, every session id starts with `<replica_id>-`, so a
             proxy in front of several replicas can send a session's REST calls to the replica that owns it.
+        max_steps (`int`, defaults to 4): most denoising steps (`t_index_list` entries) a session may run; the
+            default stream's must fit. Each step is a UNet call per frame: 4 is the most a real-time model
+            (sd-turbo 1-2, LCM 4) needs.
+        reprepare_interval_s (`float`, defaults to 1.0): seconds between two `t_index_list` changes of one
+            session (each re-prepares and primes the stream on the shared inference thread); sooner is `busy`.
         threads (`int`, defaults to 0): torch intra-op threads of each model thread (the runtime runs four
             at once: two input threads with the VAE encoder, UNet, VAE decode); 0 shares the cores among them
             (cores // 4, at least 1).
@@ -95,6 +100,8 @@ class ServerSettings:
     warmup: bool = True
     log_level: str = "info"
     replica_id: str = ""
+    max_steps: int = 4
+    reprepare_interval_s: float = 1.0
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -106,9 +113,14 @@ class ServerSettings:
             raise ValueError(f"refusing to listen on {self.host} without a token: anyone who can reach it could "
                              "stream. Set STREAMDIFF_TOKEN (or --token), or pass --insecure to allow it")
         for name in ("max_sessions", "max_in_flight", "max_message_bytes", "max_control_bytes", "max_prompt_chars",
-                     "max_connections"):
+                     "max_connections", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.stream.denoising_steps > self.max_steps:
+            raise ValueError(f"the sessions' `t_index_list` has {self.stream.denoising_steps} steps, over `max_steps` "
+                             f"= {self.max_steps} (--max-steps): raise it or name fewer steps")
+        if self.reprepare_interval_s < 0:
+            raise ValueError(f"`reprepare_interval_s` must be >= 0, got {self.reprepare_interval_s}")
         if not self.max_messages_per_s > 0:
             raise ValueError(f"`max_messages_per_s` must be positive, got {self.max_messages_per_s}")
         if self.threads < 0:
@@ -200,6 +212,10 @@ SERVER_FLAGS: tuple[Flag, ...] = (
     Flag(("--log-level",), "log_level", "server", str, "logging level", LOG_LEVELS),
     Flag(("--replica-id",), "replica_id", "server", str,
          "prefix of this replica's session ids (`<id>-...`), for routing behind a proxy; empty for none"),
+    Flag(("--max-steps",), "max_steps", "server", int,
+         "most denoising steps (t_index_list entries) a session may run"),
+    Flag(("--reprepare-interval",), "reprepare_interval_s", "server", float,
+         "seconds between two t_index_list changes of one session"),
     Flag(("--threads",), "threads", "server", int, "torch threads per model thread (0 = cores // 4, at least 1)"),
 )
 ALL_FLAGS: tuple[Flag, ...] = (*ENGINE_FLAGS, *SERVER_FLAGS)

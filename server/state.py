@@ -16,7 +16,7 @@ from engine.runtime import StreamRuntime
 
 from .health import ErrorClock, assess_health
 from .metrics import ServerMetrics
-from .sessions import SessionRegistry
+from .sessions import SessionRegistry, UpdatePolicy
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ class ServerState:
 
     def __init__(self, settings: ServerSettings, engine: Engine | None = None):
         self.settings = settings
-        self.sessions = SessionRegistry(settings.max_sessions, settings.replica_id)
+        self.sessions = SessionRegistry(settings.max_sessions, settings.replica_id,
+                                        UpdatePolicy(settings.max_steps, settings.reprepare_interval_s))
         self.runtime: StreamRuntime | None = None
         self.metrics = ServerMetrics(lambda: None if self.runtime is None else self.runtime.status(),
                                      lambda: len(self.sessions))

@@ -38,7 +38,7 @@ from wire import (
 from .auth import token_matches, websocket_credentials
 from .protocol import MessageError, parse_client_message
 from .rates import Admission, MessageRate
-from .sessions import Session, SessionLimitError
+from .sessions import Session, SessionLimitError, UpdateRefused
 from .state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,8 @@ class Connection:
     async def apply(self, params: dict[str, object]) -> None:
         try:
             await self.session.update(params)
+        except UpdateRefused as error:
+            self.send_error(error.code, str(error))
         except ValueError as error:  # `Session.update` turns every failure into one
             self.send_error(INVALID_PARAMS, str(error))
 

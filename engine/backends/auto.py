@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from .. import guidance
+from ..conditioning import PromptEncoder
 from ..config import LoadConfig, StreamConfig
 from ..controlnet import embed_control
 from ..models import ModelBundle
-from ..conditioning import PromptEncoder
 from ..prompt import Conditioning
 from .cache import default_cache_dir, gpu_name, module_fingerprint
 from .factory import (

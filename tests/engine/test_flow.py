@@ -78,3 +78,15 @@ def test_round_robin_batch_with_mixed_keys_serves_everyone_every_round(keys, max
     for start in range(len(picks) - len(keys) + 1):
         window = {index for indices in picks[start:start + len(keys)] for index in indices}
         assert window == set(range(len(keys))), (start, picks)
+
+
+def test_a_batch_with_usage_is_led_by_the_least_used_ready_item():
+    keys, used = ["a", "a", "b", "a"], [3.0, 0.5, 0.1, 2.0]
+    pick = round_robin_batch(keys, -1, lambda k: True, lambda k: k, max_batch=4, usage=lambda k: used[keys.index(k)])
+    assert pick.indices[0] == 2  # "b" used the least
+    by_index = round_robin_batch(list(range(4)), -1, lambda i: True, lambda i: "a", max_batch=2,
+                                 usage=lambda i: used[i])
+    assert by_index.indices == [2, 3] and by_index.after == 3  # led by the least used, filled in turn after it
+    tied = round_robin_batch(list(range(3)), 0, lambda i: True, lambda i: None, max_batch=1, usage=lambda i: 0.0)
+    assert tied.indices == [1]  # equal usage: round-robin as without usage
+    assert round_robin_batch(list(range(3)), 0, lambda i: False, lambda i: "a", 2, usage=lambda i: 0.0) is None

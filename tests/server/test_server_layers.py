@@ -20,7 +20,9 @@ import websockets
 from server_testkit import connect, frame, hello, stream
 from websockets.frames import Frame, Opcode
 
+from engine.config import StreamConfig
 from server.rates import Admission, MessageRate
+from server.sessions import UpdatePolicy, UpdateRefused
 from server.serve import redact_token
 from server.settings import LOOPBACK_NAMES, ServerSettings
 
@@ -332,3 +334,50 @@ async def test_a_rebound_page_cannot_reach_an_insecure_public_server(start_serve
                                additional_headers={"Host": f"rebind.example:{port}",
                                                    "Origin": f"http://rebind.example:{port}"}):
                 pass
+
+
+# ---------------------------------------------------------------- 4. costly parameter changes
+
+
+def test_update_policy_caps_steps_and_spaces_reprepares():
+    policy = UpdatePolicy(max_steps=3, reprepare_interval_s=2.0)
+    assert policy.check((10, 40), {"guidance_scale": 1.2}, None, 0.0) is False  # no re-prepare
+    assert policy.check((10, 40), {"t_index_list": [10, 40]}, 0.0, 0.5) is False  # the same steps
+    assert policy.check((10, 40), {"t_index_list": [10, 20, 40]}, None, 0.0) is True
+    with pytest.raises(UpdateRefused, match="at most 3 \\(--max-steps\\)") as refused:
+        policy.check((10, 40), {"t_index_list": [1, 2, 3, 4]}, None, 0.0)
+    assert refused.value.code == "invalid_params"
+    with pytest.raises(UpdateRefused, match="once every 2 s") as refused:
+        policy.check((10, 40), {"t_index_list": [20, 40]}, 10.0, 11.0)
+    assert refused.value.code == "busy"
+    assert policy.check((10, 40), {"t_index_list": [20, 40]}, 10.0, 12.5) is True
+
+
+def test_a_server_refuses_default_steps_over_its_cap():
+    with pytest.raises(ValueError, match="--max-steps"):
+        ServerSettings(stream=StreamConfig(t_index_list=(5, 10, 20, 30, 40)))
+    assert ServerSettings(stream=StreamConfig(t_index_list=(5, 10, 20, 30, 40)), max_steps=5).max_steps == 5
+
+
+async def test_steps_are_capped_and_reprepares_spaced_per_session(start_server):
+    with start_server(max_steps=3, reprepare_interval_s=30.0) as live:
+        async with connect(live.ws_url) as ws, httpx.AsyncClient(base_url=live.base_url, timeout=30) as rest:
+            session_id = (await hello(ws))["session_id"]
+
+            async def update(steps: list[int]) -> dict | None:
+                await ws.send(json.dumps({"type": "params", "t_index_list": steps}))
+                log = await stream(ws, [frame(1)], 1)  # the update is applied before the next frame's answer
+                errors = log.of_type("error")
+                return errors[0] if errors else None
+
+            refused = await update([5, 10, 20, 40])
+            assert refused["code"] == "invalid_params" and "--max-steps" in refused["message"]
+            assert await update([10, 20, 40]) is None  # the first re-prepare is free
+            busy = await update([20, 40])
+            assert busy["code"] == "busy" and "once every 30 s" in busy["message"]
+            described = (await rest.get(f"/api/sessions/{session_id}")).json()
+            assert described["params"]["t_index_list"] == [10, 20, 40]
+            patched = await rest.patch(f"/api/sessions/{session_id}/params", json={"t_index_list": [20, 40]})
+            assert patched.status_code == 429 and patched.json()["detail"]["code"] == "busy"
+            assert (await rest.patch(f"/api/sessions/{session_id}/params",
+                                     json={"guidance_scale": 1.1})).status_code == 200  # hot changes still pass
