@@ -22,8 +22,8 @@ from websockets.frames import Frame, Opcode
 
 from engine.config import StreamConfig
 from server.rates import Admission, MessageRate
-from server.sessions import UpdatePolicy, UpdateRefused
 from server.serve import redact_token
+from server.sessions import UpdatePolicy, UpdateRefused
 from server.settings import LOOPBACK_NAMES, ServerSettings
 
 TOKEN = "s3cret-token"
