@@ -11,7 +11,7 @@ MODEL ?= demo
 # for 0.81x the frame rate (docs/controlnet.md). `make serve CONTROLNET=` serves without; other models have none.
 CONTROLNET ?= $(if $(filter demo,$(MODEL)),demo,)
 
-.PHONY: setup serve demo test bench doctor gpu-check lint clean
+.PHONY: setup gpu-setup serve demo test test-fast bench doctor gpu-check lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# On a CUDA machine: the TensorRT extra for the installed torch's CUDA major (`trt` for CUDA 12, `trt-cu13` for
+# 13), from NVIDIA's index, where TensorRT's wheels are (its PyPI packages are stubs that download there).
+$(VENV)/.gpu-installed: $(VENV)/.installed
+	$(PIP) install --quiet --extra-index-url https://pypi.nvidia.com -e ".[$$($(PY) -c 'import torch; from engine.backends.tensorrt import tensorrt_extra; print(tensorrt_extra(torch.version.cuda))')]"
+	touch $@
+
+gpu-setup: $(VENV)/.gpu-installed
 
 serve: setup
 	$(PY) -m server --model $(MODEL) $(if $(CONTROLNET),--controlnet $(CONTROLNET))
@@ -39,8 +47,8 @@ doctor: setup
 	$(PY) -m engine.doctor --json out/doctor.json
 
 # On a CUDA machine: the doctor, the cuda-marked tests and the TensorRT benchmark at 512x512 in one report;
-# on a CPU machine it stops at once, saying so.
-gpu-check: setup
+# on a CPU machine, or where TensorRT does not import, it stops at once (status 2) with the fix.
+gpu-check: gpu-setup
 	$(PY) -m benchmarks.gpu_check --out out/gpu-check.json
 
 lint: setup

@@ -7,8 +7,9 @@ model hub or the local hub cache has it, else on the built-in tiny model). Each 
 status, duration and results (the doctor's and the benchmark's JSON, the test counts) go into one
 report (`out/gpu-check.json` by default). Exit status 0 only when every step passed.
 
-On a machine where torch sees no CUDA GPU it stops at once with the reason and status 2: none of
-these steps can say anything there (`python -m engine.doctor` is the check for a CPU machine).
+On a machine where torch sees no CUDA GPU, or where TensorRT does not import, it stops at once with the reason,
+the fix and status 2: none of these steps can say anything there (`python -m engine.doctor` is the check for a
+CPU machine; `make gpu-setup` installs the TensorRT extra for torch's CUDA). Each step has a time bound.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ FALLBACK_MODEL = "tiny"
 # sd-turbo runs with the tiny VAE, which comes from the hub too (`engine.models.DEFAULT_TAESD`).
 HUB_REPOS = (HUB_MODEL, "madebyollin/taesd")
 SIZE = 512
-# The steps build TensorRT engines (minutes each for a full-size UNet); this only stops a hung step.
-STEP_TIMEOUT_S = 3 * 3600
+#: Each step's bound in seconds: the doctor runs a few frames; the tests and the benchmark build TensorRT engines
+#: (minutes each for a full-size UNet). Past its bound a step is stopped and reported failed.
+STEP_TIMEOUTS_S = {"doctor": 15 * 60, "cuda_tests": 45 * 60, "tensorrt_benchmark": 60 * 60}
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class Step:
     name: str
     command: list[str]
     output: Path | None
+
+    @property
+    def timeout_s(self) -> float:
+        """How long the step may run."""
+        return STEP_TIMEOUTS_S[self.name]
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -55,6 +62,22 @@ def cuda_unavailable_reason() -> str | None:
         return f"torch {torch.__version__} is a CPU-only build and this machine has no CUDA GPU for it"
     return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: check the NVIDIA driver "
             "(`nvidia-smi`) and CUDA_VISIBLE_DEVICES")
+
+
+def tensorrt_missing_fix() -> str | None:
+    """The fix when TensorRT (or polygraphy) cannot be imported here, None when it can: without it the TensorRT
+    tests skip and the TensorRT benchmark fails, so the check would say nothing."""
+    import torch
+
+    from engine.backends.tensorrt import tensorrt_install
+
+    try:
+        import polygraphy  # noqa: F401
+        import tensorrt  # noqa: F401
+    except Exception as error:  # a broken install raises more than ImportError (OSError for a missing libnvinfer)
+        return (f"TensorRT does not import ({type(error).__name__}: {error}). Install "
+                f"{tensorrt_install(torch.version.cuda)}; `make gpu-setup` does it")
+    return None
 
 
 def hub_has(repo: str, timeout_s: float = 10.0) -> bool:
@@ -115,7 +138,7 @@ def step_result(step: Step, returncode: int, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the check; 0 when every step passed, 1 when one failed, 2 on a machine without CUDA."""
+    """Run the check; 0 when every step passed, 1 when one failed, 2 on a machine without CUDA or TensorRT."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/gpu-check.json"), help="the report's JSON file")
     parser.add_argument("--model", help=f"benchmark model (default: {HUB_MODEL} when the hub has it, else tiny)")
@@ -124,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"gpu-check needs a CUDA GPU: {reason}. Nothing was run. On this machine, "
               "`python -m engine.doctor` says what works.", file=sys.stderr)
+        return 2
+    fix = tensorrt_missing_fix()
+    if fix is not None:
+        print(f"gpu-check needs TensorRT: {fix}. Nothing was run.", file=sys.stderr)
         return 2
     start_logging()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("gpu-check: %s: %s", step.name, " ".join(step.command))
         started = time.perf_counter()
         try:
-            returncode = subprocess.run(step.command, timeout=STEP_TIMEOUT_S, check=False).returncode
+            returncode = subprocess.run(step.command, timeout=step.timeout_s, check=False).returncode
         except subprocess.TimeoutExpired:
+            logger.error("gpu-check: %s ran past its bound of %d s and was stopped", step.name, step.timeout_s)
             returncode = -1
         report["steps"][step.name] = step_result(step, returncode, time.perf_counter() - started)
         logger.info("gpu-check: %s %s", step.name, "passed" if report["steps"][step.name]["ok"] else "FAILED")

@@ -45,6 +45,7 @@ from .backends.cache import (
 from .backends.errors import BackendUnavailableError
 from .backends.factory import Availability, choose_backend, probe_availability, unavailable_reason
 from .backends.onnx_export import DEFAULT_EXPORTER, EXPORTERS
+from .backends.tensorrt import tensorrt_install
 from .config import BACKENDS
 from .loading import resolve_device, resolve_dtype
 from .models import ModelLoadError
@@ -124,12 +125,6 @@ def probe_gpus() -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- decisions
-
-
-def tensorrt_install(torch_cuda: str | None, reinstall: bool = False) -> str:
-    """The install command of TensorRT for torch's CUDA major (the packages are built per CUDA major)."""
-    extra = "trt-cu13" if torch_cuda is not None and torch_cuda.split(".")[0] == "13" else "trt"
-    return f"pip install {'--force-reinstall ' if reinstall else ''}-e '.[{extra}]'"
 
 
 def environment_checks(versions: dict, gpus: Sequence[dict], available: Availability) -> list[Check]:

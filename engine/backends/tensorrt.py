@@ -98,6 +98,26 @@ def version_unavailable_reason(tensorrt_version_: str, polygraphy_version: str) 
     return None
 
 
+#: Where TensorRT's wheels are: on PyPI, `tensorrt-cu12-libs`/`tensorrt-cu13-libs` 11.x are stubs that download
+#: the real libraries from this index while they install, which fails offline or behind a proxy.
+NVIDIA_INDEX = "https://pypi.nvidia.com"
+
+
+def tensorrt_extra(torch_cuda: str | None) -> str:
+    """The project's TensorRT extra for torch's CUDA version (TensorRT's packages are built per CUDA major)."""
+    return "trt-cu13" if torch_cuda is not None and torch_cuda.split(".")[0] == "13" else "trt"
+
+
+def tensorrt_install(torch_cuda: str | None, reinstall: bool = False) -> str:
+    """How to install TensorRT for torch's CUDA major: the matching extra, from NVIDIA's index (or a container
+    that has it)."""
+    extra = tensorrt_extra(torch_cuda)
+    return (f"the extra that matches your torch's CUDA ({torch_cuda or 'none'}): pip install "
+            f"{'--force-reinstall ' if reinstall else ''}--extra-index-url {NVIDIA_INDEX} -e '.[{extra}]' "
+            "(TensorRT's wheels are on NVIDIA's index; its PyPI packages are stubs that download there), "
+            "or run in an NGC PyTorch/TensorRT container")
+
+
 def tensorrt_unavailable_reason() -> str | None:
     """Why the TensorRT backend cannot run here, or None when it can.
 
@@ -110,13 +130,11 @@ def tensorrt_unavailable_reason() -> str | None:
     try:
         import tensorrt
     except ModuleNotFoundError:
-        return ("the tensorrt backend needs the `tensorrt` (10+) and `polygraphy` packages: "
-                "pip install '.[trt]' (CUDA 12) or '.[trt-cu13]' (CUDA 13) on a CUDA machine, "
-                "or use --backend onnxruntime")
+        return (f"the tensorrt backend needs the `tensorrt` (10+) and `polygraphy` packages: install "
+                f"{tensorrt_install(torch.version.cuda)}; or use --backend onnxruntime")
     except Exception as error:
         return (f"the tensorrt package is installed but does not import ({type(error).__name__}: {error}); "
-                "reinstall the build for torch's CUDA: pip install --force-reinstall '.[trt]' (CUDA 12) "
-                "or '.[trt-cu13]' (CUDA 13), or use --backend onnxruntime")
+                f"reinstall {tensorrt_install(torch.version.cuda, reinstall=True)}; or use --backend onnxruntime")
     try:
         import polygraphy
     except ModuleNotFoundError:

@@ -75,3 +75,24 @@ def test_a_step_embeds_the_json_it_wrote(tmp_path):
     assert result["ok"] and result["results"] == {"tensorrt_fps": 42.0}
     missing = gpu_check.step_result(gpu_check.Step("doctor", ["doctor"], tmp_path / "none.json"), 1, 1.0)
     assert not missing["ok"] and "results" not in missing
+
+
+def test_the_check_installs_tensorrt_for_torchs_cuda_first():
+    result = subprocess.run(["make", "-n", "gpu-check", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    setup = next(line for line in result.stdout.splitlines() if "pip install" in line and "tensorrt_extra" in line)
+    assert "--extra-index-url https://pypi.nvidia.com" in setup and "torch.version.cuda" in setup
+    assert result.stdout.index(setup) < result.stdout.index("-m benchmarks.gpu_check")
+
+
+def test_without_tensorrt_it_stops_with_the_fix_and_status_2(monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "cuda_unavailable_reason", lambda: None)  # as on a CUDA machine
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    assert gpu_check.main(["--out", "/nonexistent/gpu-check.json"]) == 2
+    err = capsys.readouterr().err
+    assert "gpu-check needs TensorRT" in err and "NVIDIA's index" in err and "make gpu-setup" in err
+
+
+def test_every_step_has_a_time_bound(tmp_path):
+    for step in gpu_check.steps("python", tmp_path, "tiny"):
+        assert 0 < step.timeout_s <= 3600, step

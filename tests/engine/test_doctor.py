@@ -35,7 +35,8 @@ def test_a_cpu_machine_is_told_what_a_gpu_needs():
     assert checks["torch"].status == "ok" and "CPU only" in checks["torch"].detail
     assert checks["CUDA"].status == "missing" and "download.pytorch.org/whl/cu" in checks["CUDA"].fix
     assert checks["TensorRT"].status == "missing"
-    assert checks["TensorRT"].fix == "on a CUDA machine: pip install -e '.[trt]'"
+    assert checks["TensorRT"].fix.startswith("on a CUDA machine: the extra that matches your torch's CUDA")
+    assert "--extra-index-url https://pypi.nvidia.com -e '.[trt]'" in checks["TensorRT"].fix
     assert checks["ONNX Runtime"].status == "ok" and "CPUExecutionProvider" in checks["ONNX Runtime"].detail
     assert checks["ONNX export"].status == checks["diffusers"].status == "ok"
 
@@ -49,7 +50,8 @@ def test_each_missing_piece_of_a_gpu_machine_names_its_fix():
                      [GPU])
     assert checks["CUDA"].status == "ok" and "RTX 4090 (23.6 GiB)" in checks["CUDA"].detail
     assert checks["cuDNN"].status == "ok"
-    assert checks["TensorRT"].fix == "pip install --force-reinstall -e '.[trt-cu13]'"
+    assert "--force-reinstall --extra-index-url https://pypi.nvidia.com -e '.[trt-cu13]'" in checks["TensorRT"].fix
+    assert "NGC" in checks["TensorRT"].fix and "stubs" in checks["TensorRT"].fix
     assert checks["ONNX Runtime"].fix == checks["ONNX export"].fix == "pip install -e '.[onnx]'"
 
 
@@ -91,7 +93,7 @@ def test_entry_status(parts, name, problem, expected):
     ("onnxruntime", ModelLoadError("could not fetch"), ["--model tiny"]),
     ("onnxruntime", BackendUnavailableError("needs onnxruntime"), ["pip install -e '.[onnx]'", "--backend eager"]),
     ("onnxruntime", RuntimeError("session failed"), ["--force-reinstall -e '.[onnx]'", "--backend eager"]),
-    ("tensorrt", BackendUnavailableError("needs CUDA"), ["pip install -e '.[trt]'"]),
+    ("tensorrt", BackendUnavailableError("needs CUDA"), ["-e '.[trt]'", "NVIDIA's index"]),
     ("eager", RuntimeError("boom"), ["pip install --force-reinstall -e ."]),
 ])
 def test_a_failed_path_names_its_fix(backend, error, needles):
@@ -220,7 +222,7 @@ def test_without_onnxruntime_auto_runs_eager_and_names_the_install(tmp_path, cap
 def test_asking_for_tensorrt_where_it_cannot_run_exits_1_naming_the_install(tmp_path, capsys):
     code, out, report = _run(tmp_path, capsys, "--backend", "tensorrt", "--device", "cpu")
     assert code == 1 and "FAILED on tensorrt: BackendUnavailableError" in out
-    assert "pip install -e '.[trt]'" in report["failure"]["fix"]
+    assert "-e '.[trt]'" in report["failure"]["fix"] and "NVIDIA's index" in report["failure"]["fix"]
 
 
 @pytest.mark.cuda
