@@ -42,6 +42,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _auto_tensorrt(asked: LoadConfig, resolved: LoadConfig) -> bool:
+    """Whether `auto` (for the UNet or the VAE) resolved to TensorRT."""
+    return ("auto" in (asked.backend, asked.vae_backend)) and "tensorrt" in (resolved.backend, resolved.vae_backend)
+
+
 def load_bundle(config: LoadConfig) -> ModelBundle:
     """The `ModelBundle` of `config.model` with `config.loras` fused, on `config.device` in `config.dtype`, in eval
     mode. LoRAs are fused in the precision the model was read in (float32), before the cast.
@@ -118,11 +123,23 @@ class Engine:
         # (`temporal="bank"`) reach it the same way as the cache.
         install_kv_processors(models.unet)
         apply_memory_mode(models, config.memory)
-        config, _ = resolve_auto(models, config, stream)
+        asked = config
+        config, _ = resolve_auto(models, asked, stream)
         source = None if models.controlnet is None else make_control_source(config, parameter.device)
         engine = cls(config, models, parameter.device, parameter.dtype, source)
         started = time.perf_counter()
-        runner = engine.runner()
+        try:
+            # An `auto` TensorRT is chosen unmeasured: build its graphs for `stream` now, where a failed build
+            # can still fall back, rather than at the first session.
+            runner = engine.runner(stream or StreamConfig()) if _auto_tensorrt(asked, config) else engine.runner()
+        except Exception as error:
+            if not _auto_tensorrt(asked, config):
+                raise
+            failure = f"its engines failed to build here ({type(error).__name__}: {error})"
+            logger.warning("--backend auto: tensorrt cannot serve, %s; falling back to the next backend", failure)
+            config, _ = resolve_auto(models, asked, stream, tensorrt_failure=failure)
+            engine = cls(config, models, parameter.device, parameter.dtype, source)
+            runner = engine.runner()
         logger.info("backend %s ready in %.1f s", runner_name(runner), time.perf_counter() - started)
         return engine
 

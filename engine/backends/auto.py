@@ -307,20 +307,22 @@ def measure_backend(backend: str, models: ModelBundle, load: LoadConfig, stream:
 
 def resolve_auto(models: ModelBundle, load: LoadConfig, stream: StreamConfig | None = None,
                  cache_dir: Path | None = None,
-                 measure: Callable[..., Measurement] = measure_backend) -> tuple[LoadConfig, BackendChoice]:
+                 measure: Callable[..., Measurement] = measure_backend,
+                 tensorrt_failure: str | None = None) -> tuple[LoadConfig, BackendChoice]:
     """`load` with an `auto` backend (and `vae_backend`) made concrete for `models` on this machine, and why.
 
     TensorRT where it runs; eager under a memory mode (it slices the eager modules), for streams with a skip
-    policy (it works inside the eager UNet) or `temporal="bank"` (not measured; onnxruntime and tensorrt run it when
-    named); else the fastest candidate
-    measured on `stream`'s workload (default `StreamConfig()`), from the verdicts file when this key was
-    measured before. Then, with every network on ONNX Runtime on the CPU, torch's threads go to ONNX Runtime
+    policy (it works inside the eager UNet) or `temporal="bank"` (not measured; onnxruntime and tensorrt run it
+    when named); else the fastest candidate measured on `stream`'s workload (default `StreamConfig()`), from the
+    verdicts file when this key was measured before. `tensorrt_failure` (why TensorRT's build failed here,
+    `Engine.prepare`) takes TensorRT out. Then, with every network on ONNX Runtime on the CPU, torch's threads
+    go to ONNX Runtime
     (`claim_cpu_threads`). A `load` without `auto` only gets that last step.
     """
     device = next(models.unet.parameters()).device
     if "auto" in (load.backend, load.vae_backend):
         stream = stream or StreamConfig()
-        choice = _choose(models, load, stream, cache_dir, measure)
+        choice = _choose(models, load, stream, cache_dir, measure, tensorrt_failure)
         logger.info("--backend auto chose %s: %s", choice.backend, choice.reason)
         changes = {"backend": choice.backend} if load.backend == "auto" else {}
         if load.vae_backend == "auto":
@@ -333,9 +335,11 @@ def resolve_auto(models: ModelBundle, load: LoadConfig, stream: StreamConfig | N
 
 
 def _choose(models: ModelBundle, load: LoadConfig, stream: StreamConfig, cache_dir: Path | None,
-            measure: Callable[..., Measurement]) -> BackendChoice:
+            measure: Callable[..., Measurement], tensorrt_failure: str | None = None) -> BackendChoice:
     parameter = next(models.unet.parameters())
     available = probe_availability(parameter.device, str(parameter.dtype).removeprefix("torch."))
+    if tensorrt_failure is not None:
+        available = dataclasses.replace(available, tensorrt_reason=tensorrt_failure)
     if load.memory != "off":
         return BackendChoice("eager", f"memory mode {load.memory!r} slices the eager modules")
     if stream.skip_policy != "off":

@@ -111,7 +111,9 @@ def unavailable_reason(backend: str, available: Availability) -> str | None:
             return available.tensorrt_reason
         if available.device_type != "cuda":
             return f"the models are on {available.device_type}, TensorRT runs CUDA models: use --device cuda"
-        return None
+        from .tensorrt import tensorrt_dtype_reason
+
+        return tensorrt_dtype_reason(available.dtype)
     raise ValueError(f"unknown backend {backend!r}")
 
 

@@ -118,6 +118,20 @@ def tensorrt_install(torch_cuda: str | None, reinstall: bool = False) -> str:
             "or run in an NGC PyTorch/TensorRT container")
 
 
+def tensorrt_dtype_reason(dtype: str) -> str | None:
+    """Why TensorRT cannot run models of `dtype` here, None when it can.
+
+    bfloat16 builds meet `Resize` (every UNet and VAE upsampler exports to one) on bfloat16 tensors, which
+    TensorRT does not implement, so the build fails after minutes; it is refused up front instead.
+    """
+    if dtype == "bfloat16":
+        return ("TensorRT implements no Resize on bfloat16 tensors (every UNet and VAE upsampler exports to one): "
+                "run TensorRT in float16 (--dtype float16), or bfloat16 on --backend eager or compile")
+    if dtype not in STRONGLY_TYPED_DTYPES:
+        return f"the tensorrt backend runs {'/'.join(STRONGLY_TYPED_DTYPES)} models, these are {dtype}"
+    return None
+
+
 def tensorrt_unavailable_reason() -> str | None:
     """Why the TensorRT backend cannot run here, or None when it can.
 
@@ -652,9 +666,9 @@ class TensorRTRunner(StaticShapeRunner):
                 f"the tensorrt backend needs the models on a CUDA device, they are on {parameter.device}"
             )
         self.dtype = str(parameter.dtype).removeprefix("torch.")
-        if self.dtype not in STRONGLY_TYPED_DTYPES:
-            raise BackendUnavailableError(f"the tensorrt backend runs {'/'.join(STRONGLY_TYPED_DTYPES)} models, "
-                                          f"these are {self.dtype}")
+        reason = tensorrt_dtype_reason(self.dtype)
+        if reason is not None:
+            raise BackendUnavailableError(reason)
         self.device = cuda_device(parameter.device)
         self.workspace_bytes = workspace_bytes
         self.use_cuda_graph = use_cuda_graph

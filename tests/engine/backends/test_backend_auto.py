@@ -6,6 +6,7 @@ real calibration of the tiny model at 32² end to end and checks only what it de
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -25,7 +26,7 @@ from engine.backends.auto import (
     resolve_auto,
     write_verdict,
 )
-from engine.backends.factory import Availability, choose_backend
+from engine.backends.factory import Availability, choose_backend, unavailable_reason
 
 CPU = Availability("cpu", "no CUDA", ("CPUExecutionProvider",))
 STREAM = StreamConfig(width=32, height=32, similarity_filter=False)
@@ -210,3 +211,24 @@ def test_engine_prepare_resolves_auto_by_measuring_once(tiny_models, onnx_cache_
     with caplog.at_level(logging.INFO, logger="engine.backends.auto"):
         again = Engine.prepare(tiny_models, LoadConfig(model="tiny"), STREAM)
     assert again.config.backend == engine.config.backend and "measured before" in caplog.text
+
+
+def test_bfloat16_models_never_get_tensorrt_and_are_told_why():
+    bf16 = Availability("cuda", None, ("CPUExecutionProvider",), dtype="bfloat16")
+    reason = unavailable_reason("tensorrt", bf16)
+    assert "Resize on bfloat16" in reason and "--dtype float16" in reason
+    assert choose_backend("auto", bf16).backend != "tensorrt"
+    assert unavailable_reason("tensorrt", dataclasses.replace(bf16, dtype="float16")) is None
+
+
+def test_a_tensorrt_that_fails_to_build_falls_back_and_says_why(tiny_models, monkeypatch, caplog):
+    """`auto` picks TensorRT unmeasured wherever it imports; a build that then fails (here: TensorRT is not
+    installed, as on this machine) must cost the start nothing but the fallback."""
+    cuda_claimed = Availability("cuda", None, None, compile_reason="no compiler here")
+    monkeypatch.setattr(auto, "probe_availability", lambda device, dtype: cuda_claimed)
+    with caplog.at_level(logging.INFO):
+        engine = Engine.prepare(tiny_models, LoadConfig(model="tiny", backend="auto"))
+    assert engine.config.backend == "eager"
+    assert "--backend auto: tensorrt cannot serve, its engines failed to build here" in caplog.text
+    assert "falling back to the next backend" in caplog.text
+    assert "--backend auto chose eager" in caplog.text
