@@ -23,6 +23,7 @@ import math
 import re
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,6 +424,8 @@ class TensorRTEngine:
         self._graph: torch.cuda.CUDAGraph | None = None
         #: Aligned copies of a dynamic engine's unaligned inputs (`bind_dynamic`), one per input name.
         self._scratch: dict[str, torch.Tensor] = {}
+        #: What a static engine's input buffers hold now.
+        self._copied = CopiedInputs()
         with torch.cuda.device(device):
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
@@ -531,7 +534,10 @@ class TensorRTEngine:
                     outputs = self._run_dynamic(bound, [tuple(shape) for shape in output_shapes])
                 else:
                     for name, tensor in bound.items():
-                        self.buffers[name].copy_(tensor, non_blocking=True)
+                        # A prompt's K/V are the same tensors every frame: copied once per prompt, not per call.
+                        if self._copied.stale(name, tensor):
+                            self.buffers[name].copy_(tensor, non_blocking=True)
+                            self._copied.mark(name, tensor)
                     if self._graph is not None:
                         self._graph.replay()
                     else:
@@ -560,6 +566,40 @@ class TensorRTEngine:
             outputs.append(output)
         self._execute_uncaptured()
         return outputs
+
+
+class CopiedInputs:
+    """Which tensor each input buffer of a static engine last received, so an unchanged input is not copied again.
+
+    A tensor counts as unchanged while it is the same live object at the same version (torch bumps a tensor's
+    version on every in-place write), so a prompt's K/V, the same tensors frame after frame, are copied into
+    the engine once per prompt; a new tensor, or one written since, is copied.
+    """
+
+    def __init__(self) -> None:
+        self._sources: dict[str, tuple[weakref.ref, int]] = {}
+
+    def stale(self, name: str, tensor: torch.Tensor) -> bool:
+        """Whether buffer `name` may not hold `tensor`'s current values."""
+        source = self._sources.get(name)
+        version = _version(tensor)
+        return source is None or version is None or source[0]() is not tensor or source[1] != version
+
+    def mark(self, name: str, tensor: torch.Tensor) -> None:
+        """Buffer `name` now holds `tensor`'s current values."""
+        version = _version(tensor)
+        if version is None:
+            self._sources.pop(name, None)
+        else:
+            self._sources[name] = (weakref.ref(tensor), version)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """`tensor`'s in-place write counter; None for an inference-mode tensor, which keeps none (always copied)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 #: TensorRT requires every I/O tensor's address to be a multiple of this (bytes).

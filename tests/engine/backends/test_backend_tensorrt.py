@@ -626,3 +626,23 @@ def test_an_unaligned_output_is_never_bound():
         trt_backend.set_address(_RecordingContext(), "image", torch.zeros(64)[16:], "decoder.engine")
     for shape in [(1,), (3, 5), (2, 4, 6, 12)]:
         assert trt_backend.aligned_empty(shape, torch.float16, torch.device("cpu")).data_ptr() % 256 == 0
+
+
+def test_a_static_engine_copies_an_input_only_when_it_changed():
+    """A prompt's K/V are the same tensors every frame: copied into the engine's buffers once per prompt."""
+    copied = trt_backend.CopiedInputs()
+    kv, latents = torch.randn(2, 8), torch.randn(1, 4)
+    assert copied.stale("k0", kv)
+    copied.mark("k0", kv)
+    assert not copied.stale("k0", kv)  # the next frame, same prompt: no copy
+    assert copied.stale("k0", kv.clone())  # equal values, another tensor (another stream's prompt): copied
+    assert copied.stale("latents", latents)
+    kv.mul_(2)  # written in place since: copied again
+    assert copied.stale("k0", kv)
+    copied.mark("k0", kv)
+    del kv  # a freed tensor never matches a new one, even at the same address
+    assert copied.stale("k0", torch.randn(2, 8))
+    with torch.inference_mode():
+        untracked = torch.randn(2, 8)  # keeps no version counter: always copied
+    copied.mark("k1", untracked)
+    assert copied.stale("k1", untracked)
