@@ -39,6 +39,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The edit loop: pure, engine-exactness and in-process server tests; the `slow` tier (subprocess servers,
+# Chromium, nginx, ONNX exports, training, benchmark commands) is left to `make test`.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
 bench: setup
 	$(PY) -m benchmarks.engine --json out/bench.json
 

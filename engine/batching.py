@@ -31,7 +31,7 @@ def batch_key(engine: StreamEngine) -> Hashable | None:
     # A `bank` stream's UNet call carries its own attention bank, and a stream that reuses ControlNet residuals
     # its own residuals: they run alone.
     reuses_control = engine.models.controlnet is not None and config.controlnet_reuse_interval > 1
-    if not getattr(engine.runner, "dynamic_batch", False) or engine.skip_policy is not None \
+    if not engine.runner.capabilities.dynamic_batch or engine.skip_policy is not None \
             or engine.temporal.bank is not None or reuses_control \
             or not config.stream_batch:
         return None

@@ -151,9 +151,8 @@ class Engine:
     def runner(self, stream: StreamConfig | None = None) -> NetworkRunner:
         """The shared runner of this engine's backend; with `stream`, the graphs it needs are opened first."""
         if self._fixed_runner is not None:
-            prepare = getattr(self._fixed_runner, "prepare", None)
-            if prepare is not None and stream is not None:
-                prepare(stream, self.config.kv_cache)
+            if stream is not None:
+                self._fixed_runner.prepare(stream, self.config.kv_cache)
             return self._fixed_runner
         runner = make_runner(self.models, self.config, stream)
         self._runners[None if stream is None else stream.cfg_type] = runner

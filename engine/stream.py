@@ -156,7 +156,7 @@ class StreamEngine:
             from .backends.split import unet_runner_of
 
             unet_runner = unet_runner_of(runner)
-            if not getattr(unet_runner, "attention_bank", False):
+            if not unet_runner.capabilities.attention_bank:
                 raise ValueError("`temporal='bank'` extends the UNet's self-attention per stream: it needs a UNet "
                                  "backend that takes the bank, eager, onnxruntime or tensorrt (this engine's is "
                                  f"{runner_name(unet_runner)}); use `temporal='flow'` on the others")
@@ -167,16 +167,14 @@ class StreamEngine:
         """A compiled backend opens the graphs of `config` now, on the caller's thread, rather than on a frame: a
         hot change to or from `temporal='bank'`, or of its `bank_size`, needs another UNet graph (the eager UNet
         has nothing to open)."""
-        prepare = getattr(runner, "prepare", None)
-        if prepare is not None:
-            prepare(config, self.kv_cache)
+        runner.prepare(config, self.kv_cache)
 
     def _check_controlnet(self, runner) -> None:
         from .backends.base import runner_name
         from .backends.split import unet_runner_of
 
         unet_runner = unet_runner_of(runner)
-        if self.models.controlnet is not None and not hasattr(unet_runner, "controlnet"):
+        if self.models.controlnet is not None and not unet_runner.capabilities.controlnet:
             raise ValueError(f"this engine has a ControlNet, but its UNet backend ({runner_name(unet_runner)}) cannot "
                              "run one: use `backend='eager'`, 'onnxruntime' or 'tensorrt'")
 

@@ -272,8 +272,7 @@ def measure_backend(backend: str, models: ModelBundle, load: LoadConfig, stream:
     try:
         runner = new_runner(backend, models, stream.cfg_type, cache_dir, DEFAULT_EXPORTER, load.resolution_range)
         # Exports and compiles log their own progress (a heartbeat while they run, then their duration).
-        if hasattr(runner, "prepare"):
-            runner.prepare(stream, load.kv_cache)
+        runner.prepare(stream, load.kv_cache)
         for name, call in calls:
             graph_started = clock()
             call(runner)

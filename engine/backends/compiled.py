@@ -8,8 +8,10 @@ import time
 
 import torch
 
+from ..config import StreamConfig
 from ..models import ModelBundle
 from ..prompt import Conditioning
+from .base import RunnerCapabilities
 from .onnx_export import VaeDecoder, VaeEncoder
 from .progress import heartbeat
 
@@ -27,7 +29,9 @@ class TorchCompileRunner:
         mode (`str`, *optional*): `torch.compile` mode, e.g. `max-autotune`.
     """
 
-    backend = "compile"
+    #: No ControlNet and no attention bank (their inputs are not in the compiled graphs); a new shape compiles
+    #: on its first call.
+    capabilities = RunnerCapabilities("compile")
 
     def __init__(self, models: ModelBundle, compile_backend: str = "inductor", mode: str | None = None):
         self.models = models
@@ -61,6 +65,9 @@ class TorchCompileRunner:
             return output
 
     @torch.no_grad()
+    def prepare(self, config: StreamConfig, kv_cache: bool) -> None:
+        """Nothing to open ahead: each shape compiles on its first call (logged with its duration)."""
+
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         return self._call("UNet", latents.shape, lambda: self._unet(
             latents, timesteps, return_dict=False, **conditioning.unet_kwargs())[0])

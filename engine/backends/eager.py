@@ -5,20 +5,20 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderTiny
 
+from ..config import StreamConfig
 from ..control.residuals import ControlResiduals
 from ..controlnet import embed_control, run_controlnet_body
 from ..models import ModelBundle
 from ..prompt import Conditioning
+from .base import RunnerCapabilities
 
 
 class EagerRunner:
     """Runs the bundle's modules in PyTorch, without compilation."""
 
-    backend = "eager"
-    #: Any batch size runs as is, so streams may share calls (`engine.batching`).
-    dynamic_batch = True
-    #: Runs `temporal="bank"` streams (their `AttentionBank` reaches the attention processors).
-    attention_bank = True
+    #: Any batch size runs as is, so streams may share calls; `temporal="bank"` streams' `AttentionBank` reaches
+    #: the attention processors; the ControlNet runs in PyTorch.
+    capabilities = RunnerCapabilities("eager", dynamic_batch=True, attention_bank=True, controlnet=True)
 
     def __init__(self, models: ModelBundle):
         self.models = models
@@ -27,6 +27,9 @@ class EagerRunner:
             # TAESD is convolutions only: NHWC weights make oneDNN/cuDNN pick faster kernels (identical outputs;
             # figures in docs/batching.md), and a batch of n images then costs less than n calls.
             models.vae.to(memory_format=torch.channels_last)
+
+    def prepare(self, config: StreamConfig, kv_cache: bool) -> None:
+        """Nothing to open ahead: the modules run any shape."""
 
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:

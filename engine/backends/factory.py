@@ -210,9 +210,8 @@ def make_runner(models: ModelBundle, config: LoadConfig, stream: StreamConfig | 
             if runner is None or runner.unet_runner is not unet_runner or runner.vae_runner is not vae_runner:
                 runner = SplitRunner(unet_runner, vae_runner)
                 _runners[key] = runner
-    prepare = getattr(runner, "prepare", None)
-    if prepare is not None and stream is not None:
-        prepare(stream, config.kv_cache)
+    if stream is not None:
+        runner.prepare(stream, config.kv_cache)
     return runner
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..models import ModelBundle
 from .artifacts import GraphShape
+from .base import RunnerCapabilities
 from .errors import BackendUnavailableError
 from .onnx_export import DEFAULT_EXPORTER
 from .resolution import ResolutionRange
@@ -187,7 +188,7 @@ class OnnxRuntimeRunner(StaticShapeRunner):
             (see `StaticShapeRunner`); None for static graphs.
     """
 
-    backend = "onnxruntime"
+    capabilities = RunnerCapabilities("onnxruntime", attention_bank=True, controlnet=True, graphs_per_shape=True)
 
     def __init__(self, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
                  exporter: str = DEFAULT_EXPORTER, intra_op_threads: int | None = None,

@@ -14,7 +14,7 @@ import torch
 from ..config import StreamConfig
 from ..control.residuals import ControlResiduals
 from ..prompt import Conditioning
-from .base import NetworkRunner, runner_name
+from .base import NetworkRunner, RunnerCapabilities
 
 
 class SplitRunner:
@@ -32,17 +32,20 @@ class SplitRunner:
         self.models = unet_runner.models
         self.unet_runner = unet_runner
         self.vae_runner = vae_runner
-        self.dynamic_batch = getattr(unet_runner, "dynamic_batch", False)
-        self.backend = f"{runner_name(unet_runner)}+{runner_name(vae_runner)}"
+        unet = unet_runner.capabilities
+        # The UNet half decides batching, the bank and the ControlNet; graphs open ahead if either half has them.
+        self.capabilities = RunnerCapabilities(
+            f"{unet.name}+{vae_runner.capabilities.name}", dynamic_batch=unet.dynamic_batch,
+            attention_bank=unet.attention_bank, controlnet=unet.controlnet,
+            graphs_per_shape=unet.graphs_per_shape or vae_runner.capabilities.graphs_per_shape)
 
     def prepare(self, config: StreamConfig, kv_cache: bool) -> None:
         """Open the graphs each half needs for a stream under `config` (the UNet's and the ControlNet's, or the
         VAE's)."""
         for runner, networks in ((self.unet_runner, ("unet", "controlnet")),
                                  (self.vae_runner, ("vae_encoder", "vae_decoder"))):
-            prepare = getattr(runner, "prepare", None)
-            if prepare is not None:
-                prepare(config, kv_cache, networks=networks)
+            if runner.capabilities.graphs_per_shape:
+                runner.prepare(config, kv_cache, networks=networks)
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         return self.unet_runner.unet(latents, timesteps, conditioning)

@@ -32,6 +32,7 @@ from ..models import ModelBundle
 from ..prompt import Conditioning
 from ..temporal import AttentionBank
 from .artifacts import GraphShape, OnnxCache, config_shapes
+from .base import RunnerCapabilities
 from .onnx_export import (
     ADDED_COND_INPUTS,
     BANK_LAYER_OUTPUTS,
@@ -77,9 +78,9 @@ class StaticShapeRunner:
             ControlNet (its graphs are static only).
     """
 
-    backend = "static"
-    #: Runs `temporal="bank"` streams (their bank as graph inputs and outputs).
-    attention_bank = True
+    #: Static graphs take one batch size each (no cross-session batching); `temporal="bank"` streams run with
+    #: their bank as graph inputs and outputs; the ControlNet has graphs of its own.
+    capabilities = RunnerCapabilities("static", attention_bank=True, controlnet=True, graphs_per_shape=True)
 
     def __init__(self, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
                  exporter: str = DEFAULT_EXPORTER, resolution_range: ResolutionRange | None = None):
@@ -89,8 +90,9 @@ class StaticShapeRunner:
         self.resolution_range = check_range(resolution_range, self.size_multiple) if resolution_range else None
         if self.resolution_range is not None and models.controlnet is not None:
             raise ValueError(f"a resolution range ({self.resolution_range}) does not take a ControlNet on the "
-                             f"{self.backend} backend: its graphs (the ControlNet's, and the UNet's with residual "
-                             "inputs) are static; drop the range (one static graph per size), or use backend='eager'")
+                             f"{self.capabilities.name} backend: its graphs (the ControlNet's, and the UNet's with "
+                             "residual inputs) are static; drop the range (one static graph per size), or use "
+                             "backend='eager'")
         self._graphs: dict[GraphShape, CompiledGraph] = {}
         self._lock = threading.Lock()
         # Contiguous K/V lists per live `Conditioning`, dropped when the conditioning is collected.
@@ -130,7 +132,8 @@ class StaticShapeRunner:
                         size = f"{shape.width}x{shape.height}"
                         if self.resolution_range is not None:
                             size += f" (a static graph: outside resolution range {self.resolution_range})"
-                    logger.info("%s graph ready: %s batch %d at %s", self.backend, shape.network, shape.batch, size)
+                    logger.info("%s graph ready: %s batch %d at %s", self.capabilities.name, shape.network,
+                                shape.batch, size)
                     self._graphs[shape] = graph
         return graph
 

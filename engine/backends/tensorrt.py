@@ -32,6 +32,7 @@ import torch
 
 from ..models import ModelBundle
 from .artifacts import GraphShape, onnx_input_shapes
+from .base import RunnerCapabilities
 from .cache import (
     CacheKeyParts,
     cached_artifact,
@@ -693,7 +694,7 @@ class TensorRTRunner(StaticShapeRunner):
         BackendUnavailableError: without CUDA, TensorRT 10+ and polygraphy, or with models off CUDA.
     """
 
-    backend = "tensorrt"
+    capabilities = RunnerCapabilities("tensorrt", attention_bank=True, controlnet=True, graphs_per_shape=True)
 
     def __init__(self, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
                  exporter: str = DEFAULT_EXPORTER, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,

@@ -11,6 +11,8 @@ import torch
 from benchmarks.engine import main
 from engine.backends import onnxruntime as ort_backend
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_rows_and_ratios_in_the_json(tmp_path, capsys, model):

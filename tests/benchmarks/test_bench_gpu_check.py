@@ -12,6 +12,8 @@ import torch
 
 from benchmarks import gpu_check
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from benchmarks.memory import format_table, run
 
+pytestmark = pytest.mark.slow
+
 
 def test_children_report_peak_memory_and_ratios_to_off():
     results = run(["slice"], model="tiny", sizes=(32,), frames=1, warmup=1, threads=1)

@@ -9,6 +9,8 @@ import torch
 
 from benchmarks.quality import mse, psnr_of_mse, ssim
 
+pytestmark = pytest.mark.slow
+
 
 def test_psnr_of_a_uniform_offset_is_exact():
     image = torch.full((3, 16, 16), 0.5)

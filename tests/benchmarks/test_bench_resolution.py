@@ -8,6 +8,8 @@ import pytest
 
 from benchmarks.resolution import main, spread
 
+pytestmark = pytest.mark.slow
+
 
 def test_spread_is_the_range_over_the_median():
     assert spread([9.0, 10.0, 12.0]) == pytest.approx(0.3)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from benchmarks.server import main
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_reports_engine_runtime_and_websocket_fps(capsys):

@@ -11,6 +11,8 @@ from benchmarks import skip as bench
 from benchmarks.engine import main as engine_main
 from engine.config import StreamConfig
 
+pytestmark = pytest.mark.slow
+
 
 def test_rows_cover_every_policy_and_motion_category(tiny_engine):
     config = StreamConfig(width=32, height=32, similarity_filter=False, t_index_list=(16, 32, 45))

@@ -13,6 +13,8 @@ import torch
 from benchmarks import streamdiffusion as bench
 from benchmarks.streamdiffusion import CONFIGURATIONS, main, ratio_summary
 
+pytestmark = pytest.mark.slow
+
 
 def test_the_four_configurations_of_the_issue():
     assert {item.name: (item.t_index_list, item.cfg_type) for item in CONFIGURATIONS} == {

@@ -14,6 +14,8 @@ from benchmarks.temporal_clips import make_clip
 from benchmarks.temporal_metrics import clip_motion, warp_error
 from engine.codec import decode_image, encode_jpeg
 
+pytestmark = pytest.mark.slow
+
 #: The contract's keys of every row; `cut_frames` on the cut clip only.
 ROW_KEYS = {"warp_error", "warp_error_input", "consecutive_l1", "detail", "ref_l1", "fps_ratio"}
 

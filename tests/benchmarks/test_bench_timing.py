@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.timing import median_fps, time_stream, time_streams
+
+pytestmark = pytest.mark.slow
 
 
 class FakeClock:

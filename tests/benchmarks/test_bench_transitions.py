@@ -8,6 +8,8 @@ import pytest
 
 from benchmarks.transitions import main, run
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("seeds", [False, True])
 def test_a_fade_spreads_the_jump_of_a_hard_switch(seeds):

@@ -10,6 +10,8 @@ import pytest
 
 from client.loadtest import LoadTestConfig, run_load_test, run_ramp
 
+pytestmark = pytest.mark.slow
+
 
 async def test_load_test_counts_agree_with_the_server(server):
     before = server.counters()

@@ -6,8 +6,11 @@ import time
 
 import cv2
 import httpx
+import pytest
 
 from client.sinks import SinkUnavailable, VirtualCameraSink
+
+pytestmark = pytest.mark.slow
 
 
 def run_webcam(repo, *args, stdin=None, timeout=90):

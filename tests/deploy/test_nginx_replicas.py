@@ -24,6 +24,8 @@ import websockets
 
 from client.loadtest import LoadTestConfig, run_load_test, synthetic_frames
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 NGINX_CONF = REPO / "deploy" / "nginx.conf"
 COMPOSE_LISTEN = "listen 8080;"

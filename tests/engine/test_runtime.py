@@ -227,51 +227,51 @@ def test_shutdown_leaves_no_threads(tiny_engine, frames):
 
 def test_a_stream_that_keeps_priming_pays_for_it_not_its_neighbour(tiny_engine, frames):
     """Issue 29 item 4: re-prepares prime the buffer with n - 1 UNet calls on the inference thread all streams
-    share. Scheduled per frame, a stream re-preparing before every frame held a neighbour to one frame per
-    priming; scheduled by time used (priming charged to the stream that primed, and run outside any batch),
-    the neighbour keeps most of its frames. The priming is slowed by sleeping, so the figure is about the
-    scheduler, not the CPU."""
+    share. Scheduled per frame, a stream re-preparing before every frame made each of its neighbour's frames wait
+    for one priming; scheduled by time used (priming charged to the stream that primed, and run alone), most of
+    the neighbour's frames wait for none. The priming sleeps 0.5 s, far above a tiny frame's own cost, so the
+    check holds however loaded the machine is: the neighbour's median latency stays under one priming."""
+    import statistics
     import time
 
+    priming_s = 0.5
     config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(32, 45), similarity_filter=False)
     with StreamRuntime(tiny_engine, config) as runtime:
         victim, attacker = runtime.open_stream(max_in_flight=2), runtime.open_stream(max_in_flight=1)
         original = attacker.engine._stream_call
 
         def slow_call(*args):
-            time.sleep(0.25)
+            time.sleep(priming_s)
             return original(*args)
 
         attacker.engine._stream_call = slow_call  # priming runs through it; batched frames do not
-
-        def victim_fps(count: int = 16) -> float:
-            started = time.monotonic()
-            sent = answered = 0
-            while answered < count:
-                while sent < count and sent - answered < 2:
-                    victim.put(frames[sent % len(frames)])
-                    sent += 1
-                answer = victim.get(timeout=WAIT_S)
-                assert isinstance(answer, FrameResult) and answer.error is None, answer
-                answered += 1
-            return count / (time.monotonic() - started)
-
-        alone = victim_fps()
         stop = threading.Event()
+        primed = []
 
         def attack():
             while not stop.is_set():
                 attacker.engine.reset()  # what a re-prepare leaves: an empty buffer to prime
                 attacker.put(frames[0])
                 attacker.get(timeout=WAIT_S)
+                primed.append(time.monotonic())
 
         thread = threading.Thread(target=attack)
         thread.start()
+        latencies = []
         try:
-            time.sleep(0.5)
-            attacked = victim_fps()
+            while len(primed) < 2:  # the attacker is in full swing
+                time.sleep(0.05)
+            sent = answered = 0
+            while answered < 16:
+                while sent < 16 and sent - answered < 2:
+                    victim.put(frames[sent % len(frames)])
+                    sent += 1
+                answer = victim.get(timeout=WAIT_S)
+                assert isinstance(answer, FrameResult) and answer.error is None, answer
+                latencies.append(answer.done - answer.arrival)
+                answered += 1
         finally:
             stop.set()
             thread.join(WAIT_S)
-    # Per frame the victim got one frame per 0.25 s priming (about 0.1x here); by time it keeps about half.
-    assert attacked >= 0.3 * alone, (attacked, alone)
+    # Per frame, every victim frame waited for a priming (median over 0.5 s); by time, most wait for none.
+    assert statistics.median(latencies) < priming_s, latencies

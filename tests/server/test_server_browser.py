@@ -27,7 +27,10 @@ PAGE_TIMEOUT_S = 90.0
 
 if CHROMIUM is None:
     print("test_server_browser: skipped, chromium is not installed (apt-get install -y chromium)")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"),
+    pytest.mark.slow,
+]
 
 
 class Page:

@@ -90,6 +90,7 @@ def test_invalid_settings_exit_with_a_message(argv, environ, capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_flag_has_an_environment_variable():
     help_text = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True,
                                timeout=120, check=True).stdout
@@ -213,6 +214,7 @@ def test_a_load_time_setting_in_a_message_is_named_as_such():
     assert raised.value.code == "invalid_message" and "`backend` is a load-time setting" in raised.value.message
 
 
+@pytest.mark.slow
 def test_one_flag_vocabulary_for_server_and_build():
     """The server and `python -m engine.build` spell the engine's flags the same way (`engine.flags`)."""
     server_help = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True,

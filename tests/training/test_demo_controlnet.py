@@ -22,6 +22,8 @@ from training.demo_controlnet.train import ControlNetSettings, control_images, c
 from training.demo_model.data import HELD_OUT_IMAGES, load_images, moving_crops  # noqa: E402
 from training.demo_model.evaluate import detail, stream_outputs  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 SHORT = ControlNetSettings(steps=2, batch=2, crops=(32, 48), seed=3)
 
 

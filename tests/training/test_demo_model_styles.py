@@ -10,6 +10,8 @@ import pytest
 from benchmarks.clips import synthetic_clip
 from training.demo_model.styles import FALLBACK_STYLE, STYLES, sample_prompt, style_of_prompt, stylize
 
+pytestmark = pytest.mark.slow
+
 
 def _frame(size: int = 128) -> np.ndarray:
     return synthetic_clip("static", 1, size, size, seed=3)[0]

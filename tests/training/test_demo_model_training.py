@@ -18,6 +18,8 @@ from training.demo_model.data import TRAIN_IMAGES, CropSampler, load_images  # n
 from training.demo_model.styles import FALLBACK_STYLE, style_of_prompt  # noqa: E402
 from training.demo_model.train import TrainSettings, _gradient_l1, build_demo_bundle, style_batch, train  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 def test_tiny_training_run_saves_a_model_the_engine_streams(tmp_path):
     settings = TrainSettings(vae_steps=2, unet_steps=2, vae_batch=2, vae_crop=32, unet_batch=2, unet_crop=32,

@@ -26,6 +26,7 @@ from engine.backends.auto import (
     resolve_auto,
     write_verdict,
 )
+from engine.backends.base import RunnerCapabilities
 from engine.backends.factory import Availability, choose_backend, unavailable_reason
 
 CPU = Availability("cpu", "no CUDA", ("CPUExecutionProvider",))
@@ -132,8 +133,13 @@ def test_the_verdict_key_holds_what_changes_the_speeds(tiny_models, tmp_path):
 
 
 class FakeRunner:
+    capabilities = RunnerCapabilities("fake")
+
     def __init__(self):
         self.calls = []
+
+    def prepare(self, config, kv_cache):
+        pass
 
     def encode(self, images):
         self.calls.append("encode")
@@ -199,6 +205,7 @@ def test_a_measurement_is_the_median_of_its_rounds_and_a_failure_drops_the_backe
     assert failed.fps is None and "no session" in failed.dropped
 
 
+@pytest.mark.slow
 def test_engine_prepare_resolves_auto_by_measuring_once(tiny_models, onnx_cache_dir, caplog):
     """The real thing on the tiny model at 32²: ONNX Runtime is exported and timed against eager."""
     with caplog.at_level(logging.INFO, logger="engine.backends.auto"):

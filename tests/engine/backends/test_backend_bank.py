@@ -25,6 +25,8 @@ from engine.config import ResolutionRange, TemporalSettings
 from engine.prompt import install_kv_processors
 from engine.temporal import AttentionBank
 
+pytestmark = pytest.mark.slow
+
 SIZE = 32
 TOLERANCE = 1e-4
 

@@ -33,6 +33,8 @@ from engine.backends.eager import EagerRunner
 from engine.backends.errors import BackendUnavailableError
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 
+pytestmark = pytest.mark.slow
+
 BASE = CacheKeyParts(network="unet", model_hash="abc123", width=512, height=512, batch=2, cfg_type="self",
                      dtype="float16", kv_cache=True, exporter="dynamo", opset=18, tensorrt_version="10.3.0",
                      gpu_name="NVIDIA GeForce RTX 4090", sequence_length=77)

@@ -12,6 +12,7 @@ from engine import Engine, LoadConfig, StreamConfig, StreamEngine
 from engine.backends import auto
 from engine.backends.artifacts import GraphShape, OnnxCache, config_shapes, onnx_input_shapes
 from engine.backends.auto import Measurement, calibration_candidates, calibration_key, measure_backend, resolve_auto
+from engine.backends.base import RunnerCapabilities
 from engine.backends.cache import engine_cache_key, module_fingerprint
 from engine.backends.eager import EagerRunner
 from engine.backends.factory import Availability
@@ -38,7 +39,7 @@ def _report_worst():
         print(f"ONNX Runtime vs eager, {name}: max abs error {value:.2e}")
 
 
-pytestmark = pytest.mark.usefixtures("keep_torch_threads")
+pytestmark = [pytest.mark.usefixtures("keep_torch_threads"), pytest.mark.slow]
 
 
 def _record(name: str, error: float) -> float:
@@ -244,9 +245,9 @@ def test_a_resolution_range_with_a_controlnet_is_refused_clearly(tiny_controlnet
 
 
 class NoControlNetRunner:
-    """A runner of a backend without ControlNet support (as `compile`'s): it has no `controlnet` method."""
+    """A runner of a backend without ControlNet support (as `compile`'s)."""
 
-    backend = "compile"
+    capabilities = RunnerCapabilities("compile")
 
     def __init__(self, models):
         self.models = models
@@ -291,8 +292,13 @@ def test_auto_measures_the_backends_that_run_a_controlnet(tiny_controlnet_engine
 
 
 class RecordingRunner:
+    capabilities = RunnerCapabilities("recording", controlnet=True)
+
     def __init__(self):
         self.calls = []
+
+    def prepare(self, config, kv_cache):
+        pass
 
     def encode(self, images):
         self.calls.append("encode")

@@ -62,6 +62,7 @@ def test_eager_by_name_is_shared(tiny_models):
     assert make_runner(tiny_models, load, config) is engine.runner
 
 
+@pytest.mark.slow
 def test_torch_compile_runner_matches_eager(tiny_models, tiny_engine):
     # The Inductor backend compiles for minutes on two CPU cores; TorchDynamo's `eager` backend
     # exercises the same capture of the UNet, its K/V cache kwargs and the VAE wrappers.
@@ -77,6 +78,7 @@ def test_torch_compile_runner_matches_eager(tiny_models, tiny_engine):
     assert torch.allclose(runner.decode(latents[:1]), eager.decode(latents[:1]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_build_cli_prebuilds_then_reuses_the_cache(tmp_path, capsys):
     argv = ["--width", "64", "--height", "64", "--cfg-type", "none", "--backend", "onnxruntime",
             "--exporter", "torchscript", "--cache-dir", str(tmp_path)]
@@ -139,7 +141,8 @@ def test_a_named_backend_is_taken_as_asked_and_a_wrong_name_refused():
     ("onnxruntime", Availability("cuda", None, CPU_ORT), "onnxruntime-gpu"),
     ("onnxruntime", Availability("cuda", None, CUDA_ORT), None),
     ("tensorrt", Availability("cpu", NO_TRT, CPU_ORT), "pip install '.[trt]'"),
-    ("tensorrt", Availability("cuda", None, None, dtype="bfloat16"), None),
+    ("tensorrt", Availability("cuda", None, None, dtype="bfloat16"), "Resize on bfloat16"),
+    ("tensorrt", Availability("cuda", None, None, dtype="float16"), None),
 ])
 def test_each_missing_piece_names_its_fix(backend, available, needle):
     reason = unavailable_reason(backend, available)

@@ -15,6 +15,8 @@ from engine.backends.eager import EagerRunner
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.guidance import unet_batch_size
 
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-4
 # The shape matrix runs on the TorchScript exporter, five times faster to export here; the default
 # (dynamo) exporter runs the whole engine in test_backend_onnxruntime.py.

@@ -12,6 +12,8 @@ from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.codec import decode_image, encode_jpeg
 from engine.runtime import FrameResult, StreamRuntime
 
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-4
 
 

@@ -9,6 +9,8 @@ import torch
 from engine.backends import onnxruntime as ort_backend
 from engine.backends.onnxruntime import OnnxRuntimeRunner, cpu_thread_split, ort_threading
 
+pytestmark = pytest.mark.slow
+
 NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 

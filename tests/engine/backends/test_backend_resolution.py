@@ -19,6 +19,8 @@ from engine.config import parse_resolution_range
 from engine.flags import configs_from
 from engine.guidance import unet_batch_size
 
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-4
 # The tiny model's sizes are multiples of 16 (VAE factor 8, one UNet upsampler): 32-128, opt 64.
 TINY_RANGE = ResolutionRange.between(32, 128, 64)

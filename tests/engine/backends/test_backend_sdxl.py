@@ -11,6 +11,8 @@ from engine.backends.artifacts import onnx_input_shapes
 from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.backends.tensorrt import profile_shapes
 
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-4
 SIZE = 64
 

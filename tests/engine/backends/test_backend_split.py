@@ -12,6 +12,8 @@ from engine.backends.onnxruntime import OnnxRuntimeRunner
 from engine.backends.split import SplitRunner
 from engine.batching import batch_key, step_batch
 
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-4
 
 
@@ -38,7 +40,7 @@ def split_engine(tiny_models):
 def test_split_engine_runs_the_unet_eagerly_and_the_vae_on_onnxruntime(tiny_engine, split_engine, config):
     engine = StreamEngine(split_engine, config)
     runner = engine.runner
-    assert isinstance(runner, SplitRunner) and runner.backend == "eager+onnxruntime"
+    assert isinstance(runner, SplitRunner) and runner.capabilities.name == "eager+onnxruntime"
     assert isinstance(runner.unet_runner, EagerRunner) and isinstance(runner.vae_runner, OnnxRuntimeRunner)
     # Only the VAE graphs were opened: the UNet never goes through ONNX Runtime.
     assert {shape.network for shape in runner.vae_runner._graphs} == {"vae_encoder", "vae_decoder"}

@@ -8,6 +8,7 @@ import torch
 from benchmarks.clips import synthetic_clip
 from engine import StreamConfig, StreamEngine
 from engine.backends import EagerRunner
+from engine.backends.base import RunnerCapabilities
 from engine.codec import rgb_to_tensor
 
 SIZE = 32
@@ -209,10 +210,15 @@ def test_two_streams_do_not_share_caches(tiny_engine, policy):
     assert all(first_caches[key] is not second_caches[key] for key in first_caches)
 
 
-class ForeignRunner(EagerRunner.__mro__[1]):  # any runner that is not the eager one (as a compiled backend)
+class ForeignRunner:  # any runner that is not the eager one (as a compiled backend)
+    capabilities = RunnerCapabilities("foreign", dynamic_batch=True)
+
     def __init__(self, models):
         self.inner = EagerRunner(models)
         self.unet, self.encode, self.decode = self.inner.unet, self.inner.encode, self.inner.decode
+
+    def prepare(self, config, kv_cache):
+        pass
 
 
 def test_a_policy_with_a_non_eager_runner_is_a_clear_error(tiny_models, tiny_engine, with_runner):
