@@ -2,6 +2,7 @@
 
 `tiny` (about a million UNet parameters) builds in well under a second and is what tests and the
 offline demo run; `small` (tens of millions of UNet parameters) is compute-bound for benchmarks;
+`sd-turbo-random` and `sdxl-turbo-random` are the real architectures at full size (a GPU's real-size proof);
 `tiny-sdxl` is `tiny`'s size in SDXL's architecture: two text encoders (the second with a projection)
 whose penultimate hidden states are concatenated, and a UNet with SDXL's added text/time conditioning
 (`addition_embed_type="text_time"`, as diffusers' own SDXL tests build it).
@@ -18,7 +19,12 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-BUILTIN_MODELS: tuple[str, ...] = ("tiny", "small", "tiny-sdxl")
+#: The real architectures at full size with seeded random weights: a real model's compute and memory with no
+#: download (`benchmarks.gpu_proof`). Their parameter counts are the real ones (tests/engine/test_models.py).
+REAL_SIZE_MODELS: tuple[str, ...] = ("sd-turbo-random", "sdxl-turbo-random")
+BUILTIN_MODELS: tuple[str, ...] = ("tiny", "small", "tiny-sdxl", *REAL_SIZE_MODELS)
+#: CLIP's vocabulary: the real text encoders' embedding tables (the byte-level tokenizer uses its first 514 ids).
+_CLIP_VOCAB = 49408
 #: SDXL's time ids are six numbers (original size, crop corner, target size), each embedded in this many dims.
 _SDXL_TIME_IDS = 6
 #: The real SDXL VAE's latent scaling (SD 1.x/2.x: 0.18215).
@@ -103,8 +109,72 @@ def _signal_preserving_init(vae: AutoencoderTiny) -> None:
                 conv.bias.fill_(0.5 if conv is decoder_out else 0.0)
 
 
+@dataclass(frozen=True)
+class _RealSize:
+    """A real model's architecture: its UNet's diffusers config and its text encoders' (width, layers, heads,
+    activation, projection) as CLIP configs."""
+
+    unet: dict
+    text: tuple[tuple[int, int, int, str, int], ...]
+    vae_scaling: float
+
+
+_REAL_SIZE: dict[str, _RealSize] = {
+    # stabilityai/sd-turbo: the SD 2.1 UNet (865.9 M parameters) at 512², OpenCLIP-H's text tower as CLIPTextModel.
+    "sd-turbo-random": _RealSize(
+        unet=dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True),
+        text=((1024, 23, 16, "gelu", 512),), vae_scaling=0.18215),
+    # stabilityai/sdxl-turbo: the SDXL UNet (2.57 B parameters) at 512², CLIP-L and OpenCLIP-bigG (projected).
+    "sdxl-turbo-random": _RealSize(
+        unet=dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816, use_linear_projection=True),
+        text=((768, 12, 12, "quick_gelu", 768), (1280, 32, 20, "gelu", 1280)), vae_scaling=_SDXL_VAE_SCALING),
+}
+
+
+def _build_real_size(name: str, seed: int) -> BuiltinModules:
+    """The modules of real-size model `name`, on torch's current default device (build them under
+    `with torch.device("cuda")` to skip the CPU copy, or `"meta"` to count parameters)."""
+    real = _REAL_SIZE[name]
+    tokenizer = build_byte_level_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def text_config(width: int, layers: int, heads: int, activation: str, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=_CLIP_VOCAB, hidden_size=width, intermediate_size=width * 4,
+                              num_hidden_layers=layers, num_attention_heads=heads, hidden_act=activation,
+                              max_position_embeddings=77, projection_dim=projection,
+                              bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos)
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        text_encoder = CLIPTextModel(text_config(*real.text[0]))
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, norm_num_groups=32, **real.unet)
+        tiny_vae = AutoencoderTiny()  # TAESD's (and TAESDXL's) architecture is the class's default
+        _signal_preserving_init(tiny_vae)
+        full_vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                                 norm_num_groups=32, scaling_factor=real.vae_scaling)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(*real.text[1])) if len(real.text) > 1 else None
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return BuiltinModules(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, tiny_vae=tiny_vae,
+                          full_vae=full_vae, scheduler=LCMScheduler(),
+                          tokenizer_2=build_byte_level_tokenizer() if text_encoder_2 is not None else None,
+                          text_encoder_2=text_encoder_2)
+
+
 def build_modules(name: str, seed: int = 0) -> BuiltinModules:
     """Build the seeded modules of built-in model `name` (a key of `BUILTIN_MODELS`)."""
+    if name in _REAL_SIZE:
+        return _build_real_size(name, seed)
     preset = _PRESETS[name]
     sdxl = preset.addition_time_embed_dim > 0
     tokenizer = build_byte_level_tokenizer()

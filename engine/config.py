@@ -195,8 +195,9 @@ class LoadConfig:
     """How the shared models are loaded and run; one per loaded engine, never changed by a stream.
 
     Args:
-        model (`str`, defaults to `"demo"`): model spec: `demo` (the trained offline stylizer), `tiny`, `small`
-            or `tiny-sdxl` (seeded random models of the real architectures), a hub id, a local diffusers folder
+        model (`str`, defaults to `"demo"`): model spec: `demo` (the trained offline stylizer), `tiny`, `small`,
+            `tiny-sdxl`, `sd-turbo-random` or `sdxl-turbo-random` (seeded random models of the real architectures,
+            the last two at full size), a hub id, a local diffusers folder
             or a single `.safetensors` file, of the SD 1.x/2.x or the SDXL family (see `engine.models.load_models`).
         vae (`str`, defaults to `"tiny"`): `tiny` runs `AutoencoderTiny` (TAESD); `full` the model's own VAE.
         taesd (`str | None`, defaults to None): hub id or folder of a TAESD to use with a real model.

@@ -153,7 +153,7 @@ class ModelBundle:
 
 
 def build_builtin(name: str, seed: int = 0) -> ModelBundle:
-    """Build the seeded, randomly initialised `tiny`, `small` or `tiny-sdxl` model of the real classes."""
+    """Build the seeded, randomly initialised built-in model `name` of the real classes (`BUILTIN_MODELS`)."""
     if name not in BUILTIN_MODELS:
         raise ModelLoadError(f"unknown built-in model {name!r}; built-ins are {', '.join(BUILTIN_MODELS)}")
     modules = build_modules(name, seed=seed)
@@ -416,7 +416,7 @@ def load_models(
     """Load a model set from `spec`.
 
     Args:
-        spec (`str`, defaults to `"tiny"`): `tiny`, `small` or `tiny-sdxl` (built-in seeded random models), `demo` (the
+        spec (`str`, defaults to `"tiny"`): a built-in seeded random model (`BUILTIN_MODELS`), `demo` (the
             trained offline stylizer in `engine/demo_model/`), a local
             diffusers folder, a single `.safetensors`/`.ckpt` checkpoint in the original SD layout, or a
             hub id such as `stabilityai/sd-turbo`.

@@ -160,8 +160,30 @@ def test_small_has_tens_of_millions_of_unet_parameters():
     assert count > 10 * sum(parameter.numel() for parameter in build_builtin("tiny").unet.parameters())
 
 
+# The real models' parameter counts (their diffusers/transformers checkpoints): the real-size built-ins must be
+# those architectures, so what they measure on a GPU is what the real weights cost.
+REAL_COUNTS = {
+    "sd-turbo-random": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 2_445_063, "full_vae": 83_653_863},
+    "sdxl-turbo-random": {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                          "vae": 2_445_063, "full_vae": 83_653_863},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_COUNTS))
+def test_real_size_builtins_have_the_real_architectures(name):
+    from engine.builtin_models import build_modules
+
+    with torch.device("meta"):  # counted without allocating 3-13 GB
+        modules = build_modules(name)
+    parts = {"unet": modules.unet, "text_encoder": modules.text_encoder, "vae": modules.tiny_vae,
+             "full_vae": modules.full_vae, "text_encoder_2": modules.text_encoder_2}
+    counts = {part: sum(p.numel() for p in module.parameters()) for part, module in parts.items() if module is not None}
+    assert counts == REAL_COUNTS[name]
+    assert (modules.unet.config.addition_embed_type == "text_time") == (name == "sdxl-turbo-random")
+
+
 def test_builtin_names_and_vae_choice():
-    assert set(BUILTIN_MODELS) == {"tiny", "small", "tiny-sdxl"}
+    assert set(BUILTIN_MODELS) == {"tiny", "small", "tiny-sdxl", "sd-turbo-random", "sdxl-turbo-random"}
     assert isinstance(load_models("tiny").vae, AutoencoderTiny)
     full = load_models("tiny", use_tiny_vae=False)
     assert isinstance(full.vae, AutoencoderKL) and full.vae is full.full_vae

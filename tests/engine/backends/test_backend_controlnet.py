@@ -252,6 +252,9 @@ class NoControlNetRunner:
     def __init__(self, models):
         self.models = models
 
+    def prepare(self, config, kv_cache):
+        pass
+
 
 def test_a_backend_without_controlnet_support_is_refused_naming_those_with_it(tiny_controlnet_engine, with_runner):
     runner = NoControlNetRunner(tiny_controlnet_engine.models)
