@@ -17,6 +17,17 @@ logger = logging.getLogger(__name__)
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 
 
+# Why a frame is answered with an error instead of an output: the engine's vocabulary, which the WebSocket
+# protocol (`wire.FRAME_ERROR_CODES`) repeats for its clients; a test holds the two sets equal.
+EMPTY_FRAME = "empty_frame"
+UNSUPPORTED_FORMAT = "unsupported_format"
+BAD_IMAGE = "bad_image"
+IMAGE_TOO_LARGE = "image_too_large"
+INFERENCE_FAILED = "inference_failed"
+FRAME_ERROR_CODES: frozenset[str] = frozenset({EMPTY_FRAME, UNSUPPORTED_FORMAT, BAD_IMAGE, IMAGE_TOO_LARGE,
+                                               INFERENCE_FAILED})
+
+
 class FrameError(ValueError):
     """A frame that gets an error answer instead of an output; `code` is a stable machine-readable reason."""
 
@@ -54,17 +65,17 @@ def decode_image(data: bytes, width: int, height: int, max_pixels: int = DEFAULT
         ImageDecodeError: `empty_frame`, `unsupported_format`, `bad_image` or `image_too_large`.
     """
     if not data:
-        raise ImageDecodeError("empty_frame", "the frame is 0 bytes")
+        raise ImageDecodeError(EMPTY_FRAME, "the frame is 0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.format not in ACCEPTED_FORMATS:
-                raise ImageDecodeError("unsupported_format",
+                raise ImageDecodeError(UNSUPPORTED_FORMAT,
                                        f"frames must be JPEG, PNG or WebP, got {image.format or 'unknown'}")
             if image.width * image.height > max_pixels:
                 raise ImageDecodeError(
-                    "image_too_large",
+                    IMAGE_TOO_LARGE,
                     f"{image.width}x{image.height} exceeds the limit of {max_pixels} pixels")
             if image.format == "JPEG":
                 image.draft("RGB", (width, height))
@@ -76,9 +87,9 @@ def decode_image(data: bytes, width: int, height: int, max_pixels: int = DEFAULT
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError("image_too_large", str(error)) from error
+        raise ImageDecodeError(IMAGE_TOO_LARGE, str(error)) from error
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken data
-        raise ImageDecodeError("bad_image", f"not a decodable image: {error}") from error
+        raise ImageDecodeError(BAD_IMAGE, f"not a decodable image: {error}") from error
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:

@@ -611,6 +611,15 @@ HOT_PARAMS: frozenset[str] = frozenset(
 )
 #: Parameters whose change rebuilds schedule, noise and buffer (a clean re-prepare).
 REPREPARE_PARAMS: frozenset[str] = frozenset({"t_index_list", "width", "height"})
+#: The frame size: a live stream may change it (a re-prepare), but a server session keeps the size its `hello` named.
+SIZE_PARAMS: frozenset[str] = frozenset({"width", "height"})
+
+
+def live_params(size_fixed: bool = False) -> frozenset[str]:
+    """The parameters a live stream may change (`StreamEngine.update_params` refuses any other): the hot ones and
+    those that re-prepare it; without the frame size when `size_fixed` (a server session)."""
+    live = HOT_PARAMS | REPREPARE_PARAMS
+    return live - SIZE_PARAMS if size_fixed else live
 
 
 @dataclass(frozen=True)

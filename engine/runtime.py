@@ -31,6 +31,8 @@ import numpy as np
 
 from .batching import advance_batch, batch_key
 from .codec import (
+    BAD_IMAGE,
+    INFERENCE_FAILED,
     FrameError,
     ImageDecodeError,
     decode_image,
@@ -305,7 +307,7 @@ class StreamRuntime:
             return
         except Exception as error:  # a decoder bug must cost this frame only, never the shared thread
             logger.warning("decoding a frame failed unexpectedly", exc_info=error)
-            job.error = ImageDecodeError("bad_image", f"not a decodable image: {type(error).__name__}: {error}")
+            job.error = ImageDecodeError(BAD_IMAGE, f"not a decodable image: {type(error).__name__}: {error}")
             return
         started = time.perf_counter()
         try:
@@ -321,7 +323,7 @@ class StreamRuntime:
         logger.error("%s failed", stage, exc_info=error)
         self._health.inference_errors += 1
         self._health.last_error = f"{type(error).__name__}: {error}"
-        return FrameError("inference_failed", f"inference failed: {error}")
+        return FrameError(INFERENCE_FAILED, f"inference failed: {error}")
 
     def _next_undecoded(self) -> tuple[StreamHandle, Job] | None:
         now = time.monotonic()

@@ -12,7 +12,7 @@ import torch
 
 from . import guidance
 from .conditioning import PromptEncoder, mix_prompt_states
-from .config import HOT_PARAMS, REPREPARE_PARAMS, StreamConfig, check_compatible
+from .config import REPREPARE_PARAMS, StreamConfig, check_compatible, live_params
 from .control.residuals import ControlFrames, ControlRows
 from .controlnet import ResidualReuse, with_control
 from .fade import Fade
@@ -226,10 +226,10 @@ class StreamEngine:
         when those are set (a re-prepare switches at once).
         """
         config = self.config.updated(**params)  # validates, names load-time settings as such
-        fixed = set(params) - HOT_PARAMS - REPREPARE_PARAMS
+        fixed = set(params) - live_params()
         if fixed:
             raise ValueError(f"{sorted(fixed)} are fixed when the stream opens; a live stream may change "
-                             f"{sorted(HOT_PARAMS | REPREPARE_PARAMS)}")
+                             f"{sorted(live_params())}")
         check_compatible(self.engine.config, config)
         reprepare = any(getattr(config, name) != getattr(self.config, name) for name in REPREPARE_PARAMS)
         runner = self.engine.runner(config) if reprepare else self.runner

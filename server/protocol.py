@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 import wire
-from engine.config import HOT_PARAMS, LOAD_SETTINGS, STREAM_PARAM_TYPES
+from engine.config import LOAD_SETTINGS, STREAM_PARAM_TYPES, live_params
 
 
 class MessageError(ValueError):
@@ -112,7 +112,7 @@ class _ParamsBase(_Incoming):
 
 #: The parameters a session may change while streaming: the engine's hot set plus a clean re-prepare
 #: of the schedule (width/height stay fixed for a session because `hello` announced them).
-UPDATABLE_PARAMS: frozenset[str] = HOT_PARAMS | {"t_index_list"}
+UPDATABLE_PARAMS: frozenset[str] = live_params(size_fixed=True)
 
 #: Hot parameters of a live session (REST body of `PATCH /api/sessions/{id}/params`): every field of
 #: `UPDATABLE_PARAMS`, typed as in `engine.config.StreamConfig`, optional, at least one given. Built from the engine's

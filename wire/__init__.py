@@ -34,6 +34,8 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 BAD_IMAGE = "bad_image"
 IMAGE_TOO_LARGE = "image_too_large"
 INFERENCE_FAILED = "inference_failed"
+#: The codes that answer a frame (the engine's `engine.codec.FRAME_ERROR_CODES`; a test holds them equal).
+FRAME_ERROR_CODES = frozenset({EMPTY_FRAME, UNSUPPORTED_FORMAT, BAD_IMAGE, IMAGE_TOO_LARGE, INFERENCE_FAILED})
 INVALID_JSON = "invalid_json"
 INVALID_MESSAGE = "invalid_message"
 UNKNOWN_MESSAGE_TYPE = "unknown_message_type"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine.config import HOT_PARAMS, LoadConfig, RuntimeOptions, StreamConfig
+from engine.config import HOT_PARAMS, LoadConfig, RuntimeOptions, StreamConfig, live_params
 from server.auth import token_matches, websocket_credentials
 from server.health import DEGRADED, ERROR, LOADING, READY, ErrorClock, assess_health
 from server.protocol import (
@@ -103,7 +103,7 @@ def test_every_flag_has_an_environment_variable():
 
 
 def test_every_updatable_param_round_trips_its_engine_default_through_json():
-    assert UPDATABLE_PARAMS == HOT_PARAMS | {"t_index_list"}
+    assert UPDATABLE_PARAMS == HOT_PARAMS | {"t_index_list"} == live_params() - {"width", "height"}
     defaults = StreamConfig().flat_params()
     for name in UPDATABLE_PARAMS:
         text = json.dumps({"type": "params", name: defaults[name]})
@@ -225,3 +225,13 @@ def test_one_flag_vocabulary_for_server_and_build():
                  "--no-kv-cache"):
         assert flag in server_help and flag in build_help, flag
     assert "--tiny-vae" not in server_help
+
+
+def test_the_engine_and_the_wire_share_one_frame_error_vocabulary():
+    """The engine writes each frame error's code; `wire` is what clients read them by (it imports no engine)."""
+    import wire
+    from engine import codec
+
+    assert codec.FRAME_ERROR_CODES == wire.FRAME_ERROR_CODES
+    assert {getattr(codec, name) for name in ("EMPTY_FRAME", "UNSUPPORTED_FORMAT", "BAD_IMAGE", "IMAGE_TOO_LARGE",
+                                              "INFERENCE_FAILED")} == codec.FRAME_ERROR_CODES
