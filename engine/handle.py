@@ -129,6 +129,8 @@ class StreamHandle:
         self._answers: deque[Answer] = deque()
         self._ready = threading.Condition()
         self._next_seq = 0
+        #: Arrival time of every accepted frame whose answer is not made yet, by seq.
+        self._pending: dict[int, float] = {}
         self._unanswered = 0
         self._frames_out = 0
         self._dropped = 0
@@ -181,6 +183,8 @@ class StreamHandle:
             else:
                 with self._ready:
                     self._unanswered += 1
+            with self._ready:
+                self._pending[seq] = arrival
             self._waiting.append(Job(seq, data, arrival))
             self._schedule.notify_all()
         return seq
@@ -195,6 +199,13 @@ class StreamHandle:
             self._next_seq += 1
         self._drop(seq)
         return seq
+
+    def behind_s(self, now: float) -> float:
+        """Seconds the oldest frame still waiting for its answer has waited (0 when none waits): how far the
+        stream is behind its input."""
+        with self._ready:
+            oldest = min(self._pending.values(), default=None)
+        return 0.0 if oldest is None else max(0.0, now - oldest)
 
     def get(self, timeout: float | None = None) -> Answer | None:
         """The next answer, waiting up to `timeout` seconds; `None` on time-out or once closed."""
@@ -255,6 +266,7 @@ class StreamHandle:
     def deliver(self, result: FrameResult) -> None:
         """Make `result` the next answer and tell the stream's user."""
         with self._ready:
+            self._pending.pop(result.seq, None)
             if self.closed:
                 return
             if result.error is None:
@@ -270,6 +282,7 @@ class StreamHandle:
 
     def _drop(self, seq: int) -> None:
         with self._ready:
+            self._pending.pop(seq, None)
             self._dropped += 1
             last = self._answers[-1] if self._answers else None
             if isinstance(last, Dropped) and last.last == seq - 1:

@@ -66,7 +66,9 @@ class RuntimeStatus:
 
     `failure` names what stopped it (a dead runtime thread), else None. Counters are totals since the runtime
     started, over every stream it served. `fps_in` (frames taken into the input stage) and `fps_out` (outputs)
-    cover the last `RATE_WINDOW_S` seconds, over all streams.
+    cover the last `RATE_WINDOW_S` seconds, over all streams. `last_error_at` is when the last inference error
+    happened (`time.monotonic()`), `behind_s` how long the oldest frame of any open stream has waited for its
+    answer.
     """
 
     model: str
@@ -82,6 +84,8 @@ class RuntimeStatus:
     errors_by_code: dict[str, int]
     inference_errors: int
     last_error: str | None
+    last_error_at: float | None
+    behind_s: float
     batches: int
     frames_inferred: int
     mean_inference_s: float | None
@@ -108,6 +112,7 @@ class _RateMeter:
 class _Health:
     inference_errors: int = 0
     last_error: str | None = None
+    last_error_at: float | None = None
     frames_inferred: int = 0
     #: Network passes run (each advances one frame, or up to `max_batch` frames with batching).
     batches: int = 0
@@ -244,6 +249,7 @@ class StreamRuntime:
             frames_in=totals.get("frames_in", 0), frames_out=totals.get("frames_out", 0),
             dropped=totals.get("dropped", 0), skipped=totals.get("skipped", 0), errors=sum(errors.values()),
             errors_by_code=errors, inference_errors=health.inference_errors, last_error=health.last_error,
+            last_error_at=health.last_error_at, behind_s=max((handle.behind_s(now) for handle in streams), default=0.0),
             batches=health.batches, frames_inferred=health.frames_inferred,
             mean_inference_s=sum(inference) / len(inference) if inference else None,
         )
@@ -323,6 +329,7 @@ class StreamRuntime:
         logger.error("%s failed", stage, exc_info=error)
         self._health.inference_errors += 1
         self._health.last_error = f"{type(error).__name__}: {error}"
+        self._health.last_error_at = time.monotonic()
         return FrameError(INFERENCE_FAILED, f"inference failed: {error}")
 
     def _next_undecoded(self) -> tuple[StreamHandle, Job] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 LOADING, READY, DEGRADED, ERROR = "loading", "ready", "degraded", "error"
@@ -27,16 +26,20 @@ def assess_health(loaded: bool, failure: str | None, seconds_since_inference_err
     return READY
 
 
-@dataclass
-class ErrorClock:
-    """Turns a growing error count into "seconds since the last new error"."""
+@dataclass(frozen=True)
+class HealthReport:
+    """What `/health` says, from one look at the runtime (`ServerState.health`).
 
-    seen: int = 0
-    last_change: float | None = None
+    Args:
+        status (`str`): `loading`, `ready`, `degraded` or `error`.
+        failure (`str | None`): why the server cannot serve, when it cannot.
+        accepting (`bool`): whether a new session would be accepted now.
+        fps_in (`float`): frames taken in per second, over every stream (the runtime's window).
+        fps_out (`float`): outputs per second, over every stream.
+    """
 
-    def observe(self, count: int, now: float | None = None) -> float | None:
-        """Record the current count; seconds since it last grew, `None` if it never did."""
-        now = time.monotonic() if now is None else now
-        if count > self.seen:
-            self.seen, self.last_change = count, now
-        return None if self.last_change is None else now - self.last_change
+    status: str
+    failure: str | None
+    accepting: bool
+    fps_in: float
+    fps_out: float

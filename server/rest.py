@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from wire import BUSY
 
 from .auth import bearer_token_of, query_token_of, token_matches
-from .health import DEGRADED, READY
 from .protocol import MessageError, ParamsUpdate, PromptUpdate, parse_request_body
 from .sessions import Session, UpdateRefused
 from .state import ServerState
@@ -53,19 +52,20 @@ async def health(request: Request) -> JSONResponse:
     the status and counts only: the model spec and a load error can hold local paths.
     """
     state = server_state(request)
-    status = state.status()
+    health = state.health()
     body: dict[str, object] = {
-        "status": status,
+        "status": health.status,
         "sessions": len(state.sessions),
         "max_sessions": state.settings.max_sessions,
-        "accepting": state.accepting and status in (READY, DEGRADED),
+        "accepting": health.accepting,
     }
     if token_matches(state.settings.token, bearer_token_of(request.scope)) or token_matches(
             state.settings.token, query_token_of(request.scope)):
-        body.update(model=state.model_name, width=state.settings.stream.width, height=state.settings.stream.height)
-        if state.failure is not None:
-            body["error"] = state.failure
-    return JSONResponse(body, status_code=200 if body["accepting"] else 503)
+        body.update(model=state.model_name, width=state.settings.stream.width, height=state.settings.stream.height,
+                    fps_in=round(health.fps_in, 3), fps_out=round(health.fps_out, 3))
+        if health.failure is not None:
+            body["error"] = health.failure
+    return JSONResponse(body, status_code=200 if health.accepting else 503)
 
 
 @router.get("/api/sessions")

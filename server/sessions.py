@@ -7,13 +7,14 @@ prompt, parameter updates may re-encode it) runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.runtime import StreamHandle, StreamRuntime
-from wire import BUSY, INVALID_PARAMS
+from wire import BUSY, INVALID_PARAMS, StatsEvent
 
 from .protocol import UPDATABLE_PARAMS
 
@@ -112,7 +113,6 @@ class Session:
         self.closed = False
         self.latest_jpeg: bytes | None = None
         self.frame_number = 0
-        self.waiting_since: float | None = None
         self.pending_updates = 0
         self.viewers = 0
         self._new_frame = asyncio.Event()
@@ -171,17 +171,23 @@ class Session:
             return None
         return self.frame_number, self.latest_jpeg
 
-    def behind_s(self, now: float) -> float:
-        """Seconds this session has had frames in flight without any answer (0 when idle)."""
-        if self.waiting_since is None or self.handle.in_flight == 0:
-            return 0.0
-        return now - self.waiting_since
+    def stats(self) -> StatsEvent:
+        """The session's recent rates and its counters: the WebSocket's `stats` event, and the counters of the REST
+        view (`describe`), built once here for both."""
+        stats, window = self.handle.stats, self.window
+        latency, inference = window.latency_s, window.inference_s
+        return StatsEvent(
+            fps=round(window.fps, 3),
+            latency_ms=None if latency is None else round(latency * 1000, 3),
+            inference_ms=None if inference is None else round(inference * 1000, 3),
+            frames_in=stats.frames_in, frames_out=stats.frames_out, dropped=stats.dropped,
+            skipped=stats.skipped, errors=stats.errors, in_flight=self.handle.in_flight,
+        )
 
     def describe(self) -> dict[str, object]:
-        """The REST view of the session."""
-        config, stats = self.handle.config, self.handle.stats
+        """The REST view of the session: its prompt, size and live parameters, and `stats`."""
+        config = self.handle.config
         params = config.flat_params()
-        latency = self.window.latency_s
         return {
             "id": self.id,
             "created": self.created,
@@ -190,14 +196,7 @@ class Session:
             "width": config.width,
             "height": config.height,
             "params": {name: params[name] for name in _LISTED_PARAMS},
-            "frames_in": stats.frames_in,
-            "frames_out": stats.frames_out,
-            "dropped": stats.dropped,
-            "skipped": stats.skipped,
-            "errors": stats.errors,
-            "in_flight": self.handle.in_flight,
-            "fps": round(self.window.fps, 3),
-            "latency_ms": None if latency is None else round(latency * 1000, 3),
+            **dataclasses.asdict(self.stats()),
         }
 
 

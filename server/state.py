@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 
 from engine.loading import Engine
-from engine.runtime import StreamRuntime
+from engine.runtime import RuntimeStatus, StreamRuntime
 
-from .health import ErrorClock, assess_health
+from .health import DEGRADED, READY, HealthReport, assess_health
 from .metrics import ServerMetrics
 from .sessions import SessionRegistry, UpdatePolicy
 from .settings import ServerSettings
@@ -44,7 +44,6 @@ class ServerState:
         #: Called (from the loader thread) when loading fails, e.g. to stop the process.
         self.on_load_failure: Callable[[str], None] | None = None
         self._engine = engine
-        self._errors = ErrorClock()
         self._stopped = threading.Event()
         self._loader: threading.Thread | None = None
 
@@ -79,25 +78,37 @@ class ServerState:
         logger.info("ready: model %r at %dx%d", self.model_name, self.settings.stream.width,
                     self.settings.stream.height)
 
-    def status(self) -> str:
-        """`loading`, `ready`, `degraded` or `error` (see `server.health.assess_health`)."""
+    def health(self) -> HealthReport:
+        """The health now, from one `runtime.status()` (see `server.health.assess_health`)."""
         runtime = self.runtime
-        since_error = None if runtime is None else self._errors.observe(runtime.status().inference_errors)
+        status = None if runtime is None else runtime.status()
+        failure = self._failure(status)
         now = time.monotonic()
-        worst = None
-        for session in self.sessions:
-            latency = session.window.latency_s or 0.0
-            worst = max(worst or 0.0, latency, session.behind_s(now))
-        return assess_health(runtime is not None, self.failure, since_error, worst,
-                             error_window_s=ERROR_WINDOW_S, max_latency_s=self.settings.degraded_latency_s)
+        since_error = None if status is None or status.last_error_at is None else now - status.last_error_at
+        # Behind: the slowest session's recent latency, or how long the runtime's oldest frame has waited.
+        worst = max((session.window.latency_s or 0.0 for session in self.sessions), default=None)
+        if status is not None:
+            worst = max(worst or 0.0, status.behind_s)
+        state = assess_health(runtime is not None, failure, since_error, worst, error_window_s=ERROR_WINDOW_S,
+                              max_latency_s=self.settings.degraded_latency_s)
+        accepting = runtime is not None and failure is None and self.sessions.has_room and state in (READY, DEGRADED)
+        return HealthReport(state, failure, accepting, 0.0 if status is None else status.fps_in,
+                            0.0 if status is None else status.fps_out)
+
+    def status(self) -> str:
+        """`loading`, `ready`, `degraded` or `error`."""
+        return self.health().status
+
+    def _failure(self, status: RuntimeStatus | None) -> str | None:
+        if self.load_error is not None:
+            return f"model failed to load: {self.load_error}"
+        return None if status is None else status.failure
 
     @property
     def failure(self) -> str | None:
         """Why the server cannot serve: the model failed to load, or a runtime thread died."""
-        if self.load_error is not None:
-            return f"model failed to load: {self.load_error}"
         runtime = self.runtime
-        return None if runtime is None else runtime.status().failure
+        return self._failure(None if runtime is None else runtime.status())
 
     @property
     def accepting(self) -> bool:

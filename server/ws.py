@@ -31,7 +31,6 @@ from wire import (
     ErrorEvent,
     FrameEvent,
     Hello,
-    StatsEvent,
     close_reason,
 )
 
@@ -181,10 +180,7 @@ class Connection:
             self.send_error(BUSY, f"over {self.settings.max_messages_per_s:g} messages a second; send fewer")
 
     def on_frame(self, data: bytes) -> None:
-        handle = self.session.handle
-        if handle.in_flight == 0:
-            self.session.waiting_since = time.monotonic()
-        handle.put(data)
+        self.session.handle.put(data)
 
     def on_text(self, text: str) -> None:
         try:
@@ -233,7 +229,7 @@ class Connection:
                 counts = (stats.frames_in, stats.frames_out, stats.errors, stats.dropped)
                 if counts != last_counts:  # idle sessions get no stats
                     last_counts = counts
-                    await self.websocket.send_text(self.stats_event().to_json())
+                    await self.websocket.send_text(self.session.stats().to_json())
 
     async def deliver(self, answer: Answer) -> None:
         """Send one answer: dropped frames, an error event for a frame that could not be used, or a `frame`
@@ -243,7 +239,6 @@ class Connection:
             for seq in answer.seqs:
                 await self.websocket.send_text(DroppedEvent(seq=seq).to_json())
             return
-        session.waiting_since = time.monotonic() if session.handle.in_flight else None
         if answer.error is not None:
             await self.websocket.send_text(ErrorEvent(code=answer.error.code, message=answer.error.message,
                                                       seq=answer.seq).to_json())
@@ -256,14 +251,3 @@ class Connection:
         session.publish(answer.jpeg)
         self.metrics.latency.observe(latency)
         self.metrics.inference.observe(answer.inference_s)
-
-    def stats_event(self) -> StatsEvent:
-        stats, window = self.session.handle.stats, self.session.window
-        latency, inference = window.latency_s, window.inference_s
-        return StatsEvent(
-            fps=round(window.fps, 3),
-            latency_ms=None if latency is None else round(latency * 1000, 3),
-            inference_ms=None if inference is None else round(inference * 1000, 3),
-            frames_in=stats.frames_in, frames_out=stats.frames_out, dropped=stats.dropped,
-            skipped=stats.skipped, errors=stats.errors, in_flight=self.session.handle.in_flight,
-        )

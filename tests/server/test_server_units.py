@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
 from engine.config import HOT_PARAMS, LoadConfig, RuntimeOptions, StreamConfig, live_params
 from server.auth import token_matches, websocket_credentials
-from server.health import DEGRADED, ERROR, LOADING, READY, ErrorClock, assess_health
+from server.health import DEGRADED, ERROR, LOADING, READY, assess_health
 from server.protocol import (
     UPDATABLE_PARAMS,
     MessageError,
@@ -178,12 +179,26 @@ def test_assess_health(loaded, load_error, since_error, latency, expected):
     assert assess_health(loaded, load_error, since_error, latency, error_window_s=30.0, max_latency_s=10.0) == expected
 
 
-def test_error_clock_measures_time_since_the_count_grew():
-    clock = ErrorClock()
-    assert clock.observe(0, now=10.0) is None
-    assert clock.observe(2, now=11.0) == 0.0
-    assert clock.observe(2, now=15.0) == 4.0
-    assert clock.observe(3, now=16.0) == 0.0
+def test_a_handle_says_how_long_its_oldest_unanswered_frame_has_waited(tiny_engine):
+    """How far a stream is behind is the runtime's fact (the server used to rebuild it from its own marks)."""
+    from engine.handle import FrameResult
+    from engine.runtime import StreamRuntime
+
+    with StreamRuntime(tiny_engine, StreamConfig(width=32, height=32, similarity_filter=False)) as runtime:
+        handle = runtime.open_stream(max_in_flight=4)
+        assert handle.behind_s(100.0) == 0.0
+        handle._schedule.acquire()  # hold the runtime's threads off the frames
+        try:
+            handle.put(b"not an image", arrival=10.0)
+            handle.put(b"not an image either", arrival=12.0)
+            assert handle.behind_s(15.0) == 5.0  # the oldest waits since 10.0
+            now = time.monotonic()
+            assert runtime.status().behind_s >= handle.behind_s(now) > 0
+        finally:
+            handle._schedule.release()
+        answers = [handle.get(timeout=30) for _ in range(2)]
+        assert all(isinstance(answer, FrameResult) for answer in answers)
+        assert handle.behind_s(100.0) == 0.0  # answered: nothing waits
 
 
 def test_output_window_fps_and_latency_over_recent_frames():
