@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from .loading import Engine, load_bundle
     from .models import ModelBundle, ModelLoadError, load_models
     from .runtime import RuntimeOptions, RuntimeStatus, StreamRuntime
-    from .stream import StepResult, StreamEngine
+    from .stream import StreamEngine
+    from .stream_state import StepResult
 
 __all__ = ["Engine", "LoadConfig", "ModelBundle", "ModelLoadError", "RuntimeOptions", "RuntimeStatus", "StepResult",
            "StreamConfig", "StreamEngine", "StreamRuntime", "load_bundle", "load_models"]
@@ -29,7 +30,7 @@ _LAZY = {
     "ModelLoadError": "models",
     "RuntimeOptions": "runtime",
     "RuntimeStatus": "runtime",
-    "StepResult": "stream",
+    "StepResult": "stream_state",
     "StreamConfig": "config",
     "StreamEngine": "stream",
     "StreamRuntime": "runtime",

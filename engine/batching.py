@@ -16,13 +16,13 @@ alone through `StreamEngine.step`.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from contextlib import ExitStack
 
 import torch
 
-from .control.residuals import ControlResiduals, ControlRows
-from .controlnet import with_control
-from .prompt import Conditioning
-from .stream import FrameWork, StepResult, StreamEngine
+from .stream import StreamEngine
+from .stream_state import FrameWork, StepResult
+from .unet_call import run_calls
 
 
 def batch_key(engine: StreamEngine) -> Hashable | None:
@@ -36,26 +36,6 @@ def batch_key(engine: StreamEngine) -> Hashable | None:
             or not config.stream_batch:
         return None
     return (id(engine.runner), id(engine.engine), config.width, config.height)
-
-
-def concat_conditioning(conditionings: Sequence[Conditioning]) -> Conditioning:
-    """One `Conditioning` for the concatenated rows: embeddings, each layer's K/V and SDXL's added inputs joined
-    along the batch."""
-    states = torch.cat([c.encoder_hidden_states for c in conditionings])
-    first = conditionings[0]
-    kv_cache = None
-    if first.kv_cache is not None:
-        kv_cache = {name: (torch.cat([c.kv_cache[name][0] for c in conditionings]),
-                           torch.cat([c.kv_cache[name][1] for c in conditionings]))
-                    for name in first.kv_cache}
-    added = None
-    if first.added_cond is not None:
-        added = {name: torch.cat([c.added_cond[name] for c in conditionings]) for name in first.added_cond}
-    control = None
-    if first.control is not None:
-        control = ControlResiduals.from_tensors([torch.cat(parts) for parts in
-                                                 zip(*(c.control.tensors() for c in conditionings), strict=True)])
-    return Conditioning(states, kv_cache, added, control=control)
 
 
 @torch.no_grad()
@@ -113,27 +93,14 @@ def _check_distinct(engines: Sequence[StreamEngine]) -> None:
 
 
 def _advance_group(engines: list[StreamEngine], frames: list[FrameWork]) -> None:
-    # Only this call takes several engine locks, always in the same (id) order, so none can deadlock.
-    locks = sorted((engine.lock for engine in engines), key=id)
-    for lock in locks:
-        lock.acquire()
-    try:
+    # Only this call holds several streams at once, always entered in the same (id) order, so none can deadlock.
+    order = sorted(range(len(engines)), key=lambda index: id(engines[index]))
+    with ExitStack() as stack:
+        held = {index: stack.enter_context(engines[index].denoising()) for index in order}
         if any(batch_key(engine) != batch_key(engines[0]) for engine in engines):
-            # A parameter update between grouping and locking made them incompatible.
+            # A parameter update between grouping and holding made them incompatible.
             raise ValueError("engines stopped being batch-compatible")
-        calls = [engine.prepare_denoise(frame) for engine, frame in zip(engines, frames, strict=True)]
-        runner = engines[0].runner
-        latents = torch.cat([call.latents for call in calls])
-        timesteps = torch.cat([call.timesteps for call in calls])
-        conditioning = concat_conditioning([call.conditioning for call in calls])
-        if calls[0].control is not None:
-            # One ControlNet call for the group, each row scaled by its own session's `controlnet_scale`.
-            control = ControlRows.cat([call.control for call in calls])
-            conditioning = with_control(runner, latents, timesteps, conditioning, control)
-        model_output = runner.unet(latents, timesteps, conditioning)
-        outputs = torch.split(model_output, [call.latents.shape[0] for call in calls])
-        for engine, frame, call, output in zip(engines, frames, calls, outputs, strict=True):
-            engine.complete_denoise(frame, call, output)
-    finally:
-        for lock in reversed(locks):
-            lock.release()
+        calls = [held[index].prepare(frames[index]) for index in range(len(engines))]
+        outputs = run_calls(engines[0].runner, calls)
+        for index, (call, output) in enumerate(zip(calls, outputs, strict=True)):
+            held[index].complete(frames[index], call, output)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from .codec import FrameError
 from .flow import RecentUsage, admit_frame
-from .stream import FrameWork, StreamEngine
+from .stream import StreamEngine
+from .stream_state import FrameWork
 
 
 @dataclass

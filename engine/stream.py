@@ -1,4 +1,5 @@
-"""`StreamEngine`: one stream's state and the stream-batch denoising step (DESIGN.md §2)."""
+"""`StreamEngine`: one stream's state and the stream-batch denoising step (DESIGN.md §2); its optional features
+are parts (`engine.parts`)."""
 
 from __future__ import annotations
 
@@ -6,107 +7,48 @@ import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-from . import guidance
-from .conditioning import PromptEncoder, mix_prompt_states
+from .conditioning import PromptEncoder
 from .config import REPREPARE_PARAMS, StreamConfig, check_compatible, live_params
-from .control.residuals import ControlFrames, ControlRows
-from .controlnet import ResidualReuse, with_control
-from .fade import Fade
+from .control.residuals import ControlFrames
 from .loading import Engine
-from .noise import mix_noise, weighted_seed_noise
+from .parts import StreamPart
+from .parts.control import ControlPart
+from .parts.skip import SkipPart
+from .parts.temporal import TemporalPart
+from .parts.transitions import Transitions
 from .prompt import Conditioning, PromptState
-from .schedule import SlotSchedule, add_noise, predict_x0, slot_schedule
+from .sequential import sequential_denoise
 from .similarity import SimilarityFilter
-from .skip import SkipPolicy, SlotFrame, make_skip_policy, update_skip_policy
-from .temporal import Motion, TemporalFilter
+from .skip import SkipPolicy, SlotFrame
+from .stream_batch import stream_finish, stream_inputs
+from .stream_state import FrameWork, StepResult, StreamState, latent_shape, new_noise, new_state, prompt_layouts
+from .temporal import TemporalFilter
+from .unet_call import UnetCall, run_calls
 
 logger = logging.getLogger(__name__)
 
 LayoutKey = tuple[str, int]
 
 
-@dataclass
-class StepResult:
-    """One call's output: images in [0, 1] shaped like the input, and whether the filter skipped it."""
-
-    images: torch.Tensor
-    skipped: bool
-
-
-@dataclass
-class UnetCall:
-    """One stream-batch UNet call: the slots' noisy latents and the UNet's inputs built from them."""
-
-    x_t: torch.Tensor
-    latents: torch.Tensor
-    timesteps: torch.Tensor
-    conditioning: Conditioning
-    #: With a ControlNet: each slot's control image and embedding (ordered like `x_t`) and the UNet rows made of them.
-    control_slots: ControlFrames | None = None
-    control: ControlRows | None = None
-
-
-@dataclass
-class _StreamState:
-    """Mutable per-stream tensors; replaced as a whole on re-prepare."""
-
-    schedule: SlotSchedule
-    fixed_noise: torch.Tensor
-    stock_noise: torch.Tensor | None
-    buffer: torch.Tensor | None = None
-    #: A frame was let through on this state, so a later skipped frame has an output to repeat.
-    has_frames: bool = False
-    last_output: torch.Tensor | None = None
-    #: With a ControlNet: the control images (and embeddings) of the buffer's slots, shifted with the latents.
-    control_buffer: ControlFrames | None = None
-
-
-@dataclass
-class FrameWork:
-    """A frame on its way through `StreamEngine.begin` → `advance` → `finish`, which may run on three threads.
-
-    The input image is not kept: at large sizes it would hold memory for the frame's whole way.
-    `state` is the stream state the frame advanced (set by `advance`; for a skipped frame, by `begin`: the
-    state whose last output it repeats). `latents` are the VAE latents, `denoised` the x̂0 latents to decode.
-    """
-
-    skipped: bool
-    single: bool
-    state: _StreamState | None = None
-    latents: torch.Tensor | None = None
-    denoised: torch.Tensor | None = None
-    output: torch.Tensor | None = None
-    #: `temporal="flow"`: this frame's input motion (`begin`), then that of the frame it outputs (`advance`).
-    motion: Motion | None = None
-    #: With a ControlNet: this frame's control images (`begin`), then those of the frame it outputs (`advance`).
-    control: ControlFrames | None = None
-
-    def result(self) -> StepResult:
-        """The frame's `StepResult`, one image for a single-image input."""
-        return StepResult(images=self.output[0] if self.single else self.output, skipped=self.skipped)
-
-
-def _bank_graph_size(config: StreamConfig) -> int:
-    """The attention bank size of `config`'s compiled UNet graphs (0: a graph without a bank)."""
-    return config.temporal_settings.bank_size if config.temporal == "bank" else 0
-
-
 class StreamEngine:
     """A single video stream through a shared, loaded `Engine`.
 
     Many streams share one `Engine` and never change it: every tensor that depends on the stream (latent
-    buffer, fixed noise, stock noise, prompt cache, similarity filter, skip caches) lives here.
+    buffer, fixed noise, stock noise, prompt cache, similarity filter) lives here, and each optional feature in
+    its part (`engine.parts`: skip policy, temporal steadiness, ControlNet, transitions), which the stream
+    calls at the same points whatever the feature.
 
     Args:
         engine (`Engine`): the shared models and their runner (`Engine.load` / `Engine.prepare`).
         config (`StreamConfig`): the stream's parameters; its prompt is prepared at once.
 
     Raises:
-        ValueError: `config` cannot run on `engine` (see `engine.config.check_compatible`).
+        ValueError: `config` cannot run on `engine` (see `engine.config.check_compatible`), or a part refuses it.
     """
 
     def __init__(self, engine: Engine, config: StreamConfig):
@@ -129,83 +71,43 @@ class StreamEngine:
         self.priming_s = 0.0
         self._filter = SimilarityFilter(config.similarity_threshold, config.max_skip_frames, seed=config.seed)
         self._prompts = PromptEncoder(self.models, self.kv_cache)
-        self._prompt = self._encode_prompt(config)
-        # Running transitions (`prompt_transition_frames`, `seed_transition_frames`), stepped once per frame.
-        self._prompt_fade: Fade[PromptState] | None = None
-        self._noise_fade: Fade[torch.Tensor] | None = None
         self._state = self._new_state(config)
-        # Per-stream feature caches of the optional skip policy (None when `skip_policy="off"`).
-        self.skip_policy: SkipPolicy | None = make_skip_policy(self.models, config, self.runner)
-        self._check_temporal(config, self.runner)
-        self.temporal = TemporalFilter(config, self.device, self.dtype)
-        self.control_source = engine.control_source
-        self._check_controlnet(self.runner)
-        self._control_reuse = ResidualReuse()
+        self.skip = SkipPart(self.models, config, self.runner)
+        self.temporal_part = TemporalPart(config, self.device, self.dtype, self.runner)
+        self.control = ControlPart(self.models.controlnet is not None, engine.control_source, self.runner)
+        self.transitions = Transitions(self._encode_prompt(config))
+        self.parts: tuple[StreamPart, ...] = (self.skip, self.temporal_part, self.control, self.transitions)
+
+    @property
+    def skip_policy(self) -> SkipPolicy | None:
+        """The stream's skip policy (None with `skip_policy="off"`)."""
+        return self.skip.policy
+
+    @property
+    def temporal(self) -> TemporalFilter:
+        """The stream's temporal-steadiness filter."""
+        return self.temporal_part.filter
+
+    @property
+    def _prompt(self) -> PromptState:
+        """The prompt conditioning the next frame sees (mid-fade: the current mix)."""
+        return self.transitions.prompt
+
+    def conditioning(self, cfg_type: str, rows: int) -> Conditioning:
+        """The prompt conditioning of a UNet call of `rows` slot rows in guidance mode `cfg_type`."""
+        return self._prompt.layouts[(cfg_type, rows)]
 
     # ------------------------------------------------------------------ preparation
 
-    def _check_temporal(self, config: StreamConfig, runner) -> None:
-        """Refuse what a temporal mechanism cannot run with, at once rather than on the first frame."""
-        if config.temporal == "off":
-            return
-        if not config.stream_batch or config.frame_buffer_size != 1:
-            raise ValueError(f"`temporal={config.temporal!r}` works on the stream batch of one frame per call: "
-                             "it needs `stream_batch=True` and `frame_buffer_size=1`")
-        if config.temporal == "bank":
-            from .backends.base import runner_name
-            from .backends.split import unet_runner_of
-
-            unet_runner = unet_runner_of(runner)
-            if not unet_runner.capabilities.attention_bank:
-                raise ValueError("`temporal='bank'` extends the UNet's self-attention per stream: it needs a UNet "
-                                 "backend that takes the bank, eager, onnxruntime or tensorrt (this engine's is "
-                                 f"{runner_name(unet_runner)}); use `temporal='flow'` on the others")
-            if config.skip_policy != "off":
-                raise ValueError("`temporal='bank'` and a skip policy both reuse attention across frames: use one")
-
-    def _prepare_graphs(self, runner, config: StreamConfig) -> None:
-        """A compiled backend opens the graphs of `config` now, on the caller's thread, rather than on a frame: a
-        hot change to or from `temporal='bank'`, or of its `bank_size`, needs another UNet graph (the eager UNet
-        has nothing to open)."""
-        runner.prepare(config, self.kv_cache)
-
-    def _check_controlnet(self, runner) -> None:
-        from .backends.base import runner_name
-        from .backends.split import unet_runner_of
-
-        unet_runner = unet_runner_of(runner)
-        if self.models.controlnet is not None and not unet_runner.capabilities.controlnet:
-            raise ValueError(f"this engine has a ControlNet, but its UNet backend ({runner_name(unet_runner)}) cannot "
-                             "run one: use `backend='eager'`, 'onnxruntime' or 'tensorrt'")
-
     def latent_shape(self, config: StreamConfig) -> tuple[int, int, int]:
         """(channels, height, width) of one latent at `config`'s size."""
-        factor = self.models.vae_scale_factor
-        return (self.models.unet.config.in_channels, config.height // factor, config.width // factor)
-
-    def _layouts(self, config: StreamConfig) -> list[LayoutKey]:
-        f, n = config.frame_buffer_size, config.denoising_steps
-        if config.stream_batch:
-            return [(config.cfg_type, n * f)]
-        layouts = [(config.cfg_type, f)]
-        if config.cfg_type == "initialize":
-            layouts.append(("self", f))
-        return layouts
+        return latent_shape(self.models, config)
 
     def _encode_prompt(self, config: StreamConfig) -> PromptState:
-        return self._prompts.state(config, self._layouts(config))
+        return self._prompts.state(config, prompt_layouts(config))
 
-    def _new_noise(self, config: StreamConfig) -> torch.Tensor:
-        rows = config.denoising_steps * config.frame_buffer_size
-        noise = weighted_seed_noise(config.weighted_seeds, (rows, *self.latent_shape(config)))
-        return noise.to(device=self.device, dtype=self.dtype)
-
-    def _new_state(self, config: StreamConfig) -> _StreamState:
-        schedule = slot_schedule(self.models.scheduler, config.num_inference_steps, config.t_index_list,
-                                 config.frame_buffer_size, self.device, self.dtype)
-        noise = self._new_noise(config)
-        stock = noise.clone() if guidance.uses_stock_noise(config.cfg_type) else None
-        return _StreamState(schedule=schedule, fixed_noise=noise, stock_noise=stock)
+    def _new_state(self, config: StreamConfig) -> StreamState:
+        return new_state(self.models, config, self.device, self.dtype)
 
     # ------------------------------------------------------------------ hot updates
 
@@ -232,47 +134,36 @@ class StreamEngine:
                              f"{sorted(live_params())}")
         check_compatible(self.engine.config, config)
         reprepare = any(getattr(config, name) != getattr(self.config, name) for name in REPREPARE_PARAMS)
+        # Every check, and whatever is slow (graphs to open, a prompt to encode), before anything changes.
         runner = self.engine.runner(config) if reprepare else self.runner
-        self._check_temporal(config, runner)
-        if not reprepare and _bank_graph_size(config) != _bank_graph_size(self.config):
-            self._prepare_graphs(runner, config)
-        self._check_controlnet(runner)
+        for part in self.parts:
+            part.check(config, runner)
+        runner.prepare(config, self.kv_cache)  # e.g. a new attention bank size opens another compiled UNet graph
         prompt_changed = any(getattr(config, name) != getattr(self.config, name)
                              for name in ("weighted_prompts", "negative_prompt", "prompt_blend"))
-        prompt = self._encode_prompt(config) if prompt_changed or reprepare else self._prompt
+        prompt = self._encode_prompt(config) if prompt_changed or reprepare else None
         state = self._new_state(config) if reprepare else None
         noise_changed = config.weighted_seeds != self.config.weighted_seeds
-        noise = self._new_noise(config) if noise_changed and not reprepare else None
-        clear_skip_caches = prompt_changed or reprepare or noise_changed
+        noise = new_noise(self.models, config, self.device, self.dtype) if noise_changed and not reprepare else None
         with self._lock, self._input_lock:
-            self.skip_policy = update_skip_policy(self.skip_policy, self.models, self.config, config, runner,
-                                                  clear_skip_caches)
-            if clear_skip_caches:
-                self._control_reuse.reset()
-            if config.temporal != self.config.temporal:
-                self.temporal = TemporalFilter(config, self.device, self.dtype)
-            else:
-                self.temporal.update(config)
-                if clear_skip_caches:
-                    self.temporal.reset()
+            for part in self.parts:
+                part.update(self.config, config, runner, fresh=prompt_changed or reprepare or noise_changed)
             self.runner = runner
             self.config = config
-            if prompt is not self._prompt:
-                fade = prompt_changed and not reprepare and config.prompt_transition_frames > 0
-                self._prompt_fade = Fade(self._prompt, prompt, config.prompt_transition_frames) if fade else None
-                if not fade:
-                    self._prompt = prompt
+            if prompt is not None:
+                fade = prompt_changed and not reprepare
+                self.transitions.fade_prompt(prompt, config.prompt_transition_frames if fade else 0)
             self._filter.threshold = config.similarity_threshold
             self._filter.max_skip_frames = config.max_skip_frames
             if state is not None:
                 self._state = state
-                self._noise_fade = None
+                self.transitions.stop_noise()
                 self._filter.reset()
             elif noise is not None and config.seed_transition_frames > 0:
                 # The stock noise is not reset: it follows the fixed noise frame by frame (`next_stock_noise`).
-                self._noise_fade = Fade(self._state.fixed_noise, noise, config.seed_transition_frames)
+                self.transitions.fade_noise(self._state.fixed_noise, noise, config.seed_transition_frames)
             elif noise is not None:
-                self._noise_fade = None
+                self.transitions.stop_noise()
                 self._state.fixed_noise = noise
                 if self._state.stock_noise is not None:
                     self._state.stock_noise = noise.clone()
@@ -280,15 +171,10 @@ class StreamEngine:
     def reset(self) -> None:
         """Forget every frame seen: the next call primes the buffer again (a running fade ends at its target)."""
         with self._lock, self._input_lock:
-            if self._prompt_fade is not None:
-                self._prompt, self._prompt_fade = self._prompt_fade.target, None
-            self._noise_fade = None
             self._state = self._new_state(self.config)
             self._filter.reset()
-            self.temporal.reset()
-            self._control_reuse.reset()
-            if self.skip_policy is not None:
-                self.skip_policy.reset()
+            for part in self.parts:
+                part.reset()
 
     # ------------------------------------------------------------------ per frame
 
@@ -304,11 +190,6 @@ class StreamEngine:
     # `step` is three stages. `engine.runtime` runs them on separate threads (input, inference, output) so
     # that the VAE calls of one frame overlap the UNet call of another; each stage takes the frames of a
     # stream in order. `engine.batching` runs `advance` for many engines with one UNet call.
-
-    @property
-    def lock(self) -> threading.Lock:
-        """Held while a frame changes the stream state; parameter updates wait for it."""
-        return self._lock
 
     def check_input(self, images: torch.Tensor) -> torch.Tensor:
         """`images` as `[frame_buffer_size, 3, H, W]`; `ValueError` when the shape does not fit the config."""
@@ -332,11 +213,7 @@ class StreamEngine:
         frame = FrameWork(skipped=skipped, single=images.dim() == 3, state=state if skipped else None)
         if not skipped:
             frame.motion = self.temporal.observe_input(batch)
-            if self.control_source is not None:
-                # The condition embedding depends on the control image alone: once per frame, here, off the UNet's
-                # thread, for every slot and guidance row the frame will take.
-                control = self.control_source(frames, config).to(device=self.device, dtype=self.dtype)
-                frame.control = ControlFrames(control, self.runner.control_embedding(control))
+            frame.control = self.control.frames(frames, config, self.runner, self.device, self.dtype)
             frame.latents = self.runner.encode(batch)
         return frame
 
@@ -345,13 +222,13 @@ class StreamEngine:
         """Stage 2: denoise the frame's latents through the stream batch; a skipped frame passes unchanged."""
         if frame.skipped:
             return frame
-        with self._lock:
+        with self.denoising() as denoising:
             if self.config.stream_batch:
-                call = self.prepare_denoise(frame)
-                self.complete_denoise(frame, call, self._run_unet(frame.state, call))
+                call = denoising.prepare(frame)
+                denoising.complete(frame, call, self._run_unet(frame.state, call))
             else:
                 self._bind(frame)
-                frame.denoised = self._sequential_call(frame.state, frame.latents, frame.control)
+                frame.denoised = sequential_denoise(self, frame.state, frame.latents, frame.control)
         return frame
 
     @torch.no_grad()
@@ -376,21 +253,12 @@ class StreamEngine:
             self.frames_processed += 1
         return frame.result()
 
-    def prepare_denoise(self, frame: FrameWork) -> UnetCall:
-        """Bind the frame to the current state, prime an empty buffer, and build the UNet inputs of its
-        stream-batch call. Callers hold `lock` until `complete_denoise`."""
-        self._bind(frame)
-        if frame.state.buffer is None:
-            self._prime(frame.state, frame.latents, frame.control)
-            self.temporal.restart(self.config.denoising_steps)
-        latents, frame.motion = self.temporal.enter(frame.latents, frame.motion)
-        return self._stream_inputs(frame.state, self.config, latents, frame.control)
-
-    def complete_denoise(self, frame: FrameWork, call: UnetCall, model_output: torch.Tensor) -> None:
-        """Guide, predict x̂0, carry stock noise and shift the buffer; the oldest slot's x̂0 is the frame's."""
-        frame.denoised = self._stream_finish(frame.state, self.config, call, model_output)
-        if call.control_slots is not None:
-            frame.control = call.control_slots[-self.config.frame_buffer_size:]
+    @contextmanager
+    def denoising(self) -> Iterator[Denoising]:
+        """The stream held for one stream-batch UNet call (its own, or a share of a batched one): inside,
+        `prepare` a frame's call and `complete` it with the UNet's output; parameter updates wait meanwhile."""
+        with self._lock:
+            yield Denoising(self)
 
     @property
     def needs_repriming(self) -> bool:
@@ -408,24 +276,9 @@ class StreamEngine:
             raise ValueError(f"the frame was encoded as latents {tuple(frame.latents.shape)}, but the stream is now "
                              f"{self.config.width}x{self.config.height} (its size changed in between)")
         frame.state = self._state
-        self._step_fades(frame.state)
+        self.transitions.step(frame.state)
 
-    def _step_fades(self, state: _StreamState) -> None:
-        """One frame of each running prompt or seed fade: the frame about to run sees its next mix."""
-        fade = self._prompt_fade
-        if fade is not None:
-            t = fade.advance()
-            self._prompt = fade.target if fade.finished else mix_prompt_states(fade.source, fade.target, t)
-            if fade.finished:
-                self._prompt_fade = None
-        fade = self._noise_fade
-        if fade is not None:
-            t = fade.advance()
-            state.fixed_noise = fade.target if fade.finished else mix_noise(fade.source, fade.target, t)
-            if fade.finished:
-                self._noise_fade = None
-
-    def _prime(self, state: _StreamState, latents: torch.Tensor, control: ControlFrames | None) -> None:
+    def _prime(self, state: StreamState, latents: torch.Tensor, control: ControlFrames | None) -> None:
         """Fill the buffer from the first frame so no output ever comes from the empty buffer."""
         started = time.perf_counter()
         f, n = self.config.frame_buffer_size, self.config.denoising_steps
@@ -434,98 +287,45 @@ class StreamEngine:
             state.control_buffer = control.repeat(n - 1)
         for _ in range(n - 1):
             self._stream_call(state, latents, control)
-        # Priming rows hold the empty buffer's garbage: no real frame may reuse residuals or features of them.
-        self._control_reuse.reset()
-        if self.skip_policy is not None:
-            self.skip_policy.reset()
+        for part in self.parts:
+            part.primed(self.config)
         self.priming_s += time.perf_counter() - started
 
-    def _unet_eps(self, cfg_type: str, x_t: torch.Tensor, schedule: SlotSchedule, stock: torch.Tensor | None,
-                  control: ControlFrames | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        f = self.config.frame_buffer_size
-        unet_latents, unet_timesteps = guidance.expand_unet_inputs(cfg_type, x_t, schedule.timesteps, f)
-        conditioning = self._prompt.layouts[(cfg_type, x_t.shape[0])]
-        if control is not None:
-            rows = ControlRows.for_call(cfg_type, control.embeddings, f, self.config.controlnet_scale)
-            conditioning = with_control(self.runner, unet_latents, unet_timesteps, conditioning, rows)
-        model_output = self.runner.unet(unet_latents, unet_timesteps, conditioning)
-        return guidance.guide(cfg_type, model_output, stock, self.config.guidance_scale, self.config.delta, f)
-
-    def _stream_inputs(self, state: _StreamState, config: StreamConfig, latents: torch.Tensor,
-                       control: ControlFrames | None) -> UnetCall:
-        schedule, noise, f = state.schedule, state.fixed_noise, config.frame_buffer_size
-        newest = add_noise(latents, noise[:f], schedule.alpha[:f], schedule.beta[:f])
-        x_t = torch.cat([newest, state.buffer])
-        unet_latents, unet_timesteps = guidance.expand_unet_inputs(config.cfg_type, x_t, schedule.timesteps, f)
-        conditioning = self._prompt.layouts[(config.cfg_type, x_t.shape[0])]
-        if self.temporal.bank is not None:
-            conditioning = dataclasses.replace(conditioning, temporal_bank=self.temporal.bank)
-        call = UnetCall(x_t, unet_latents, unet_timesteps, conditioning)
-        if control is not None:
-            call.control_slots = ControlFrames.cat([control, state.control_buffer])
-            call.control = ControlRows.for_call(config.cfg_type, call.control_slots.embeddings, f,
-                                                config.controlnet_scale)
-        return call
-
-    def _stream_finish(self, state: _StreamState, config: StreamConfig, call: UnetCall,
-                       model_output: torch.Tensor) -> torch.Tensor:
-        schedule, noise, f = state.schedule, state.fixed_noise, config.frame_buffer_size
-        eps, stock = guidance.guide(config.cfg_type, model_output, state.stock_noise, config.guidance_scale,
-                                    config.delta, f)
-        x0 = predict_x0(call.x_t, eps, schedule)
-        self.temporal.after_call(x0, f)
-        if stock is not None:
-            state.stock_noise = guidance.next_stock_noise(eps, stock, noise, schedule)
-        state.buffer = add_noise(x0[:-f], noise[f:], schedule.alpha[f:], schedule.beta[f:])
-        if call.control_slots is not None:
-            state.control_buffer = call.control_slots[:-f]
-        return x0[-f:]
-
-    def _stream_call(self, state: _StreamState, latents: torch.Tensor, control: ControlFrames | None) -> torch.Tensor:
+    def _stream_call(self, state: StreamState, latents: torch.Tensor, control: ControlFrames | None) -> torch.Tensor:
         """One UNet call over every slot; returns the oldest slot's x̂0 (`frame_buffer_size` rows)."""
-        call = self._stream_inputs(state, self.config, latents, control)
-        return self._stream_finish(state, self.config, call, self._run_unet(state, call))
+        call = stream_inputs(state, self.config, latents, control, self.conditioning, self.temporal)
+        return stream_finish(state, self.config, call, self._run_unet(state, call), self.temporal)
 
-    def _run_unet(self, state: _StreamState, call: UnetCall) -> torch.Tensor:
-        conditioning = self._control_conditioning(call)
-        if self.skip_policy is not None:
-            return self.skip_policy.unet(call.latents, call.timesteps, conditioning,
-                                         SlotFrame(call.x_t, state.schedule, state.fixed_noise))
-        return self.runner.unet(call.latents, call.timesteps, conditioning)
+    def _run_unet(self, state: StreamState, call: UnetCall) -> torch.Tensor:
+        """The model output of this stream's own call: its ControlNet residuals (reused when allowed) and its
+        skip policy's piecewise UNet, if any."""
+        resolved = dataclasses.replace(call, conditioning=self.control.conditioning(call, self.config, self.runner),
+                                       control=None)
+        policy = self.skip_policy
+        unet = None if policy is None else lambda latents, timesteps, conditioning: policy.unet(
+            latents, timesteps, conditioning, SlotFrame(call.x_t, state.schedule, state.fixed_noise))
+        return run_calls(self.runner, [resolved], unet)[0]
 
-    def _control_conditioning(self, call: UnetCall) -> Conditioning:
-        """The call's conditioning with its ControlNet residuals, reused from an earlier frame when the stream's
-        `controlnet_reuse_*` settings allow."""
-        control = call.control
-        if control is None or not control.active:
-            return call.conditioning
-        config = self.config
-        newest = call.control_slots.images[:config.frame_buffer_size]
-        residuals = self._control_reuse.lookup(newest, control.embeddings.shape[0], config.controlnet_reuse_interval,
-                                               config.controlnet_reuse_threshold)
-        if residuals is None:
-            residuals = self.runner.controlnet(call.latents, call.timesteps, call.conditioning, control.embeddings)
-            self._control_reuse.store(residuals, newest)
-        return dataclasses.replace(call.conditioning, control=residuals.scaled(control.scale))
 
-    def _sequential_call(self, state: _StreamState, latents: torch.Tensor,
-                         control: ControlFrames | None = None) -> torch.Tensor:
-        """The same steps one UNet call at a time, for one input (the stream batch's reference)."""
-        cfg_type, n, f = self.config.cfg_type, self.config.denoising_steps, self.config.frame_buffer_size
-        noise = state.fixed_noise
-        stock = noise[:f] if guidance.uses_stock_noise(cfg_type) else None
-        current = state.schedule.slots(0, 1)
-        x_t = add_noise(latents, noise[:f], current.alpha, current.beta)
-        for k in range(n):
-            step_cfg = "self" if cfg_type == "initialize" and k > 0 else cfg_type
-            eps, stock = self._unet_eps(step_cfg, x_t, current, stock, control)
-            x0 = predict_x0(x_t, eps, current)
-            if k == n - 1:
-                break
-            following = state.schedule.slots(k + 1, k + 2)
-            next_noise = noise[(k + 1) * f:(k + 2) * f]
-            if stock is not None:
-                stock = guidance.carry_stock_noise(eps, stock, current, following, next_noise)
-            x_t = add_noise(x0, next_noise, following.alpha, following.beta)
-            current = following
-        return x0
+class Denoising:
+    """A stream held for one UNet call (`StreamEngine.denoising`): prepare a frame's call, complete it."""
+
+    def __init__(self, stream: StreamEngine):
+        self.stream = stream
+
+    def prepare(self, frame: FrameWork) -> UnetCall:
+        """Bind the frame to the current state, prime an empty buffer, and build the UNet inputs of its
+        stream-batch call."""
+        stream = self.stream
+        stream._bind(frame)
+        if frame.state.buffer is None:
+            stream._prime(frame.state, frame.latents, frame.control)
+        latents, frame.motion = stream.temporal.enter(frame.latents, frame.motion)
+        return stream_inputs(frame.state, stream.config, latents, frame.control, stream.conditioning, stream.temporal)
+
+    def complete(self, frame: FrameWork, call: UnetCall, model_output: torch.Tensor) -> None:
+        """Guide, predict x̂0, carry stock noise and shift the buffer; the oldest slot's x̂0 is the frame's."""
+        stream = self.stream
+        frame.denoised = stream_finish(frame.state, stream.config, call, model_output, stream.temporal)
+        if call.control_slots is not None:
+            frame.control = call.control_slots[-stream.config.frame_buffer_size:]

@@ -12,22 +12,28 @@ from ..config import StreamConfig
 from ..models import ModelBundle
 from .base import SkipPolicy, SkipStats, SlotFrame
 
-__all__ = ["SkipPolicy", "SkipStats", "SlotFrame", "make_skip_policy", "update_skip_policy"]
+__all__ = ["SkipPolicy", "SkipStats", "SlotFrame", "check_skip_policy", "make_skip_policy", "update_skip_policy"]
 
 
-def make_skip_policy(models: ModelBundle, config: StreamConfig, runner: object) -> SkipPolicy | None:
-    """The policy `config.skip_policy` names, for one stream; `ValueError` with a compiled runner.
+def check_skip_policy(config: StreamConfig, runner: object) -> None:
+    """`ValueError` when `config`'s policy cannot run on `runner`.
 
     Policies run the UNet's own modules piecewise, so they need an eager UNet runner (the VAE may run on
     another `vae_backend`): a compiled (ONNX Runtime/TensorRT) UNet graph is one static whole-UNet call
     with nothing to skip inside.
     """
-    if config.skip_policy == "off":
-        return None
     unet_runner = unet_runner_of(runner)
-    if not isinstance(unet_runner, EagerRunner):
+    if config.skip_policy != "off" and not isinstance(unet_runner, EagerRunner):
         raise ValueError(f"`skip_policy={config.skip_policy!r}` needs the eager backend; the stream's UNet runner "
                          f"is {type(unet_runner).__name__} (set `skip_policy='off'` or `backend='eager'`)")
+
+
+def make_skip_policy(models: ModelBundle, config: StreamConfig, runner: object) -> SkipPolicy | None:
+    """The policy `config.skip_policy` names, for one stream; `ValueError` with a compiled runner
+    (`check_skip_policy`)."""
+    check_skip_policy(config, runner)
+    if config.skip_policy == "off":
+        return None
     if config.skip_policy == "rehash":
         from .rehash import RehashPolicy
 

@@ -193,7 +193,7 @@ def test_a_prompt_transition_fades_linearly_and_ends_exactly_at_the_new_prompt(r
             projected = precompute_kv(engine.models.unet, layout.encoder_hidden_states)
             name = next(iter(projected))
             torch.testing.assert_close(layout.kv_cache[name][0], projected[name][0], rtol=0, atol=2e-6)
-    assert stream._prompt_fade is None
+    assert stream.transitions.prompt_fade is None
     assert_same_conditioning(stream._prompt.layouts, target._prompt.layouts)
 
 
@@ -201,7 +201,7 @@ def test_without_transition_frames_a_prompt_switches_at_once(tiny_engine):
     stream = StreamEngine(tiny_engine, make_config())
     stream(frames(1)[0])
     stream.update_params(prompt="an oil painting")
-    assert stream._prompt_fade is None and stream._prompt.prompt == "an oil painting"
+    assert stream.transitions.prompt_fade is None and stream._prompt.prompt == "an oil painting"
 
 
 def test_a_re_prepare_during_a_transition_switches_at_once(tiny_engine):
@@ -209,9 +209,9 @@ def test_a_re_prepare_during_a_transition_switches_at_once(tiny_engine):
     stream(frames(1)[0])
     stream.update_params(prompt="an oil painting", seed=9)
     stream(frames(1)[0])
-    assert stream._prompt_fade is not None and stream._noise_fade is not None
+    assert stream.transitions.prompt_fade is not None and stream.transitions.noise_fade is not None
     stream.update_params(t_index_list=(20, 40))
-    assert stream._prompt_fade is None and stream._noise_fade is None
+    assert stream.transitions.prompt_fade is None and stream.transitions.noise_fade is None
     reference = StreamEngine(tiny_engine, make_config(prompt="an oil painting", seed=9, t_index_list=(20, 40)))
     assert_same_conditioning(stream._prompt.layouts, reference._prompt.layouts)
     assert torch.equal(stream._state.fixed_noise, reference._state.fixed_noise)
@@ -259,7 +259,7 @@ def test_a_seed_transition_ends_exactly_at_the_new_seeds_noise(tiny_engine):
             mixed = mix_noise(source, target._state.fixed_noise, k / steps)
             assert torch.equal(stream._state.fixed_noise, mixed)
             assert abs(mixed.var().item() - 1) < 0.2  # ((1 − t)·ε_a + t·ε_b) / √((1 − t)² + t²) stays N(0, 1)
-    assert stream._noise_fade is None
+    assert stream.transitions.noise_fade is None
     assert torch.equal(stream._state.fixed_noise, target._state.fixed_noise)
 
 
