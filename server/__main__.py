@@ -18,10 +18,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     # Imported here so a clients-only install (`.[client]`) gets a clear message instead of a traceback.
     try:
-        import uvicorn
-
         from .app import create_app
-        from .serve import configure_logging, configure_threads, uvicorn_config
+        from .serve import DrainingServer, configure_logging, configure_threads, uvicorn_config
         from .settings import is_loopback, parse_settings
     except ImportError as error:
         print(f"error: {error}; {SERVER_EXTRA_HINT}", file=sys.stderr)
@@ -36,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.warning("answering the Host names %s only (against DNS rebinding); name others with "
                            "--allowed-hosts", ", ".join(sorted(settings.host_names)))
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = DrainingServer(uvicorn_config(app, settings), app.state.server, settings.shutdown_timeout_s)
     state = app.state.server
 
     def stop(reason: str) -> None:

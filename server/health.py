@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LOADING, READY, DEGRADED, ERROR = "loading", "ready", "degraded", "error"
+LOADING, READY, DEGRADED, ERROR, DRAINING = "loading", "ready", "degraded", "error", "draining"
 
 
 def assess_health(loaded: bool, failure: str | None, seconds_since_inference_error: float | None,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from engine.runtime import MODEL_THREADS
 
 from .connections import guarded_http_protocol, guarded_websocket_protocol
 from .settings import ServerSettings
+from .state import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +73,58 @@ def log_config() -> dict:
     return config
 
 
+#: Of `--shutdown-timeout`, the seconds left to uvicorn's own shutdown (closing connections, waiting for tasks)
+#: after the drain.
+UVICORN_SHUTDOWN_S = 2.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining on the first SIGTERM or SIGINT before it stops.
+
+    The first signal drains (`ServerState.drain`: no new sessions, `/health` says `draining` so a load balancer
+    sends new clients elsewhere, frames in flight answered, every session closed with 1001) for at most
+    `shutdown_timeout_s` less uvicorn's own `UVICORN_SHUTDOWN_S`, then lets uvicorn shut down. A second signal
+    exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout_s: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = max(0.5, shutdown_timeout_s - UVICORN_SHUTDOWN_S)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._draining or self._loop is None or not self.started:
+            if self._draining:
+                logger.warning("a second %s: exiting now", signal.Signals(sig).name)
+                self.force_exit = True
+                self.state.forced_exit = True
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self._captured_signals.append(sig)
+        logger.info("%s: draining (at most %.1f s), then shutting down", signal.Signals(sig).name,
+                    self.drain_timeout_s)
+        asyncio.run_coroutine_threadsafe(self._drain(), self._loop)
+
+    async def _drain(self) -> None:
+        left = await self.state.drain(self.drain_timeout_s)
+        if left:
+            logger.warning("%d session(s) still open after the drain; closing them", left)
+        self.should_exit = True
+
+
 def uvicorn_config(app: FastAPI, settings: ServerSettings, **overrides) -> uvicorn.Config:
     """The uvicorn configuration for `app` under `settings` (`overrides` win)."""
     # No permessage-deflate: frames are JPEG and gain nothing from it, and every message it would inflate is
     # work (8 MiB from an 8 kB message) done on the event loop before any limit of ours sees it.
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+                   timeout_graceful_shutdown=UVICORN_SHUTDOWN_S,
                    ws_max_size=settings.max_message_bytes + WS_SIZE_SLACK, ws_max_queue=8,
                    ws_per_message_deflate=False,
                    http=guarded_http_protocol(settings.header_timeout_s, settings.max_connections),
@@ -90,7 +140,14 @@ def background_server(app: FastAPI, settings: ServerSettings, startup_timeout: f
 
     With `port=0` in `settings` the OS picks a free port.
     """
-    server = uvicorn.Server(uvicorn_config(app, settings, **overrides))
+    server = DrainingServer(uvicorn_config(app, settings, **overrides), app.state.server, settings.shutdown_timeout_s)
+    with serving_in_thread(server, startup_timeout) as base_url:
+        yield base_url
+
+
+@contextmanager
+def serving_in_thread(server: uvicorn.Server, startup_timeout: float = 60.0) -> Iterator[str]:
+    """Run `server` in a daemon thread; yields its base URL once it listens, stops it (if still running) on exit."""
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout

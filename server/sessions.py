@@ -117,6 +117,8 @@ class Session:
         self.viewers = 0
         self._new_frame = asyncio.Event()
         self._update_lock = asyncio.Lock()
+        #: Set when the server drains (SIGTERM): the session answers its frames in flight, then closes (1001).
+        self.draining = asyncio.Event()
 
     async def update(self, params: dict[str, object]) -> None:
         """Apply engine parameters off the event loop, one update at a time in arrival order.
@@ -217,6 +219,7 @@ class SessionRegistry:
         self.policy = policy
         self._sessions: dict[str, Session] = {}
         self._opening = 0
+        self.draining = False
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -238,6 +241,8 @@ class SessionRegistry:
         Raises:
             SessionLimitError: when `max_sessions` sessions are open or opening.
         """
+        if self.draining:
+            raise SessionLimitError("the server is shutting down; connect again (to another replica)")
         if not self.has_room:
             raise SessionLimitError(f"server full: {self.max_sessions} of {self.max_sessions} sessions in use, "
                                     "try again later")
@@ -253,7 +258,15 @@ class SessionRegistry:
             self._opening -= 1
         session = Session(handle, f"{self.replica_id}-{handle.id}" if self.replica_id else handle.id, self.policy)
         self._sessions[session.id] = session
+        if self.draining:  # the drain began while this one was opening
+            session.draining.set()
         return session
+
+    def drain(self) -> None:
+        """Open no more sessions, and ask every open one to answer its frames in flight and close."""
+        self.draining = True
+        for session in self._sessions.values():
+            session.draining.set()
 
     def close(self, session: Session) -> None:
         """Remove a session and its stream; its viewers see the end of the stream."""

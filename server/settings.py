@@ -72,6 +72,9 @@ class ServerSettings:
             (sd-turbo 1-2, LCM 4) needs.
         reprepare_interval_s (`float`, defaults to 1.0): seconds between two `t_index_list` changes of one
             session (each re-prepares and primes the stream on the shared inference thread); sooner is `busy`.
+        shutdown_timeout_s (`float`, defaults to 10): on SIGTERM the server takes no new sessions (`/health` says
+            `draining`), answers the frames in flight, closes every session with 1001 and exits, within this
+            many seconds; a second SIGTERM exits at once.
         threads (`int`, defaults to 0): torch intra-op threads of each model thread (the runtime runs four
             at once: two input threads with the VAE encoder, UNet, VAE decode); 0 shares the cores among them
             (cores // 4, at least 1).
@@ -102,6 +105,7 @@ class ServerSettings:
     replica_id: str = ""
     max_steps: int = 4
     reprepare_interval_s: float = 1.0
+    shutdown_timeout_s: float = 10.0
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -127,7 +131,8 @@ class ServerSettings:
             raise ValueError(f"`threads` must be >= 0 (0 = share the cores), got {self.threads}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"`port` must lie in [0, 65535], got {self.port}")
-        for name in ("stats_interval_s", "degraded_latency_s", "idle_timeout_s", "header_timeout_s"):
+        for name in ("stats_interval_s", "degraded_latency_s", "idle_timeout_s", "header_timeout_s",
+                     "shutdown_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
         if self.log_level not in LOG_LEVELS:
@@ -216,6 +221,8 @@ SERVER_FLAGS: tuple[Flag, ...] = (
          "most denoising steps (t_index_list entries) a session may run"),
     Flag(("--reprepare-interval",), "reprepare_interval_s", "server", float,
          "seconds between two t_index_list changes of one session"),
+    Flag(("--shutdown-timeout",), "shutdown_timeout_s", "server", float,
+         "seconds SIGTERM may take: drain (answer frames in flight, close sessions with 1001), then exit"),
     Flag(("--threads",), "threads", "server", int, "torch threads per model thread (0 = cores // 4, at least 1)"),
 )
 ALL_FLAGS: tuple[Flag, ...] = (*ENGINE_FLAGS, *SERVER_FLAGS)

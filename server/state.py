@@ -6,6 +6,7 @@ decides when to load it and reports how it is doing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from engine.loading import Engine
 from engine.runtime import RuntimeStatus, StreamRuntime
 
-from .health import DEGRADED, READY, HealthReport, assess_health
+from .health import DEGRADED, DRAINING, READY, HealthReport, assess_health
 from .metrics import ServerMetrics
 from .sessions import SessionRegistry, UpdatePolicy
 from .settings import ServerSettings
@@ -45,6 +46,8 @@ class ServerState:
         self.on_load_failure: Callable[[str], None] | None = None
         self._engine = engine
         self._stopped = threading.Event()
+        #: A second SIGTERM: exit at once (`server.serve.DrainingServer`).
+        self.forced_exit = False
         self._loader: threading.Thread | None = None
 
     def start(self) -> None:
@@ -91,6 +94,8 @@ class ServerState:
             worst = max(worst or 0.0, status.behind_s)
         state = assess_health(runtime is not None, failure, since_error, worst, error_window_s=ERROR_WINDOW_S,
                               max_latency_s=self.settings.degraded_latency_s)
+        if self.sessions.draining and failure is None:
+            state = DRAINING
         accepting = runtime is not None and failure is None and self.sessions.has_room and state in (READY, DEGRADED)
         return HealthReport(state, failure, accepting, 0.0 if status is None else status.fps_in,
                             0.0 if status is None else status.fps_out)
@@ -115,6 +120,15 @@ class ServerState:
         """Whether a new session would be accepted now."""
         return self.runtime is not None and self.failure is None and self.sessions.has_room
 
+    async def drain(self, timeout_s: float) -> int:
+        """Stop taking sessions (`/health` says `draining`), let every session answer its frames in flight and
+        close (1001), for at most `timeout_s` seconds; returns how many sessions were still open then."""
+        self.sessions.drain()
+        deadline = time.monotonic() + timeout_s
+        while len(self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self.sessions)
+
     def not_ready_reason(self) -> str:
         """Why sessions cannot start yet."""
         if self.failure is not None:
@@ -122,12 +136,13 @@ class ServerState:
         return "model is loading, try again shortly"
 
     def close(self) -> None:
-        """Close every session and stop the runtime."""
+        """Close every session and stop the runtime (without waiting for its threads after a forced exit: they
+        are daemons and may be inside a frame)."""
         self._stopped.set()
         runtime = self.runtime
         if runtime is None:
             return
         for session in self.sessions:
             self.sessions.close(session)
-        runtime.close()
+        runtime.close(timeout=0.0 if self.forced_exit else 10.0)
         self.runtime = None

@@ -22,6 +22,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from engine.runtime import Answer, Dropped
 from wire import (
     BUSY,
+    CLOSE_GOING_AWAY,
     CLOSE_IDLE,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
@@ -120,22 +121,36 @@ class Connection:
         self.wake = wake
         self.events: deque[str] = deque(maxlen=MAX_PENDING_EVENTS)
         self.updates: set[asyncio.Task] = set()
+        #: The send task is writing answers or events (a drain waits for it).
+        self.sending = False
 
     async def run(self) -> CloseRequest | None:
         """Receive and send until the client leaves or must be closed; returns the close to send, if any."""
         receiving = asyncio.create_task(self.receive_loop(), name=f"ws-receive-{self.session.id}")
         sending = asyncio.create_task(self.send_loop(), name=f"ws-send-{self.session.id}")
+        draining = asyncio.create_task(self.drain(), name=f"ws-drain-{self.session.id}")
+        tasks = (receiving, sending, draining)
         try:
-            done, _ = await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (receiving, sending, *self.updates):
+            for task in (*tasks, *self.updates):
                 task.cancel()
-            await asyncio.gather(receiving, sending, *self.updates, return_exceptions=True)
+            await asyncio.gather(*tasks, *self.updates, return_exceptions=True)
         for task in done:
             error = task.exception()
             if error is not None and not isinstance(error, (WebSocketDisconnect, ClientDisconnected)):
                 logger.error("session %s failed: %r", self.session.id, error, exc_info=error)
-        return receiving.result() if receiving in done and receiving.exception() is None else None
+        closing = next((task for task in (draining, receiving) if task in done and task.exception() is None), None)
+        return None if closing is None else closing.result()
+
+    async def drain(self) -> CloseRequest:
+        """When the server drains: take no more frames (each is answered `dropped`), wait until the frames in
+        flight are answered and sent (at most `--shutdown-timeout`), then close with 1001."""
+        await self.session.draining.wait()
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        while (self.session.handle.in_flight or self.events or self.sending) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return CloseRequest(CLOSE_GOING_AWAY, "the server is shutting down; connect again")
 
     # ------------------------------------------------------------------ receiving
 
@@ -180,6 +195,9 @@ class Connection:
             self.send_error(BUSY, f"over {self.settings.max_messages_per_s:g} messages a second; send fewer")
 
     def on_frame(self, data: bytes) -> None:
+        if self.session.draining.is_set():
+            self.session.handle.refuse()  # answered `dropped`: the session is about to close
+            return
         self.session.handle.put(data)
 
     def on_text(self, text: str) -> None:
@@ -219,10 +237,14 @@ class Connection:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.0, next_stats - loop.time()))
             self.wake.clear()  # before draining, so a wake-up during the drain is not lost
-            while self.events:
-                await self.websocket.send_text(self.events.popleft())
-            while (answer := self.session.handle.get_nowait()) is not None:
-                await self.deliver(answer)
+            self.sending = True
+            try:
+                while self.events:
+                    await self.websocket.send_text(self.events.popleft())
+                while (answer := self.session.handle.get_nowait()) is not None:
+                    await self.deliver(answer)
+            finally:
+                self.sending = False
             if loop.time() >= next_stats:
                 next_stats = loop.time() + interval
                 stats = self.session.handle.stats

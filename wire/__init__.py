@@ -19,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar
 
 #: Close codes (RFC 6455 and one application code).
+CLOSE_GOING_AWAY = 1001  # the server is shutting down (SIGTERM): reconnect, a proxy sends you to a live replica
 CLOSE_POLICY_VIOLATION = 1008  # missing or wrong token
 CLOSE_TOO_BIG = 1009  # a message over the size limit
 CLOSE_TRY_AGAIN_LATER = 1013  # server full, or the model is not loaded yet
