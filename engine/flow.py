@@ -121,3 +121,40 @@ def round_robin_batch(items: Sequence[T], after: int, is_ready: Callable[[T], bo
         return None
     next_after = indices[-1] if passed_over is None else (passed_over - 1) % count
     return BatchPick(indices, next_after)
+
+
+@dataclass
+class BatchLimit:
+    """How many streams may share a UNet call now: `max_batch`, halved each time a shared call runs out of memory,
+    and raised again by one after `recover_after` shared calls in a row at the limit went through.
+
+    A frame size or batch size that exhausts the GPU then costs the frames of one call, not every frame after it.
+    """
+
+    max_batch: int
+    recover_after: int = 200
+    limit: int = 0
+    _successes: int = 0
+
+    def __post_init__(self) -> None:
+        self.limit = self.limit or self.max_batch
+
+    def out_of_memory(self, batch: int) -> None:
+        """A call of `batch` streams ran out of memory: allow at most half as many from now on."""
+        self.limit = max(1, min(self.limit, batch // 2))
+        self._successes = 0
+
+    def succeeded(self, batch: int) -> None:
+        """A call of `batch` streams went through."""
+        if batch < self.limit or self.limit >= self.max_batch:
+            return
+        self._successes += 1
+        if self._successes >= self.recover_after:
+            self.limit, self._successes = self.limit + 1, 0
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device (or host) running out of memory: torch's `OutOfMemoryError`, a `MemoryError`,
+    or a backend's error that says so (ONNX Runtime and TensorRT raise plain errors)."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or "out of memory" in text

@@ -41,7 +41,7 @@ from .codec import (
     tensor_to_rgb,
 )
 from .config import LoadConfig, RuntimeOptions, StreamConfig
-from .flow import BatchPick, least_used, round_robin_batch
+from .flow import BatchLimit, BatchPick, is_out_of_memory, least_used, round_robin_batch
 from .handle import Answer, Dropped, FrameResult, Job, StreamHandle, StreamStats
 from .loading import Engine
 from .stream import StreamEngine
@@ -86,6 +86,7 @@ class RuntimeStatus:
     last_error: str | None
     last_error_at: float | None
     behind_s: float
+    batch_limit: int
     batches: int
     frames_inferred: int
     mean_inference_s: float | None
@@ -138,6 +139,8 @@ class StreamRuntime:
         self._streams: list[StreamHandle] = []
         self._lock = threading.Condition()
         self._last_served = -1
+        #: Streams per UNet call now: `max_batch`, lowered when a shared call runs out of memory.
+        self._batch_limit = BatchLimit(self.options.max_batch)
         #: Seconds of the last UNet batch without priming: usages closer than this count as even.
         self._last_batch_s = 0.0
         self._last_decoded = -1
@@ -249,7 +252,8 @@ class StreamRuntime:
             frames_in=totals.get("frames_in", 0), frames_out=totals.get("frames_out", 0),
             dropped=totals.get("dropped", 0), skipped=totals.get("skipped", 0), errors=sum(errors.values()),
             errors_by_code=errors, inference_errors=health.inference_errors, last_error=health.last_error,
-            last_error_at=health.last_error_at, behind_s=max((handle.behind_s(now) for handle in streams), default=0.0),
+            last_error_at=health.last_error_at, batch_limit=self._batch_limit.limit,
+            behind_s=max((handle.behind_s(now) for handle in streams), default=0.0),
             batches=health.batches, frames_inferred=health.frames_inferred,
             mean_inference_s=sum(inference) / len(inference) if inference else None,
         )
@@ -361,7 +365,7 @@ class StreamRuntime:
         return round_robin_batch(self._streams, self._last_served, StreamHandle.head_decoded,
                                  # A frame that primes again runs alone: no other stream waits for its priming.
                                  lambda h: None if h.engine.needs_repriming else batch_key(h.engine),
-                                 self.options.max_batch,
+                                 self._batch_limit.limit,
                                  usage=lambda h: h.inference_usage.at(now), tolerance=self._last_batch_s)
 
     def _gather(self, pick: BatchPick) -> BatchPick | None:
@@ -372,7 +376,7 @@ class StreamRuntime:
         so that nothing is ready any more. Called with `_lock` held.
         """
         deadline = time.monotonic() + self.options.batch_wait_s
-        while not self._stopping and pick is not None and len(pick.indices) < self.options.max_batch \
+        while not self._stopping and pick is not None and len(pick.indices) < self._batch_limit.limit \
                 and self._frames_coming(pick) and (remaining := deadline - time.monotonic()) > 0:
             self._lock.wait(remaining)
             pick = self._next_batch()
@@ -396,6 +400,7 @@ class StreamRuntime:
                 errors = advance_batch([handle.engine for handle, _ in ready], [job.frame for _, job in ready])
                 elapsed = time.perf_counter() - started
                 self._charge(ready, primed_before, elapsed)
+                self._follow_memory(len(ready), errors)
                 self._health.batches += 1
                 for (_, job), error in zip(ready, errors, strict=True):
                     job.model_s += elapsed
@@ -410,6 +415,16 @@ class StreamRuntime:
         finally:
             for handle, job in batch:
                 self._encode_queue.put((handle, job))
+
+    def _follow_memory(self, batch: int, errors: list[Exception | None]) -> None:
+        """Lower the batch limit when a shared call ran out of memory (its frames are answered with the error);
+        raise it again slowly while shared calls go through."""
+        if batch > 1 and any(error is not None and is_out_of_memory(error) for error in errors):
+            self._batch_limit.out_of_memory(batch)
+            logger.warning("a UNet call of %d streams ran out of memory: at most %d per call from now on", batch,
+                           self._batch_limit.limit)
+        elif not any(errors):
+            self._batch_limit.succeeded(batch)
 
     def _charge(self, ready: list[tuple[StreamHandle, Job]], primed_before: list[float], elapsed: float) -> None:
         """Record each stream's share of one batch's time: the batched call split evenly, and the priming a

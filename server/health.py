@@ -36,6 +36,7 @@ class HealthReport:
         accepting (`bool`): whether a new session would be accepted now.
         fps_in (`float`): frames taken in per second, over every stream (the runtime's window).
         fps_out (`float`): outputs per second, over every stream.
+        reason (`str | None`): why the status is not `ready` (None when it is).
     """
 
     status: str
@@ -43,3 +44,4 @@ class HealthReport:
     accepting: bool
     fps_in: float
     fps_out: float
+    reason: str | None = None

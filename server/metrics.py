@@ -50,6 +50,10 @@ class RuntimeCollector(Collector):
         for code, count in ({} if status is None else status.errors_by_code).items():
             errors.add_metric([code], count)
         yield errors
+        yield CounterMetricFamily("streamdiff_inference_errors", "Network calls that failed (their frames answered "
+                                  "with inference_failed).", value=0 if status is None else status.inference_errors)
+        yield GaugeMetricFamily("streamdiff_batch_limit", "Streams that may share a UNet call now (lowered after a "
+                                "shared call ran out of memory).", value=0 if status is None else status.batch_limit)
         yield GaugeMetricFamily("streamdiff_sessions", "Open WebSocket sessions.", value=self.sessions())
         yield GaugeMetricFamily("streamdiff_fps_out", "Output frames per second over the last seconds.",
                                 value=0.0 if status is None else status.fps_out)

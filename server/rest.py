@@ -65,6 +65,8 @@ async def health(request: Request) -> JSONResponse:
                     fps_in=round(health.fps_in, 3), fps_out=round(health.fps_out, 3))
         if health.failure is not None:
             body["error"] = health.failure
+        if health.reason is not None:
+            body["reason"] = health.reason
     return JSONResponse(body, status_code=200 if health.accepting else 503)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from engine.loading import Engine
 from engine.runtime import RuntimeStatus, StreamRuntime
 
-from .health import DEGRADED, DRAINING, READY, HealthReport, assess_health
+from .health import DEGRADED, DRAINING, ERROR, LOADING, READY, HealthReport, assess_health
 from .metrics import ServerMetrics
 from .sessions import SessionRegistry, UpdatePolicy
 from .settings import ServerSettings
@@ -97,8 +97,13 @@ class ServerState:
         if self.sessions.draining and failure is None:
             state = DRAINING
         accepting = runtime is not None and failure is None and self.sessions.has_room and state in (READY, DEGRADED)
+        reason = {ERROR: failure, LOADING: "the model is loading", DRAINING: "the server is shutting down"}.get(state)
+        if state == DEGRADED and since_error is not None and since_error < ERROR_WINDOW_S:
+            reason = f"an inference error {since_error:.0f} s ago ({status.last_error})"
+        elif state == DEGRADED:
+            reason = f"a session is {worst:.1f} s behind (over --degraded-latency {self.settings.degraded_latency_s:g})"
         return HealthReport(state, failure, accepting, 0.0 if status is None else status.fps_in,
-                            0.0 if status is None else status.fps_out)
+                            0.0 if status is None else status.fps_out, reason)
 
     def status(self) -> str:
         """`loading`, `ready`, `degraded` or `error`."""

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine.flow import Admission, BatchPick, admit_frame, round_robin, round_robin_batch
+from engine.flow import (
+    Admission,
+    BatchLimit,
+    BatchPick,
+    admit_frame,
+    is_out_of_memory,
+    round_robin,
+    round_robin_batch,
+)
 
 
 def test_admit_below_the_limit():
@@ -90,3 +98,31 @@ def test_a_batch_with_usage_is_led_by_the_least_used_ready_item():
     tied = round_robin_batch(list(range(3)), 0, lambda i: True, lambda i: None, max_batch=1, usage=lambda i: 0.0)
     assert tied.indices == [1]  # equal usage: round-robin as without usage
     assert round_robin_batch(list(range(3)), 0, lambda i: False, lambda i: "a", 2, usage=lambda i: 0.0) is None
+
+
+def test_the_batch_limit_halves_on_out_of_memory_and_recovers_slowly():
+    limit = BatchLimit(max_batch=8, recover_after=3)
+    assert limit.limit == 8
+    limit.out_of_memory(batch=6)
+    assert limit.limit == 3  # half the call that failed
+    limit.out_of_memory(batch=3)
+    assert limit.limit == 1
+    limit.out_of_memory(batch=1)
+    assert limit.limit == 1  # never below one stream per call
+    for _ in range(2):
+        limit.succeeded(1)
+    assert limit.limit == 1
+    limit.succeeded(1)
+    assert limit.limit == 2  # three calls in a row at the limit went through: one more
+    limit.out_of_memory(batch=2)
+    assert limit.limit == 1
+
+
+def test_out_of_memory_is_recognised_from_each_backend():
+    import torch
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : ... Failed to allocate memory"
+                                         " for requested buffer: out of memory"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

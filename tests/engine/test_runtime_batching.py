@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from benchmarks.clips import synthetic_clip
 from engine import StreamConfig
@@ -107,3 +108,40 @@ def test_the_window_does_not_hold_a_frame_when_nothing_else_is_coming(tiny_engin
             active.put(frame)
             result = active.get(timeout=60)  # would wait the whole 600 s window if it held the frame
             assert isinstance(result, FrameResult) and result.error is None
+
+
+class OutOfMemoryRunner(EagerRunner):
+    """The eager runner on a device that holds one stream's UNet rows per call: more run out of memory."""
+
+    def __init__(self, models, rows_that_fit: int):
+        super().__init__(models)
+        self.rows_that_fit = rows_that_fit
+        self.unet_rows: list[int] = []
+
+    def unet(self, latents, timesteps, conditioning):
+        self.unet_rows.append(latents.shape[0])
+        if latents.shape[0] > self.rows_that_fit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {latents.shape[0]} rows")
+        return super().unet(latents, timesteps, conditioning)
+
+
+def test_a_batch_that_runs_out_of_memory_costs_its_frames_then_batches_shrink(tiny_models, tiny_engine, with_runner,
+                                                                             frames):
+    """Issue 28 item 2: each frame of the failing call is answered with the error, and the runtime stops batching
+    more streams than fit instead of failing every frame after it."""
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(32, 45), similarity_filter=False)
+    runner = OutOfMemoryRunner(tiny_models, rows_that_fit=2)  # one stream: 2 rows
+    with StreamRuntime(with_runner(tiny_engine, runner), config, RuntimeOptions(max_batch=4)) as runtime:
+        handles = [runtime.open_stream(max_in_flight=FRAMES_PER_STREAM) for _ in range(3)]
+        for frame in frames:
+            for handle in handles:
+                handle.put(frame)
+        answers = [[handle.get(timeout=60) for _ in range(FRAMES_PER_STREAM)] for handle in handles]
+        status = runtime.status()
+    failed = [answer for stream in answers for answer in stream if answer.error is not None]
+    assert failed and all(answer.error.code == "inference_failed" and "out of memory" in answer.error.message
+                          for answer in failed)
+    assert len(failed) <= 4  # the frames of the one shared call that failed (priming may share it)
+    assert all(answer.error is None for stream in answers for answer in stream[2:])  # later frames all served
+    assert status.batch_limit == 1 and status.inference_errors >= 1
+    assert max(runner.unet_rows[-5:]) <= 2  # one stream per call from then on
