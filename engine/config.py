@@ -17,7 +17,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 CfgType = Literal["none", "self", "initialize", "full"]
 PromptBlend = Literal["linear", "slerp"]
@@ -568,6 +568,9 @@ class StreamConfig:
                 raise ValueError(f"{', '.join(f'`{name}`' for name in load_time)} is a load-time setting of the "
                                  "server: it is fixed for every stream and cannot change per session")
             raise ValueError(f"unknown stream parameter(s) {sorted(unknown)}; known: {sorted(STREAM_PARAM_TYPES)}")
+        for name, value in params.items():
+            if not _has_type(value, STREAM_PARAM_TYPES[name]):
+                raise ValueError(f"`{name}` must be {_type_name(STREAM_PARAM_TYPES[name])}, got {value!r:.80}")
         own = {name: value for name, value in params.items()
                if not any(name in names for names in NESTED_PARAMS.values())}
         for group, names in NESTED_PARAMS.items():
@@ -596,6 +599,36 @@ def _flat_types() -> dict[str, Any]:
         hints = get_type_hints(stream[group])
         types.update({name: hints[attribute] for name, attribute in names.items()})
     return types
+
+
+def _has_type(value: Any, kind: Any) -> bool:
+    """Whether `value` is of parameter type `kind` (int, float, bool, str, a `Literal`, or tuples of them; a list
+    passes for a tuple and an int for a float, as JSON gives them)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Literal:
+        return any(value == option and type(value) is type(option) for option in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(item, args[0]) for item in value)
+        return len(value) == len(args) and all(_has_type(item, arg) for item, arg in zip(value, args, strict=True))
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(option) for option in args)
+    if origin is tuple and args[1:] == (Ellipsis,):
+        return "a list of " + _type_name(args[0])
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(arg) for arg in args) + "]"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
 
 
 #: Each stream parameter's flat name and type (what the server's protocol validates against).

@@ -250,3 +250,18 @@ def test_the_engine_and_the_wire_share_one_frame_error_vocabulary():
     assert codec.FRAME_ERROR_CODES == wire.FRAME_ERROR_CODES
     assert {getattr(codec, name) for name in ("EMPTY_FRAME", "UNSUPPORTED_FORMAT", "BAD_IMAGE", "IMAGE_TOO_LARGE",
                                               "INFERENCE_FAILED")} == codec.FRAME_ERROR_CODES
+
+
+@pytest.mark.parametrize(("params", "needle"), [
+    ({"skip_accumulated_threshold": None}, "`skip_accumulated_threshold` must be a number"),
+    ({"guidance_scale": True}, "`guidance_scale` must be a number"),
+    ({"t_index_list": [1, "2"]}, "`t_index_list` must be a list of an integer"),
+    ({"cfg_type": "nope"}, "`cfg_type` must be one of 'none', 'self', 'initialize', 'full'"),
+    ({"prompts": [["a fox", "heavy"]]}, "`prompts` must be a list of [a string, a number]"),
+])
+def test_a_parameter_of_the_wrong_type_is_a_value_error_naming_it(params, needle):
+    """The engine's own check (found by the fuzz tests): a wrong type raised TypeError deep in a constructor."""
+    with pytest.raises(ValueError) as refused:
+        StreamConfig().updated(**params)
+    assert needle in str(refused.value)
+    assert StreamConfig().updated(guidance_scale=2, t_index_list=[10, 30]).guidance_scale == 2  # JSON's shapes pass
