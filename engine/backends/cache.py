@@ -14,13 +14,15 @@ rebuilding would only fail again.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -240,6 +242,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+@contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Hold the cache's lock on `path` for as long as the block runs: two processes sharing a cache folder (two
+    replicas on one `trt_cache/`) never build the same artifact at once. An OS file lock (`flock` on
+    `.locks/<name>.lock` in the cache folder), so a process that dies releases it."""
+    locks = path.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{path.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is building %s; waiting for it", path.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def cached_artifact(path: Path, build: Callable[[Path], None], load: Callable[[Path], T],
                     key_parts: CacheKeyParts | None = None) -> T:
     """Load `path`, building it first when it is missing; a corrupt file is deleted and rebuilt once.
@@ -249,31 +270,48 @@ def cached_artifact(path: Path, build: Callable[[Path], None], load: Callable[[P
     rebuilt. Any other error (out of memory, a device or dtype the runtime refuses) propagates and
     the file stays: a rebuild takes minutes and would fail the same way. `key_parts` (the parts of
     `path`'s key) are recorded beside the artifact when it is built, or when a file cached before
-    key parts were recorded loads.
+    key parts were recorded loads. Building holds `build_lock`, and a process that waited for another's build
+    loads what it built.
     """
-    if path.is_file():
-        try:
-            loaded = load(path)
-        except CorruptArtifactError as error:
-            logger.warning("cached %s is unreadable (%s); deleting and rebuilding it", path.name, error)
-            _remove_artifact(path)
-        except Exception as error:
-            logger.error("loading cached %s failed (%s: %s); the file was kept, it is not a corrupt file",
-                         path.name, type(error).__name__, error)
-            raise
-        else:
-            if key_parts is not None and not key_parts_path(path).is_file():
-                _record_key_parts_of_old_file(path, key_parts)
+    loaded = _load_cached(path, load, key_parts)
+    if loaded is not _MISSING:
+        return loaded
+    with build_lock(path):
+        loaded = _load_cached(path, load, key_parts)
+        if loaded is not _MISSING:  # built by another process while this one waited
             return loaded
-    logger.info("building %s", path)
+        logger.info("building %s", path)
 
-    def build_with_key_parts(temporary: Path) -> None:
-        build(temporary)
-        if key_parts is not None:
-            write_key_parts(temporary, key_parts)
+        def build_with_key_parts(temporary: Path) -> None:
+            build(temporary)
+            if key_parts is not None:
+                write_key_parts(temporary, key_parts)
 
-    atomic_write(path, build_with_key_parts)
+        atomic_write(path, build_with_key_parts)
     return load(path)
+
+
+#: What `_load_cached` returns when there is nothing to load.
+_MISSING = object()
+
+
+def _load_cached(path: Path, load: Callable[[Path], T], key_parts: CacheKeyParts | None) -> T | object:
+    """`load(path)` when the file is there; `_MISSING` when it is not, or was corrupt (and is deleted now)."""
+    if not path.is_file():
+        return _MISSING
+    try:
+        loaded = load(path)
+    except CorruptArtifactError as error:
+        logger.warning("cached %s is unreadable (%s); deleting and rebuilding it", path.name, error)
+        _remove_artifact(path)
+        return _MISSING
+    except Exception as error:
+        logger.error("loading cached %s failed (%s: %s); the file was kept, it is not a corrupt file",
+                     path.name, type(error).__name__, error)
+        raise
+    if key_parts is not None and not key_parts_path(path).is_file():
+        _record_key_parts_of_old_file(path, key_parts)
+    return loaded
 
 
 def _record_key_parts_of_old_file(path: Path, key_parts: CacheKeyParts) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -263,8 +264,13 @@ def build_engine(onnx_path: Path, engine_path: Path, arguments: BuilderArguments
                 engine_path.name, onnx_path.name, gpu_name(), arguments.config["memory_pool_limits"]["WORKSPACE"] >> 20,
                 "profile " + ", ".join(dynamic) if dynamic else "static shapes")
     started = time.perf_counter()
+    # The timing cache is shared by every build in the folder (and by replicas sharing it): written to a name of
+    # this process's own, then renamed, so no reader ever sees half a file.
+    partial = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.partial")
     with heartbeat(logger, f"building {engine_path.name}"):
-        serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
+        serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(partial))()
+    if partial.is_file():
+        os.replace(partial, timing_cache)
     data = memoryview(serialized)
     engine_path.write_bytes(data)
     # The digest tells a later load failure apart: an intact file is kept, a damaged one rebuilt.

@@ -214,7 +214,8 @@ def test_rebuilding_a_corrupt_file_removes_its_companions_only(tmp_path):
         temporary.write_bytes(b"good")
 
     assert cached_artifact(target, build, _strict_load) == b"good"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["graph.onnx", "other.onnx.data"]
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name != ".locks") == ["graph.onnx",
+                                                                                        "other.onnx.data"]
 
 
 @pytest.mark.parametrize("error", [MemoryError("CUDA out of memory"),
@@ -368,3 +369,35 @@ def _strict_load_engine(path):
     if path.read_bytes() != b"engine":
         raise CorruptArtifactError("corrupt")
     return path
+
+
+def _race_build(path: str, counter: str, barrier) -> str:
+    """One of two processes that want the same artifact at the same moment (two replicas on one cache)."""
+    import time as clock
+    from pathlib import Path as P
+
+    from engine.backends.cache import cached_artifact
+
+    def build(temporary: P) -> None:
+        with open(counter, "a") as handle:
+            handle.write("built\n")
+        clock.sleep(0.5)  # long enough for the other process to arrive while this one builds
+        temporary.write_text(f"artifact of {P(path).name}")
+
+    barrier.wait()
+    return cached_artifact(P(path), build, lambda loaded: loaded.read_text())
+
+
+def test_two_processes_building_the_same_artifact_build_it_once(tmp_path):
+    """Issue 28 item 3: without a lock both built and renamed over each other; with it the second waits and
+    loads what the first built."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Manager().Barrier(2)
+    path, counter = tmp_path / "unet.engine", tmp_path / "builds.txt"
+    with context.Pool(2) as pool:
+        results = pool.starmap(_race_build, [(str(path), str(counter), barrier)] * 2, chunksize=1)
+    assert results == ["artifact of unet.engine"] * 2
+    assert counter.read_text().splitlines() == ["built"]
+    assert sorted(item.name for item in tmp_path.iterdir()) == [".locks", "builds.txt", "unet.engine"]
