@@ -148,7 +148,7 @@ def background_server(app: FastAPI, settings: ServerSettings, startup_timeout: f
 @contextmanager
 def serving_in_thread(server: uvicorn.Server, startup_timeout: float = 60.0) -> Iterator[str]:
     """Run `server` in a daemon thread; yields its base URL once it listens, stops it (if still running) on exit."""
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{id(server):x}", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
     while not server.started:
