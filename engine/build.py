@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: backend {backend!r} has nothing to prebuild (needs onnxruntime or tensorrt)",
                   file=sys.stderr)
             return 2
-        runner = new_runner(backend, models, stream.cfg_type, args.cache_dir, args.exporter, load.resolution_range)
+        runner = new_runner(backend, models, stream.cfg_type, args.cache_dir, args.exporter, load.resolution_range,
+                            load.trt_cache_max_gb)
         paths = runner.prepare(stream, load.kv_cache)
     except (BackendUnavailableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -225,6 +225,9 @@ class LoadConfig:
         auto_compile_budget_s (`float`, defaults to 0): `auto` also times `compile` when this is > 0, and
             never chooses it when compiling took longer than this many seconds (it compiles again at every
             start; minutes on a CPU). 0 leaves torch.compile out of `auto`.
+        trt_cache_max_gb (`float | None`, defaults to None): the TensorRT engines in the cache folder take at most
+            this many GB: after each build or open, the least recently used engines (not open now) are deleted.
+            None keeps every engine.
         controlnet (`str | None`, defaults to None): a diffusers `ControlNetModel` of the model's family (hub id
             or local folder; `demo` is the demo model's small canny ControlNet), run on every UNet call
             (`engine.controlnet`; docs/controlnet.md).
@@ -248,6 +251,7 @@ class LoadConfig:
     resolution_range: ResolutionRange | None = None
     loras: tuple[LoraSpec, ...] = ()
     auto_compile_budget_s: float = 0.0
+    trt_cache_max_gb: float | None = None
     controlnet: str | None = None
     control_preprocessor: str = "canny"
     control_preprocessor_model: str | None = None
@@ -272,6 +276,9 @@ class LoadConfig:
                              "other `vae_backend`")
         if not (math.isfinite(self.auto_compile_budget_s) and self.auto_compile_budget_s >= 0):
             raise ValueError(f"`auto_compile_budget_s` must be >= 0, got {self.auto_compile_budget_s}")
+        if self.trt_cache_max_gb is not None and not (math.isfinite(self.trt_cache_max_gb) and
+                                                      self.trt_cache_max_gb > 0):
+            raise ValueError(f"`trt_cache_max_gb` must be a positive number of GB, got {self.trt_cache_max_gb}")
         if self.controlnet is not None and (not isinstance(self.controlnet, str) or not self.controlnet.strip()):
             raise ValueError(f"`controlnet` must name a ControlNet (hub id, folder or `demo`), got {self.controlnet!r}")
         _check_choice("control_preprocessor", self.control_preprocessor, CONTROL_PREPROCESSORS)

@@ -121,6 +121,8 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--kv-cache",), "kv_cache", "load", boolean, "precompute cross-attention K/V once per prompt",
          boolean=True),
     Flag(("--memory",), "memory", "load", str, "peak-memory mode for large frames (docs/memory.md)", MEMORY_MODES),
+    Flag(("--trt-cache-max-gb",), "trt_cache_max_gb", "load", float,
+         "GB the TensorRT engines of the cache may take; the least recently used go first (default: no bound)"),
     Flag(("--auto-compile-budget",), "auto_compile_budget_s", "load", float,
          "seconds --backend auto may spend compiling with torch.compile to time it (0: leave compile out)"),
     Flag(("--resolution-range",), "resolution_range", "load", resolution_range,

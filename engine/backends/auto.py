@@ -270,7 +270,8 @@ def measure_backend(backend: str, models: ModelBundle, load: LoadConfig, stream:
     before = torch.get_num_threads()
     started = clock()
     try:
-        runner = new_runner(backend, models, stream.cfg_type, cache_dir, DEFAULT_EXPORTER, load.resolution_range)
+        runner = new_runner(backend, models, stream.cfg_type, cache_dir, DEFAULT_EXPORTER, load.resolution_range,
+                            load.trt_cache_max_gb)
         # Exports and compiles log their own progress (a heartbeat while they run, then their duration).
         runner.prepare(stream, load.kv_cache)
         for name, call in calls:

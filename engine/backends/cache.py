@@ -242,6 +242,38 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def mark_used(path: Path) -> None:
+    """Record that `path` was just used (its modification time), which `evict_least_recently_used` goes by."""
+    try:
+        os.utime(path)
+    except OSError as error:  # a read-only cache folder is no reason to fail a load
+        logger.debug("could not mark %s as used: %s", path.name, error)
+
+
+def evict_least_recently_used(folder: Path, max_bytes: int, keep: set[Path], suffix: str = ".engine") -> list[Path]:
+    """Delete the least recently used `*<suffix>` artifacts of `folder` (with their companions) until they take at
+    most `max_bytes`, never one of `keep` (those open now); returns the deleted artifacts, oldest first."""
+    artifacts = sorted(folder.glob(f"*{suffix}"), key=lambda path: path.stat().st_mtime)
+
+    def size(path: Path) -> int:
+        return path.stat().st_size + sum(companion.stat().st_size for companion in path.parent.glob(f"{path.name}.*"))
+
+    total = sum(size(path) for path in artifacts)
+    removed = []
+    for path in artifacts:
+        if total <= max_bytes:
+            break
+        if path in keep:
+            continue
+        freed = size(path)
+        _remove_artifact(path)
+        total -= freed
+        removed.append(path)
+        logger.info("evicted %s (%.0f MB, least recently used) to keep the cache under %.1f GB", path.name,
+                    freed / 1e6, max_bytes / 1e9)
+    return removed
+
+
 @contextmanager
 def build_lock(path: Path) -> Iterator[None]:
     """Hold the cache's lock on `path` for as long as the block runs: two processes sharing a cache folder (two

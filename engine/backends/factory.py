@@ -162,9 +162,11 @@ def resolve_backend(name: str, models: ModelBundle) -> str:
 
 
 def new_runner(backend: str, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
-               exporter: str = DEFAULT_EXPORTER, resolution_range: ResolutionRange | None = None) -> NetworkRunner:
+               exporter: str = DEFAULT_EXPORTER, resolution_range: ResolutionRange | None = None,
+               cache_max_gb: float | None = None) -> NetworkRunner:
     """A new, unshared runner of a concrete backend (`make_runner` is what engines use); `resolution_range`
-    gives the compiled backends dynamic-shape graphs (the others run any size anyway)."""
+    gives the compiled backends dynamic-shape graphs (the others run any size anyway); `cache_max_gb` bounds
+    TensorRT's engines in the cache (`LoadConfig.trt_cache_max_gb`)."""
     if backend == "eager":
         return EagerRunner(models)
     if backend == "onnxruntime":
@@ -174,7 +176,8 @@ def new_runner(backend: str, models: ModelBundle, cfg_type: str = "self", cache_
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
 
-        return TensorRTRunner(models, cfg_type, cache_dir, exporter, resolution_range=resolution_range)
+        return TensorRTRunner(models, cfg_type, cache_dir, exporter, resolution_range=resolution_range,
+                              cache_max_gb=cache_max_gb)
     if backend == "compile":
         from .compiled import TorchCompileRunner
 
@@ -200,7 +203,7 @@ def make_runner(models: ModelBundle, config: LoadConfig, stream: StreamConfig | 
     backend = resolve_backend(config.backend, models)
     vae_backend = resolve_backend(config.vae_backend, models) if config.vae_backend is not None else backend
     cfg_type = stream.cfg_type if stream is not None else "self"
-    compiled = (cache_dir, exporter, config.resolution_range)
+    compiled = (cache_dir, exporter, config.resolution_range, config.trt_cache_max_gb)
     with _runners_lock:
         runner = _shared_runner(models, backend, cfg_type, *compiled)
         if vae_backend != backend:
@@ -216,14 +219,15 @@ def make_runner(models: ModelBundle, config: LoadConfig, stream: StreamConfig | 
 
 
 def _shared_runner(models: ModelBundle, backend: str, cfg_type: str, cache_dir: Path | None,
-                   exporter: str, resolution_range: ResolutionRange | None) -> NetworkRunner:
+                   exporter: str, resolution_range: ResolutionRange | None,
+                   cache_max_gb: float | None) -> NetworkRunner:
     """The shared runner of one concrete backend (made when none is alive); called with `_runners_lock` held."""
     static = backend in ("onnxruntime", "tensorrt")
     key = (id(models), backend, cfg_type if static else None,
            str(cache_dir) if cache_dir is not None else None, exporter if static else None,
-           resolution_range if static else None)
+           resolution_range if static else None, cache_max_gb if backend == "tensorrt" else None)
     runner = _runners.get(key)
     if runner is None or runner.models is not models:
-        runner = new_runner(backend, models, cfg_type, cache_dir, exporter, resolution_range)
+        runner = new_runner(backend, models, cfg_type, cache_dir, exporter, resolution_range, cache_max_gb)
         _runners[key] = runner
     return runner

@@ -38,7 +38,9 @@ from .cache import (
     CacheKeyParts,
     cached_artifact,
     engine_cache_key,
+    evict_least_recently_used,
     gpu_name,
+    mark_used,
     tensorrt_version,
     unloadable_file_error,
     write_digest,
@@ -704,7 +706,8 @@ class TensorRTRunner(StaticShapeRunner):
 
     def __init__(self, models: ModelBundle, cfg_type: str = "self", cache_dir: Path | None = None,
                  exporter: str = DEFAULT_EXPORTER, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-                 use_cuda_graph: bool = True, resolution_range: ResolutionRange | None = None):
+                 use_cuda_graph: bool = True, resolution_range: ResolutionRange | None = None,
+                 cache_max_gb: float | None = None):
         require_tensorrt()
         super().__init__(models, cfg_type, cache_dir, exporter, resolution_range)
         parameter = next(models.unet.parameters())
@@ -722,6 +725,7 @@ class TensorRTRunner(StaticShapeRunner):
         self.tensorrt_version = tensorrt_version()
         self.gpu_name = gpu_name(self.device)
         self.timing_cache = self.onnx_cache.cache_dir / timing_cache_name(self.gpu_name, self.tensorrt_version)
+        self.cache_max_bytes = None if cache_max_gb is None else int(cache_max_gb * 1e9)
 
     def engine_key_parts(self, shape: GraphShape) -> CacheKeyParts:
         """The cache key fields of `shape`'s engine: the ONNX graph's, plus this TensorRT version and GPU."""
@@ -741,12 +745,18 @@ class TensorRTRunner(StaticShapeRunner):
             build_engine(onnx_path, engine_path, arguments, self.timing_cache)
 
     def _open(self, shape: GraphShape) -> TensorRTEngine:
+        path = self.artifact_path(shape)
         with torch.cuda.device(self.device):
-            return cached_artifact(
-                self.artifact_path(shape),
+            engine = cached_artifact(
+                path,
                 build=lambda temporary: self._build(shape, temporary),
                 load=lambda path: TensorRTEngine(path, self.device, self.onnx_cache.input_names(shape),
                                                  self.onnx_cache.output_names(shape), self.use_cuda_graph,
                                                  dynamic=shape.resolution_range is not None),
                 key_parts=self.engine_key_parts(shape),
             )
+        mark_used(path)
+        if self.cache_max_bytes is not None:
+            evict_least_recently_used(path.parent, self.cache_max_bytes,
+                                      keep={graph.path for graph in self._graphs.values()} | {path})
+        return engine

@@ -3,6 +3,9 @@ stream showed into what it was asked for, one step a frame."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 from ..conditioning import mix_prompt_states
@@ -10,6 +13,8 @@ from ..config import StreamConfig
 from ..fade import Fade
 from ..noise import mix_noise
 from ..prompt import PromptState
+
+T = TypeVar("T")
 
 
 class Transitions:
@@ -49,21 +54,22 @@ class Transitions:
 
     def step(self, state) -> None:
         """One frame of each running fade: the frame about to run sees its next mix (`state.fixed_noise`)."""
-        fade = self.prompt_fade
-        if fade is not None:
-            t = fade.advance()
-            self.prompt = fade.target if fade.finished else mix_prompt_states(fade.source, fade.target, t)
-            if fade.finished:
-                self.prompt_fade = None
-        fade = self.noise_fade
-        if fade is not None:
-            t = fade.advance()
-            state.fixed_noise = fade.target if fade.finished else mix_noise(fade.source, fade.target, t)
-            if fade.finished:
-                self.noise_fade = None
+        if self.prompt_fade is not None:
+            self.prompt, self.prompt_fade = _advance(self.prompt_fade, mix_prompt_states)
+        if self.noise_fade is not None:
+            state.fixed_noise, self.noise_fade = _advance(self.noise_fade, mix_noise)
 
     def reset(self) -> None:
         """A reset: a running prompt fade ends at its target, a noise fade is dropped with the old state."""
         if self.prompt_fade is not None:
             self.prompt, self.prompt_fade = self.prompt_fade.target, None
         self.noise_fade = None
+
+
+def _advance(fade: Fade[T], mix: Callable[[T, T, float], T]) -> tuple[T, Fade[T] | None]:
+    """One frame of `fade`: what shows now (`mix` of its ends, exactly its target on the last frame), and the fade
+    while it runs on (None once it is finished)."""
+    t = fade.advance()
+    if fade.finished:
+        return fade.target, None
+    return mix(fade.source, fade.target, t), fade

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
+import time
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from engine import Engine, LoadConfig, StreamConfig, StreamEngine, load_models
 from engine.backends import BackendUnavailableError, make_runner, resolve_backend
 from engine.backends import tensorrt as trt_backend
 from engine.backends.artifacts import GraphShape
-from engine.backends.cache import engine_cache_key, write_digest
+from engine.backends.cache import engine_cache_key, evict_least_recently_used, mark_used, write_digest
 from engine.backends.onnx_export import control_residual_names, residual_shapes
 from engine.backends.progress import heartbeat
 from engine.backends.resolution import ResolutionRange
@@ -459,6 +461,7 @@ def _cpu_runner(models, tmp_path, monkeypatch):
     runner.workspace_bytes, runner.use_cuda_graph = 1 << 30, True
     runner.tensorrt_version, runner.gpu_name = "10.3.0", "NVIDIA GeForce RTX 4090"
     runner.timing_cache = tmp_path / trt_backend.timing_cache_name(runner.gpu_name, runner.tensorrt_version)
+    runner.cache_max_bytes = None
     monkeypatch.setattr(trt_backend, "TensorRTEngine", _FakeEngine)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     builds = []
@@ -648,3 +651,33 @@ def test_a_static_engine_copies_an_input_only_when_it_changed():
         untracked = torch.randn(2, 8)  # keeps no version counter: always copied
     copied.mark("k1", untracked)
     assert copied.stale("k1", untracked)
+
+
+def _aged(path, data: bytes, age_s: float):
+    path.write_bytes(data)
+    (path.parent / f"{path.name}.sha256").write_text("0" * 64)
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_the_engine_cache_stays_under_its_bound_least_recently_used_first(tmp_path):
+    oldest = _aged(tmp_path / "a.engine", b"x" * 1000, age_s=300)
+    middle = _aged(tmp_path / "b.engine", b"x" * 1000, age_s=200)
+    newest = _aged(tmp_path / "c.engine", b"x" * 1000, age_s=100)
+    other = _aged(tmp_path / "graph.onnx", b"x" * 5000, age_s=999)  # not an engine: never evicted here
+    removed = evict_least_recently_used(tmp_path, max_bytes=2200, keep={oldest})
+    assert removed == [middle]  # the oldest is open now: kept; the next oldest goes
+    assert not (tmp_path / "b.engine.sha256").exists() and oldest.exists() and newest.exists() and other.exists()
+    assert evict_least_recently_used(tmp_path, max_bytes=10_000, keep=set()) == []
+    mark_used(oldest)  # opened again: now the most recent
+    assert evict_least_recently_used(tmp_path, max_bytes=1100, keep=set()) == [newest]
+
+
+def test_opening_an_engine_evicts_old_ones_past_the_bound(cpu_runner, tmp_path):
+    """`--trt-cache-max-gb`: engines were never evicted, so every size and batch a server met stayed on disk."""
+    stale = _aged(tmp_path / "stale.engine", b"x" * 100_000, age_s=3600)
+    cpu_runner.cache_max_bytes = 50_000
+    cpu_runner.graph(GraphShape("vae_decoder", 1, 8, 8))  # builds and opens one small engine
+    assert not stale.exists()
+    assert len(list(tmp_path.glob("*.engine"))) == 1
