@@ -70,8 +70,8 @@ def sdxl_time_ids(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=like.dtype, device=like.device)
 
 
-def expand_rows(cfg_type: str, cond: torch.Tensor, uncond: torch.Tensor, rows: int,
-                frames_per_slot: int) -> torch.Tensor:
+def expand_prompt_rows(cfg_type: str, cond: torch.Tensor, uncond: torch.Tensor, rows: int,
+                       frames_per_slot: int) -> torch.Tensor:
     """`guidance.expand_prompt_embeds` for a per-prompt tensor of any shape `[1, ...]` (pooled embeddings, K/V):
     its rows of the UNet batch, negative-prompt rows first."""
     flat = guidance.expand_prompt_embeds(cfg_type, cond.reshape(1, 1, -1), uncond.reshape(1, 1, -1), rows,
@@ -80,7 +80,7 @@ def expand_rows(cfg_type: str, cond: torch.Tensor, uncond: torch.Tensor, rows: i
 
 
 def _expand_kv(cfg_type: str, cond: KVCache, uncond: KVCache, rows: int, frames_per_slot: int) -> KVCache:
-    return {name: tuple(expand_rows(cfg_type, c, u, rows, frames_per_slot)
+    return {name: tuple(expand_prompt_rows(cfg_type, c, u, rows, frames_per_slot)
                         for c, u in zip(cond[name], uncond[name], strict=True))
             for name in cond}
 
@@ -240,7 +240,7 @@ class PromptEncoder:
                 kv = precompute_kv(self.models.unet, hidden_states)
             added = None
             if cond.pooled is not None:
-                added = {"text_embeds": expand_rows(cfg_type, cond.pooled, uncond.pooled, rows, f),
+                added = {"text_embeds": expand_prompt_rows(cfg_type, cond.pooled, uncond.pooled, rows, f),
                          "time_ids": sdxl_time_ids(config.height, config.width, cond.pooled)
                          .expand(hidden_states.shape[0], -1).contiguous()}
             states[(cfg_type, rows)] = Conditioning(hidden_states, kv, added)

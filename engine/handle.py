@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .codec import FrameError
-from .flow import RecentUsage, admit_frame
+from .flow_control import RecentUsage, admit_frame
 from .stream import StreamEngine
 from .stream_state import FrameWork
 

@@ -41,7 +41,7 @@ from .codec import (
     tensor_to_rgb,
 )
 from .config import LoadConfig, RuntimeOptions, StreamConfig
-from .flow import BatchLimit, BatchPick, is_out_of_memory, least_used, round_robin_batch
+from .flow_control import BatchLimit, BatchPick, is_out_of_memory, least_used, round_robin_batch
 from .handle import Answer, Dropped, FrameResult, Job, StreamHandle, StreamStats
 from .loading import Engine
 from .stream import StreamEngine

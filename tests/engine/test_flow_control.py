@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.flow import (
+from engine.flow_control import (
     Admission,
     BatchLimit,
     BatchPick,
