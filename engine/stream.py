@@ -135,10 +135,13 @@ class StreamEngine:
         check_compatible(self.engine.config, config)
         reprepare = any(getattr(config, name) != getattr(self.config, name) for name in REPREPARE_PARAMS)
         # Every check, and whatever is slow (graphs to open, a prompt to encode), before anything changes.
+        # A re-prepare's runner comes with the graphs of `config` opened; a hot change may need another graph too
+        # (a new attention bank size), opened here rather than on a frame.
         runner = self.engine.runner(config) if reprepare else self.runner
         for part in self.parts:
             part.check(config, runner)
-        runner.prepare(config, self.kv_cache)  # e.g. a new attention bank size opens another compiled UNet graph
+        if not reprepare:
+            runner.prepare(config, self.kv_cache)
         prompt_changed = any(getattr(config, name) != getattr(self.config, name)
                              for name in ("weighted_prompts", "negative_prompt", "prompt_blend"))
         prompt = self._encode_prompt(config) if prompt_changed or reprepare else None

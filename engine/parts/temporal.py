@@ -10,11 +10,6 @@ from ..config import StreamConfig
 from ..temporal import TemporalFilter
 
 
-def bank_graph_size(config: StreamConfig) -> int:
-    """The attention bank size of `config`'s compiled UNet graphs (0: a graph without a bank)."""
-    return config.temporal_settings.bank_size if config.temporal == "bank" else 0
-
-
 class TemporalPart:
     """Holds the stream's `TemporalFilter` (a new one when the mechanism changes)."""
 
