@@ -105,10 +105,6 @@ class ServerState:
         return HealthReport(state, failure, accepting, 0.0 if status is None else status.fps_in,
                             0.0 if status is None else status.fps_out, reason)
 
-    def status(self) -> str:
-        """`loading`, `ready`, `degraded` or `error`."""
-        return self.health().status
-
     def _failure(self, status: RuntimeStatus | None) -> str | None:
         if self.load_error is not None:
             return f"model failed to load: {self.load_error}"
@@ -119,11 +115,6 @@ class ServerState:
         """Why the server cannot serve: the model failed to load, or a runtime thread died."""
         runtime = self.runtime
         return self._failure(None if runtime is None else runtime.status())
-
-    @property
-    def accepting(self) -> bool:
-        """Whether a new session would be accepted now."""
-        return self.runtime is not None and self.failure is None and self.sessions.has_room
 
     async def drain(self, timeout_s: float) -> int:
         """Stop taking sessions (`/health` says `draining`), let every session answer its frames in flight and
